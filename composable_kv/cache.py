@@ -1,0 +1,197 @@
+"""Paged KV cache with FlashInfer's conventions and per-page summaries.
+
+K and V per layer: [num_pages, num_kv_heads, page_size, head_dim] (HND). Page tables are shared by
+all layers: `reserve()` allocates pages and advances lengths once per step, then `write()` fills each
+layer. Summaries (declared by the stages that read them) are updated on write:
+  key_minmax : key_min / key_max [num_pages, Hkv, D] (cache dtype; exact element-wise min/max)
+  value_norm : value_norm [num_pages, Hkv] fp32 (max ||v|| over the page's tokens)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CacheFullError, TensorContractError
+from .stages import KNOWN_SUMMARIES, SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM
+
+
+@dataclass
+class AppendSlots:
+    """Where the tokens of one `reserve()` go; packed in the order of `seq_ids`."""
+    seq_ids: list[int]
+    counts: list[int]
+    page_ids: torch.Tensor  # [T] int64 physical page of each token
+    offsets: torch.Tensor   # [T] int64 slot within the page
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.page_ids.shape[0])
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int,
+                 page_size: int = 16, dtype: torch.dtype = torch.float16, device="cpu",
+                 summaries=frozenset()):
+        for key, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                         ("head_dim", head_dim), ("num_pages", num_pages), ("page_size", page_size)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"PagedKVCache: {key} must be a positive int, got {val!r}")
+        unknown = set(summaries) - set(KNOWN_SUMMARIES)
+        if unknown:
+            raise ValueError(f"PagedKVCache: unknown summaries {sorted(unknown)}; known: {list(KNOWN_SUMMARIES)}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_pages, self.page_size, self.dtype = num_pages, page_size, dtype
+        self.device = torch.device(device)
+        self.summaries = frozenset(summaries)
+        shape = (num_pages, num_kv_heads, page_size, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.key_min = self.key_max = self.value_norm = None
+        if SUMMARY_KEY_MINMAX in self.summaries:
+            self.key_min = [torch.empty(shape[:2] + (head_dim,), dtype=dtype, device=self.device)
+                            for _ in range(num_layers)]
+            self.key_max = [torch.empty_like(t) for t in self.key_min]
+        if SUMMARY_VALUE_NORM in self.summaries:
+            self.value_norm = [torch.empty(shape[:2], dtype=torch.float32, device=self.device)
+                               for _ in range(num_layers)]
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
+        self._pages: dict[int, list[int]] = {}
+        self._len: dict[int, int] = {}
+        self._next_id = 0
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def sequences(self) -> list[int]:
+        return list(self._pages)
+
+    def seq_len(self, seq_id: int) -> int:
+        return self._len[self._known(seq_id)]
+
+    def pages(self, seq_id: int) -> list[int]:
+        return list(self._pages[self._known(seq_id)])
+
+    def _known(self, seq_id: int) -> int:
+        if seq_id not in self._pages:
+            raise KeyError(f"sequence {seq_id} is not in the cache (live: {sorted(self._pages)[:16]})")
+        return seq_id
+
+    def add_sequence(self) -> int:
+        sid = self._next_id
+        self._next_id += 1
+        self._pages[sid], self._len[sid] = [], 0
+        return sid
+
+    def free(self, seq_id: int) -> None:
+        """Finish a sequence; its pages go back to the pool."""
+        self._free.extend(reversed(self._pages.pop(self._known(seq_id))))
+        del self._len[seq_id]
+
+    def reserve(self, seq_ids: list[int], counts: list[int]) -> AppendSlots:
+        """Make room for counts[i] new tokens of seq_ids[i] (all layers); all or nothing."""
+        if len(seq_ids) != len(counts):
+            raise ValueError(f"reserve: {len(seq_ids)} seq_ids but {len(counts)} counts")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"reserve: seq_ids has duplicates: {seq_ids}")
+        S = self.page_size
+        need = 0
+        for sid, n in zip(seq_ids, counts):
+            if not isinstance(n, int) or n < 0:
+                raise ValueError(f"reserve: counts must be ints >= 0, got {n!r} for sequence {sid}")
+            length = self._len[self._known(sid)]
+            need += -(-(length + n) // S) - len(self._pages[sid])
+        if need > len(self._free):
+            raise CacheFullError(f"out of KV pages: this reserve needs {need} new pages but {len(self._free)} "
+                                 f"of {self.num_pages} are free; free finished sequences or build the cache "
+                                 f"with more num_pages. Nothing was changed.")
+        page_ids, offsets, fresh = [], [], []
+        for sid, n in zip(seq_ids, counts):
+            pages, length = self._pages[sid], self._len[sid]
+            while len(pages) * S < length + n:
+                fresh.append(self._free.pop())
+                pages.append(fresh[-1])
+            pos = torch.arange(length, length + n)
+            page_ids.append(torch.tensor(pages, dtype=torch.int64)[pos // S])
+            offsets.append(pos % S)
+            self._len[sid] = length + n
+        self._reset_summaries(fresh)
+        cat = (lambda xs: torch.cat(xs).to(self.device)) if page_ids else (
+            lambda xs: torch.zeros(0, dtype=torch.int64, device=self.device))
+        return AppendSlots(list(seq_ids), list(counts), cat(page_ids), cat(offsets))
+
+    def _reset_summaries(self, pages: list[int]) -> None:
+        if not pages:
+            return
+        idx = torch.tensor(pages, dtype=torch.int64, device=self.device)
+        for layer in range(self.num_layers):
+            if self.key_min is not None:
+                self.key_min[layer][idx] = torch.finfo(self.dtype).max
+                self.key_max[layer][idx] = torch.finfo(self.dtype).min
+            if self.value_norm is not None:
+                self.value_norm[layer][idx] = 0.0
+
+    # -- data ------------------------------------------------------------------------------------
+    def write(self, layer: int, slots: AppendSlots, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one layer's new K/V ([T, Hkv, D], packed like `slots`) and update its summaries."""
+        if not 0 <= layer < self.num_layers:
+            raise TensorContractError(f"write: layer must be in [0, {self.num_layers}), got {layer}")
+        expected = (slots.num_tokens, self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != expected:
+                raise TensorContractError(f"write: {name} expected shape [T, Hkv, D] = {list(expected)}, "
+                                          f"got {list(t.shape)}")
+            if t.dtype != self.dtype:
+                raise TensorContractError(f"write: {name} dtype is {t.dtype}, the cache holds {self.dtype}; "
+                                          f"cast with .to({self.dtype})")
+            if t.device != self.device:
+                raise TensorContractError(f"write: {name} is on {t.device}, the cache is on {self.device}")
+        self.k[layer][slots.page_ids, :, slots.offsets] = k
+        self.v[layer][slots.page_ids, :, slots.offsets] = v
+        if self.key_min is not None:
+            idx = slots.page_ids[:, None, None].expand_as(k)
+            self.key_min[layer].scatter_reduce_(0, idx, k, "amin")
+            self.key_max[layer].scatter_reduce_(0, idx, k, "amax")
+        if self.value_norm is not None:
+            norms = v.float().norm(dim=-1)  # [T, Hkv]
+            self.value_norm[layer].scatter_reduce_(0, slots.page_ids[:, None].expand_as(norms), norms, "amax")
+
+    def append(self, seq_ids: list[int], counts: list[int], k: torch.Tensor, v: torch.Tensor) -> AppendSlots:
+        """reserve() plus write() for every layer. k, v: [num_layers, T, Hkv, D]."""
+        if k.dim() != 4 or k.shape[0] != self.num_layers:
+            raise TensorContractError(f"append: k expected [num_layers={self.num_layers}, T, Hkv, D], "
+                                      f"got {list(k.shape)}")
+        slots = self.reserve(seq_ids, counts)
+        for layer in range(self.num_layers):
+            self.write(layer, slots, k[layer], v[layer])
+        return slots
+
+    def gather(self, layer: int, seq_id: int):
+        """A sequence's K and V in order: ([T, Hkv, D], [T, Hkv, D])."""
+        T = self.seq_len(seq_id)
+        pages = torch.tensor(self._pages[seq_id], dtype=torch.int64, device=self.device)
+        k = self.k[layer][pages].transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)[:T]
+        v = self.v[layer][pages].transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)[:T]
+        return k, v
+
+    # -- page tables -------------------------------------------------------------------------------
+    def page_table(self, seq_ids: list[int]):
+        """FlashInfer's CSR tables: (kv_indptr [B+1], kv_indices [nnz], kv_last_page_len [B]), int32."""
+        pages = [self._pages[self._known(s)] for s in seq_ids]
+        indptr = torch.tensor([0] + [len(p) for p in pages], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        indices = torch.tensor([i for p in pages for i in p], dtype=torch.int32)
+        last = torch.tensor([(self._len[s] - 1) % self.page_size + 1 if self._len[s] else 0 for s in seq_ids],
+                            dtype=torch.int32)
+        return indptr.to(self.device), indices.to(self.device), last.to(self.device)
+
+    def padded_page_table(self, seq_ids: list[int]):
+        """([B, P] int32 page ids padded with 0, [B] int32 lengths), P = the most pages of any request."""
+        pages = [self._pages[self._known(s)] for s in seq_ids]
+        P = max([len(p) for p in pages] + [1])
+        table = torch.zeros(len(seq_ids), P, dtype=torch.int32)
+        for i, p in enumerate(pages):
+            table[i, :len(p)] = torch.tensor(p, dtype=torch.int32)
+        lens = torch.tensor([self._len[s] for s in seq_ids], dtype=torch.int32)
+        return table.to(self.device), lens.to(self.device)

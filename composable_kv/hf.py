@@ -1,0 +1,451 @@
+"""Hugging Face integration: decode any Llama/Mistral/Qwen2-family model through a policy.
+
+How it hooks in (transformers >= 5): we register an attention function under the name
+``composable_kv`` with ``AttentionInterface`` and switch the model to it for the duration of a
+call. Each attention layer then hands us its post-RoPE ``q, k, v`` (``[B, H, T, D]``) together with
+``module.layer_idx``. The model runs with ``use_cache=False`` and explicit ``position_ids``, so HF
+keeps no ``DynamicCache`` of its own and builds no mask (a custom attention name has no mask
+function): our :class:`~composable_kv.PagedKVCache` is the only KV store.
+
+* Prefill is dense: causal ``scaled_dot_product_attention`` over the (left-padded) batch, with a
+  key-padding mask when prompts differ in length; the real tokens' K/V are written to the paged
+  cache (which updates the page summaries the policy needs).
+* Decode: per step we ``reserve`` one slot per sequence and ``plan`` once; in each layer the new
+  token's K/V is written and the compiled pipeline's ``run`` produces the attention output. The
+  pipeline itself treats its ``dense_layers`` densely.
+
+Entry points: :func:`generate` (greedy decoding of a batch of prompts) and :class:`PolicySession`
+(prefill / decode / teacher-forced steps, used by the evaluation tasks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CkvError
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "ContextTooLongError",
+    "GenerationOutput",
+    "ModelShape",
+    "PolicySession",
+    "StepStats",
+    "compile_policy",
+    "dense_logits",
+    "generate",
+    "teacher_forced_logits",
+]
+
+ATTN_IMPLEMENTATION = "composable_kv"
+DEFAULT_POLICY = "configs/quest_art.yaml"
+
+_ACTIVE_SESSION: contextvars.ContextVar["PolicySession | None"] = contextvars.ContextVar(
+    "composable_kv_active_session", default=None)
+
+
+class ContextTooLongError(CkvError, ValueError):
+    """Prompt plus generated tokens exceed the model's maximum context."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model shape and policy compilation
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int | None
+
+    @classmethod
+    def of(cls, model) -> "ModelShape":
+        cfg = model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        n_q = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+        return cls(
+            num_layers=cfg.num_hidden_layers,
+            num_q_heads=n_q,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_q,
+            head_dim=head_dim,
+            max_positions=getattr(cfg, "max_position_embeddings", None),
+        )
+
+
+def compile_policy(policy):
+    """A compiled ``DecodePipeline`` from a YAML path, a dict, or an already compiled pipeline."""
+    import composable_kv as ckv
+
+    if isinstance(policy, ckv.DecodePipeline):
+        return policy
+    if isinstance(policy, (str, Path)):
+        path = Path(policy)
+        if not path.is_file():
+            # Let users write `quest_art` or `quest_art.yaml` for a config shipped in configs/.
+            shipped = Path(__file__).resolve().parent.parent / "configs"
+            for candidate in (shipped / path.name, shipped / f"{path.name}.yaml"):
+                if candidate.is_file():
+                    path = candidate
+                    break
+            else:
+                raise FileNotFoundError(
+                    f"Policy file {str(policy)!r} does not exist. Pass a YAML path such as "
+                    f"configs/quest_art.yaml, a policy dict, or a compiled pipeline "
+                    f"(shipped configs: {', '.join(sorted(p.stem for p in shipped.glob('*.yaml'))) or 'none found'}).")
+        return ckv.compile(str(path))
+    if isinstance(policy, dict):
+        return ckv.compile(policy)
+    raise TypeError(f"policy must be a YAML path, a dict or a compiled DecodePipeline, not {type(policy).__name__}")
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _composable_kv_attention)
+
+
+def _composable_kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> ([B, T, Hq, D], None)."""
+    session = _ACTIVE_SESSION.get()
+    if session is None:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} only works inside composable_kv.hf "
+            "(generate() or a PolicySession step); switch the model back with "
+            "model.set_attn_implementation('sdpa') to use it on its own.")
+    return session.attend(module.layer_idx, query, key, value, scaling), None
+
+
+@contextlib.contextmanager
+def _attn_implementation(model, name: str):
+    """Temporarily switch ``model`` to attention implementation ``name``."""
+    previous = model.config._attn_implementation
+    if name == ATTN_IMPLEMENTATION:
+        _register_attention()
+    if previous != name:
+        model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        if previous != name:
+            model.set_attn_implementation(previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Stats
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class StepStats:
+    """One decode step, per sequence of the batch (summed over layers and KV heads)."""
+
+    pages_read: list[int]
+    kv_bytes_read: list[int]
+    dense_kv_bytes: list[int]  # bytes a dense read of every page of the sequence takes (all layers)
+    active: list[bool]  # sequences still generating in this step
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[list[int]]  # generated token ids per prompt (EOS included, nothing after it)
+    texts: list[str] | None
+    prompt_lengths: list[int]
+    steps: list[StepStats] = field(default_factory=list)
+
+    def _mean_over_active(self, attr: str) -> list[float]:
+        out = []
+        for b in range(len(self.sequences)):
+            vals = [getattr(s, attr)[b] for s in self.steps if s.active[b]]
+            out.append(sum(vals) / len(vals) if vals else float("nan"))
+        return out
+
+    @property
+    def kv_bytes_per_token(self) -> list[float]:
+        """Mean KV bytes read per generated token (all layers), per prompt."""
+        return self._mean_over_active("kv_bytes_read")
+
+    @property
+    def pages_per_token(self) -> list[float]:
+        return self._mean_over_active("pages_read")
+
+    @property
+    def kv_read_fraction(self) -> list[float]:
+        """KV bytes read / dense KV bytes, over all decode steps, per prompt."""
+        read, dense = self._mean_over_active("kv_bytes_read"), self._mean_over_active("dense_kv_bytes")
+        return [r / d if d else float("nan") for r, d in zip(read, dense)]
+
+
+# --------------------------------------------------------------------------------------------
+# The session: one paged cache, one batch, prefill + decode steps
+# --------------------------------------------------------------------------------------------
+
+class PolicySession:
+    """Runs ``model`` over a batch with ``pipeline`` deciding what each decode step reads.
+
+    ``prefill(prompts)`` -> next-token logits [B, V]; ``decode(tokens)`` -> logits [B, V].
+    Per-step read statistics collect in ``self.steps``.
+    """
+
+    def __init__(self, model, policy=DEFAULT_POLICY, *, max_total_tokens: int, batch_size: int,
+                 cache_dtype: torch.dtype | None = None):
+        import composable_kv as ckv
+
+        self.model = model
+        self.pipeline = compile_policy(policy)
+        self.shape = ModelShape.of(model)
+        self.device = next(model.parameters()).device
+        self.dtype = cache_dtype or next(model.parameters()).dtype
+        page = self.pipeline.page_size
+        pages_per_seq = math.ceil(max_total_tokens / page) + 1
+        self.cache = ckv.PagedKVCache(
+            num_layers=self.shape.num_layers, num_kv_heads=self.shape.num_kv_heads,
+            head_dim=self.shape.head_dim, num_pages=batch_size * pages_per_seq, page_size=page,
+            dtype=self.dtype, device=self.device, summaries=self.pipeline.required_summaries)
+        self.seq_ids: list[int] = []
+        self.steps: list[StepStats] = []
+        self._mode: str | None = None
+        self._slots = None
+        self._prefill_mask = None  # [B, 1, T, T] bool, or None when no padding
+        self._valid = None  # [B, T] bool: real (non-pad) prompt tokens
+        self._step_pages = None
+        self._step_bytes = None
+        self._active: list[bool] = []
+        self._bytes_per_token_layer = 2 * self.shape.num_kv_heads * self.shape.head_dim * self.dtype.itemsize
+
+    # ---------------------------------------------------------------- public steps
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Dense prefill of a batch of token-id lists (lengths may differ) -> logits [B, V]."""
+        if self.seq_ids:
+            raise RuntimeError("PolicySession.prefill() runs once per session; start a new session.")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError("Every prompt needs at least one token.")
+        batch, width = len(prompts), max(lengths)
+        pad = [width - n for n in lengths]
+        input_ids = torch.zeros(batch, width, dtype=torch.long)
+        valid = torch.zeros(batch, width, dtype=torch.bool)
+        for b, ids in enumerate(prompts):
+            input_ids[b, pad[b]:] = torch.as_tensor(list(ids), dtype=torch.long)
+            valid[b, pad[b]:] = True
+        positions = (torch.arange(width)[None, :] - torch.tensor(pad)[:, None]).clamp_min(0)  # [B, T]
+
+        self.seq_ids = [self.cache.add_sequence() for _ in range(batch)]
+        self._active = [True] * batch
+        self._slots = self.cache.reserve(self.seq_ids, lengths)
+        self._valid = valid.to(self.device)
+        if any(pad):
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            mask = causal[None] & valid[:, None, :]  # [B, T, T]
+            mask |= torch.eye(width, dtype=torch.bool)[None]  # pad queries attend to themselves: no NaN rows
+            self._prefill_mask = mask[:, None].to(self.device)  # [B, 1, T, T]
+        else:
+            self._prefill_mask = None
+        logits = self._forward("prefill", input_ids, positions, logits_to_keep=1)
+        self._valid = self._prefill_mask = None
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def decode(self, tokens: Sequence[int] | torch.Tensor, active: Sequence[bool] | None = None) -> torch.Tensor:
+        """Feed one token per sequence through the policy path -> logits [B, V]."""
+        if not self.seq_ids:
+            raise RuntimeError("Call PolicySession.prefill() before decode().")
+        tokens = torch.as_tensor(tokens, dtype=torch.long).view(-1, 1)  # [B, 1]
+        if active is not None:
+            self._active = list(active)
+        positions = torch.tensor([[self.cache.seq_len(s)] for s in self.seq_ids], dtype=torch.long)  # [B, 1]
+        max_pos = self.shape.max_positions
+        if max_pos is not None and int(positions.max()) >= max_pos:
+            raise ContextTooLongError(
+                f"Decoding position {int(positions.max())} is past the model's maximum context "
+                f"({max_pos} tokens); shorten the prompt or lower max_new_tokens.")
+        self._slots = self.cache.reserve(self.seq_ids, [1] * len(self.seq_ids))
+        self.pipeline.plan(self.cache, self.seq_ids)
+        batch = len(self.seq_ids)
+        self._step_pages = torch.zeros(batch, dtype=torch.long)
+        self._step_bytes = torch.zeros(batch, dtype=torch.long)
+        logits = self._forward("decode", tokens, positions, logits_to_keep=1)
+        page = self.cache.page_size
+        dense_pages = [-(-self.cache.seq_len(s) // page) for s in self.seq_ids]
+        self.steps.append(StepStats(
+            pages_read=self._step_pages.tolist(),
+            kv_bytes_read=self._step_bytes.tolist(),
+            dense_kv_bytes=[n * page * self._bytes_per_token_layer * self.shape.num_layers for n in dense_pages],
+            active=list(self._active)))
+        return logits[:, -1]
+
+    def close(self) -> None:
+        for sid in self.seq_ids:
+            self.cache.free(sid)
+        self.seq_ids = []
+
+    # ---------------------------------------------------------------- internals
+
+    def _forward(self, mode: str, input_ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int):
+        self._mode = mode
+        token = _ACTIVE_SESSION.set(self)
+        try:
+            with _attn_implementation(self.model, ATTN_IMPLEMENTATION):
+                out = self.model(input_ids=input_ids.to(self.device), position_ids=positions.to(self.device),
+                                 use_cache=False, logits_to_keep=logits_to_keep)
+        finally:
+            _ACTIVE_SESSION.reset(token)
+            self._mode = None
+        return out.logits.float()  # [B, logits_to_keep, V]
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float | None) -> torch.Tensor:
+        """query [B, Hq, T, D], key/value [B, Hkv, T, D] -> attention output [B, T, Hq, D]."""
+        if self._mode == "prefill":
+            return self._attend_prefill(layer, query, key, value, scaling)
+        if self._mode == "decode":
+            return self._attend_decode(layer, query, key, value, scaling)
+        raise RuntimeError("composable_kv attention called outside a PolicySession step.")
+
+    def _attend_prefill(self, layer, query, key, value, scaling):
+        mask = self._prefill_mask
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1])  # [B, Hq, T, D]
+        valid = self._valid  # [B, T]
+        k_real = key.transpose(1, 2)[valid]  # [sum(lengths), Hkv, D], batch-major like reserve()
+        v_real = value.transpose(1, 2)[valid]
+        self.cache.write(layer, self._slots, k_real.to(self.dtype), v_real.to(self.dtype))
+        return out.transpose(1, 2)  # [B, T, Hq, D]
+
+    def _attend_decode(self, layer, query, key, value, scaling):
+        self.cache.write(layer, self._slots, key[:, :, 0].to(self.dtype), value[:, :, 0].to(self.dtype))
+        q = query[:, :, 0].to(self.dtype)  # [B, Hq, D]
+        res = self.pipeline.run(q, self.cache, layer, sm_scale=scaling)
+        self._step_pages += res.pages_read.sum(-1).to("cpu", torch.long)
+        self._step_bytes += self.pipeline.kv_bytes_read(res, self.cache, layer).to("cpu").round().long()
+        return res.out.to(query.dtype)[:, None]  # [B, 1, Hq, D]
+
+
+# --------------------------------------------------------------------------------------------
+# Public helpers
+# --------------------------------------------------------------------------------------------
+
+def _as_token_lists(tokenizer, prompts) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("Text prompts need a tokenizer; pass tokenizer= or token-id lists.")
+            out.append(tokenizer(p, add_special_tokens=True)["input_ids"])
+        else:
+            out.append([int(t) for t in p])
+    if not out:
+        raise ValueError("prompts is empty.")
+    return out
+
+
+def _check_context(model, lengths: Sequence[int], extra: int) -> None:
+    max_pos = ModelShape.of(model).max_positions
+    if max_pos is not None and max(lengths) + extra > max_pos:
+        raise ContextTooLongError(
+            f"Prompt of {max(lengths)} tokens plus {extra} new tokens exceeds the model's maximum "
+            f"context of {max_pos} tokens (config.max_position_embeddings); shorten the prompt or "
+            "lower max_new_tokens.")
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    return ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: int = 32, *,
+             stop_at_eos: bool = True, on_step=None) -> GenerationOutput:
+    """Greedy decoding of ``prompts`` (texts or token-id lists) with ``policy`` on ``model``.
+
+    ``policy``: a YAML path, a dict, or a compiled ``DecodePipeline``. Returns the generated ids,
+    their texts (if a tokenizer is given) and per-step read statistics.
+    ``on_step(step_index)`` is called after every decode step (progress bars).
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1.")
+    token_lists = _as_token_lists(tokenizer, prompts)
+    lengths = [len(t) for t in token_lists]
+    _check_context(model, lengths, max_new_tokens)
+    session = PolicySession(model, policy, max_total_tokens=max(lengths) + max_new_tokens,
+                            batch_size=len(token_lists))
+    eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
+    try:
+        logits = session.prefill(token_lists)  # [B, V]
+        generated: list[list[int]] = [[] for _ in token_lists]
+        active = [True] * len(token_lists)
+        for step in range(max_new_tokens):
+            next_tokens = logits.argmax(-1).tolist()
+            for b, tok in enumerate(next_tokens):
+                if active[b]:
+                    generated[b].append(tok)
+                    if tok in eos:
+                        active[b] = False
+            if step == max_new_tokens - 1 or not any(active):
+                break
+            pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+            feed = [t if a else pad for t, a in zip(next_tokens, active)]
+            logits = session.decode(feed, active=active)
+            if on_step is not None:
+                on_step(step)
+    finally:
+        session.close()
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True) if tokenizer is not None else None
+    return GenerationOutput(sequences=generated, texts=texts, prompt_lengths=lengths, steps=session.steps)
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, context: Sequence[int], continuation: Sequence[int], policy,
+                          on_step=None) -> tuple[torch.Tensor, list[StepStats]]:
+    """Policy-path logits predicting ``continuation[1:]``, feeding the true tokens one at a time.
+
+    Prefill ``context`` densely, then decode ``continuation[:-1]`` through the pipeline.
+    Returns logits [len(continuation) - 1, V] (float32) and the per-step stats.
+    """
+    if len(continuation) < 2:
+        raise ValueError("continuation needs at least 2 tokens.")
+    _check_context(model, [len(context)], len(continuation))
+    session = PolicySession(model, policy, max_total_tokens=len(context) + len(continuation), batch_size=1)
+    try:
+        session.prefill([list(context)])
+        rows = []
+        for i, tok in enumerate(continuation[:-1]):
+            rows.append(session.decode([int(tok)])[0])
+            if on_step is not None:
+                on_step(i)
+    finally:
+        session.close()
+    return torch.stack(rows), session.steps
+
+
+@torch.no_grad()
+def dense_logits(model, context: Sequence[int], continuation: Sequence[int]) -> torch.Tensor:
+    """Reference: one full forward with transformers' own sdpa attention over context+continuation.
+
+    Returns logits [len(continuation) - 1, V] predicting ``continuation[1:]`` (float32).
+    """
+    ids = torch.tensor([list(context) + list(continuation)], dtype=torch.long, device=next(model.parameters()).device)
+    n = len(continuation) - 1
+    with _attn_implementation(model, "sdpa"):
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1)
+    return out.logits[0, :n].float()

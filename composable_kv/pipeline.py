@@ -1,0 +1,297 @@
+"""Compile a policy into a DecodePipeline: `plan()` once per decode step, `run()` per layer.
+
+Generic path (any selector, incl. user-written ones): selectors narrow a SelectionState, then the
+terminal stage reads the chosen pages through the paged-decode op. The fused Triton path
+(composable_kv.fused) handles stacks made only of built-in stages in at most 3 launches.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .cache import PagedKVCache
+from .config import PolicyConfig, load_policy
+from .errors import TensorContractError
+from .stages import SUMMARY_KEY_MINMAX, ScoringSelector, SelectorStage
+from .kernels.page_score import reference as score_ref
+from .kernels.page_select import reference as select_ref
+from .kernels.paged_decode import reference as decode_ref
+from .kernels.paged_decode.reference import StopRule
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+class DecodeResult(NamedTuple):
+    out: torch.Tensor         # [B, Hq, D], q's dtype
+    pages_read: torch.Tensor  # [B, Hkv] int32
+    tau_bound: torch.Tensor | None = None  # [B, Hq] certified bound on the unread softmax mass
+
+
+@dataclass
+class StepPlan:
+    """Per decode step, shared by all layers."""
+    seq_ids: list[int]
+    page_size: int
+    page_table: torch.Tensor   # [B, P] int32 physical page ids (0 past a request's pages)
+    seq_lens: torch.Tensor     # [B] int32
+    num_pages: torch.Tensor    # [B] int32
+    valid: torch.Tensor        # [B, P] bool
+    forced: torch.Tensor       # [B, P] bool: sink/window pages and every request's last page
+    any_forcing: bool          # a forcing stage ran (else an unscored selection keeps every page)
+    num_splits: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.page_table.shape[0]
+
+    @property
+    def max_pages(self) -> int:
+        return self.page_table.shape[1]
+
+
+@dataclass
+class LayerContext:
+    """What a selector sees for one layer: the query, the cache and the step's plan."""
+    q: torch.Tensor  # [B, Hq, D]
+    cache: PagedKVCache
+    layer: int
+    plan: StepPlan
+    sm_scale: float
+
+    batch_size = property(lambda self: self.q.shape[0])
+    num_q_heads = property(lambda self: self.q.shape[1])
+    num_kv_heads = property(lambda self: self.cache.num_kv_heads)
+    group_size = property(lambda self: self.q.shape[1] // self.cache.num_kv_heads)
+    max_pages = property(lambda self: self.plan.max_pages)
+    page_size = property(lambda self: self.plan.page_size)
+
+    def q_grouped(self) -> torch.Tensor:
+        B, Hq, D = self.q.shape
+        return self.q.float().view(B, self.num_kv_heads, Hq // self.num_kv_heads, D)  # [B, Hkv, G, D]
+
+    def token_mask(self) -> torch.Tensor:
+        P, S = self.max_pages, self.page_size
+        pos = torch.arange(P * S, device=self.q.device).view(P, S)
+        return pos[None] < self.plan.seq_lens.long()[:, None, None]  # [B, P, S]
+
+    def keys(self) -> torch.Tensor:
+        """Keys of every page, zero past a request's length: [B, Hkv, P, S, D] fp32."""
+        k = self.cache.k[self.layer][self.plan.page_table.long()].float()  # [B, P, Hkv, S, D]
+        k = k * self.token_mask()[:, :, None, :, None]
+        return k.transpose(1, 2)
+
+    def quest_bound(self) -> torch.Tensor:
+        """Quest's box bound on every page, max over the group: [B, Hkv, P] fp32, scaled."""
+        c = self.cache
+        return score_ref.quest_scores(self.q, c.key_min[self.layer], c.key_max[self.layer],
+                                      self.plan.page_table, self.plan.num_pages, self.sm_scale)
+
+
+class SelectionState:
+    """Pages still in play for one layer. All masks [B, Hkv, P]."""
+
+    def __init__(self, plan: StepPlan, num_kv_heads: int):
+        B, P = plan.valid.shape
+        self.valid = plan.valid[:, None, :].expand(B, num_kv_heads, P)
+        self.forced = plan.forced[:, None, :].expand(B, num_kv_heads, P).clone()
+        self.candidates = self.valid.clone()
+        self.forced_only = plan.any_forcing  # unscored: keep only forced pages if a stage forced some
+        self.scored = False
+        self.order_key: torch.Tensor | None = None
+        self.bounds: torch.Tensor | None = None
+
+    def narrow(self, scores: torch.Tensor, budget_pages: int, *, is_bound: bool) -> None:
+        scores = scores.masked_fill(~self.valid, float("-inf"))
+        forced = self.forced & self.valid
+        order, count = select_ref.select_pages(scores, forced, self.candidates & self.valid, budget_pages)
+        self.candidates = select_ref.order_to_mask(order, scores.shape[-1])
+        self.scored = True
+        self.order_key = scores
+        self.bounds = scores if is_bound else None
+
+    def kept(self) -> torch.Tensor:
+        if self.scored:
+            return (self.candidates | self.forced) & self.valid
+        return (self.forced if self.forced_only else self.valid) & self.valid
+
+
+class DecodePipeline:
+    def __init__(self, config: PolicyConfig, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        self.config = config
+        self.name = config.name
+        self.page_size = config.page_size
+        self.dense_layers = frozenset(config.dense_layers)
+        self.selectors: list[SelectorStage] = [s for s in config.stages if s.kind == "selector"]
+        self.terminal = config.stages[-1]
+        self.requested_backend = backend
+        self._plan: StepPlan | None = None
+        self._fused = None
+
+    # -- static facts -------------------------------------------------------------------------
+    @property
+    def stop_rule(self) -> StopRule:
+        return self.terminal.stop_rule() if hasattr(self.terminal, "stop_rule") else StopRule()
+
+    @property
+    def needs_box_bound(self) -> bool:
+        """ART needs an order or a sound bound that no selector provides."""
+        if self.terminal.name != "art":
+            return False
+        scorers = [s for s in self.selectors if isinstance(s, ScoringSelector)]
+        if not scorers:
+            return True
+        return self.stop_rule.kind == "certified" and not scorers[-1].score_is_bound
+
+    @property
+    def required_summaries(self) -> frozenset[str]:
+        need = set()
+        for s in self.config.stages:
+            need |= s.required_summaries()
+        if self.needs_box_bound:
+            need.add(SUMMARY_KEY_MINMAX)
+        return frozenset(need)
+
+    def is_dense_layer(self, layer: int) -> bool:
+        return layer in self.dense_layers or (not self.selectors and self.terminal.name == "attend")
+
+    def backend_for(self, device: torch.device) -> str:
+        if self.requested_backend != "auto":
+            return self.requested_backend
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            return "triton"
+        return "reference"
+
+    def describe(self, device: str | torch.device = "cuda") -> str:
+        device = torch.device(device)
+        backend = self.backend_for(device)
+        lines = [f"policy {self.name!r}: page_size={self.page_size}, dense_layers={sorted(self.dense_layers)}",
+                 "stages: " + " -> ".join(s.name for s in self.config.stages),
+                 f"summaries kept on append: {sorted(self.required_summaries) or 'none'}"]
+        if backend == "reference":
+            lines.append("path: reference (pure torch, fp32 math; every stage is a torch op)")
+        else:
+            from . import fused
+            lines += fused.describe(self)
+        return "\n".join(lines)
+
+    # -- per step -----------------------------------------------------------------------------
+    def plan(self, cache: PagedKVCache, seq_ids: list[int], num_splits: int | None = None) -> StepPlan:
+        """Once per decode step (after `cache.reserve`): page tables and forced pages for all layers."""
+        if cache.page_size != self.page_size:
+            raise TensorContractError(f"cache.page_size is {cache.page_size} but policy {self.name!r} "
+                                      f"has page_size {self.page_size}; build the cache with the policy's")
+        missing = self.required_summaries - cache.summaries
+        if missing:
+            raise TensorContractError(f"policy {self.name!r} needs page summaries {sorted(missing)} that the "
+                                      f"cache does not keep; build it with summaries=pipeline.required_summaries")
+        page_table, seq_lens = cache.padded_page_table(seq_ids)
+        S = self.page_size
+        num_pages = (seq_lens + S - 1) // S
+        P = page_table.shape[1]
+        pos = torch.arange(P, device=page_table.device)
+        valid = pos[None] < num_pages[:, None]
+        forced = pos[None] == (num_pages - 1)[:, None]
+        plan = StepPlan(list(seq_ids), S, page_table, seq_lens, num_pages, valid, forced, False,
+                        num_splits or 1)
+        for sel in self.selectors:
+            f = sel.plan_forced(plan)
+            if f is not None:
+                plan.forced |= f & valid
+                plan.any_forcing = True
+        if num_splits is None:
+            plan.num_splits = self._default_splits(cache, plan)
+        self._plan = plan
+        return plan
+
+    def _default_splits(self, cache: PagedKVCache, plan: StepPlan) -> int:
+        if self.backend_for(cache.device) == "reference":
+            return 1
+        from . import fused
+        return fused.default_num_splits(cache, plan)
+
+    def run(self, q: torch.Tensor, cache: PagedKVCache, layer: int, sm_scale: float | None = None) -> DecodeResult:
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("call pipeline.plan(cache, seq_ids) once per decode step before run()")
+        self._check_q(q, cache, layer, plan)
+        sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+        ctx = LayerContext(q, cache, layer, plan, sm_scale)
+        if self.backend_for(q.device) == "triton":
+            from . import fused
+            return fused.run_layer(self, ctx)
+        return self.run_generic(ctx, decode_ref.paged_decode)
+
+    def _check_q(self, q, cache, layer, plan):
+        B = plan.batch_size
+        if q.dim() != 3 or q.shape[0] != B or q.shape[2] != cache.head_dim:
+            raise TensorContractError(f"q: expected [B={B}, Hq, D={cache.head_dim}], got {list(q.shape)}")
+        if q.shape[1] % cache.num_kv_heads:
+            raise TensorContractError(f"q: {q.shape[1]} query heads is not a multiple of the cache's "
+                                      f"{cache.num_kv_heads} KV heads")
+        if q.device != cache.device:
+            raise TensorContractError(f"q is on {q.device} but the cache is on {cache.device}")
+        if not 0 <= layer < cache.num_layers:
+            raise TensorContractError(f"layer: expected 0 <= layer < {cache.num_layers}, got {layer}")
+
+    # -- the generic path ---------------------------------------------------------------------
+    def select(self, ctx: LayerContext):
+        """Run the selectors; return (order [B, Hkv, N], count [B, Hkv], bounds-in-order or None)."""
+        plan = ctx.plan
+        B, Hkv, P = plan.batch_size, ctx.num_kv_heads, plan.max_pages
+        if self.is_dense_layer(ctx.layer):
+            order = torch.arange(P, device=ctx.q.device, dtype=torch.int32).expand(B, Hkv, P)
+            order = torch.where(plan.valid[:, None], order, torch.full_like(order, -1))
+            return order.contiguous(), plan.num_pages[:, None].expand(B, Hkv).to(torch.int32), None
+        state = SelectionState(plan, Hkv)
+        for sel in self.selectors:
+            sel.apply(ctx, state)
+        keep = state.kept()
+        box = ctx.quest_bound() if self.needs_box_bound else None
+        order_key = state.order_key if state.scored else box
+        if order_key is None:  # attend without scores: natural order
+            order_key = -torch.arange(P, device=ctx.q.device, dtype=torch.float32).expand(B, Hkv, P)
+        bounds = state.bounds if state.bounds is not None else box
+        order, count = select_ref.select_pages(order_key.masked_fill(~keep, float("-inf")),
+                                               keep, keep, None)
+        bounds_in_order = None
+        if self.stop_rule.kind == "certified":
+            bounds_in_order = bounds.gather(-1, order.long().clamp(min=0))
+        return order, count, bounds_in_order
+
+    def run_generic(self, ctx: LayerContext, decode_fn) -> DecodeResult:
+        order, count, bounds_in_order = self.select(ctx)
+        rule = StopRule() if self.is_dense_layer(ctx.layer) else self.stop_rule
+        tail = None
+        if rule.kind == "certified":
+            tokens = select_ref.page_token_counts(order, ctx.plan.seq_lens, ctx.page_size)
+            tail = select_ref.strided_tail_lse(bounds_in_order, tokens, count, ctx.plan.num_splits)
+        c = ctx.cache
+        res = decode_fn(ctx.q, c.k[ctx.layer], c.v[ctx.layer], ctx.plan.page_table, ctx.plan.seq_lens,
+                        order, count, sm_scale=ctx.sm_scale, rule=rule, tail_lse=tail,
+                        num_splits=ctx.plan.num_splits)
+        return DecodeResult(res.out.to(ctx.q.dtype), res.pages_read, res.tau_bound)
+
+    # -- accounting ---------------------------------------------------------------------------
+    def kv_bytes_read(self, res: DecodeResult, cache: PagedKVCache, layer: int | None = None) -> torch.Tensor:
+        """Bytes read for one layer per request [B]: K/V pages read plus the page summaries scored."""
+        plan = self._plan
+        elt = cache.dtype.itemsize
+        page_kv = 2 * cache.page_size * cache.head_dim * elt
+        total = res.pages_read.sum(-1).to(torch.float64) * page_kv
+        if layer is not None and self.is_dense_layer(layer):
+            return total
+        per_page = sum(s.summary_bytes_per_page(cache) for s in self.selectors)
+        if self.needs_box_bound:
+            per_page += 2 * cache.head_dim * elt
+        return total + plan.num_pages.to(torch.float64) * cache.num_kv_heads * per_page
+
+
+def compile(policy, backend: str = "auto") -> DecodePipeline:
+    """Compile a policy (YAML path, dict or PolicyConfig) into a DecodePipeline."""
+    config = policy if isinstance(policy, PolicyConfig) else load_policy(policy)
+    return DecodePipeline(config, backend=backend)

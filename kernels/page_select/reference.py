@@ -1,0 +1,95 @@
+"""Page selection per (request, KV head): pure-torch reference.
+
+Given scores, a forced mask and a budget, keep forced pages plus the best-scoring others, and emit
+them as a list ordered by descending order-key (ties: lower position first).
+"""
+import math
+
+import torch
+
+
+def select_pages(order_key, forced, candidates, budget_pages: int | None):
+    """Choose and order pages.
+
+    order_key  [B, Hkv, P] fp32: higher is read earlier; -inf marks positions that are not pages.
+    forced     [B, Hkv, P] bool: always kept (sink, window, last page).
+    candidates [B, Hkv, P] bool: pages eligible for the budget.
+    budget_pages: total pages kept per (request, KV head), forced included; None keeps every candidate.
+    Forced pages are kept even past the budget.
+
+    Returns (order [B, Hkv, P] int32 positions into the request's page table, -1 past `count`;
+             count [B, Hkv] int32).
+    """
+    keep = forced.clone()
+    if budget_pages is None:
+        keep = keep | candidates
+    else:
+        n_forced = forced.sum(-1, keepdim=True)  # [B, Hkv, 1]
+        free = (budget_pages - n_forced).clamp(min=0)  # [B, Hkv, 1]
+        rest = candidates & ~forced
+        rest_key = order_key.masked_fill(~rest, float("-inf"))
+        rank = _descending_rank(rest_key)  # [B, Hkv, P]
+        keep = keep | (rest & (rank < free))
+    key = order_key.masked_fill(~keep, float("-inf"))
+    order = _descending_positions(key)
+    count = keep.sum(-1).to(torch.int32)
+    P = order_key.shape[-1]
+    slot = torch.arange(P, device=order.device)
+    order = torch.where(slot < count[..., None], order, torch.full_like(order, -1))
+    return order.to(torch.int32), count
+
+
+def order_to_mask(order, num_positions: int):
+    """[B, Hkv, N] positions (-1 pad) -> [B, Hkv, num_positions] bool membership."""
+    idx = torch.where(order >= 0, order.long(), torch.full_like(order.long(), num_positions))
+    mask = torch.zeros(order.shape[:-1] + (num_positions + 1,), dtype=torch.bool, device=order.device)
+    mask.scatter_(-1, idx, True)
+    return mask[..., :num_positions]
+
+
+def _descending_positions(key):
+    """Positions sorted by descending key, ties to the lower position; -inf keys go last."""
+    P = key.shape[-1]
+    pos = torch.arange(P, device=key.device).expand_as(key)
+    # NaN-free keys: sort by (key desc, position asc) with a stable sort on position order.
+    _, idx = torch.sort(key, dim=-1, descending=True, stable=True)
+    return pos.gather(-1, idx)
+
+
+def _descending_rank(key):
+    order = _descending_positions(key)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
+    return rank
+
+
+def page_token_counts(order, page_table_lens, page_size: int):
+    """Tokens in each listed page: page_size, or the request's last-page length. order [B, Hkv, N]."""
+    seq_lens = page_table_lens.long()  # [B]
+    num_pages = (seq_lens + page_size - 1) // page_size
+    last_len = seq_lens - (num_pages - 1) * page_size
+    pos = order.long()
+    is_last = pos == (num_pages - 1)[:, None, None]
+    n = torch.where(is_last, last_len[:, None, None].expand_as(pos), torch.full_like(pos, page_size))
+    return torch.where(pos >= 0, n, torch.zeros_like(n))  # [B, Hkv, N]
+
+
+def strided_tail_lse(bounds, tokens, count, num_splits: int):
+    """Per listed position i: LSE over j >= i with j = i (mod num_splits), j < count, of U_j + log n_j.
+
+    Split s of the decode reads positions s, s+S, s+2S, ...; after it has read up to i-S, the pages it
+    has not read are exactly this tail. bounds [B, Hkv, N] (in list order), tokens [B, Hkv, N].
+    Returns [B, Hkv, N] fp32; -inf where the tail is empty.
+    """
+    B, H, N = bounds.shape
+    S = num_splits
+    n_per = math.ceil(N / S)
+    pad = n_per * S - N
+    slot = torch.arange(N, device=bounds.device)
+    live = slot < count[..., None]
+    terms = torch.where(live & (tokens > 0), bounds.float() + tokens.float().clamp(min=1).log(),
+                        torch.full_like(bounds, float("-inf"), dtype=torch.float32))
+    terms = torch.nn.functional.pad(terms, (0, pad), value=float("-inf"))
+    per_split = terms.view(B, H, n_per, S)  # position = j*S + s
+    tail = torch.logcumsumexp(per_split.flip(2), dim=2).flip(2)
+    return tail.reshape(B, H, n_per * S)[..., :N].contiguous()

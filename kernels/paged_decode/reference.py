@@ -1,0 +1,138 @@
+"""Paged decode over an ordered page list, with ART's run-time stop: pure-torch reference.
+
+One function covers dense decode (every page, natural order, no stop) and ART (pages in list order,
+stability or certified stop checked every `chunk_pages` pages). Split-KV: split s of S reads list
+positions s, s+S, s+2S, ... and applies the stop to its own pages; the splits merge by LSE.
+See README.md in this folder for the rules and why the certified stop stays valid across splits.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class StopRule:
+    kind: str | None = None          # None (read all) | "stability" | "certified"
+    chunk_pages: int = 4             # pages read between two checks
+    scale_tol: float = 1e-7          # stability: relative change of ||o||
+    direction_tol: float = 1e-3      # stability: 1 - cos(o_t, o_{t-1})
+    patience: int = 5                # stability: stable checks in a row before stopping
+    delta: float = 0.01              # certified: bound on the softmax mass not read
+
+
+@dataclass
+class DecodeOut:
+    out: torch.Tensor          # [B, Hq, D] fp32
+    pages_read: torch.Tensor   # [B, Hkv] int32
+    tau_bound: torch.Tensor | None  # [B, Hq] certified upper bound on the unread mass (certified only)
+
+
+def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
+                 rule: StopRule = StopRule(), tail_lse=None, num_splits: int = 1) -> DecodeOut:
+    """q [B, Hq, D]; k_cache/v_cache [num_pages_total, Hkv, S, D]; page_table [B, P] physical ids;
+    seq_lens [B]; order [B, Hkv, N] positions into page_table (-1 pad); count [B, Hkv].
+    tail_lse [B, Hkv, N] from page_select.strided_tail_lse(..., num_splits) for the certified stop.
+    """
+    B, Hq, D = q.shape
+    Hkv, page_size = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    dev = q.device
+    S = num_splits
+    N = order.shape[-1]
+    n_per = max(1, math.ceil(N / S))
+    C = rule.chunk_pages if rule.kind else n_per
+    if rule.kind == "certified" and tail_lse is None:
+        raise ValueError("certified stop needs tail_lse (page_select.strided_tail_lse)")
+
+    def split_view(x, fill):  # [B, Hkv, N] -> [B, Hkv, S, n_per]
+        x = torch.nn.functional.pad(x, (0, n_per * S - N), value=fill)
+        return x.view(B, Hkv, n_per, S).transpose(2, 3)
+
+    slot = torch.arange(N, device=dev)
+    pos = torch.where(slot < count[..., None], order.long(), torch.full_like(order.long(), -1))
+    pos_s = split_view(pos, -1)  # [B, Hkv, S, n_per]
+    tail_s = split_view(tail_lse.float(), NEG_INF) if tail_lse is not None else None
+
+    seq_lens = seq_lens.long()
+    num_pages = (seq_lens + page_size - 1) // page_size  # [B]
+    qg = q.float().view(B, Hkv, G, D)
+    heads = torch.arange(Hkv, device=dev).view(1, Hkv, 1, 1)
+    tok = torch.arange(page_size, device=dev)
+
+    m = torch.full((B, Hkv, S, G), NEG_INF, device=dev)
+    l = torch.zeros(B, Hkv, S, G, device=dev)
+    acc = torch.zeros(B, Hkv, S, G, D, device=dev)
+    active = torch.ones(B, Hkv, S, dtype=torch.bool, device=dev)
+    pages_read = torch.zeros(B, Hkv, S, dtype=torch.int32, device=dev)
+    prev_o = torch.zeros(B, Hkv, S, G, D, device=dev)
+    stable_run = torch.zeros(B, Hkv, S, dtype=torch.int32, device=dev)
+    seen = torch.zeros(B, Hkv, S, dtype=torch.bool, device=dev)
+    rem = torch.full((B, Hkv, S), NEG_INF, device=dev)  # LSE of the unread tail at the stop
+
+    for c0 in range(0, n_per, C):
+        p = pos_s[..., c0:c0 + C]  # [B, Hkv, S, c]
+        live = (p >= 0) & active[..., None]
+        if not live.any():
+            break
+        phys = page_table.long().gather(1, p.clamp(min=0).flatten(1)).view_as(p)
+        k = k_cache[phys, heads].float()  # [B, Hkv, S, c, page, D]
+        v = v_cache[phys, heads].float()
+        in_page = torch.where(p == (num_pages - 1).view(B, 1, 1, 1),
+                              (seq_lens - (num_pages - 1) * page_size).view(B, 1, 1, 1),
+                              torch.full_like(p, page_size))
+        tok_ok = live[..., None] & (tok < in_page[..., None])  # [B, Hkv, S, c, page]
+        logits = torch.einsum("bhgd,bhscpd->bhsgcp", qg, k) * sm_scale
+        logits = logits.masked_fill(~tok_ok[:, :, :, None], NEG_INF)
+        chunk_max = logits.amax(dim=(-1, -2))  # [B, Hkv, S, G]
+        m_new = torch.maximum(m, chunk_max)
+        safe_m = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m - safe_m)
+        w = torch.exp(logits - safe_m[..., None, None])  # [B, Hkv, S, G, c, page]
+        l = l * alpha + w.sum(dim=(-1, -2))
+        acc = acc * alpha[..., None] + torch.einsum("bhsgcp,bhscpd->bhsgd", w, v)
+        m = m_new
+        read_now = live.any(-1)
+        pages_read += live.sum(-1).to(torch.int32)
+        seen |= read_now
+
+        more = pos_s[..., c0 + C:] >= 0 if c0 + C < n_per else torch.zeros_like(live[..., :1])
+        has_more = more.any(-1) & active
+        if rule.kind == "stability":
+            o = acc / l.clamp(min=1e-30)[..., None]
+            on, pn = o.norm(dim=-1), prev_o.norm(dim=-1)
+            d_mag = (on - pn).abs() / pn.clamp(min=1e-30)
+            cos = (o * prev_o).sum(-1) / (on * pn).clamp(min=1e-30)
+            stable = ((d_mag <= rule.scale_tol) & (1 - cos <= rule.direction_tol)).all(-1)
+            stable = stable & (stable_run >= 0) & (c0 > 0)
+            stable_run = torch.where(read_now, torch.where(stable, stable_run + 1, 0), stable_run)
+            prev_o = torch.where(read_now[..., None, None], o, prev_o)
+            active = active & ~(has_more & (stable_run >= rule.patience))
+        elif rule.kind == "certified":
+            nxt = tail_s[..., c0 + C] if c0 + C < n_per else torch.full_like(m[..., 0], NEG_INF)
+            log_z = m + torch.log(l.clamp(min=1e-30))  # [B, Hkv, S, G]
+            certified = (nxt[..., None] - log_z <= math.log(rule.delta / (1 - rule.delta))).all(-1)
+            stop = has_more & certified
+            rem = torch.where(stop, nxt, rem)
+            active = active & ~stop
+        active = active & has_more
+
+    return _merge_splits(m, l, acc, pages_read, rem if rule.kind == "certified" else None, B, Hq, D)
+
+
+def _merge_splits(m, l, acc, pages_read, rem, B, Hq, D) -> DecodeOut:
+    """LSE-merge the splits. m, l [B, Hkv, S, G]; acc [B, Hkv, S, G, D]."""
+    M = m.amax(dim=2, keepdim=True)
+    safe_M = torch.where(torch.isinf(M), torch.zeros_like(M), M)
+    scale = torch.exp(m - safe_M)  # [B, Hkv, S, G]
+    L = (l * scale).sum(2)  # [B, Hkv, G]
+    out = (acc * scale[..., None]).sum(2) / L.clamp(min=1e-30)[..., None]
+    tau = None
+    if rem is not None:
+        log_z = torch.logsumexp(m + torch.log(l.clamp(min=1e-30)), dim=2)  # [B, Hkv, G]
+        rem_all = torch.logsumexp(rem, dim=2)  # [B, Hkv]
+        tau = torch.sigmoid(rem_all[..., None] - log_z).reshape(B, Hq)
+        tau = torch.where(torch.isnan(tau), torch.zeros_like(tau), tau)
+    return DecodeOut(out.reshape(B, Hq, D), pages_read.sum(-1).to(torch.int32), tau)

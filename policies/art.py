@@ -1,0 +1,52 @@
+
+from dataclasses import dataclass
+
+from composable_kv.kernels.paged_decode.reference import StopRule
+from composable_kv.stages import SUMMARY_VALUE_NORM, TerminalStage, param, register_stage
+
+
+@register_stage
+@dataclass
+class Art(TerminalStage):
+    """ART, Attention Run-time Termination: read the selected pages in descending score order and
+    stop once more pages would not change the output.
+
+    stop: stability  the paper-style heuristic. After every `chunk_pages` pages, with o_t = acc/l per
+                     query head: |(||o_t|| - ||o_{t-1}||)| / ||o_{t-1}|| <= scale_tol and
+                     1 - cos(o_t, o_{t-1}) <= direction_tol for every head of the GQA group counts as
+                     a stable check; `patience` stable checks in a row stop the read.
+    stop: certified  sound: stop once the softmax mass of the unread pages is provably <= delta,
+                     from per-page logit upper bounds U_b: sigmoid(LSE_R(U_b + log n_b) - log Z_S) <= delta.
+                     Then ||o - o_S|| <= delta * (max_R ||v|| + ||o_S||).
+    """
+
+    name = "art"
+    paper = "ART: Attention Run-time Termination (arXiv 2606.00024); certified stop: composable-kv"
+    summary = "read pages best-first, stop early (stability heuristic or certified mass bound)"
+
+    stop: str = param("certified", "stop rule", choices=("certified", "stability"))
+    delta: float = param(0.01, "certified: bound on the softmax mass left unread, in (0, 1)", min=0.0, max=1.0)
+    scale_tol: float = param(1e-7, "stability: relative change of ||o|| per check", min=0.0)
+    direction_tol: float = param(1e-3, "stability: 1 - cos between successive outputs", min=0.0, max=2.0)
+    patience: int = param(5, "stability: stable checks in a row before stopping", min=1)
+    chunk_pages: int = param(4, "pages read between two checks", min=1, max=64)
+
+    def check(self) -> None:
+        if self.stop == "certified" and not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta: expected 0 < delta < 1 for the certified stop, got {self.delta}")
+        if self.chunk_pages & (self.chunk_pages - 1):
+            raise ValueError(f"chunk_pages: expected a power of two (1, 2, 4, ... 64), got {self.chunk_pages}")
+
+    def required_summaries(self):
+        return frozenset({SUMMARY_VALUE_NORM}) if self.stop == "certified" else frozenset()
+
+    def stop_rule(self) -> StopRule:
+        return StopRule(kind=self.stop, chunk_pages=self.chunk_pages, scale_tol=self.scale_tol,
+                        direction_tol=self.direction_tol, patience=self.patience, delta=self.delta)
+
+    @staticmethod
+    def error_bound(tau_bound, value_norm_max, out_norm):
+        """||o - o_S|| <= tau * (max ||v|| + ||o_S||) (DESIGN.md's certified stop)."""
+        return tau_bound * (value_norm_max + out_norm)
+
+

@@ -1,0 +1,26 @@
+from dataclasses import dataclass
+
+from composable_kv.stages import SUMMARY_KEY_MINMAX, ScoringSelector, register_stage
+
+
+@register_stage
+@dataclass
+class Quest(ScoringSelector):
+    """Quest's query-aware page selection: score each page by the box bound
+    U_p = sum_i max(q_i*kmin_i, q_i*kmax_i) over its key min/max, max over the GQA group (which keeps
+    it an upper bound on every q.k in the page), and keep the top pages under the budget."""
+
+    name = "quest"
+    paper = "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (Tang et al., ICML 2024)"
+    summary = "top pages by the key min/max box bound on q.k"
+    score_is_bound = True
+    fusable = True
+
+    def required_summaries(self):
+        return frozenset({SUMMARY_KEY_MINMAX})
+
+    def summary_bytes_per_page(self, cache) -> int:
+        return 2 * cache.head_dim * cache.dtype.itemsize
+
+    def score(self, ctx):
+        return ctx.quest_bound()  # [B, Hkv, P]
