@@ -1,0 +1,91 @@
+"""`ckv`: validate policies, list stages, and run the demo, evaluation and benchmark."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .errors import CkvError
+
+
+def _cmd_validate(args) -> int:
+    from .config import load_policy
+    from .pipeline import DecodePipeline
+    failed = 0
+    for path in args.files:
+        try:
+            pipe = DecodePipeline(load_policy(path))
+        except CkvError as e:
+            print(f"FAIL {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"ok   {path}: {pipe.name}: " + " -> ".join(s.name for s in pipe.config.stages))
+    return 1 if failed else 0
+
+
+def _cmd_stages(args) -> int:
+    from .stages import registered_stages
+    for name, cls in registered_stages().items():
+        print(f"{name}  [{cls.kind}]  {cls.summary}")
+        print(f"    paper: {cls.paper}")
+        for f in cls.params():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            meta = f.metadata
+            extra = f" choices={list(meta['choices'])}" if meta.get("choices") else ""
+            if meta.get("min") is not None or meta.get("max") is not None:
+                lo, hi = meta.get("min"), meta.get("max")
+                extra += f" range=[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            print(f"    {f.name}: {getattr(f.type, '__name__', f.type)} = {default!r}{extra}  # {meta.get('help', '')}")
+    return 0
+
+
+def _cmd_describe(args) -> int:
+    from .pipeline import compile
+    print(compile(args.file).describe(args.device))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="check policy YAML files; exit 1 if any is invalid")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("stages", help="list registered stages: kind, parameters, paper")
+    p.set_defaults(func=_cmd_stages)
+    p = sub.add_parser("describe", help="show which path and kernels a policy runs")
+    p.add_argument("file")
+    p.add_argument("--device", default="cuda")
+    p.set_defaults(func=_cmd_describe)
+    _add_optional(sub, "eval_cli", ("add_eval_parser", "add_demo_parser"))
+    _add_optional(sub, "bench", ("add_bench_parser",))
+    _add_optional(sub, "traces", ("add_trace_parser",))
+    return parser
+
+
+def _add_optional(sub, module: str, hooks: tuple[str, ...]) -> None:
+    import importlib
+    mod = importlib.import_module(f"composable_kv.{module}") if _has_module(module) else None
+    for hook in hooks:
+        if mod is not None and hasattr(mod, hook):
+            getattr(mod, hook)(sub)
+
+
+def _has_module(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(f"composable_kv.{module}") is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CkvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Shared builders for tests: a filled paged cache and a plain dense attention oracle."""
+import torch
+
+import composable_kv as ckv
+
+
+def build_cache(lens, *, num_layers=1, num_kv_heads=2, head_dim=16, page_size=16, extra_pages=4,
+                summaries=("key_minmax", "value_norm"), dtype=torch.float32, seed=0, k_scale=1.0,
+                device="cpu"):
+    """A cache holding one sequence per entry of `lens`; returns (cache, seq_ids, keys, values)
+    where keys[i] / values[i] are [num_layers, len, Hkv, D] as appended."""
+    g = torch.Generator().manual_seed(seed)
+    pages = sum(-(-n // page_size) for n in lens) + extra_pages
+    cache = ckv.PagedKVCache(num_layers, num_kv_heads, head_dim, pages, page_size=page_size, dtype=dtype,
+                             device=device, summaries=frozenset(summaries))
+    ids, keys, values = [], [], []
+    for n in lens:
+        sid = cache.add_sequence()
+        k = (torch.randn(num_layers, n, num_kv_heads, head_dim, generator=g) * k_scale).to(dtype)
+        v = torch.randn(num_layers, n, num_kv_heads, head_dim, generator=g).to(dtype)
+        cache.append([sid], [n], k.to(device), v.to(device))
+        ids.append(sid)
+        keys.append(k)
+        values.append(v)
+    return cache, ids, keys, values
+
+
+def dense_attention(q, keys, values, layer=0, sm_scale=None):
+    """Plain softmax attention per request, GQA by repeat: q [B, Hq, D] -> [B, Hq, D] fp32."""
+    B, Hq, D = q.shape
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    outs = []
+    for b in range(B):
+        k, v = keys[b][layer].float(), values[b][layer].float()  # [T, Hkv, D]
+        G = Hq // k.shape[1]
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        logits = torch.einsum("hd,thd->ht", q[b].float(), k) * sm_scale
+        outs.append(torch.einsum("ht,thd->hd", logits.softmax(-1), v))
+    return torch.stack(outs)

@@ -1,0 +1,76 @@
+"""The README's custom-selector example runs as written and stacks with art."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import composable_kv as ckv
+
+from helpers import build_cache, dense_attention
+
+pytestmark = pytest.mark.cpu
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    m = re.search(r"<!-- example: custom-selector -->\s*```python\n(.*?)```", text, re.S)
+    assert m, "README lost its custom-selector example"
+    return m.group(1)
+
+
+def test_example_is_short():
+    assert len(readme_example().strip().splitlines()) <= 20
+
+
+def test_readme_custom_selector_runs_with_art(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_example(), "README.md", "exec"), scope)
+    pipe = scope["pipe"]
+    assert [s.name for s in pipe.config.stages] == ["key_norm", "art"]
+    cache, ids, keys, values = build_cache([70, 300], summaries=pipe.required_summaries)
+    pipe.plan(cache, ids)
+    q = torch.randn(2, 4, 16)
+    res = pipe.run(q, cache, 0)
+    assert res.out.shape == (2, 4, 16) and torch.isfinite(res.out).all()
+    budget_pages = 4  # budget_tokens 64 / page 16
+    assert (res.pages_read <= budget_pages).all() and (res.pages_read >= 1).all()
+    # with a budget over the length, the custom stack equals dense attention
+    big = ckv.compile({"stages": [{"stage": "key_norm", "budget_tokens": 10**6},
+                                  {"stage": "art", "stop": "certified", "delta": 1e-30}]})
+    big.plan(cache, ids)
+    torch.testing.assert_close(big.run(q, cache, 0).out, dense_attention(q, keys, values), rtol=1e-5, atol=1e-5)
+
+
+def test_duplicate_stage_name_is_refused():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Other(ckv.ScoringSelector):
+        name = "quest"
+
+        def score(self, ctx):
+            return ctx.quest_bound()
+
+    with pytest.raises(ValueError, match="already registered"):
+        ckv.register_stage(Other)
+
+
+def test_score_with_wrong_shape_is_named():
+    from dataclasses import dataclass
+
+    @ckv.register_stage
+    @dataclass
+    class BadShape(ckv.ScoringSelector):
+        name = "bad_shape_test"
+
+        def score(self, ctx):
+            return torch.zeros(1)
+
+    pipe = ckv.compile({"stages": [{"stage": "bad_shape_test", "budget_tokens": 16}, {"stage": "attend"}]})
+    cache, ids, *_ = build_cache([40], summaries=pipe.required_summaries)
+    pipe.plan(cache, ids)
+    with pytest.raises(ValueError, match=r"bad_shape_test.*score\(\) returned shape \(1,\)"):
+        pipe.run(torch.randn(1, 2, 16), cache, 0)
