@@ -1,0 +1,174 @@
+"""The Triton pipeline path: a layer in at most 3 launches, no host sync, CUDA-graph capturable.
+
+Stacks of built-in stages (sink_window, quest, topk; then attend or art) run as
+  1. score_select  (page_select/triton.py): score every page (box bound / exact page max), keep the
+     forced pages plus the best others under the budget, order them best-first and, for ART's
+     certified stop, write the strided tail LSE of the bounds;
+  2. decode        (paged_decode/triton.py): online softmax over the ordered list, stop rule inside;
+  3. merge         (only when num_splits > 1): LSE merge of the splits.
+Dense layers launch only 2 (+3). A stack with a user selector (or several scorers) runs the Python
+selectors (pipeline.select) and then the Triton decode (+ merge).
+Semantics equal pipeline.select + run_generic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.page_select import triton as select_tk
+from .kernels.paged_decode import triton as decode_tk
+from .stages import ScoringSelector
+
+_BUILTIN_SELECTORS = {"sink_window", "quest", "topk"}
+_BUILTIN_TERMINALS = {"attend", "art"}
+_SM_COUNT: dict[int, int] = {}
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    fused: bool            # the whole layer runs in the fused kernels
+    reason: str            # why not, when not fused
+    score: int = 0         # 0 none (natural order), 1 box bound, 2 exact page max
+    select: bool = False   # a scorer narrows to a budget
+    budget_tokens: int = 0
+    forced_only: bool = False  # unscored, a forcing stage ran: only forced pages are kept
+    max_forced_pages: int = 1  # static bound on the forced pages per request (sizes the sort)
+
+
+def _is_builtin(stage) -> bool:
+    from .stages import get_stage_class
+    try:
+        return type(stage) is get_stage_class(stage.name) and type(stage).__module__.startswith(
+            "composable_kv.policies")
+    except KeyError:
+        return False
+
+
+def spec(pipeline) -> FusedSpec:
+    cached = getattr(pipeline, "_fused", None)
+    if isinstance(cached, FusedSpec):
+        return cached
+    sp = _make_spec(pipeline)
+    pipeline._fused = sp
+    return sp
+
+
+def _make_spec(pipeline) -> FusedSpec:
+    sels = pipeline.selectors
+    term = pipeline.terminal
+    for s in sels:
+        if not (getattr(s, "fusable", False) and s.name in _BUILTIN_SELECTORS and _is_builtin(s)):
+            return FusedSpec(False, f"selector {s.name!r} is not a fusable built-in")
+    if term.name not in _BUILTIN_TERMINALS or not _is_builtin(term):
+        return FusedSpec(False, f"terminal {term.name!r} is not a built-in")
+    scorers = [s for s in sels if isinstance(s, ScoringSelector)]
+    if len(scorers) > 1:
+        return FusedSpec(False, "more than one scoring stage")
+    ps = pipeline.page_size
+    max_forced = 1  # the last page
+    forcing = False
+    for s in sels:
+        if s.name == "sink_window":
+            forcing = True
+            max_forced += -(-s.sink_tokens // ps) + -(-s.window_tokens // ps) + 1
+    if scorers:
+        sc = scorers[0]
+        return FusedSpec(True, "", score=1 if sc.name == "quest" else 2, select=True,
+                         budget_tokens=sc.budget_tokens, forced_only=forcing, max_forced_pages=max_forced)
+    return FusedSpec(True, "", score=1 if pipeline.needs_box_bound else 0, select=False,
+                     forced_only=forcing, max_forced_pages=max_forced)
+
+
+def default_num_splits(cache, plan) -> int:
+    """Split-KV count: enough (b, kv head, split) programs to fill the GPU; 1 on CPU."""
+    dev = cache.device
+    if dev.type != "cuda":
+        return 1
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    sms = _SM_COUNT[idx]
+    work = plan.batch_size * cache.num_kv_heads
+    if work >= sms:
+        return 1
+    splits = -(-2 * sms // work)
+    max_by_pages = max(1, plan.max_pages // 16)  # at least ~16 pages per split
+    return int(max(1, min(splits, max_by_pages, 32)))
+
+
+def _rule_for(pipeline, layer):
+    return None if pipeline.is_dense_layer(layer) else pipeline.stop_rule
+
+
+def _generic_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale, rule, tail_lse,
+                    num_splits):
+    rule = rule if getattr(rule, "kind", None) else None
+    return decode_tk.paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, sm_scale=sm_scale,
+                                  rule=rule, tail_lse=tail_lse, num_splits=num_splits)
+
+
+def run_layer(pipeline, ctx):
+    from .pipeline import DecodeResult
+    plan, c, layer = ctx.plan, ctx.cache, ctx.layer
+    q = ctx.q
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    S = plan.num_splits
+    if pipeline.is_dense_layer(layer):
+        out, pages, _ = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
+                                                None, None, sm_scale=ctx.sm_scale, rule=None, num_splits=S,
+                                                natural=True, out_dtype=q.dtype)
+        return DecodeResult(out, pages, None)
+    sp = spec(pipeline)
+    if not sp.fused:
+        return pipeline.run_generic(ctx, _generic_decode)
+    rule = pipeline.stop_rule
+    kind = getattr(rule, "kind", None)
+    certified = kind == "certified"
+    budget_pages = -(-sp.budget_tokens // plan.page_size) if sp.select else 0
+    if sp.score == 2:
+        a = b = c.k[layer]
+    elif sp.score == 1:
+        a, b = c.key_min[layer], c.key_max[layer]
+    else:
+        a = b = None
+    order, count, tail = select_tk.score_select(
+        q, a, b, plan.page_table, plan.seq_lens, plan.forced, num_kv_heads=c.num_kv_heads,
+        page_size=plan.page_size, sm_scale=ctx.sm_scale, score=sp.score, select=sp.select,
+        budget_pages=budget_pages, forced_only=sp.forced_only and plan.any_forcing, certified=certified,
+        num_splits=S, max_kept=max(budget_pages, sp.max_forced_pages))
+    out, pages, tau = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
+                                              order, count, sm_scale=ctx.sm_scale, rule=rule if kind else None,
+                                              tail_lse=tail, num_splits=S, out_dtype=q.dtype)
+    return DecodeResult(out, pages, tau)
+
+
+def describe(pipeline) -> list[str]:
+    sp = spec(pipeline)
+    rule = pipeline.stop_rule
+    lines = []
+    dense = sorted(pipeline.dense_layers)
+    decode = "paged_decode (online softmax over the page list; split-KV strided) + merge when num_splits > 1"
+    if not pipeline.selectors and pipeline.terminal.name == "attend":
+        return ["path: triton fused, dense: every layer launches " + decode]
+    if dense:
+        lines.append(f"dense layers {dense}: " + decode + " in natural page order")
+    if not sp.fused:
+        lines.append(f"path: triton generic ({sp.reason}): Python selectors (pipeline.select, torch ops) "
+                     f"then the Triton {decode}")
+        return lines
+    what = {0: "no scores (kept pages in natural order)", 1: "Quest box bound from key_min/key_max",
+            2: "exact page max q.k (reads every key)"}[sp.score]
+    sel = (f"keep forced + top pages under {sp.budget_tokens} tokens" if sp.select else
+           "keep forced pages only" if sp.forced_only else "keep every page")
+    extra = ", strided tail LSE of the bounds" if rule.kind == "certified" else ""
+    stop = {None: "no stop", "stability": f"stability stop every {rule.chunk_pages} pages",
+            "certified": f"certified stop (delta={rule.delta}) every {rule.chunk_pages} pages"}[rule.kind]
+    if pipeline.terminal.name == "attend":
+        stop = "no stop"
+    lines.append("path: triton fused, <= 3 launches per layer, no host sync, CUDA-graph capturable")
+    lines.append(f"  launch 1 score_select: {what}; {sel}; order best-first{extra}")
+    lines.append(f"  launch 2 paged_decode: {stop}")
+    lines.append("  launch 3 merge (only when num_splits > 1): LSE merge of the splits, pages_read, tau_bound")
+    return lines

@@ -1,0 +1,292 @@
+"""Page selection per (request, KV head) in Triton, and the fused score + select kernel.
+
+Public functions match `reference.py`: select_pages, order_to_mask, page_token_counts,
+strided_tail_lse. `score_select` is the fused kernel the Triton pipeline launches once per layer:
+it scores every page (box bound or exact page max), keeps forced pages plus the best others under
+the budget (threshold by bisection on order-preserving int keys, ties to the lower position with a
+cumsum), compacts the kept pages, sorts them with tl.sort on a (key, -position) int64 composite and,
+for the certified stop, writes the strided tail LSE of the bounds. One program per (request, KV head).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
+
+from ..page_score.triton import _box_block, _exact_block, _load_q_group, _pow2, dot_f32
+
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _ord32(x):
+    """fp32 -> int32 with the same order (-0.0 folded onto +0.0)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _lse_combine(a, b):
+    m = tl.maximum(a, b)
+    ms = tl.where(m == NEG_INF, 0.0, m)
+    return tl.where(m == NEG_INF, NEG_INF, ms + tl.log(tl.exp(a - ms) + tl.exp(b - ms)))
+
+
+@triton.jit
+def _keep_top(ordk, rest, free):
+    """The `free` entries of `rest` with the largest ordk (ties: lower index first): bool mask."""
+    n_rest = tl.sum(rest.to(tl.int32), axis=0)
+    key = ordk.to(tl.int64)
+    lo = tl.min(tl.where(rest, key, 2147483647), axis=0)
+    hi = tl.max(tl.where(rest, key, -2147483648), axis=0) + 1
+    for _ in range(32):  # invariant: count(key >= lo) >= free > count(key >= hi)
+        mid = lo + (hi - lo) // 2
+        c = tl.sum((rest & (key >= mid)).to(tl.int32), axis=0)
+        big = c >= free
+        lo = tl.where(big, mid, lo)
+        hi = tl.where(big, hi, mid)
+    gt = rest & (key > lo)
+    n_gt = tl.sum(gt.to(tl.int32), axis=0)
+    eq = rest & (key == lo)
+    sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= free - n_gt))
+    sel = tl.where(free >= n_rest, rest, sel)
+    return sel & (free > 0)
+
+
+@triton.jit
+def _write_order(order_row, keys_row, key, keep, count, offs, P,
+                 BP: tl.constexpr, SORT_BLOCK: tl.constexpr):
+    """Write the kept positions sorted by (key desc, position asc), then -1 up to P."""
+    comp = (_ord32(key).to(tl.int64) << 32) | (4294967295 - offs.to(tl.int64))
+    sentinel = tl.full([], -2147483648, tl.int32).to(tl.int64) << 32
+    if SORT_BLOCK == BP:
+        srt = tl.sort(tl.where(keep, comp, sentinel), descending=True)
+        pos = (4294967295 - (srt & 4294967295)).to(tl.int32)
+        tl.store(order_row + offs, tl.where(offs < count, pos, -1), mask=offs < P)
+    else:
+        slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(keys_row + slot, comp, mask=keep & (slot < SORT_BLOCK))
+        tl.debug_barrier()
+        i = tl.arange(0, SORT_BLOCK)
+        c = tl.load(keys_row + i, mask=i < count, other=sentinel)
+        srt = tl.sort(c, descending=True)
+        pos = (4294967295 - (srt & 4294967295)).to(tl.int32)
+        tl.store(order_row + i, tl.where(i < count, pos, -1), mask=i < P)
+        tl.store(order_row + offs, -1, mask=(offs >= SORT_BLOCK) & (offs < P))
+
+
+@triton.jit
+def _tail_lse(order_row, bound_row, tail_row, count, seq_len, n_pages, num_splits, P,
+              PAGE: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr):
+    """tail[i] = LSE_{j >= i, j = i mod S, j < count} (U_j + log n_j), for i < P (-inf past count)."""
+    k = tl.arange(0, KP)[:, None]
+    r = tl.arange(0, SP)[None, :]
+    idx = k * num_splits + r  # [KP, SP]: column r is split r's positions
+    live = (r < num_splits) & (idx < count)
+    pos = tl.load(order_row + idx, mask=live, other=0)
+    bnd = tl.load(bound_row + pos, mask=live, other=NEG_INF)
+    ntok = tl.where(pos == n_pages - 1, seq_len - (n_pages - 1) * PAGE, PAGE)
+    term = tl.where(live & (ntok > 0), bnd + tl.log(tl.maximum(ntok, 1).to(tl.float32)), NEG_INF)
+    tail = tl.associative_scan(term, 0, _lse_combine, reverse=True)
+    tl.store(tail_row + idx, tail, mask=(r < num_splits) & (idx < P))
+
+
+@triton.jit
+def _score_select_kernel(
+        q_ptr, stride_qb, stride_qh,
+        a_ptr, b_ptr, stride_ap, stride_ah, stride_at,  # key_min/key_max [pages, Hkv, D] or k cache twice
+        pt_ptr, stride_ptb, seq_ptr, forced_ptr, stride_fb,
+        scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr,
+        P, sm_scale, budget, num_splits,
+        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+        PAGE: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, FORCED_ONLY: tl.constexpr,
+        CERTIFIED: tl.constexpr, BLOCK_S: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr,
+        KP: tl.constexpr, SP: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr):
+    # SCORE: 0 none (natural order), 1 box bound, 2 exact page max.
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    row = pid.to(tl.int64) * P
+    seq_len = tl.load(seq_ptr + b)
+    n_pages = (seq_len + PAGE - 1) // PAGE
+    pt_row = pt_ptr + b.to(tl.int64) * stride_ptb
+    if SCORE != 0:
+        q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)
+        qpos = tl.maximum(q, 0.0)
+        qneg = tl.minimum(q, 0.0)
+        for p0 in tl.range(0, n_pages, BLOCK_S, num_stages=NUM_STAGES):
+            p = p0 + tl.arange(0, BLOCK_S)
+            pm = p < n_pages
+            phys = tl.load(pt_row + p, mask=pm, other=0)
+            if SCORE == 1:
+                s = _box_block(qpos, qneg, a_ptr, b_ptr, stride_ap, stride_ah, phys, h, pm,
+                               G, GP, D, DP, DOT_F32)
+            else:
+                s = _exact_block(q, a_ptr, stride_ap, stride_ah, stride_at, phys, p, h, pm, seq_len,
+                                 G, GP, D, DP, PAGE, BLOCK_S, DOT_F32)
+            tl.store(scores_ptr + row + p, s * sm_scale, mask=pm)
+        tl.debug_barrier()
+    offs = tl.arange(0, BP)
+    valid = offs < n_pages
+    forced = tl.load(forced_ptr + b.to(tl.int64) * stride_fb + offs, mask=valid, other=0) != 0
+    forced = forced & valid
+    if SELECT:
+        key = tl.load(scores_ptr + row + offs, mask=valid, other=NEG_INF)
+        n_forced = tl.sum(forced.to(tl.int32), axis=0)
+        free = tl.maximum(budget - n_forced, 0)
+        keep = forced | _keep_top(_ord32(key), valid & ~forced, free)
+    elif FORCED_ONLY:
+        keep = forced
+    else:
+        keep = valid
+    count = tl.sum(keep.to(tl.int32), axis=0)
+    tl.store(count_ptr + pid, count)
+    if SCORE == 0:  # natural order: compaction only
+        slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(order_ptr + row + slot, offs, mask=keep)
+        tl.store(order_ptr + row + offs, -1, mask=(offs >= count) & (offs < P))
+    else:
+        if not SELECT:
+            key = tl.load(scores_ptr + row + offs, mask=valid, other=NEG_INF)
+        _write_order(order_ptr + row, keys_ptr + pid.to(tl.int64) * SORT_BLOCK, key, keep, count, offs, P,
+                     BP, SORT_BLOCK)
+        if CERTIFIED:
+            tl.debug_barrier()
+            _tail_lse(order_ptr + row, scores_ptr + row, tail_ptr + row, count, seq_len, n_pages,
+                      num_splits, P, PAGE, KP, SP)
+
+
+@triton.jit
+def _select_kernel(key_ptr, forced_ptr, cand_ptr, keys_ptr, order_ptr, count_ptr, P, budget,
+                   HAS_BUDGET: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64) * P
+    offs = tl.arange(0, BP)
+    inP = offs < P
+    key = tl.load(key_ptr + row + offs, mask=inP, other=NEG_INF)
+    forced = (tl.load(forced_ptr + row + offs, mask=inP, other=0) != 0) & inP
+    cand = (tl.load(cand_ptr + row + offs, mask=inP, other=0) != 0) & inP
+    if HAS_BUDGET:
+        free = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
+        keep = forced | _keep_top(_ord32(key), cand & ~forced, free)
+    else:
+        keep = forced | cand
+    count = tl.sum(keep.to(tl.int32), axis=0)
+    tl.store(count_ptr + pid, count)
+    _write_order(order_ptr + row, keys_ptr + pid.to(tl.int64) * SORT_BLOCK, key, keep, count, offs, P,
+                 BP, SORT_BLOCK)
+
+
+@triton.jit
+def _tail_kernel(bound_ptr, tok_ptr, count_ptr, tail_ptr, N, num_splits,
+                 KP: tl.constexpr, SP: tl.constexpr):
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64) * N
+    count = tl.load(count_ptr + pid)
+    k = tl.arange(0, KP)[:, None]
+    r = tl.arange(0, SP)[None, :]
+    idx = k * num_splits + r
+    live = (r < num_splits) & (idx < count) & (idx < N)
+    bnd = tl.load(bound_ptr + row + idx, mask=live, other=NEG_INF).to(tl.float32)
+    ntok = tl.load(tok_ptr + row + idx, mask=live, other=0)
+    term = tl.where(live & (ntok > 0), bnd + tl.log(tl.maximum(ntok, 1).to(tl.float32)), NEG_INF)
+    tail = tl.associative_scan(term, 0, _lse_combine, reverse=True)
+    tl.store(tail_ptr + row + idx, tail, mask=(r < num_splits) & (idx < N))
+
+
+def sort_block_for(max_kept: int, P: int) -> int:
+    """Compaction buffer size: the kept pages (<= max_kept) sorted in one tl.sort."""
+    bp = _pow2(P, 16)
+    return min(bp, _pow2(max_kept, 16))
+
+
+def select_pages(order_key, forced, candidates, budget_pages: int | None):
+    """Same contract as reference.select_pages: (order [B, Hkv, P] int32 (-1 pad), count [B, Hkv] int32)."""
+    B, H, P = order_key.shape
+    key = order_key.float().contiguous()
+    forced = forced.expand(B, H, P).contiguous()
+    cand = candidates.expand(B, H, P).contiguous()
+    order = torch.empty(B, H, P, dtype=torch.int32, device=key.device)
+    count = torch.empty(B, H, dtype=torch.int32, device=key.device)
+    BP = _pow2(P, 16)
+    SB = BP  # kept count is data-dependent here: sort the whole row
+    keys = torch.empty(1, dtype=torch.int64, device=key.device)
+    _select_kernel[(B * H,)](key, forced, cand, keys, order, count, P,
+                             0 if budget_pages is None else int(budget_pages),
+                             HAS_BUDGET=budget_pages is not None, BP=BP, SORT_BLOCK=SB,
+                             num_warps=4 if BP <= 1024 else 8)
+    return order, count
+
+
+def order_to_mask(order, num_positions: int):
+    idx = torch.where(order >= 0, order.long(), torch.full_like(order.long(), num_positions))
+    mask = torch.zeros(order.shape[:-1] + (num_positions + 1,), dtype=torch.bool, device=order.device)
+    mask.scatter_(-1, idx, True)
+    return mask[..., :num_positions]
+
+
+def page_token_counts(order, page_table_lens, page_size: int):
+    seq_lens = page_table_lens.long()
+    num_pages = (seq_lens + page_size - 1) // page_size
+    last_len = seq_lens - (num_pages - 1) * page_size
+    pos = order.long()
+    is_last = pos == (num_pages - 1)[:, None, None]
+    n = torch.where(is_last, last_len[:, None, None].expand_as(pos), torch.full_like(pos, page_size))
+    return torch.where(pos >= 0, n, torch.zeros_like(n))
+
+
+def strided_tail_lse(bounds, tokens, count, num_splits: int):
+    """Same contract as reference.strided_tail_lse: [B, Hkv, N] fp32, -inf where the tail is empty."""
+    B, H, N = bounds.shape
+    tail = torch.empty(B, H, N, dtype=torch.float32, device=bounds.device)
+    SP = _pow2(num_splits)
+    KP = _pow2(math.ceil(N / num_splits))
+    _tail_kernel[(B * H,)](bounds.contiguous(), tokens.to(torch.int32).contiguous(), count.contiguous(), tail,
+                           N, num_splits, KP=KP, SP=SP)
+    return tail
+
+
+def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_kv_heads: int, page_size: int,
+                 sm_scale: float, score: int, select: bool, budget_pages: int, forced_only: bool,
+                 certified: bool, num_splits: int, max_kept: int):
+    """Fused scoring + selection for one layer (one launch, no host sync).
+
+    score: 0 none (kept pages in natural order), 1 box bound (summary_a/b = key_min/key_max
+    [pages, Hkv, D]), 2 exact page max (summary_a = summary_b = k cache [pages, Hkv, S, D]).
+    select: keep forced + the best pages under budget_pages by the score; else keep the forced pages
+    (forced_only) or every page, ordered by the score. forced [B, P] bool.
+    max_kept: a static upper bound on the kept pages per (request, KV head) (sizes the sort).
+    Returns (order [B, Hkv, P] int32, count [B, Hkv] int32, tail [B, Hkv, P] fp32 or None).
+    """
+    B, Hq, D = q.shape
+    Hkv = num_kv_heads
+    G = Hq // Hkv
+    P = page_table.shape[1]
+    dev = q.device
+    BP = _pow2(P, 16)
+    SB = sort_block_for(max_kept, P) if select or forced_only else BP
+    order = torch.empty(B, Hkv, P, dtype=torch.int32, device=dev)
+    count = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
+    scores = torch.empty(B, Hkv, P, dtype=torch.float32, device=dev) if score else order
+    keys = torch.empty(B * Hkv, SB, dtype=torch.int64, device=dev) if score and SB < BP else order
+    tail = torch.empty(B, Hkv, P, dtype=torch.float32, device=dev) if certified else None
+    a = summary_a if score else q
+    b_ = summary_b if score else q
+    st = a.stride() if score else (0, 0, 0)
+    exact = score == 2
+    KP = _pow2(math.ceil(P / num_splits)) if certified else 1
+    SP = _pow2(num_splits) if certified else 1
+    BLOCK_S = 16 if exact else 64
+    nw = 4 if BP <= 2048 else 8
+    _score_select_kernel[(B * Hkv,)](
+        q, q.stride(0), q.stride(1), a, b_, st[0], st[1], st[2] if exact else 0,
+        page_table, page_table.stride(0), seq_lens, forced, forced.stride(0),
+        scores, keys, order, count, tail if certified else scores,
+        P, float(sm_scale), int(budget_pages), int(num_splits),
+        HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), PAGE=page_size, SCORE=score,
+        SELECT=bool(select), FORCED_ONLY=bool(forced_only), CERTIFIED=bool(certified),
+        BLOCK_S=BLOCK_S, BP=BP, SORT_BLOCK=SB, KP=KP, SP=SP,
+        DOT_F32=dot_f32(q, a.dtype) if score else True, NUM_STAGES=2, num_warps=nw)
+    return order, count, tail

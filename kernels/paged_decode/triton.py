@@ -1,0 +1,292 @@
+"""Paged decode over an ordered page list with ART's run-time stop, in Triton.
+
+Same signature and outputs as `reference.py`. One program per (request, KV head, split) computes all
+G query heads of the group with tl.dot (G padded to 16). Split s reads list positions s, s+S, s+2S...
+(strided layout) in blocks of BLOCK_PAGES pages; the stop rule is checked after every `chunk_pages` of
+its pages. With S > 1 a merge kernel combines the splits by LSE. Dense decode is the same kernel with
+NATURAL=True (position i of the list is page i) and no stop. See README.md for the rules.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
+
+NEG_INF = float("-inf")
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+RULES = {None: 0, "stability": 1, "certified": 2}
+
+
+@dataclass
+class DecodeOut:
+    out: torch.Tensor          # [B, Hq, D] fp32
+    pages_read: torch.Tensor   # [B, Hkv] int32
+    tau_bound: torch.Tensor | None  # [B, Hq]
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+@triton.jit
+def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_ptr, v_ptr,
+                  stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
+                  NATURAL: tl.constexpr, BLOCK_PAGES: tl.constexpr, PAGE: tl.constexpr,
+                  D: tl.constexpr, DP: tl.constexpr, DOT_F32: tl.constexpr, TOK: tl.constexpr):
+    """Online softmax over BLOCK_PAGES pages of this split (its j0-th.. in list order). m in log2 units."""
+    tok = tl.arange(0, TOK)
+    j = j0 + tok // PAGE
+    t = tok % PAGE
+    lv = (j < n_mine) & (tok < BLOCK_PAGES * PAGE)
+    idx = s + j * num_splits
+    if NATURAL:
+        pos = idx
+    else:
+        pos = tl.load(order_row + idx, mask=lv, other=0)
+    phys = tl.load(pt_row + pos, mask=lv, other=0)
+    tv = lv & (pos * PAGE + t < seq_len)  # [BN]
+    d = tl.arange(0, DP)
+    offs = phys.to(tl.int64)[:, None] * stride_kp + h * stride_kh + t[:, None] * stride_kt + d[None, :]
+    if DP == D:
+        msk = tv[:, None]
+    else:
+        msk = tv[:, None] & (d < D)[None, :]
+    k = tl.load(k_ptr + offs, mask=msk, other=0.0)  # [BN, DP]
+    v = tl.load(v_ptr + offs, mask=msk, other=0.0)
+    if DOT_F32:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)))
+    qk = tl.where(tv[None, :], qk * qk_scale, NEG_INF)  # [GP, BN]
+    m_new = tl.maximum(m, tl.max(qk, axis=1))
+    ms = tl.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = tl.exp2(m - ms)
+    p = tl.exp2(qk - ms[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    if DOT_F32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l, acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt,
+                   pt_ptr, stride_ptb, seq_ptr, order_ptr, count_ptr, tail_ptr,
+                   out_ptr, stride_ob, stride_oh, pages_ptr, tau_ptr,
+                   pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr,
+                   N, qk_scale, num_splits, scale_tol, direction_tol, patience, log_thr,
+                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                   PAGE: tl.constexpr, NATURAL: tl.constexpr, RULE: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK_PAGES: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+                   NUM_STAGES: tl.constexpr, TOK: tl.constexpr):
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    seq_len = tl.load(seq_ptr + b)
+    n_pages = (seq_len + PAGE - 1) // PAGE
+    if NATURAL:
+        count = n_pages
+    else:
+        count = tl.load(count_ptr + pid)
+    n_mine = (tl.maximum(count - s, 0) + num_splits - 1) // num_splits
+    order_row = order_ptr + pid.to(tl.int64) * N
+    pt_row = pt_ptr + b.to(tl.int64) * stride_ptb
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
+    m = tl.full([GP], NEG_INF, tl.float32)
+    l = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    rem = tl.full([], NEG_INF, tl.float32)
+    if RULE == 0:
+        for j0 in tl.range(0, n_mine, BLOCK_PAGES, num_stages=NUM_STAGES):
+            m, l, acc = _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_ptr, v_ptr,
+                                      stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
+                                      NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK)
+        pages = n_mine
+    else:
+        tail_row = tail_ptr + pid.to(tl.int64) * N
+        hv = g < G
+        prev_o = tl.zeros([GP, DP], tl.float32)
+        run = tl.zeros([], tl.int32)
+        c0 = tl.zeros([], tl.int32)
+        active = n_mine > 0
+        while active:
+            for jb in tl.range(0, CHUNK, BLOCK_PAGES):
+                m, l, acc = _attend_block(q, m, l, acc, c0 + jb, s, n_mine, num_splits, order_row, pt_row,
+                                          k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
+                                          NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK)
+            has_more = c0 + CHUNK < n_mine
+            if RULE == 1:
+                o = acc / tl.maximum(l, 1e-30)[:, None]
+                on = tl.sqrt(tl.sum(o * o, axis=1))
+                pn = tl.sqrt(tl.sum(prev_o * prev_o, axis=1))
+                d_mag = tl.abs(on - pn) / tl.maximum(pn, 1e-30)
+                cos = tl.sum(o * prev_o, axis=1) / tl.maximum(on * pn, 1e-30)
+                ok = ((d_mag <= scale_tol) & (1.0 - cos <= direction_tol)) | ~hv
+                stable = (tl.min(ok.to(tl.int32), axis=0) > 0) & (c0 > 0)
+                run = tl.where(stable, run + 1, 0)
+                prev_o = o
+                stop = has_more & (run >= patience)
+            else:
+                nidx = s + (c0 + CHUNK) * num_splits
+                nxt = tl.load(tail_row + nidx, mask=has_more & (nidx < N), other=NEG_INF)
+                log_z = m * LN2 + tl.log(tl.maximum(l, 1e-30))
+                ok = ((nxt - log_z) <= log_thr) | ~hv
+                stop = has_more & (tl.min(ok.to(tl.int32), axis=0) > 0)
+                rem = tl.where(stop, nxt, rem)
+            c0 += CHUNK
+            active = has_more & ~stop
+        pages = tl.minimum(c0, n_mine)
+    if SPLIT:
+        base = pid * num_splits + s
+        gm = g < G
+        tl.store(pm_ptr + base * GP + g, m * LN2, mask=gm)
+        tl.store(pl_ptr + base * GP + g, l, mask=gm)
+        tl.store(pacc_ptr + (base.to(tl.int64) * GP + g)[:, None] * DP + d[None, :], acc, mask=gm[:, None])
+        tl.store(ppages_ptr + base, pages)
+        if RULE == 2:
+            tl.store(prem_ptr + base, rem)
+    else:
+        o = acc / tl.maximum(l, 1e-30)[:, None]
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])
+        tl.store(pages_ptr + pid, pages)
+        if RULE == 2:
+            x = rem - (m * LN2 + tl.log(tl.maximum(l, 1e-30)))
+            tau = 1.0 / (1.0 + tl.exp(-x))
+            tau = tl.where(x != x, 0.0, tau)
+            tl.store(tau_ptr + b * (HKV * G) + h * G + g, tau, mask=g < G)
+
+
+@triton.jit
+def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, out_ptr, stride_ob, stride_oh,
+                  pages_ptr, tau_ptr, num_splits,
+                  HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                  SPP: tl.constexpr, CERTIFIED: tl.constexpr):
+    pid = tl.program_id(0)  # over B * Hq
+    hq_n = HKV * G
+    b = pid // hq_n
+    hq = pid % hq_n
+    h = hq // G
+    g = hq % G
+    bh = b * HKV + h
+    sp = tl.arange(0, SPP)
+    smask = sp < num_splits
+    base = bh * num_splits + sp
+    m = tl.load(pm_ptr + base * GP + g, mask=smask, other=NEG_INF)
+    l = tl.load(pl_ptr + base * GP + g, mask=smask, other=0.0)
+    d = tl.arange(0, DP)
+    acc = tl.load(pacc_ptr + (base.to(tl.int64) * GP + g)[:, None] * DP + d[None, :], mask=smask[:, None],
+                  other=0.0)
+    M = tl.max(m, axis=0)
+    Ms = tl.where(M == NEG_INF, 0.0, M)
+    sc = tl.where(smask, tl.exp(m - Ms), 0.0)
+    L = tl.sum(l * sc, axis=0)
+    o = tl.sum(acc * sc[:, None], axis=0) / tl.maximum(L, 1e-30)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d < D)
+    if g == 0:
+        pr = tl.load(ppages_ptr + base, mask=smask, other=0)
+        tl.store(pages_ptr + bh, tl.sum(pr, axis=0))
+    if CERTIFIED:
+        lz = tl.where(smask, m + tl.log(tl.maximum(l, 1e-30)), NEG_INF)
+        zM = tl.max(lz, axis=0)
+        zMs = tl.where(zM == NEG_INF, 0.0, zM)
+        log_z = tl.where(zM == NEG_INF, NEG_INF, zMs + tl.log(tl.sum(tl.exp(lz - zMs), axis=0)))
+        r = tl.load(prem_ptr + base, mask=smask, other=NEG_INF)
+        rM = tl.max(r, axis=0)
+        rMs = tl.where(rM == NEG_INF, 0.0, rM)
+        rem = tl.where(rM == NEG_INF, NEG_INF, rMs + tl.log(tl.sum(tl.exp(r - rMs), axis=0)))
+        x = rem - log_z
+        tau = 1.0 / (1.0 + tl.exp(-x))
+        tau = tl.where(x != x, 0.0, tau)
+        tl.store(tau_ptr + pid, tau)
+
+
+def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
+                  rule=None, tail_lse=None, num_splits: int = 1, natural: bool = False,
+                  out_dtype=torch.float32, block_pages: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None):
+    """Launch decode (+ merge when num_splits > 1). natural=True: list position i is page i, count =
+    the request's pages (order/count unused). Returns (out [B, Hq, D] out_dtype, pages_read, tau)."""
+    B, Hq, D = q.shape
+    Hkv, PAGE = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    GP, DP = _pow2(G, 16), _pow2(D, 16)
+    dev = q.device
+    kind = getattr(rule, "kind", None) if rule is not None else None
+    R = RULES[kind]
+    S = max(1, int(num_splits))
+    if R == 2 and tail_lse is None:
+        raise ValueError("certified stop needs tail_lse (page_select.strided_tail_lse)")
+    N = page_table.shape[1] if natural else order.shape[-1]
+    chunk = int(rule.chunk_pages) if R else 0
+    is_cuda = dev.type == "cuda"
+    if block_pages is None:
+        target = max(1, 128 // PAGE) if is_cuda else max(1, 64 // PAGE)
+        block_pages = min(chunk, target) if R else target
+    if not R:
+        chunk = block_pages
+    if R and chunk % block_pages:
+        raise ValueError(f"chunk_pages {chunk} must be a multiple of block_pages {block_pages}")
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:
+        num_stages = 3 if is_cuda else 1
+    out = torch.empty(B, Hq, D, dtype=out_dtype, device=dev)
+    pages = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
+    tau = torch.empty(B, Hq, dtype=torch.float32, device=dev) if R == 2 else None
+    split = S > 1
+    if split:
+        pm = torch.empty(B * Hkv * S * GP, dtype=torch.float32, device=dev)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(B * Hkv * S * GP * DP, dtype=torch.float32, device=dev)
+        ppages = torch.empty(B * Hkv * S, dtype=torch.int32, device=dev)
+        prem = torch.empty(B * Hkv * S, dtype=torch.float32, device=dev) if R == 2 else pm
+    else:
+        pm = pl = pacc = prem = out
+        ppages = pages
+    dummy = page_table
+    st = k_cache.stride()
+    assert v_cache.stride() == st and k_cache.stride(-1) == 1 and q.stride(-1) == 1
+    thr = math.log(rule.delta / (1 - rule.delta)) if R == 2 else 0.0
+    dot_f32 = not (q.dtype == k_cache.dtype and k_cache.dtype in (torch.float16, torch.bfloat16))
+    _decode_kernel[(B * Hkv, S)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, st[0], st[1], st[2],
+        page_table, page_table.stride(0), seq_lens,
+        dummy if natural else order, dummy if natural else count, tail_lse if R == 2 else dummy,
+        out, out.stride(0), out.stride(1), pages, tau if R == 2 else out,
+        pm, pl, pacc, ppages, prem,
+        N, float(sm_scale) * LOG2E, S,
+        float(rule.scale_tol) if R == 1 else 0.0, float(rule.direction_tol) if R == 1 else 0.0,
+        int(rule.patience) if R == 1 else 0, thr,
+        HKV=Hkv, G=G, GP=GP, D=D, DP=DP, PAGE=PAGE, NATURAL=bool(natural), RULE=R, CHUNK=chunk,
+        BLOCK_PAGES=block_pages, SPLIT=split, DOT_F32=dot_f32, NUM_STAGES=num_stages, TOK=max(16, block_pages * PAGE),
+        num_warps=num_warps)
+    if split:
+        _merge_kernel[(B * Hq,)](pm, pl, pacc, ppages, prem, out, out.stride(0), out.stride(1), pages,
+                                 tau if R == 2 else out, S, HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
+                                 SPP=_pow2(S), CERTIFIED=R == 2, num_warps=1 if DP <= 64 else 2)
+    return out, pages, tau
+
+
+def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
+                 rule=None, tail_lse=None, num_splits: int = 1) -> DecodeOut:
+    """Same contract as reference.paged_decode. `rule`: any object with the StopRule fields
+    (kind, chunk_pages, scale_tol, direction_tol, patience, delta); None reads every listed page."""
+    out, pages, tau = launch_decode(q, k_cache, v_cache, page_table.contiguous(), seq_lens.to(torch.int32),
+                                    order.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(),
+                                    sm_scale=sm_scale, rule=rule,
+                                    tail_lse=None if tail_lse is None else tail_lse.float().contiguous(),
+                                    num_splits=num_splits)
+    return DecodeOut(out, pages, tau)
