@@ -514,12 +514,23 @@ def run_case(trace, case: Case, device, opts, log) -> list[Row]:
                     rows.append(Row(**base, provider=prov, budget=budget,
                                     note="skipped: composable_kv.fused not present"))
         if "quest_select" in case.providers:
-            _run_quest_select(data, budget, add, timing, log, fi_gbps)
+            _guard(rows, base, "quest_select", budget, log,
+                   lambda: _run_quest_select(data, budget, add, timing, log, fi_gbps))
         if "fi_quest" in case.providers and fi is not None:
-            _run_fi_quest(fi, data, budget, ws, add, timing, log)
+            _guard(rows, base, "fi_quest", budget, log,
+                   lambda: _run_fi_quest(fi, data, budget, ws, add, timing, log))
     del data, ref, ws
     torch.cuda.empty_cache()
     return rows
+
+
+def _guard(rows, base, provider, budget, log, fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        import traceback
+        log(f"  {provider} failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}")
+        rows.append(Row(**base, provider=provider, budget=budget, note=f"failed: {type(e).__name__}: {e}"[:120]))
 
 
 def _run_ours(data, provider, budget, add, timing, log, rows, base, quest_out=None):
@@ -541,27 +552,56 @@ def _run_ours(data, provider, budget, add, timing, log, rows, base, quest_out=No
 
 
 def quest_select_fn(pipe, data):
-    """Quest scoring + selection for one layer: returns a callable -> (order [B, Hkv, N] int32, count).
+    """Quest scoring + selection for one layer: returns (callable -> (order [B, Hkv, N] int32,
+    count [B, Hkv]), description).
 
-    Uses the fused module's selection when it offers one (`fused.select_pages(pipe, ctx)`), else the
+    Prefers the fused module's selection (`fused.select_pages(pipe, ctx)`), then the fused Triton
+    score+select kernel (kernels/page_select/triton.py `score_select`, one launch), else the
     pipeline's generic selection (torch ops on the GPU)."""
     from .pipeline import LayerContext
-    pipe.plan(data.cache, data.seq_ids)
-    ctx = LayerContext(data.q, data.cache, 0, pipe._plan, data.sm_scale)
-    fused = None
-    if importlib.util.find_spec("composable_kv.fused") is not None:
+    has_fused = importlib.util.find_spec("composable_kv.fused") is not None
+    plan = pipe.plan(data.cache, data.seq_ids, num_splits=None if has_fused else 1)
+    ctx = LayerContext(data.q, data.cache, 0, plan, data.sm_scale)
+    if has_fused:
         from . import fused as fused_mod
-        fused = getattr(fused_mod, "select_pages", None)
-    if fused is not None:
-        def fn():
-            r = fused(pipe, ctx)
-            return r[0], r[1]
-        return fn, "fused.select_pages"
+        sel = getattr(fused_mod, "select_pages", None)
+        if sel is not None:
+            return (lambda: tuple(sel(pipe, ctx))[:2]), "fused.select_pages"
+    quest = [s for s in pipe.selectors if s.name == "quest"][0]
+    nsel = quest.budget_pages(pipe.page_size)
+    try:
+        from .kernels.page_select.triton import score_select
+        c = data.cache
+        forced = plan.forced.contiguous()
 
-    def fn():
-        order, count, _ = pipe.select(ctx)
-        return order, count
-    return fn, "generic torch select"
+        def fn():
+            o, n, _ = score_select(data.q, c.key_min[0], c.key_max[0], plan.page_table, plan.seq_lens, forced,
+                                   num_kv_heads=c.num_kv_heads, page_size=pipe.page_size, sm_scale=data.sm_scale,
+                                   score=1, select=True, budget_pages=nsel, forced_only=False, certified=False,
+                                   num_splits=1, max_kept=nsel)
+            return o, n
+        o, n = fn()
+        ref_o, ref_n, _ = pipe.select(ctx)
+        same = bool((n == ref_n).all()) and _same_sets(o, ref_o, n)
+        return fn, "triton score_select" + ("" if same else " (differs from the generic selection!)")
+    except Exception as e:  # noqa: BLE001
+        msg = f"{type(e).__name__}: {e}"[:80]
+
+        def fn():
+            order, count, _ = pipe.select(ctx)
+            return order, count
+        return fn, f"generic torch select (triton score_select unavailable: {msg})"
+
+
+def _same_sets(a, b, count) -> bool:
+    """Do two orders hold the same pages per (request, KV head) (first `count` entries)?"""
+    N = max(int(count.max()), 1)
+    a, b = a[..., :N].long(), b[..., :N].long()
+    slot = torch.arange(N, device=a.device)
+    live = slot < count[..., None]
+    a = torch.where(live, a, -1).sort(-1).values
+    b = torch.where(live, b, -1).sort(-1).values
+    return bool((a == b).all())
 
 
 def _run_quest_select(data, budget, add, timing, log, fi_gbps):
@@ -642,6 +682,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-gpu-gib", type=float, default=None,
                    help="skip cases whose K/V (+ SDPA copy) exceed this (default: 80%% of free memory)")
     p.add_argument("--time-limit-s", type=float, default=None, help="stop starting new cases after this")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse, or $CKV_COMMIT)")
     p.add_argument("--allow-reference", action="store_true",
                    help="time our providers even without composable_kv.fused (the slow reference path)")
     p.set_defaults(func=run_bench)
@@ -675,7 +716,7 @@ def run_bench(args) -> int:
     fi = _flashinfer()
     meta = {
         "gpu": torch.cuda.get_device_name(),
-        "commit": _git_commit(),
+        "commit": args.commit or os.environ.get("CKV_COMMIT") or _git_commit(),
         "command": "ckv " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ckv") else
                    " ".join(["python"] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
