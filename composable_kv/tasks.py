@@ -159,7 +159,7 @@ def _passkey_sample(tokenizer, ctx: int, depth: float, rng: random.Random, snapp
     question = _ids(tokenizer, _PASSKEY_QUESTION)
     budget = _filler_budget(ctx, max_new, prefix, needle, question)
     unit = _ids(tokenizer, _PASSKEY_FILLER)
-    filler = (unit * (budget // len(unit) + 1))[:budget]
+    filler = unit * (budget // len(unit))  # whole sentences: the haystack ends cleanly before the question
     ids = _assemble(prefix, filler, [(depth, needle)], question, snapper)
     return Sample("passkey", ids, [key], depth, max_new, {"key": key})
 

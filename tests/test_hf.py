@@ -1,0 +1,114 @@
+"""The HF integration decodes exactly like transformers' own attention with a dense policy."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from composable_kv import assets, hf  # noqa: E402
+
+pytestmark = pytest.mark.cpu
+
+DENSE16 = {"name": "dense16", "page_size": 16, "stages": [{"stage": "attend"}]}
+QUEST16 = {"name": "quest16", "page_size": 16, "dense_layers": [0],
+           "stages": [{"stage": "quest", "budget_tokens": 32}, {"stage": "attend"}]}
+PROMPT_LENGTHS = (5, 23, 40)  # ragged: inside one page, across pages, several pages
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                      initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, 96, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def _hf_greedy(model, prompt, n, impl):
+    model.set_attn_implementation(impl)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_dense_policy_matches_transformers_greedy(tiny_model, prompts, impl):
+    n = 20
+    ours = hf.generate(tiny_model, None, prompts, policy=DENSE16, max_new_tokens=n, stop_at_eos=False)
+    for prompt, got in zip(prompts, ours.sequences):
+        assert got == _hf_greedy(tiny_model, prompt, n, impl)
+    assert tiny_model.config._attn_implementation == impl  # restored after generate()
+
+
+def test_dense_policy_logits_match_transformers(tiny_model, prompts):
+    context, continuation = prompts[2][:30], prompts[2][30:]  # 30 + 10 tokens: decode crosses a page
+    ours, steps = hf.teacher_forced_logits(tiny_model, context, continuation, DENSE16)
+    ref = hf.dense_logits(tiny_model, context, continuation)
+    assert ours.shape == ref.shape == (len(continuation) - 1, 96)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert len(steps) == len(continuation) - 1
+    assert all(s.kv_bytes_read[0] == s.dense_kv_bytes[0] for s in steps)  # dense reads every page
+
+
+def test_sparse_policy_reads_less_and_reports_stats(tiny_model, prompts):
+    out = hf.generate(tiny_model, None, prompts, policy=QUEST16, max_new_tokens=8, stop_at_eos=False)
+    assert [len(s) for s in out.sequences] == [8, 8, 8]
+    assert len(out.steps) == 7  # the first token comes from the dense prefill
+    short, _, long = out.kv_read_fraction
+    assert long < 1.0  # 40+ tokens, 3 pages, 2 kept in the sparse layers
+    assert all(b > 0 for b in out.kv_bytes_per_token)
+    assert all(p > 0 for p in out.pages_per_token)
+
+
+def test_policy_can_be_compiled_pipeline_or_shipped_name(tiny_model, prompts):
+    import composable_kv as ckv
+    pipe = ckv.compile(DENSE16)
+    a = hf.generate(tiny_model, None, prompts[:1], policy=pipe, max_new_tokens=4, stop_at_eos=False)
+    assert len(a.sequences[0]) == 4
+    assert hf.compile_policy("quest").page_size == 16  # configs/quest.yaml found by name
+
+
+def test_unknown_policy_file_is_a_clear_error(tiny_model, prompts):
+    with pytest.raises(FileNotFoundError, match="no_such_policy.yaml.*does not exist"):
+        hf.generate(tiny_model, None, prompts, policy="configs/no_such_policy.yaml", max_new_tokens=2)
+
+
+def test_context_longer_than_model_max_is_a_clear_error(tiny_model):
+    with pytest.raises(hf.ContextTooLongError, match="maximum context of 128"):
+        hf.generate(tiny_model, None, [[1] * 120], policy=DENSE16, max_new_tokens=16)
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(assets.AssetError, match="no such file or folder"):
+        assets.load_model(tmp_path / "missing-model")
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"x")
+    with pytest.raises(assets.AssetError, match="must be a .gguf"):
+        assets.load_model(bad)
+
+
+def test_attention_outside_a_session_raises(tiny_model):
+    hf._register_attention()
+    tiny_model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
+    try:
+        with pytest.raises(RuntimeError, match="only works inside composable_kv.hf"):
+            tiny_model(torch.tensor([[1, 2, 3]]), use_cache=False)
+    finally:
+        tiny_model.set_attn_implementation("sdpa")
+
+
+def test_default_model_matches_transformers_if_cached():
+    if not assets.default_model_cached():
+        pytest.skip(f"default model not in {assets.cache_dir()} (run `ckv demo` once to fetch it)")
+    model, tok = assets.load_model_and_tokenizer()
+    prompt = tok("The capital of France is Paris. The capital of Italy is")["input_ids"]
+    ours = hf.generate(model, tok, [prompt], policy="configs/dense.yaml", max_new_tokens=6, stop_at_eos=False)
+    assert ours.sequences[0] == _hf_greedy(model, prompt, 6, "sdpa")
