@@ -585,7 +585,9 @@ def quest_select_fn(pipe, data):
         same = bool((n == ref_n).all()) and _same_sets(o, ref_o, n)
         return fn, "triton score_select" + ("" if same else " (differs from the generic selection!)")
     except Exception as e:  # noqa: BLE001
-        msg = f"{type(e).__name__}: {e}"[:80]
+        msg = f"{type(e).__name__}: {e}"
+        print(f"  triton score_select unavailable: {msg}", flush=True)
+        msg = msg.splitlines()[0][:80]
 
         def fn():
             order, count, _ = pipe.select(ctx)
@@ -710,7 +712,7 @@ def run_bench(args) -> int:
         return 2
     t_start = time.time()
     log = lambda s: print(s, flush=True)  # noqa: E731
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())  # explicit index: the cache compares devices
     free, total = torch.cuda.mem_get_info()
     limit = args.max_gpu_gib * 2 ** 30 if args.max_gpu_gib else 0.8 * free
     fi = _flashinfer()
