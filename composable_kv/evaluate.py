@@ -110,7 +110,7 @@ def fidelity_metrics(policy_logits: torch.Tensor, dense_logits: torch.Tensor, ta
 
 
 def _retrieval_row(model, tokenizer, policy, samples: list[tasks.Sample], batch_size: int,
-                   bar: ProgressBar) -> EvalRow:
+                   bar: ProgressBar, prefill_cache: hf.PrefillCache) -> EvalRow:
     pipeline = hf.compile_policy(policy)
     label = policy_label(policy)
     scores, read, dense, pages, by_depth = [], [], [], [], {}
@@ -119,7 +119,7 @@ def _retrieval_row(model, tokenizer, policy, samples: list[tasks.Sample], batch_
         batch = samples[i:i + batch_size]
         out = hf.generate(model, tokenizer, [s.prompt_ids for s in batch], policy=pipeline,
                           max_new_tokens=max(s.max_new_tokens for s in batch),
-                          on_step=lambda _: None)
+                          prefill_cache=prefill_cache)
         for s, text, kv, frac, pg in zip(batch, out.texts, out.kv_bytes_per_token, out.kv_read_fraction,
                                          out.pages_per_token):
             score = tasks.score_text(s.answers, text)
@@ -139,7 +139,8 @@ def _ctx_of(samples) -> int:
     return samples[0].meta.get("ctx", 0)
 
 
-def _fidelity_row(model, policy, windows, dense_cache: dict, ctx: int, bar: ProgressBar) -> EvalRow:
+def _fidelity_row(model, policy, windows, dense_cache: dict, ctx: int, bar: ProgressBar,
+                  prefill_cache: hf.PrefillCache) -> EvalRow:
     pipeline = hf.compile_policy(policy)
     totals = {"kl_sum": 0.0, "agree_sum": 0.0, "nll_sum": 0.0, "nll_dense_sum": 0.0, "count": 0}
     read, frac, pages = [], [], []
@@ -149,7 +150,7 @@ def _fidelity_row(model, policy, windows, dense_cache: dict, ctx: int, bar: Prog
         if key not in dense_cache:
             dense_cache[key] = hf.dense_logits(model, context, continuation)
         logits, steps = hf.teacher_forced_logits(model, context, continuation, pipeline,
-                                                 on_step=lambda _: bar.advance())
+                                                 on_step=lambda _: bar.advance(), prefill_cache=prefill_cache)
         targets = torch.tensor(continuation[1:], dtype=torch.long)
         for k, v in fidelity_metrics(logits, dense_cache[key], targets).items():
             totals[k] += v
@@ -198,20 +199,21 @@ def run_eval(model, tokenizer, policies: Sequence, task_names: Sequence[str], ct
             work.append((t, c, items))
 
     bar = ProgressBar(total, enabled=progress)
-    rows, dense_cache = [], {}
+    rows, dense_cache, prefill_cache = [], {}, hf.PrefillCache()  # prefills shared by the policies
     try:
         for t, c, items in work:
             for policy, pipeline in pipelines:
                 bar.set_label(f"{t} ctx={c} {policy_label(policy)}")
                 if t == "fidelity":
-                    row = _fidelity_row(model, policy, items, dense_cache, c, bar)
+                    row = _fidelity_row(model, policy, items, dense_cache, c, bar, prefill_cache)
                 else:
-                    row = _retrieval_row(model, tokenizer, policy, items, batch_size, bar)
+                    row = _retrieval_row(model, tokenizer, policy, items, batch_size, bar, prefill_cache)
                 row.policy = policy_label(policy)
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
             dense_cache.clear()
+            prefill_cache.clear()
     finally:
         bar.close()
     return rows

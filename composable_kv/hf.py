@@ -38,6 +38,7 @@ __all__ = [
     "GenerationOutput",
     "ModelShape",
     "PolicySession",
+    "PrefillCache",
     "StepStats",
     "compile_policy",
     "dense_logits",
@@ -185,6 +186,37 @@ class GenerationOutput:
         return [r / d if d else float("nan") for r, d in zip(read, dense)]
 
 
+@dataclass
+class _PrefillRecord:
+    keys: list[torch.Tensor]  # per layer [sum(lengths), Hkv, D], real tokens, batch-major
+    values: list[torch.Tensor]
+    logits: torch.Tensor  # [B, V] next-token logits after the prompts
+
+
+class PrefillCache:
+    """Dense prefills keyed by their prompts, so that several policies share one prefill.
+
+    Prefill is dense whatever the policy, so its K/V and last logits are policy independent;
+    evaluating N policies on the same prompts then costs one prefill instead of N.
+    """
+
+    def __init__(self):
+        self._records: dict[tuple, _PrefillRecord] = {}
+
+    @staticmethod
+    def key(token_lists) -> tuple:
+        return tuple(tuple(t) for t in token_lists)
+
+    def get(self, token_lists) -> _PrefillRecord | None:
+        return self._records.get(self.key(token_lists))
+
+    def put(self, token_lists, record: _PrefillRecord) -> None:
+        self._records[self.key(token_lists)] = record
+
+    def clear(self) -> None:
+        self._records.clear()
+
+
 # --------------------------------------------------------------------------------------------
 # The session: one paged cache, one batch, prefill + decode steps
 # --------------------------------------------------------------------------------------------
@@ -220,18 +252,32 @@ class PolicySession:
         self._step_pages = None
         self._step_bytes = None
         self._active: list[bool] = []
+        self._record: _PrefillRecord | None = None
         self._bytes_per_token_layer = 2 * self.shape.num_kv_heads * self.shape.head_dim * self.dtype.itemsize
 
     # ---------------------------------------------------------------- public steps
 
     @torch.no_grad()
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Dense prefill of a batch of token-id lists (lengths may differ) -> logits [B, V]."""
+    def prefill(self, prompts: Sequence[Sequence[int]], prefill_cache: PrefillCache | None = None) -> torch.Tensor:
+        """Dense prefill of a batch of token-id lists (lengths may differ) -> logits [B, V].
+
+        With ``prefill_cache``, a prefill of the same prompts done before (under any policy) is
+        replayed into this session's cache instead of running the model again.
+        """
         if self.seq_ids:
             raise RuntimeError("PolicySession.prefill() runs once per session; start a new session.")
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise ValueError("Every prompt needs at least one token.")
+        record = prefill_cache.get(prompts) if prefill_cache is not None else None
+        if record is not None:
+            self.seq_ids = [self.cache.add_sequence() for _ in prompts]
+            self._active = [True] * len(prompts)
+            slots = self.cache.reserve(self.seq_ids, lengths)
+            for layer, (k, v) in enumerate(zip(record.keys, record.values)):
+                self.cache.write(layer, slots, k.to(self.device, self.dtype), v.to(self.device, self.dtype))
+            return record.logits.clone()
+        self._record = _PrefillRecord([], [], None) if prefill_cache is not None else None
         batch, width = len(prompts), max(lengths)
         pad = [width - n for n in lengths]
         input_ids = torch.zeros(batch, width, dtype=torch.long)
@@ -252,9 +298,13 @@ class PolicySession:
             self._prefill_mask = mask[:, None].to(self.device)  # [B, 1, T, T]
         else:
             self._prefill_mask = None
-        logits = self._forward("prefill", input_ids, positions, logits_to_keep=1)
+        logits = self._forward("prefill", input_ids, positions, logits_to_keep=1)[:, -1]  # [B, V]
         self._valid = self._prefill_mask = None
-        return logits[:, -1]
+        if self._record is not None:
+            self._record.logits = logits.clone()
+            prefill_cache.put(prompts, self._record)
+            self._record = None
+        return logits
 
     @torch.no_grad()
     def decode(self, tokens: Sequence[int] | torch.Tensor, active: Sequence[bool] | None = None) -> torch.Tensor:
@@ -322,6 +372,9 @@ class PolicySession:
         k_real = key.transpose(1, 2)[valid]  # [sum(lengths), Hkv, D], batch-major like reserve()
         v_real = value.transpose(1, 2)[valid]
         self.cache.write(layer, self._slots, k_real.to(self.dtype), v_real.to(self.dtype))
+        if self._record is not None:
+            self._record.keys.append(k_real)
+            self._record.values.append(v_real)
         return out.transpose(1, 2)  # [B, T, Hq, D]
 
     def _attend_decode(self, layer, query, key, value, scaling):
@@ -375,12 +428,13 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: int = 32, *,
-             stop_at_eos: bool = True, on_step=None) -> GenerationOutput:
+             stop_at_eos: bool = True, on_step=None, prefill_cache: PrefillCache | None = None) -> GenerationOutput:
     """Greedy decoding of ``prompts`` (texts or token-id lists) with ``policy`` on ``model``.
 
     ``policy``: a YAML path, a dict, or a compiled ``DecodePipeline``. Returns the generated ids,
     their texts (if a tokenizer is given) and per-step read statistics.
     ``on_step(step_index)`` is called after every decode step (progress bars).
+    ``prefill_cache`` lets several calls on the same prompts share one dense prefill.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1.")
@@ -391,7 +445,7 @@ def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: i
                             batch_size=len(token_lists))
     eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
     try:
-        logits = session.prefill(token_lists)  # [B, V]
+        logits = session.prefill(token_lists, prefill_cache)  # [B, V]
         generated: list[list[int]] = [[] for _ in token_lists]
         active = [True] * len(token_lists)
         for step in range(max_new_tokens):
@@ -416,7 +470,8 @@ def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: i
 
 @torch.no_grad()
 def teacher_forced_logits(model, context: Sequence[int], continuation: Sequence[int], policy,
-                          on_step=None) -> tuple[torch.Tensor, list[StepStats]]:
+                          on_step=None, prefill_cache: PrefillCache | None = None
+                          ) -> tuple[torch.Tensor, list[StepStats]]:
     """Policy-path logits predicting ``continuation[1:]``, feeding the true tokens one at a time.
 
     Prefill ``context`` densely, then decode ``continuation[:-1]`` through the pipeline.
@@ -427,7 +482,7 @@ def teacher_forced_logits(model, context: Sequence[int], continuation: Sequence[
     _check_context(model, [len(context)], len(continuation))
     session = PolicySession(model, policy, max_total_tokens=len(context) + len(continuation), batch_size=1)
     try:
-        session.prefill([list(context)])
+        session.prefill([list(context)], prefill_cache)
         rows = []
         for i, tok in enumerate(continuation[:-1]):
             rows.append(session.decode([int(tok)])[0])

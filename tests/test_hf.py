@@ -112,3 +112,15 @@ def test_default_model_matches_transformers_if_cached():
     prompt = tok("The capital of France is Paris. The capital of Italy is")["input_ids"]
     ours = hf.generate(model, tok, [prompt], policy="configs/dense.yaml", max_new_tokens=6, stop_at_eos=False)
     assert ours.sequences[0] == _hf_greedy(model, prompt, 6, "sdpa")
+
+
+def test_shared_prefill_gives_the_same_decode(tiny_model, prompts):
+    shared = hf.PrefillCache()
+    first = hf.generate(tiny_model, None, prompts, policy=DENSE16, max_new_tokens=6, stop_at_eos=False,
+                        prefill_cache=shared)
+    fresh = hf.generate(tiny_model, None, prompts, policy=QUEST16, max_new_tokens=6, stop_at_eos=False)
+    replayed = hf.generate(tiny_model, None, prompts, policy=QUEST16, max_new_tokens=6, stop_at_eos=False,
+                           prefill_cache=shared)
+    assert shared.get(prompts) is not None
+    assert replayed.sequences == fresh.sequences and first.sequences[0][0] == fresh.sequences[0][0]
+    assert [s.kv_bytes_read for s in replayed.steps] == [s.kv_bytes_read for s in fresh.steps]
