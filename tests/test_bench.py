@@ -229,3 +229,19 @@ def test_trace_cli_argument_errors(capsys):
     assert "--layers" in capsys.readouterr().err
     args = p.parse_args(["trace", "--tokens", "4"])
     assert args.func(args) == 2
+
+
+def test_from_csv_rewrites_the_markdown_without_a_gpu(tmp_path):
+    csv_path = tmp_path / "r.csv"
+    meta = {"gpu": "NVIDIA H100 80GB HBM3", "commit": "abc123", "command": "ckv bench"}
+    bench.write_csv(_rows(), csv_path, meta)
+    assert bench.meta_path(csv_path).is_file()
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Analysis\n\nhand-written\n")
+    md = tmp_path / "B.md"
+    args = _parse(["--from-csv", str(csv_path), "--out-md", str(md), "--notes", str(notes)])
+    assert args.func(args) == 0
+    text = md.read_text()
+    assert "NVIDIA H100 80GB HBM3" in text and "hand-written" in text and "| ckv_quest_art |" in text
+    args = _parse(["--from-csv", str(tmp_path / "missing.csv")])
+    assert args.func(args) == 2
