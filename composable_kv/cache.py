@@ -43,6 +43,8 @@ class PagedKVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_pages, self.page_size, self.dtype = num_pages, page_size, dtype
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N", as tensors report it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.summaries = frozenset(summaries)
         shape = (num_pages, num_kv_heads, page_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
