@@ -16,6 +16,15 @@ QUEST16 = {"name": "quest16", "page_size": 16, "dense_layers": [0],
 PROMPT_LENGTHS = (5, 23, 40)  # ragged: inside one page, across pages, several pages
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core box threads oversubscribe badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
