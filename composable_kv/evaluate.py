@@ -99,7 +99,7 @@ def fidelity_metrics(policy_logits: torch.Tensor, dense_logits: torch.Tensor, ta
     """policy_logits, dense_logits: [N, V]; targets: [N] -> per-token sums of KL, agreement, NLL."""
     logp = F.log_softmax(policy_logits.float(), dim=-1)  # [N, V]
     logd = F.log_softmax(dense_logits.float(), dim=-1)  # [N, V]
-    kl = (logd.exp() * (logd - logp)).sum(-1)  # [N]
+    kl = (logd.exp() * (logd - logp)).sum(-1).clamp_min(0.0)  # [N]; >= 0 up to rounding
     return {
         "kl_sum": float(kl.sum()),
         "agree_sum": float((logp.argmax(-1) == logd.argmax(-1)).sum()),

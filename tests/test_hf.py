@@ -10,9 +10,15 @@ from composable_kv import assets, hf  # noqa: E402
 
 pytestmark = pytest.mark.cpu
 
-DENSE16 = {"name": "dense16", "page_size": 16, "stages": [{"stage": "attend"}]}
-QUEST16 = {"name": "quest16", "page_size": 16, "dense_layers": [0],
-           "stages": [{"stage": "quest", "budget_tokens": 32}, {"stage": "attend"}]}
+import composable_kv as ckv  # noqa: E402
+
+DENSE16_DICT = {"name": "dense16", "page_size": 16, "stages": [{"stage": "attend"}]}
+QUEST16_DICT = {"name": "quest16", "page_size": 16, "dense_layers": [0],
+                "stages": [{"stage": "quest", "budget_tokens": 32}, {"stage": "attend"}]}
+# The reference (pure torch) path: conftest sets TRITON_INTERPRET=1, under which backend="auto"
+# would pick the (slow, interpreted) Triton kernels; those are covered by the `interpret` test below.
+DENSE16 = ckv.compile(DENSE16_DICT, backend="reference")
+QUEST16 = ckv.compile(QUEST16_DICT, backend="reference")
 PROMPT_LENGTHS = (5, 23, 40)  # ragged: inside one page, across pages, several pages
 
 
@@ -78,9 +84,8 @@ def test_sparse_policy_reads_less_and_reports_stats(tiny_model, prompts):
 
 
 def test_policy_can_be_compiled_pipeline_or_shipped_name(tiny_model, prompts):
-    import composable_kv as ckv
-    pipe = ckv.compile(DENSE16)
-    a = hf.generate(tiny_model, None, prompts[:1], policy=pipe, max_new_tokens=4, stop_at_eos=False)
+    a = hf.generate(tiny_model, None, prompts[:1], policy=DENSE16_DICT | {"name": "d"}, max_new_tokens=4,
+                    stop_at_eos=False)  # a dict compiles too
     assert len(a.sequences[0]) == 4
     assert hf.compile_policy("quest").page_size == 16  # configs/quest.yaml found by name
 
@@ -119,7 +124,8 @@ def test_default_model_matches_transformers_if_cached():
         pytest.skip(f"default model not in {assets.cache_dir()} (run `ckv demo` once to fetch it)")
     model, tok = assets.load_model_and_tokenizer()
     prompt = tok("The capital of France is Paris. The capital of Italy is")["input_ids"]
-    ours = hf.generate(model, tok, [prompt], policy="configs/dense.yaml", max_new_tokens=6, stop_at_eos=False)
+    dense = ckv.compile("configs/dense.yaml", backend="reference")
+    ours = hf.generate(model, tok, [prompt], policy=dense, max_new_tokens=6, stop_at_eos=False)
     assert ours.sequences[0] == _hf_greedy(model, prompt, 6, "sdpa")
 
 
@@ -133,3 +139,15 @@ def test_shared_prefill_gives_the_same_decode(tiny_model, prompts):
     assert shared.get(prompts) is not None
     assert replayed.sequences == fresh.sequences and first.sequences[0][0] == fresh.sequences[0][0]
     assert [s.kv_bytes_read for s in replayed.steps] == [s.kv_bytes_read for s in fresh.steps]
+
+
+@pytest.mark.interpret
+def test_triton_path_decodes_like_the_reference(tiny_model, prompts):
+    """The fused Triton kernels (interpreted on CPU) give the same greedy tokens as the reference."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest unless CKV_NO_INTERPRET=1)")
+    triton_quest = ckv.compile(QUEST16_DICT, backend="triton")
+    ref = hf.generate(tiny_model, None, prompts[1:], policy=QUEST16, max_new_tokens=3, stop_at_eos=False)
+    fused = hf.generate(tiny_model, None, prompts[1:], policy=triton_quest, max_new_tokens=3, stop_at_eos=False)
+    assert fused.sequences == ref.sequences

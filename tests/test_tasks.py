@@ -137,3 +137,17 @@ def test_results_are_written(tmp_path):
     except ImportError:
         assert "matplotlib is not installed" in res["note"]
     assert not math.isnan(rows[0].kv_bytes_per_token)
+
+
+def test_eval_cli_rejects_a_bad_policy_before_loading_a_model(capsys):
+    from composable_kv import eval_cli
+    assert eval_cli.main(["eval", "--policy", "configs/no_such.yaml", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such.yaml" in err and "does not exist" in err
+
+
+def test_eval_cli_rejects_a_bad_model_path(capsys, tmp_path):
+    from composable_kv import eval_cli
+    code = eval_cli.main(["eval", "--policy", "configs/dense.yaml", "--model", str(tmp_path / "nope"),
+                          "--quiet", "--device", "cpu"])
+    assert code == 2 and "no such file or folder" in capsys.readouterr().err
