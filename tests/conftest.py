@@ -1,0 +1,33 @@
+"""Test session setup.
+
+Without CUDA, the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors. Triton reads the
+variable when it is imported (its own helpers are decorated then), so it is set here, before any test
+module imports triton. Note: with it set, `backend="auto"` pipelines pick the Triton path too.
+Set CKV_NO_INTERPRET=1 to keep it unset (the `interpret` tests then skip).
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and os.environ.get("CKV_NO_INTERPRET") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty / empty_like return NaN (floats) or -777777 (ints) so unwritten outputs show up."""
+    orig_empty, orig_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64, torch.int16):
+            t.fill_(-777777 if t.dtype != torch.int16 else -7777)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(orig_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(orig_like(*a, **k)))
+    yield

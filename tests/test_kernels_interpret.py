@@ -1,0 +1,101 @@
+"""Triton kernels vs references under TRITON_INTERPRET=1 on CPU (small shapes).
+
+The variable must be set before triton is imported; tests/conftest.py does it when CUDA is absent.
+With CUDA present the same checks run compiled on the GPU (device="cuda").
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+
+from kernel_checks import check_decode, check_pipeline, check_scores, check_select, check_tail  # noqa: E402
+
+pytestmark = [pytest.mark.interpret, pytest.mark.usefixtures("nan_empty")]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+LENS = [1, 17, 63, 111]
+
+
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_scale", [1.0, 300.0])
+def test_page_scores(group, head_dim, q_scale):
+    check_scores(LENS, group, head_dim, device=DEV, q_scale=q_scale)
+
+
+@pytest.mark.parametrize("budget", [None, 0, 1, 3, 7, 50])
+@pytest.mark.parametrize("ties", [False, True])
+def test_select_pages(budget, ties):
+    check_select(3, 2, 37, budget, device=DEV, ties=ties, seed=budget or 0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
+def test_strided_tail_lse(num_splits):
+    check_tail(3, 2, 23, num_splits, device=DEV, seed=num_splits)
+
+
+@pytest.mark.parametrize("rule", ["none", "stability", "stability_paper", "certified", "certified_c4"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (8, 128), (3, 64)])
+def test_decode(rule, num_splits, group, head_dim):
+    check_decode(LENS + [300], group, head_dim, rule, num_splits, device=DEV)
+
+
+@pytest.mark.parametrize("rule", ["none", "stability", "certified"])
+@pytest.mark.parametrize("q_scale", [100.0, 1000.0])
+@pytest.mark.parametrize("budget", [3, None])
+def test_decode_extreme_logits(rule, q_scale, budget):
+    check_decode(LENS + [200], 2, 64, rule, 3, budget, device=DEV, q_scale=q_scale, tol=1e-3)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_pipeline_configs_fused_equal_generic(config, num_splits):
+    check_pipeline(config, [1, 17, 63, 111, 333], group=2, head_dim=64, num_splits=num_splits, device=DEV)
+
+
+def _pol(*stages, dense_layers=(0,)):
+    return {"name": "t", "page_size": 16, "dense_layers": list(dense_layers), "stages": list(stages)}
+
+
+STACKS = {
+    "quest_small_budget": [{"stage": "quest", "budget_tokens": 40}, {"stage": "attend"}],
+    "topk_small_budget": [{"stage": "topk", "budget_tokens": 48}, {"stage": "attend"}],
+    "sw_quest_art_certified": [{"stage": "sink_window", "sink_tokens": 16, "window_tokens": 32},
+                               {"stage": "quest", "budget_tokens": 96},
+                               {"stage": "art", "stop": "certified", "delta": 0.3, "chunk_pages": 1}],
+    "sw_art_certified_box": [{"stage": "sink_window", "sink_tokens": 32, "window_tokens": 64},
+                             {"stage": "art", "stop": "certified", "delta": 0.2, "chunk_pages": 2}],
+    "art_certified_box_all": [{"stage": "art", "stop": "certified", "delta": 0.1, "chunk_pages": 1}],
+    "topk_art_stability": [{"stage": "topk", "budget_tokens": 128},
+                           {"stage": "art", "stop": "stability", "scale_tol": 0.05, "direction_tol": 0.01,
+                            "patience": 1, "chunk_pages": 1}],
+    "two_scorers_generic": [{"stage": "quest", "budget_tokens": 160}, {"stage": "topk", "budget_tokens": 64},
+                            {"stage": "attend"}],
+}
+
+
+@pytest.mark.parametrize("name", STACKS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_stacks_fused_equal_generic(name, num_splits):
+    check_pipeline(_pol(*STACKS[name]), [1, 17, 63, 111, 333], group=4, head_dim=64, num_layers=2,
+                   num_splits=num_splits, device=DEV)
+
+
+@pytest.mark.parametrize("q_scale", [100.0, 1000.0])
+def test_pipeline_extreme_logits(q_scale):
+    check_pipeline(_pol(*STACKS["sw_quest_art_certified"]), [17, 111, 400], group=2, head_dim=64, num_layers=2,
+                   num_splits=3, device=DEV, q_scale=q_scale, tol=1e-3)
+
+
+def test_describe_names_the_path():
+    import composable_kv as ckv
+    lines = ckv.compile(_pol(*STACKS["sw_quest_art_certified"]), backend="triton").describe("cuda")
+    assert "score_select" in lines and "paged_decode" in lines
+    generic = ckv.compile(_pol(*STACKS["two_scorers_generic"]), backend="triton").describe("cuda")
+    assert "generic" in generic
