@@ -17,7 +17,7 @@ from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 
 
 from ..page_score.triton import _box_block, _exact_block, _load_q_group, _pow2, dot_f32
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit

@@ -15,9 +15,9 @@ import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 
-NEG_INF = float("-inf")
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+NEG_INF = tl.constexpr(float("-inf"))
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 RULES = {None: 0, "stability": 1, "certified": 2}
 
@@ -267,7 +267,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
         dummy if natural else order, dummy if natural else count, tail_lse if R == 2 else dummy,
         out, out.stride(0), out.stride(1), pages, tau if R == 2 else out,
         pm, pl, pacc, ppages, prem,
-        N, float(sm_scale) * LOG2E, S,
+        N, float(sm_scale) * 1.4426950408889634, S,
         float(rule.scale_tol) if R == 1 else 0.0, float(rule.direction_tol) if R == 1 else 0.0,
         int(rule.patience) if R == 1 else 0, thr,
         HKV=Hkv, G=G, GP=GP, D=D, DP=DP, PAGE=PAGE, NATURAL=bool(natural), RULE=R, CHUNK=chunk,
