@@ -77,7 +77,7 @@ def main(argv=None):
             emit(op="dense_flashinfer", B=B, ctx=ctx, us=round(t_fi, 1), TBps=round(kv_bytes / t_fi / 1e6, 3))
         work = B * HKV
         split_opts = sorted({1, max(1, -(-2 * sms // work)), max(1, -(-sms // work)), max(1, -(-4 * sms // work))})
-        grid = itertools.product([4, 8, 16], [4, 8], [2, 3, 4], split_opts)
+        grid = itertools.product([4, 8, 16], [4, 8], [2, 3], split_opts)
         if args.quick:
             grid = itertools.product([8], [4], [3], split_opts)
         best = None
