@@ -90,7 +90,7 @@ def _tail_lse(order_row, bound_row, tail_row, count, seq_len, n_pages, num_split
     ntok = tl.where(pos == n_pages - 1, seq_len - (n_pages - 1) * PAGE, PAGE)
     term = tl.where(live & (ntok > 0), bnd + tl.log(tl.maximum(ntok, 1).to(tl.float32)), NEG_INF)
     tail = tl.associative_scan(term, 0, _lse_combine, reverse=True)
-    tl.store(tail_row + idx, tail, mask=(r < num_splits) & (idx < P))
+    tl.store(tail_row + idx, tail, mask=live)
 
 
 @triton.jit
@@ -153,6 +153,7 @@ def _score_select_kernel(
         _write_order(order_ptr + row, keys_ptr + pid.to(tl.int64) * SORT_BLOCK, key, keep, count, offs, P,
                      BP, SORT_BLOCK)
         if CERTIFIED:
+            tl.store(tail_ptr + row + offs, NEG_INF, mask=(offs >= count) & (offs < P))
             tl.debug_barrier()
             _tail_lse(order_ptr + row, scores_ptr + row, tail_ptr + row, count, seq_len, n_pages,
                       num_splits, P, PAGE, KP, SP)
@@ -276,7 +277,7 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     b_ = summary_b if score else q
     st = a.stride() if score else (0, 0, 0)
     exact = score == 2
-    KP = _pow2(math.ceil(P / num_splits)) if certified else 1
+    KP = _pow2(math.ceil(min(P, SB) / num_splits)) if certified else 1  # count <= SB
     SP = _pow2(num_splits) if certified else 1
     BLOCK_S = 16 if exact else 64
     nw = 4 if BP <= 2048 else 8

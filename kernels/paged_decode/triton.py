@@ -233,7 +233,9 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     chunk = int(rule.chunk_pages) if R else 0
     is_cuda = dev.type == "cuda"
     if block_pages is None:
-        target = max(1, 128 // PAGE) if is_cuda else max(1, 64 // PAGE)
+        # H100 sweep (kernels/bench_triton.py): 256 tokens per block without splits, 64 with splits
+        tokens = (256 if S == 1 and not R else 128 if S == 1 else 64) if is_cuda else 64
+        target = max(1, tokens // PAGE)
         block_pages = min(chunk, target) if R else target
     if not R:
         chunk = block_pages
