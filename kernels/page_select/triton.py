@@ -52,7 +52,7 @@ def _keep_top(ordk, rest, free):
     eq = rest & (key == lo)
     sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= free - n_gt))
     sel = tl.where(free >= n_rest, rest, sel)
-    return sel & (free > 0)
+    return (sel & (free > 0)) != 0  # triton >= 3.9 types a where() over bools as int32
 
 
 @triton.jit
