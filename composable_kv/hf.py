@@ -234,7 +234,9 @@ class PolicySession:
 
         self.model = model
         self.pipeline = compile_policy(policy)
-        self.shape = ModelShape.of(model)
+        from .tp import rank_local_shape
+
+        self.shape = rank_local_shape(model, ModelShape.of(model))  # this rank's heads under tensor parallelism
         self.device = next(model.parameters()).device
         self.dtype = cache_dtype or next(model.parameters()).dtype
         page = self.pipeline.page_size
@@ -357,6 +359,11 @@ class PolicySession:
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float | None) -> torch.Tensor:
         """query [B, Hq, T, D], key/value [B, Hkv, T, D] -> attention output [B, T, Hq, D]."""
+        if key.shape[1] != self.shape.num_kv_heads or query.shape[1] != self.shape.num_q_heads:
+            raise RuntimeError(
+                f"layer {layer}: attention got {query.shape[1]} query / {key.shape[1]} KV heads, but the paged "
+                f"cache was built for {self.shape.num_q_heads} / {self.shape.num_kv_heads} (model sharded in a "
+                "way composable_kv.tp does not recognise?)")
         if self._mode == "prefill":
             return self._attend_prefill(layer, query, key, value, scaling)
         if self._mode == "decode":
