@@ -75,6 +75,18 @@ STACKS = {
     "topk_art_stability": [{"stage": "topk", "budget_tokens": 128},
                            {"stage": "art", "stop": "stability", "scale_tol": 0.05, "direction_tol": 0.01,
                             "patience": 1, "chunk_pages": 1}],
+    "sw_quest_shadow8_art_certified": [{"stage": "sink_window", "sink_tokens": 16, "window_tokens": 32},
+                                       {"stage": "quest", "budget_tokens": 160},
+                                       {"stage": "key_shadow", "bits": 8, "budget_tokens": 64},
+                                       {"stage": "art", "stop": "certified", "delta": 0.2, "chunk_pages": 1}],
+    "topk_shadow4_attend": [{"stage": "topk", "budget_tokens": 96}, {"stage": "key_shadow", "bits": 4,
+                                                                     "budget_tokens": 40}, {"stage": "attend"}],
+    "shadow4_alone_art_stability": [{"stage": "key_shadow", "bits": 4, "budget_tokens": 80},
+                                    {"stage": "art", "stop": "stability", "scale_tol": 0.05,
+                                     "direction_tol": 0.01, "patience": 1, "chunk_pages": 1}],
+    "quest_shadow_quest_generic": [{"stage": "quest", "budget_tokens": 200},
+                                   {"stage": "key_shadow", "budget_tokens": 120},
+                                   {"stage": "quest", "budget_tokens": 64}, {"stage": "attend"}],
     "two_scorers_generic": [{"stage": "quest", "budget_tokens": 160}, {"stage": "topk", "budget_tokens": 64},
                             {"stage": "attend"}],
 }
@@ -99,3 +111,28 @@ def test_describe_names_the_path():
     assert "score_select" in lines and "paged_decode" in lines
     generic = ckv.compile(_pol(*STACKS["two_scorers_generic"]), backend="triton").describe("cuda")
     assert "generic" in generic
+    shadow = ckv.compile(_pol(*STACKS["sw_quest_shadow8_art_certified"]), backend="triton").describe("cuda")
+    assert "<= 4 launches" in shadow and "shadow_select" in shadow and "int8 key shadow" in shadow
+
+
+# -- page-mass side output (AttentionPredictor's history) --------------------------------------
+
+@pytest.mark.parametrize("rule", ["none", "stability", "certified", "certified_c4"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (8, 128), (3, 64)])
+def test_decode_page_mass(rule, num_splits, group, head_dim):
+    from page_mass_checks import check_page_mass
+    check_page_mass(LENS + [300], group, head_dim, rule, num_splits, device=DEV)
+
+
+@pytest.mark.parametrize("budget", [1, 5])
+@pytest.mark.parametrize("q_scale", [1.0, 1000.0])
+def test_decode_page_mass_budget_extreme(budget, q_scale):
+    from page_mass_checks import check_page_mass
+    check_page_mass(LENS + [200], 2, 64, "certified", 3, budget, device=DEV, q_scale=q_scale, tol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_dense_decode_page_mass(num_splits):
+    from page_mass_checks import check_dense_page_mass
+    check_dense_page_mass([1, 17, 63, 111], 4, 64, num_splits, device=DEV)

@@ -28,13 +28,18 @@ class DecodeOut:
     out: torch.Tensor          # [B, Hq, D] fp32
     pages_read: torch.Tensor   # [B, Hkv] int32
     tau_bound: torch.Tensor | None  # [B, Hq] certified upper bound on the unread mass (certified only)
+    page_lse: torch.Tensor | None = None  # [B, Hq, P] log of each page's unnormalised mass; -inf if not read
+    lse: torch.Tensor | None = None       # [B, Hq] log of the total mass read (m + log l after the merge)
 
 
 def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
-                 rule: StopRule = StopRule(), tail_lse=None, num_splits: int = 1) -> DecodeOut:
+                 rule: StopRule = StopRule(), tail_lse=None, num_splits: int = 1,
+                 page_mass: bool = False) -> DecodeOut:
     """q [B, Hq, D]; k_cache/v_cache [num_pages_total, Hkv, S, D]; page_table [B, P] physical ids;
     seq_lens [B]; order [B, Hkv, N] positions into page_table (-1 pad); count [B, Hkv].
     tail_lse [B, Hkv, N] from page_select.strided_tail_lse(..., num_splits) for the certified stop.
+    page_mass: also return page_lse [B, Hq, P] (log sum_{t in page} e^{s_t}, -inf for pages not read)
+    and lse [B, Hq]; page p's softmax mass is exp(page_lse - lse).
     """
     B, Hq, D = q.shape
     Hkv, page_size = k_cache.shape[1], k_cache.shape[2]
@@ -71,6 +76,8 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
     stable_run = torch.zeros(B, Hkv, S, dtype=torch.int32, device=dev)
     seen = torch.zeros(B, Hkv, S, dtype=torch.bool, device=dev)
     rem = torch.full((B, Hkv, S), NEG_INF, device=dev)  # LSE of the unread tail at the stop
+    P = page_table.shape[1]
+    page_lse = torch.full((B, Hkv, G, P + 1), NEG_INF, device=dev) if page_mass else None  # column P: discard
 
     for c0 in range(0, n_per, C):
         p = pos_s[..., c0:c0 + C]  # [B, Hkv, S, c]
@@ -94,6 +101,11 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
         l = l * alpha + w.sum(dim=(-1, -2))
         acc = acc * alpha[..., None] + torch.einsum("bhsgcp,bhscpd->bhsgd", w, v)
         m = m_new
+        if page_mass:
+            lse_c = torch.logsumexp(logits, dim=-1)  # [B, Hkv, S, G, c]
+            dst = torch.where(live, p, torch.full_like(p, P))  # [B, Hkv, S, c]
+            dst = dst[:, :, :, None].expand_as(lse_c).transpose(2, 3).flatten(3)  # [B, Hkv, G, S*c]
+            page_lse.scatter_(-1, dst, lse_c.transpose(2, 3).flatten(3))
         read_now = live.any(-1)
         pages_read += live.sum(-1).to(torch.int32)
         seen |= read_now
@@ -119,7 +131,11 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
             active = active & ~stop
         active = active & has_more
 
-    return _merge_splits(m, l, acc, pages_read, rem if rule.kind == "certified" else None, B, Hq, D)
+    res = _merge_splits(m, l, acc, pages_read, rem if rule.kind == "certified" else None, B, Hq, D)
+    if page_mass:
+        res.page_lse = page_lse[..., :P].reshape(B, Hq, P)
+        res.lse = torch.logsumexp(m + torch.log(l), dim=2).reshape(B, Hq)
+    return res
 
 
 def _merge_splits(m, l, acc, pages_read, rem, B, Hq, D) -> DecodeOut:

@@ -27,6 +27,8 @@ class DecodeOut:
     out: torch.Tensor          # [B, Hq, D] fp32
     pages_read: torch.Tensor   # [B, Hkv] int32
     tau_bound: torch.Tensor | None  # [B, Hq]
+    page_lse: torch.Tensor | None = None  # [B, Hq, P] (page_mass=True): log page mass, -inf if not read
+    lse: torch.Tensor | None = None       # [B, Hq] (page_mass=True): log total mass read
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -35,10 +37,12 @@ def _pow2(n: int, lo: int = 1) -> int:
 
 @triton.jit
 def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_ptr, v_ptr,
-                  stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
+                  stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD,
                   NATURAL: tl.constexpr, BLOCK_PAGES: tl.constexpr, PAGE: tl.constexpr,
-                  D: tl.constexpr, DP: tl.constexpr, DOT_F32: tl.constexpr, TOK: tl.constexpr):
-    """Online softmax over BLOCK_PAGES pages of this split (its j0-th.. in list order). m in log2 units."""
+                  D: tl.constexpr, DP: tl.constexpr, DOT_F32: tl.constexpr, TOK: tl.constexpr,
+                  G: tl.constexpr, GP: tl.constexpr, PAGE_MASS: tl.constexpr):
+    """Online softmax over BLOCK_PAGES pages of this split (its j0-th.. in list order). m in log2 units.
+    PAGE_MASS: also store each page's log mass (natural log, unnormalised) at mass_row[g * P_PAD + pos]."""
     tok = tl.arange(0, TOK)
     j = j0 + tok // PAGE
     t = tok % PAGE
@@ -67,6 +71,18 @@ def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_
     ms = tl.where(m_new == NEG_INF, 0.0, m_new)
     alpha = tl.exp2(m - ms)
     p = tl.exp2(qk - ms[:, None])
+    if PAGE_MASS:
+        ps = tl.sum(tl.reshape(p, [GP, TOK // PAGE, PAGE]), axis=2)  # [GP, pages in the block]
+        jj = tl.arange(0, TOK // PAGE)
+        jp = j0 + jj
+        pv = (jj < BLOCK_PAGES) & (jp < n_mine)
+        if NATURAL:
+            ppos = s + jp * num_splits
+        else:
+            ppos = tl.load(order_row + s + jp * num_splits, mask=pv, other=0)
+        g = tl.arange(0, GP)
+        lm = ms[:, None] * LN2 + tl.log(ps)
+        tl.store(mass_row + g[:, None] * P_PAD + ppos[None, :], lm, mask=(g < G)[:, None] & pv[None, :])
     l = l * alpha + tl.sum(p, axis=1)
     if DOT_F32:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -80,12 +96,12 @@ def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_
 def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt,
                    pt_ptr, stride_ptb, seq_ptr, order_ptr, count_ptr, tail_ptr,
                    out_ptr, stride_ob, stride_oh, pages_ptr, tau_ptr,
-                   pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr,
+                   pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, mass_ptr, lse_ptr, P_PAD,
                    N, qk_scale, num_splits, scale_tol, direction_tol, patience, log_thr,
                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                    PAGE: tl.constexpr, NATURAL: tl.constexpr, RULE: tl.constexpr, CHUNK: tl.constexpr,
                    BLOCK_PAGES: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-                   NUM_STAGES: tl.constexpr, TOK: tl.constexpr):
+                   NUM_STAGES: tl.constexpr, TOK: tl.constexpr, PAGE_MASS: tl.constexpr):
     pid = tl.program_id(0)
     s = tl.program_id(1)
     b = pid // HKV
@@ -99,6 +115,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
     n_mine = (tl.maximum(count - s, 0) + num_splits - 1) // num_splits
     order_row = order_ptr + pid.to(tl.int64) * N
     pt_row = pt_ptr + b.to(tl.int64) * stride_ptb
+    mass_row = mass_ptr + (b.to(tl.int64) * (HKV * G) + h * G) * P_PAD
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
@@ -110,8 +127,8 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
     if RULE == 0:
         for j0 in tl.range(0, n_mine, BLOCK_PAGES, num_stages=NUM_STAGES):
             m, l, acc = _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_ptr, v_ptr,
-                                      stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
-                                      NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK)
+                                      stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD,
+                                      NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS)
         pages = n_mine
     else:
         tail_row = tail_ptr + pid.to(tl.int64) * N
@@ -124,7 +141,8 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
             for jb in tl.range(0, CHUNK, BLOCK_PAGES):
                 m, l, acc = _attend_block(q, m, l, acc, c0 + jb, s, n_mine, num_splits, order_row, pt_row,
                                           k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
-                                          NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK)
+                                          mass_row, P_PAD, NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK,
+                                          G, GP, PAGE_MASS)
             has_more = c0 + CHUNK < n_mine
             if RULE == 1:
                 o = acc / tl.maximum(l, 1e-30)[:, None]
@@ -166,13 +184,15 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
             tau = 1.0 / (1.0 + tl.exp(-x))
             tau = tl.where(x != x, 0.0, tau)
             tl.store(tau_ptr + b * (HKV * G) + h * G + g, tau, mask=g < G)
+        if PAGE_MASS:
+            tl.store(lse_ptr + b * (HKV * G) + h * G + g, m * LN2 + tl.log(l), mask=g < G)
 
 
 @triton.jit
 def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, out_ptr, stride_ob, stride_oh,
-                  pages_ptr, tau_ptr, num_splits,
+                  pages_ptr, tau_ptr, lse_ptr, num_splits,
                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                  SPP: tl.constexpr, CERTIFIED: tl.constexpr):
+                  SPP: tl.constexpr, CERTIFIED: tl.constexpr, PAGE_MASS: tl.constexpr):
     pid = tl.program_id(0)  # over B * Hq
     hq_n = HKV * G
     b = pid // hq_n
@@ -195,6 +215,8 @@ def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, out_ptr, strid
     o = tl.sum(acc * sc[:, None], axis=0) / tl.maximum(L, 1e-30)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + d, o.to(out_ptr.dtype.element_ty),
              mask=d < D)
+    if PAGE_MASS:
+        tl.store(lse_ptr + pid, M + tl.log(L))
     if g == 0:
         pr = tl.load(ppages_ptr + base, mask=smask, other=0)
         tl.store(pages_ptr + bh, tl.sum(pr, axis=0))
@@ -216,9 +238,11 @@ def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, out_ptr, strid
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
                   rule=None, tail_lse=None, num_splits: int = 1, natural: bool = False,
                   out_dtype=torch.float32, block_pages: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None):
+                  num_stages: int | None = None, page_mass=None):
     """Launch decode (+ merge when num_splits > 1). natural=True: list position i is page i, count =
-    the request's pages (order/count unused). Returns (out [B, Hq, D] out_dtype, pages_read, tau)."""
+    the request's pages (order/count unused). Returns (out [B, Hq, D] out_dtype, pages_read, tau).
+    page_mass: None, or a pair (page_lse [B, Hq, P] fp32 pre-filled with -inf, lse [B, Hq] fp32) that
+    the kernels fill (see reference.paged_decode); P = page_table.shape[1]."""
     B, Hq, D = q.shape
     Hkv, PAGE = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -263,32 +287,51 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     assert v_cache.stride() == st and k_cache.stride(-1) == 1 and q.stride(-1) == 1
     thr = math.log(rule.delta / (1 - rule.delta)) if R == 2 else 0.0
     dot_f32 = not (q.dtype == k_cache.dtype and k_cache.dtype in (torch.float16, torch.bfloat16))
+    with_mass = page_mass is not None
+    if with_mass:
+        mass, lse = page_mass
+        P_pad = page_table.shape[1]
+        if mass.shape != (B, Hq, P_pad) or lse.shape != (B, Hq) or not mass.is_contiguous() \
+                or mass.dtype != torch.float32 or lse.dtype != torch.float32:
+            raise ValueError(f"page_mass: expected contiguous fp32 ([B, Hq, P] = {[B, Hq, P_pad]}, [B, Hq]), got "
+                             f"({list(mass.shape)} {mass.dtype}, {list(lse.shape)} {lse.dtype})")
+    else:
+        mass = lse = out
+        P_pad = 0
     _decode_kernel[(B * Hkv, S)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, st[0], st[1], st[2],
         page_table, page_table.stride(0), seq_lens,
         dummy if natural else order, dummy if natural else count, tail_lse if R == 2 else dummy,
         out, out.stride(0), out.stride(1), pages, tau if R == 2 else out,
-        pm, pl, pacc, ppages, prem,
+        pm, pl, pacc, ppages, prem, mass, lse, P_pad,
         N, float(sm_scale) * 1.4426950408889634, S,
         float(rule.scale_tol) if R == 1 else 0.0, float(rule.direction_tol) if R == 1 else 0.0,
         int(rule.patience) if R == 1 else 0, thr,
         HKV=Hkv, G=G, GP=GP, D=D, DP=DP, PAGE=PAGE, NATURAL=bool(natural), RULE=R, CHUNK=chunk,
         BLOCK_PAGES=block_pages, SPLIT=split, DOT_F32=dot_f32, NUM_STAGES=num_stages, TOK=max(16, block_pages * PAGE),
-        num_warps=num_warps)
+        PAGE_MASS=with_mass, num_warps=num_warps)
     if split:
         _merge_kernel[(B * Hq,)](pm, pl, pacc, ppages, prem, out, out.stride(0), out.stride(1), pages,
-                                 tau if R == 2 else out, S, HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
-                                 SPP=_pow2(S), CERTIFIED=R == 2, num_warps=1 if DP <= 64 else 2)
+                                 tau if R == 2 else out, lse, S, HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
+                                 SPP=_pow2(S), CERTIFIED=R == 2, PAGE_MASS=with_mass,
+                                 num_warps=1 if DP <= 64 else 2)
     return out, pages, tau
 
 
 def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
-                 rule=None, tail_lse=None, num_splits: int = 1) -> DecodeOut:
+                 rule=None, tail_lse=None, num_splits: int = 1, page_mass: bool = False) -> DecodeOut:
     """Same contract as reference.paged_decode. `rule`: any object with the StopRule fields
     (kind, chunk_pages, scale_tol, direction_tol, patience, delta); None reads every listed page."""
+    B, Hq = q.shape[:2]
+    mass = None
+    if page_mass:
+        mass = (torch.full((B, Hq, page_table.shape[1]), float("-inf"), dtype=torch.float32, device=q.device),
+                torch.empty(B, Hq, dtype=torch.float32, device=q.device))
     out, pages, tau = launch_decode(q, k_cache, v_cache, page_table.contiguous(), seq_lens.to(torch.int32),
                                     order.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(),
                                     sm_scale=sm_scale, rule=rule,
                                     tail_lse=None if tail_lse is None else tail_lse.float().contiguous(),
-                                    num_splits=num_splits)
-    return DecodeOut(out, pages, tau)
+                                    num_splits=num_splits, page_mass=mass)
+    if mass is None:
+        return DecodeOut(out, pages, tau)
+    return DecodeOut(out, pages, tau, mass[0], mass[1])
