@@ -5,6 +5,9 @@ all layers: `reserve()` allocates pages and advances lengths once per step, then
 layer. Summaries (declared by the stages that read them) are updated on write:
   key_minmax : key_min / key_max [num_pages, Hkv, D] (cache dtype; exact element-wise min/max)
   value_norm : value_norm [num_pages, Hkv] fp32 (max ||v|| over the page's tokens)
+  key_shadow_int8 / key_shadow_int4 : shadow_codes[bits] [num_pages, Hkv, page_size, D or D/2] uint8 and
+               shadow_step[bits] [num_pages, Hkv, D] (cache dtype), zero point key_min (so they imply
+               key_minmax); every page a write touches is re-quantized (kernels/key_shadow/README.md)
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CacheFullError, TensorContractError
-from .stages import KNOWN_SUMMARIES, SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM
+from .kernels.key_shadow.reference import code_dim, quantize_pages
+from .stages import KNOWN_SUMMARIES, SUMMARY_KEY_MINMAX, SUMMARY_KEY_SHADOW, SUMMARY_VALUE_NORM
 
 
 @dataclass
@@ -45,6 +49,12 @@ class PagedKVCache:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N", as tensors report it
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self.shadow_bits = tuple(b for b, name in SUMMARY_KEY_SHADOW.items() if name in summaries)
+        if self.shadow_bits:
+            summaries = set(summaries) | {SUMMARY_KEY_MINMAX}  # the shadow's zero point is key_min
+        if 4 in self.shadow_bits and head_dim % 2:
+            raise ValueError(f"PagedKVCache: {SUMMARY_KEY_SHADOW[4]} packs two channels a byte; head_dim "
+                             f"must be even, got {head_dim}")
         self.summaries = frozenset(summaries)
         shape = (num_pages, num_kv_heads, page_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
@@ -57,6 +67,14 @@ class PagedKVCache:
         if SUMMARY_VALUE_NORM in self.summaries:
             self.value_norm = [torch.empty(shape[:2], dtype=torch.float32, device=self.device)
                                for _ in range(num_layers)]
+        self.shadow_codes: dict[int, list[torch.Tensor]] = {}
+        self.shadow_step: dict[int, list[torch.Tensor]] = {}
+        for bits in self.shadow_bits:
+            cshape = shape[:3] + (code_dim(head_dim, bits),)
+            self.shadow_codes[bits] = [torch.zeros(cshape, dtype=torch.uint8, device=self.device)
+                                       for _ in range(num_layers)]
+            self.shadow_step[bits] = [torch.zeros(shape[:2] + (head_dim,), dtype=dtype, device=self.device)
+                                      for _ in range(num_layers)]
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self._pages: dict[int, list[int]] = {}
         self._len: dict[int, int] = {}
@@ -134,6 +152,9 @@ class PagedKVCache:
                 self.key_max[layer][idx] = torch.finfo(self.dtype).min
             if self.value_norm is not None:
                 self.value_norm[layer][idx] = 0.0
+            for bits in self.shadow_bits:
+                self.shadow_codes[bits][layer][idx] = 0
+                self.shadow_step[bits][layer][idx] = 0
 
     # -- data ------------------------------------------------------------------------------------
     def write(self, layer: int, slots: AppendSlots, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -159,6 +180,16 @@ class PagedKVCache:
         if self.value_norm is not None:
             norms = v.float().norm(dim=-1)  # [T, Hkv]
             self.value_norm[layer].scatter_reduce_(0, slots.page_ids[:, None].expand_as(norms), norms, "amax")
+        if self.shadow_bits and slots.num_tokens:
+            self._requantize(layer, torch.unique(slots.page_ids))
+
+    def _requantize(self, layer: int, pages: torch.Tensor) -> None:
+        """Re-quantize whole pages: their min/max (zero point, step) may have moved with the new tokens."""
+        kmin, kmax, kp = self.key_min[layer][pages], self.key_max[layer][pages], self.k[layer][pages]
+        for bits in self.shadow_bits:
+            codes, step = quantize_pages(kp, kmin, kmax, bits, self.dtype)
+            self.shadow_codes[bits][layer][pages] = codes
+            self.shadow_step[bits][layer][pages] = step
 
     def append(self, seq_ids: list[int], counts: list[int], k: torch.Tensor, v: torch.Tensor) -> AppendSlots:
         """reserve() plus write() for every layer. k, v: [num_layers, T, Hkv, D]."""

@@ -1,4 +1,5 @@
-"""The Triton pipeline path: a layer in at most 3 launches, no host sync, CUDA-graph capturable.
+"""The Triton pipeline path: a layer in at most 3 launches (4 with a key shadow after another scorer),
+no host sync, CUDA-graph capturable.
 
 Stacks of built-in stages (sink_window, quest, topk; then attend or art) run as
   1. score_select  (page_select/triton.py): score every page (box bound / exact page max), keep the
@@ -6,6 +7,9 @@ Stacks of built-in stages (sink_window, quest, topk; then attend or art) run as
      certified stop, write the strided tail LSE of the bounds;
   2. decode        (paged_decode/triton.py): online softmax over the ordered list, stop rule inside;
   3. merge         (only when num_splits > 1): LSE merge of the splits.
+A key_shadow stage after quest/topk adds one launch between 1 and 2, shadow_select
+(key_shadow/triton.py): it scores the pages launch 1 kept from the int8/int4 key copy, keeps its own
+budget, orders them and writes the tail LSE of its bounds; a key_shadow alone replaces launch 1.
 Dense layers launch only 2 (+3). A stack with a user selector (or several scorers) runs the Python
 selectors (pipeline.select) and then the Triton decode (+ merge).
 Semantics equal pipeline.select + run_generic.
@@ -20,7 +24,7 @@ from .kernels.page_select import triton as select_tk
 from .kernels.paged_decode import triton as decode_tk
 from .stages import ScoringSelector
 
-_BUILTIN_SELECTORS = {"sink_window", "quest", "topk"}
+_BUILTIN_SELECTORS = {"sink_window", "quest", "topk", "key_shadow"}
 _BUILTIN_TERMINALS = {"attend", "art"}
 _SM_COUNT: dict[int, int] = {}
 
@@ -34,6 +38,8 @@ class FusedSpec:
     budget_tokens: int = 0
     forced_only: bool = False  # unscored, a forcing stage ran: only forced pages are kept
     max_forced_pages: int = 1  # static bound on the forced pages per request (sizes the sort)
+    shadow_bits: int = 0   # a key_shadow stage re-ranks last (8 or 4), 0 if none
+    shadow_budget_tokens: int = 0
 
 
 def _is_builtin(stage) -> bool:
@@ -63,8 +69,11 @@ def _make_spec(pipeline) -> FusedSpec:
     if term.name not in _BUILTIN_TERMINALS or not _is_builtin(term):
         return FusedSpec(False, f"terminal {term.name!r} is not a built-in")
     scorers = [s for s in sels if isinstance(s, ScoringSelector)]
-    if len(scorers) > 1:
-        return FusedSpec(False, "more than one scoring stage")
+    shadow = scorers[-1] if scorers and scorers[-1].name == "key_shadow" else None
+    firsts = scorers[:-1] if shadow is not None else scorers
+    if len(firsts) > 1 or any(s.name == "key_shadow" for s in firsts):
+        return FusedSpec(False, "more than one scoring stage (fused: one of quest/topk, then optionally "
+                                "key_shadow)")
     ps = pipeline.page_size
     max_forced = 1  # the last page
     forcing = False
@@ -72,10 +81,14 @@ def _make_spec(pipeline) -> FusedSpec:
         if s.name == "sink_window":
             forcing = True
             max_forced += -(-s.sink_tokens // ps) + -(-s.window_tokens // ps) + 1
-    if scorers:
-        sc = scorers[0]
+    extra = {"shadow_bits": shadow.bits, "shadow_budget_tokens": shadow.budget_tokens} if shadow else {}
+    if firsts:
+        sc = firsts[0]
         return FusedSpec(True, "", score=1 if sc.name == "quest" else 2, select=True,
-                         budget_tokens=sc.budget_tokens, forced_only=forcing, max_forced_pages=max_forced)
+                         budget_tokens=sc.budget_tokens, forced_only=forcing, max_forced_pages=max_forced, **extra)
+    if shadow is not None:
+        return FusedSpec(True, "", score=0, select=False, forced_only=forcing, max_forced_pages=max_forced,
+                         **extra)
     return FusedSpec(True, "", score=1 if pipeline.needs_box_bound else 0, select=False,
                      forced_only=forcing, max_forced_pages=max_forced)
 
@@ -102,10 +115,10 @@ def _rule_for(pipeline, layer):
 
 
 def _generic_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale, rule, tail_lse,
-                    num_splits):
+                    num_splits, page_mass=False):
     rule = rule if getattr(rule, "kind", None) else None
     return decode_tk.paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, sm_scale=sm_scale,
-                                  rule=rule, tail_lse=tail_lse, num_splits=num_splits)
+                                  rule=rule, tail_lse=tail_lse, num_splits=num_splits, page_mass=page_mass)
 
 
 def run_layer(pipeline, ctx):
@@ -126,6 +139,13 @@ def run_layer(pipeline, ctx):
     rule = pipeline.stop_rule
     kind = getattr(rule, "kind", None)
     certified = kind == "certified"
+    if sp.shadow_bits:
+        order, count, tail = _shadow_launches(sp, q, c, layer, plan, ctx.sm_scale, certified)
+        out, pages, tau = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
+                                                  order, count, sm_scale=ctx.sm_scale,
+                                                  rule=rule if kind else None, tail_lse=tail, num_splits=S,
+                                                  out_dtype=q.dtype)
+        return DecodeResult(out, pages, tau)
     budget_pages = -(-sp.budget_tokens // plan.page_size) if sp.select else 0
     if sp.score == 2:
         a = b = c.k[layer]
@@ -142,6 +162,26 @@ def run_layer(pipeline, ctx):
                                               order, count, sm_scale=ctx.sm_scale, rule=rule if kind else None,
                                               tail_lse=tail, num_splits=S, out_dtype=q.dtype)
     return DecodeResult(out, pages, tau)
+
+
+def _shadow_launches(sp, q, c, layer, plan, sm_scale, certified):
+    """Launch 1 (the first scorer keeps its budget; skipped for a key_shadow alone), then shadow_select."""
+    from .kernels.key_shadow import triton as shadow_tk
+    cand_order = cand_count = None
+    if sp.select:
+        budget1 = -(-sp.budget_tokens // plan.page_size)
+        a, b = (c.key_min[layer], c.key_max[layer]) if sp.score == 1 else (c.k[layer], c.k[layer])
+        cand_order, cand_count, _ = select_tk.score_select(
+            q, a, b, plan.page_table, plan.seq_lens, plan.forced, num_kv_heads=c.num_kv_heads,
+            page_size=plan.page_size, sm_scale=sm_scale, score=sp.score, select=True, budget_pages=budget1,
+            forced_only=False, certified=False, num_splits=1, max_kept=max(budget1, sp.max_forced_pages))
+    budget = -(-sp.shadow_budget_tokens // plan.page_size)
+    bits = sp.shadow_bits
+    return shadow_tk.shadow_select(
+        q, c.shadow_codes[bits][layer], c.shadow_step[bits][layer], c.key_min[layer], plan.page_table,
+        plan.seq_lens, plan.forced, cand_order, cand_count, bits=bits, num_kv_heads=c.num_kv_heads,
+        page_size=plan.page_size, sm_scale=sm_scale, budget_pages=budget, certified=certified,
+        num_splits=plan.num_splits, max_kept=max(budget, sp.max_forced_pages))
 
 
 def describe(pipeline) -> list[str]:
@@ -167,8 +207,14 @@ def describe(pipeline) -> list[str]:
             "certified": f"certified stop (delta={rule.delta}) every {rule.chunk_pages} pages"}[rule.kind]
     if pipeline.terminal.name == "attend":
         stop = "no stop"
-    lines.append("path: triton fused, <= 3 launches per layer, no host sync, CUDA-graph capturable")
-    lines.append(f"  launch 1 score_select: {what}; {sel}; order best-first{extra}")
-    lines.append(f"  launch 2 paged_decode: {stop}")
-    lines.append("  launch 3 merge (only when num_splits > 1): LSE merge of the splits, pages_read, tau_bound")
+    if sp.shadow_bits:
+        shadow = (f"int{sp.shadow_bits} key shadow bound (q.k^ + |q|.step/2, max over tokens and group); keep "
+                  f"forced + top pages under {sp.shadow_budget_tokens} tokens; order best-first{extra}")
+        steps = ([f"score_select: {what}; {sel}"] if sp.select else []) + [f"shadow_select: {shadow}"]
+    else:
+        steps = [f"score_select: {what}; {sel}; order best-first{extra}"]
+    steps += [f"paged_decode: {stop}",
+              "merge (only when num_splits > 1): LSE merge of the splits, pages_read, tau_bound"]
+    lines.append(f"path: triton fused, <= {len(steps)} launches per layer, no host sync, CUDA-graph capturable")
+    lines += [f"  launch {i} {step}" for i, step in enumerate(steps, 1)]
     return lines

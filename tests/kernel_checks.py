@@ -162,4 +162,6 @@ def _cpu_cache(cache):
         val = getattr(cache, name)
         if val is not None:
             setattr(c, name, [t.cpu() for t in val])
+    for name in ("shadow_codes", "shadow_step"):
+        setattr(c, name, {bits: [t.cpu() for t in ts] for bits, ts in getattr(cache, name, {}).items()})
     return c

@@ -1,0 +1,1 @@
+"""Low-bit per-token key shadow: quantize pages on append, score pages by a sound logit bound."""
