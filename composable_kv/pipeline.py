@@ -60,6 +60,7 @@ class LayerContext:
     layer: int
     plan: StepPlan
     sm_scale: float
+    state: dict | None = None  # the pipeline's state across decode steps, for stages that keep one
 
     batch_size = property(lambda self: self.q.shape[0])
     num_q_heads = property(lambda self: self.q.shape[1])
@@ -131,6 +132,7 @@ class DecodePipeline:
         self.requested_backend = backend
         self._plan: StepPlan | None = None
         self._fused = None
+        self.stage_state: dict = {}  # stages' state across decode steps (e.g. attention_predictor's history)
 
     # -- static facts -------------------------------------------------------------------------
     @property
@@ -220,7 +222,7 @@ class DecodePipeline:
             raise RuntimeError("call pipeline.plan(cache, seq_ids) once per decode step before run()")
         self._check_q(q, cache, layer, plan)
         sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-        ctx = LayerContext(q, cache, layer, plan, sm_scale)
+        ctx = LayerContext(q, cache, layer, plan, sm_scale, self.stage_state)
         if self.backend_for(q.device) == "triton":
             from . import fused
             return fused.run_layer(self, ctx)
@@ -271,9 +273,15 @@ class DecodePipeline:
             tokens = select_ref.page_token_counts(order, ctx.plan.seq_lens, ctx.page_size)
             tail = select_ref.strided_tail_lse(bounds_in_order, tokens, count, ctx.plan.num_splits)
         c = ctx.cache
+        observers = [] if self.is_dense_layer(ctx.layer) else [
+            s for s in self.selectors if getattr(s, "observes_page_mass", False)]
         res = decode_fn(ctx.q, c.k[ctx.layer], c.v[ctx.layer], ctx.plan.page_table, ctx.plan.seq_lens,
                         order, count, sm_scale=ctx.sm_scale, rule=rule, tail_lse=tail,
-                        num_splits=ctx.plan.num_splits)
+                        num_splits=ctx.plan.num_splits, **({"page_mass": True} if observers else {}))
+        if observers:  # the decode's page-mass side output: softmax mass per page, 0 where not read
+            mass = torch.nan_to_num((res.page_lse - res.lse[..., None]).exp(), nan=0.0)  # [B, Hq, P]
+            for s in observers:
+                s.observe(ctx, mass)
         return DecodeResult(res.out.to(ctx.q.dtype), res.pages_read, res.tau_bound)
 
     # -- accounting ---------------------------------------------------------------------------
