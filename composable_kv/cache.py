@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .contracts import FLOAT_DTYPES, check_finite, check_int, check_tensor, value_checks_on
 from .errors import CacheFullError, TensorContractError
 from .kernels.key_shadow.reference import code_dim, quantize_pages
 from .stages import KNOWN_SUMMARIES, SUMMARY_KEY_MINMAX, SUMMARY_KEY_SHADOW, SUMMARY_VALUE_NORM
@@ -36,7 +37,11 @@ class AppendSlots:
 class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int,
                  page_size: int = 16, dtype: torch.dtype = torch.float16, device="cpu",
-                 summaries=frozenset()):
+                 summaries=frozenset(), validate: bool | None = None):
+        """validate: NaN/Inf checks on written K/V (None: on for CPU caches or CKV_VALIDATE=1; see contracts)."""
+        if dtype not in FLOAT_DTYPES:
+            raise TensorContractError(f"PagedKVCache: dtype expected one of {[str(d) for d in FLOAT_DTYPES]}, "
+                                      f"got {dtype!r}")
         for key, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
                          ("head_dim", head_dim), ("num_pages", num_pages), ("page_size", page_size)):
             if not isinstance(val, int) or val < 1:
@@ -56,6 +61,7 @@ class PagedKVCache:
             raise ValueError(f"PagedKVCache: {SUMMARY_KEY_SHADOW[4]} packs two channels a byte; head_dim "
                              f"must be even, got {head_dim}")
         self.summaries = frozenset(summaries)
+        self.check_values = value_checks_on(validate, self.device)
         shape = (num_pages, num_kv_heads, page_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
@@ -157,12 +163,15 @@ class PagedKVCache:
                 self.shadow_step[bits][layer][idx] = 0
 
     # -- data ------------------------------------------------------------------------------------
-    def write(self, layer: int, slots: AppendSlots, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, slots: AppendSlots, k: torch.Tensor, v: torch.Tensor, *,
+              _checked: bool = False) -> None:
         """Write one layer's new K/V ([T, Hkv, D], packed like `slots`) and update its summaries."""
+        check_int("write", "layer", layer)
         if not 0 <= layer < self.num_layers:
             raise TensorContractError(f"write: layer must be in [0, {self.num_layers}), got {layer}")
         expected = (slots.num_tokens, self.num_kv_heads, self.head_dim)
         for name, t in (("k", k), ("v", v)):
+            check_tensor("write", name, t, dtypes=None)
             if tuple(t.shape) != expected:
                 raise TensorContractError(f"write: {name} expected shape [T, Hkv, D] = {list(expected)}, "
                                           f"got {list(t.shape)}")
@@ -171,6 +180,8 @@ class PagedKVCache:
                                           f"cast with .to({self.dtype})")
             if t.device != self.device:
                 raise TensorContractError(f"write: {name} is on {t.device}, the cache is on {self.device}")
+            if self.check_values and not _checked:
+                check_finite("write", name, t, "token, head, d")
         self.k[layer][slots.page_ids, :, slots.offsets] = k
         self.v[layer][slots.page_ids, :, slots.offsets] = v
         if self.key_min is not None:
@@ -196,9 +207,17 @@ class PagedKVCache:
         if k.dim() != 4 or k.shape[0] != self.num_layers:
             raise TensorContractError(f"append: k expected [num_layers={self.num_layers}, T, Hkv, D], "
                                       f"got {list(k.shape)}")
+        # every check before reserve(): a refused append changes nothing
+        T = sum(counts) if all(isinstance(n, int) for n in counts) else None
+        for name, t in (("k", k), ("v", v)):
+            check_tensor("append", name, t, shape=(self.num_layers, T, self.num_kv_heads, self.head_dim),
+                         dims="num_layers, T=sum(counts), Hkv, D", dtype=self.dtype, dtypes=None,
+                         device=self.device)
+            if self.check_values:
+                check_finite("append", name, t, "layer, token, head, d")
         slots = self.reserve(seq_ids, counts)
         for layer in range(self.num_layers):
-            self.write(layer, slots, k[layer], v[layer])
+            self.write(layer, slots, k[layer], v[layer], _checked=True)
         return slots
 
     def gather(self, layer: int, seq_id: int):

@@ -241,10 +241,15 @@ class PolicySession:
         self.dtype = cache_dtype or next(model.parameters()).dtype
         page = self.pipeline.page_size
         pages_per_seq = math.ceil(max_total_tokens / page) + 1
-        self.cache = ckv.PagedKVCache(
-            num_layers=self.shape.num_layers, num_kv_heads=self.shape.num_kv_heads,
-            head_dim=self.shape.head_dim, num_pages=batch_size * pages_per_seq, page_size=page,
-            dtype=self.dtype, device=self.device, summaries=self.pipeline.required_summaries)
+        if self.pipeline.admission is not None:  # an admission stage: gated head-major cache (composable_kv.admission)
+            from .admission import gated_session
+            self.pipeline, self.cache = gated_session(self.pipeline, model, self.shape, batch_size * pages_per_seq,
+                                                      self.dtype, self.device)
+        else:
+            self.cache = ckv.PagedKVCache(
+                num_layers=self.shape.num_layers, num_kv_heads=self.shape.num_kv_heads,
+                head_dim=self.shape.head_dim, num_pages=batch_size * pages_per_seq, page_size=page,
+                dtype=self.dtype, device=self.device, summaries=self.pipeline.required_summaries)
         self.seq_ids: list[int] = []
         self.steps: list[StepStats] = []
         self._mode: str | None = None
@@ -272,6 +277,8 @@ class PolicySession:
         if min(lengths) == 0:
             raise ValueError("Every prompt needs at least one token.")
         record = prefill_cache.get(prompts) if prefill_cache is not None else None
+        if record is not None and self._prefill_observers():
+            record = None  # a stage reads the prompt's queries, which a replay does not have
         if record is not None:
             self.seq_ids = [self.cache.add_sequence() for _ in prompts]
             self._active = [True] * len(prompts)
@@ -379,10 +386,16 @@ class PolicySession:
         k_real = key.transpose(1, 2)[valid]  # [sum(lengths), Hkv, D], batch-major like reserve()
         v_real = value.transpose(1, 2)[valid]
         self.cache.write(layer, self._slots, k_real.to(self.dtype), v_real.to(self.dtype))
+        for stage in self._prefill_observers() if layer not in self.pipeline.dense_layers else ():
+            stage.observe_prefill(self.cache, self.seq_ids, layer, query, key, self._valid, scaling)
         if self._record is not None:
             self._record.keys.append(k_real)
             self._record.values.append(v_real)
         return out.transpose(1, 2)  # [B, T, Hq, D]
+
+    def _prefill_observers(self) -> list:
+        """Selectors that build per-sequence state from the prefill's q/k (e.g. ltri's span index)."""
+        return [s for s in self.pipeline.selectors if hasattr(s, "observe_prefill")]
 
     def _attend_decode(self, layer, query, key, value, scaling):
         self.cache.write(layer, self._slots, key[:, :, 0].to(self.dtype), value[:, :, 0].to(self.dtype))

@@ -1,0 +1,321 @@
+"""Ltri-LLM span retrieval: boundaries (triangle score + NMS), the span-score kernel, the stage."""
+import os
+
+import pytest
+import torch
+
+import composable_kv as ckv
+from composable_kv import spans as sp
+from composable_kv.kernels.span_score import reference as span_ref
+
+from helpers import build_cache, dense_attention
+
+P_PLANTED = [3, 9, 14, 22, 27]  # span starts (pages) after the sink page; last page 32
+
+
+def block_map(starts, P, *, noise=0.0, seed=0):
+    """A row-stochastic page attention map: each row attends uniformly to the earlier pages of its span."""
+    g = torch.Generator().manual_seed(seed)
+    span = torch.zeros(P, dtype=torch.long)
+    for s in starts:
+        span[s:] += 1
+    same = (span[:, None] == span[None, :]) & torch.ones(P, P, dtype=torch.bool).tril()
+    a = same.float() + noise * torch.rand(P, P, generator=g).tril()
+    return a / a.sum(-1, keepdim=True)
+
+
+def planted_qk(starts, P, *, page_size=16, heads=2, kv_heads=1, D=32, seed=0):
+    """q, k whose tokens carry their span's topic vector: attention is block diagonal by span."""
+    g = torch.Generator().manual_seed(seed)
+    span = torch.zeros(P * page_size, dtype=torch.long)
+    for s in starts:
+        span[s * page_size:] += 1
+    topics = torch.randn(len(starts) + 1, D, generator=g) * 3
+    k = topics[span][None].repeat(kv_heads, 1, 1) + 0.3 * torch.randn(kv_heads, P * page_size, D, generator=g)
+    q = topics[span][None].repeat(heads, 1, 1) + 0.3 * torch.randn(heads, P * page_size, D, generator=g)
+    return q, k
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+def test_triangle_nms_finds_planted_boundaries(noise):
+    P = 32
+    a = block_map([0] + P_PLANTED, P, noise=noise)
+    tri = sp.triangle_scores(a, window=3)
+    tri[:2] = float("-inf")  # the sink page and the first span start are not boundaries
+    assert sp.nms_1d(tri, radius=2, min_score=0.0).tolist() == P_PLANTED
+
+
+@pytest.mark.cpu
+def test_triangle_inside_a_span_scores_below_its_start():
+    a = block_map([0, 10], 20)
+    tri = sp.triangle_scores(a, window=4)
+    assert tri[10] == pytest.approx(1.0)
+    assert (tri[11:20] < tri[10] - 0.1).all()
+
+
+@pytest.mark.cpu
+def test_build_index_from_planted_queries_and_keys():
+    P = 32
+    q, k = planted_qk([0] + P_PLANTED, P, heads=4, kv_heads=2)
+    idx = sp.build_index(q, k, page_size=16, sink_pages=1, end_page=P, reps_per_span=3, window=3, nms_radius=2,
+                         min_score=0.0, max_span_pages=64, obs_queries=16, sm_scale=32 ** -0.5,
+                         dtype=torch.float32)
+    assert idx.starts.tolist() == [1] + P_PLANTED
+    assert idx.ends.tolist() == P_PLANTED + [P]
+    assert idx.reps.shape == (2, len(P_PLANTED) + 1, 3, 32)
+    assert idx.covered == P
+    # the keys-only proxy (no queries) finds them too: keys carry the same topics
+    idx2 = sp.build_index(None, k, page_size=16, sink_pages=1, end_page=P, reps_per_span=2, window=3,
+                          nms_radius=2, min_score=0.0, max_span_pages=64, obs_queries=0, sm_scale=32 ** -0.5,
+                          dtype=torch.float32)
+    assert idx2.starts.tolist() == [1] + P_PLANTED
+
+
+@pytest.mark.cpu
+def test_nms_radius_and_threshold():
+    s = torch.tensor([0.0, 0.9, 0.8, 0.1, 0.95, -0.2, 0.3, 0.31])
+    assert sp.nms_1d(s, radius=1, min_score=0.0).tolist() == [1, 4, 7]
+    assert sp.nms_1d(s, radius=3, min_score=0.0).tolist() == [4]  # 0.95 suppresses 1 and 7
+    assert sp.nms_1d(s, radius=1, min_score=0.5).tolist() == [1, 4]
+
+
+@pytest.mark.cpu
+def test_spans_tile_and_split():
+    starts, ends = sp.spans_from_boundaries(torch.tensor([5, 30]), 1, 40, max_pages=8)
+    assert starts[0] == 1 and ends[-1] == 40 and torch.equal(starts[1:], ends[:-1])
+    assert int((ends - starts).max()) <= 8
+    assert {5, 30} <= set(starts.tolist())
+
+
+@pytest.mark.cpu
+def test_reps_by_attention_picks_the_most_attended_keys_and_pads():
+    k = torch.randn(2, 48, 8)
+    got = torch.rand(2, 48)
+    got[0, 20], got[1, 3] = 10.0, 10.0
+    reps = sp.reps_by_attention(k, got, torch.tensor([0, 1]), torch.tensor([1, 3]), 16, R=20)
+    assert reps.shape == (2, 2, 20, 8)
+    assert torch.equal(reps[0, 1, 0], k[0, 20]) and torch.equal(reps[1, 0, 0], k[1, 3])
+    assert torch.equal(reps[0, 0, 16:], reps[0, 0, :1].expand(4, 8))  # 16 tokens, R=20: best key repeats
+
+
+@pytest.mark.cpu
+def test_kmeans_reps_separate_two_clusters():
+    k = torch.cat([torch.full((1, 8, 4), 5.0), torch.full((1, 8, 4), -5.0)], 1) + 0.01 * torch.randn(1, 16, 4)
+    reps = sp.reps_by_kmeans(k, torch.tensor([0]), torch.tensor([1]), 16, R=2)
+    assert sorted(reps[0, 0, :, 0].round().tolist()) == [-5.0, 5.0]
+
+
+# -- the span-score kernel --------------------------------------------------------------------------
+
+def _span_inputs(group, head_dim, R, num_spans, *, dtype=torch.float32, q_scale=1.0, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv = len(num_spans), 2
+    NS = max(max(num_spans), 1)
+    q = (torch.randn(B, Hkv * group, head_dim, generator=g) * q_scale).to(dtype)
+    reps = torch.randn(B, Hkv, NS, R, head_dim, generator=g).to(dtype)
+    return q.to(device), reps.to(device), torch.tensor(num_spans, dtype=torch.int32, device=device)
+
+
+def check_span_scores(group, head_dim, R, num_spans, *, dtype=torch.float32, q_scale=1.0, device="cpu", tol=1e-4):
+    from composable_kv.kernels.span_score import triton as span_tk
+    q, reps, ns = _span_inputs(group, head_dim, R, num_spans, dtype=dtype, q_scale=q_scale, device=device)
+    sm = head_dim ** -0.5
+    a = span_ref.span_scores(q.cpu(), reps.cpu(), ns.cpu(), sm)
+    b = span_tk.span_scores(q, reps, ns, sm).cpu()
+    fin = torch.isfinite(a)
+    assert torch.equal(fin, torch.isfinite(b)), "finite masks differ"
+    assert (a[~fin] < 0).all() and (b[~fin] < 0).all()
+    torch.testing.assert_close(b[fin], a[fin], rtol=tol, atol=tol * max(1.0, q_scale))
+
+
+@pytest.mark.cpu
+def test_span_reference_is_max_over_reps():
+    q, reps, ns = _span_inputs(3, 16, 4, [5, 2])
+    s = span_ref.span_scores(q, reps, ns, 0.5)
+    b, hq, j = 0, 4, 3
+    want = max(float(q[b, hq] @ reps[b, hq // 3, j, r]) for r in range(4)) * 0.5
+    assert s[b, hq, j].item() == pytest.approx(want, rel=1e-5)
+    assert torch.isinf(s[1, :, 2:]).all() and torch.isfinite(s[1, :, :2]).all()
+
+
+needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                   reason="no CUDA and TRITON_INTERPRET is not set")
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("group", [1, 2, 3, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("R", [1, 3, 4])
+def test_span_kernel_matches_reference(group, head_dim, R):
+    check_span_scores(group, head_dim, R, [0, 1, 5, 37])  # ragged, incl. a request with no span
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("q_scale", [100.0, 1000.0])
+def test_span_kernel_extreme_logits(q_scale):
+    check_span_scores(4, 64, 2, [3, 130], q_scale=q_scale, tol=1e-4)
+
+
+@pytest.mark.interpret
+@needs_kernels
+def test_span_kernel_half_precision():
+    check_span_scores(2, 64, 4, [9, 4], dtype=torch.float16, tol=2e-2)
+
+
+# -- the stage ----------------------------------------------------------------------------------------
+
+def ltri_policy(budget=64, terminal=None, dense_layers=(), **kw):
+    stage = {"stage": "ltri", "budget_tokens": budget, "sink_tokens": 16, **kw}
+    return {"name": "ltri", "page_size": 16, "dense_layers": list(dense_layers),
+            "stages": [stage, terminal or {"stage": "attend"}]}
+
+
+def run(pol, lens, *, group=2, head_dim=32, seed=0, num_layers=1):
+    pipe = ckv.compile(pol, backend="reference")
+    cache, ids, keys, values = build_cache(lens, head_dim=head_dim, summaries=pipe.required_summaries, seed=seed,
+                                           num_layers=num_layers, page_size=pipe.page_size)
+    q = torch.randn(len(lens), cache.num_kv_heads * group, head_dim, generator=torch.Generator().manual_seed(seed + 1))
+    pipe.plan(cache, ids)
+    return pipe, cache, ids, q, keys, values
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("terminal", [None, {"stage": "art", "stop": "certified", "delta": 1e-30}])
+@pytest.mark.parametrize("vote", ["group", "layer"])
+def test_full_budget_equals_dense(terminal, vote):
+    pipe, cache, ids, q, keys, values = run(ltri_policy(1 << 20, terminal, vote=vote), [1, 17, 63, 111, 300])
+    res = pipe.run(q, cache, 0)
+    torch.testing.assert_close(res.out, dense_attention(q, keys, values), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("vote", ["group", "layer"])
+def test_budget_forced_pages_and_whole_spans_first(vote):
+    pipe, cache, ids, q, keys, values = run(ltri_policy(96, vote=vote, max_span_pages=3), [1, 17, 63, 111, 300])
+    from composable_kv.pipeline import LayerContext
+    ctx = LayerContext(q, cache, 0, pipe._plan, q.shape[-1] ** -0.5)
+    order, count, _ = pipe.select(ctx)
+    st = pipe.selectors[0]
+    for b, (sid, n) in enumerate(zip(ids, [1, 17, 63, 111, 300])):
+        pages = -(-n // 16)
+        idx = st.span_index(sid, 0)
+        forced = {0, *range(idx.covered, pages)}
+        for h in range(2):
+            got = order[b, h, :count[b, h]].tolist()
+            assert count[b, h] == max(min(pages, 6), len(forced))
+            assert forced <= set(got) and got[:len(forced)] == sorted(forced)  # forced read first
+            span_of = {p: s for s, (a, z) in enumerate(zip(idx.starts.tolist(), idx.ends.tolist()))
+                       for p in range(a, z)}
+            seq = [span_of[p] for p in got[len(forced):]]
+            assert all(seq[i] == seq[i + 1] or seq[i + 1] not in seq[:i + 1] for i in range(len(seq) - 1))
+        if vote == "layer":
+            assert torch.equal(order[b, 0], order[b, 1])
+
+
+@pytest.mark.cpu
+def test_needle_span_is_retrieved():
+    """One span's keys align with the query; with room for one span, ltri reads that span."""
+    pipe = ckv.compile(ltri_policy(16 * 6, max_span_pages=4, obs_queries=0), backend="reference")
+    lens = [640]
+    cache, ids, keys, values = build_cache(lens, head_dim=32, summaries=pipe.required_summaries, seed=3)
+    needle = torch.randn(32) * 4
+    k = cache.k[0]
+    page_ids = cache.pages(ids[0])
+    k[page_ids[20], :, :] += needle  # page 20 carries the needle for both KV heads
+    q = needle.repeat(1, 4, 1)
+    pipe.plan(cache, ids)
+    from composable_kv.pipeline import LayerContext
+    order, count, _ = pipe.select(LayerContext(q, cache, 0, pipe._plan, 32 ** -0.5))
+    assert all(20 in order[0, h, :count[0, h]].tolist() for h in range(2))
+
+
+@pytest.mark.cpu
+def test_decode_tokens_close_spans_and_stay_forced():
+    pol = ltri_policy(64, decode_span_pages=2)
+    pipe = ckv.compile(pol, backend="reference")
+    cache, ids, _, _ = build_cache([100], head_dim=16, summaries=pipe.required_summaries, extra_pages=8)
+    st = pipe.selectors[0]
+    q = torch.randn(1, 2, 16)
+    covered = []
+    for step in range(70):
+        cache.append(ids, [1], torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16))
+        pipe.plan(cache, ids)
+        pipe.run(q, cache, 0)
+        covered.append(st.span_index(ids[0], 0).covered)
+    first = 101 // 16  # pages full at first sight
+    for step, c in enumerate(covered):
+        full = (101 + step) // 16
+        assert c == first + 2 * ((full - first) // 2)
+    idx = st.span_index(ids[0], 0)
+    assert idx.reps.shape[1] == idx.num_spans and torch.equal(idx.starts[1:], idx.ends[:-1])
+
+
+@pytest.mark.cpu
+def test_kv_bytes_count_rep_keys():
+    pipe, cache, ids, q, *_ = run(ltri_policy(64, reps_per_span=3), [111, 300])
+    res = pipe.run(q, cache, 0)
+    st = pipe.selectors[0]
+    spans = torch.tensor([st.span_index(s, 0).num_spans for s in ids], dtype=torch.float64)
+    kv = res.pages_read.sum(-1).double() * 2 * 16 * 32 * 4
+    reps = spans * 2 * 3 * 32 * 4  # Hkv * R * D * fp32
+    torch.testing.assert_close(pipe.kv_bytes_read(res, cache, 0), kv + reps)
+
+
+@pytest.mark.cpu
+def test_bad_vote_is_a_clear_error():
+    with pytest.raises(ckv.ConfigError, match="vote"):
+        ckv.compile(ltri_policy(64, vote="all"))
+
+
+@pytest.mark.interpret
+@needs_kernels
+def test_stage_with_triton_scorer_equals_reference(monkeypatch):
+    from composable_kv.pipeline import LayerContext
+    from composable_kv.policies import ltri
+    pipe, cache, ids, q, *_ = run(ltri_policy(64, max_span_pages=2), [63, 111, 300], group=4)
+    ctx = LayerContext(q, cache, 0, pipe._plan, 32 ** -0.5)
+    a = pipe.select(ctx)
+    monkeypatch.setattr(ltri, "_FORCE_TRITON", True)
+    b = pipe.select(ctx)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# -- the HF path (tiny random Llama) ------------------------------------------------------------------
+
+@pytest.mark.cpu
+def test_hf_prefill_builds_spans_and_decodes():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from composable_kv import hf
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (150, 97)]
+    dense = ckv.compile({"name": "d", "page_size": 16, "stages": [{"stage": "attend"}]}, backend="reference")
+    full = ckv.compile(ltri_policy(1 << 20, dense_layers=[0]), backend="reference")
+    small = ckv.compile(ltri_policy(48, dense_layers=[0]), backend="reference")
+    with torch.no_grad():
+        want = hf.generate(model, None, prompts, policy=dense, max_new_tokens=6, stop_at_eos=False)
+        got = hf.generate(model, None, prompts, policy=full, max_new_tokens=6, stop_at_eos=False)
+        st = small.selectors[0]
+        sess = hf.PolicySession(model, small, max_total_tokens=160, batch_size=2)
+        sess.prefill(prompts)
+        built = {(sid, layer): st.span_index(sid, layer) for sid in sess.seq_ids for layer in (0, 1, 2)}
+        for _ in range(4):
+            sess.decode([5, 7])
+        sess.close()
+    assert got.sequences == want.sequences  # at full budget: exactly dense
+    for sid, n in zip((0, 1), (150, 97)):
+        assert built[(sid, 0)] is None  # dense layer: nothing built
+        for layer in (1, 2):
+            idx = built[(sid, layer)]  # observed at prefill: spans tile the full pages after the sink
+            assert idx.starts[0] == 1 and idx.ends[-1] == n // 16 == idx.covered
+    assert all(s.kv_bytes_read[0] < s.dense_kv_bytes[0] for s in sess.steps)
