@@ -21,7 +21,8 @@ TOP_LEVEL_KEYS = {
     "description": "free text",
     "page_size": "tokens per KV page, a power of two in [1, 256] (default 16)",
     "dense_layers": "layer indices that attend densely (default [])",
-    "stages": "the stage stack: selectors first, exactly one terminal stage (attend or art) last",
+    "stages": "the stage stack: an optional admission stage first, then selectors, exactly one terminal "
+              "stage (attend or art) last",
 }
 
 
@@ -137,6 +138,12 @@ def _validate(data, *, source, lines, default_name: str = "policy") -> PolicyCon
     for i, raw in enumerate(stages_raw):
         path = f"stages[{i}]"
         stages.append(_build_stage(raw, path, registry, err))
+    admissions = [i for i, s in enumerate(stages) if s.kind == "admission"]
+    if admissions and admissions != [0]:
+        i = admissions[-1] if admissions[0] == 0 else admissions[0]
+        raise err(f"stages[{i}]", f"admission stage {stages[i].name!r} must be the first stage and the only "
+                                  f"admission stage (it decides what is written; the selectors and the "
+                                  f"terminal stage then read it), got {[s.name for s in stages]}")
     terminals = [i for i, s in enumerate(stages) if s.kind == "terminal"]
     terminal_names = sorted(n for n, c in registry.items() if c.kind == "terminal")
     if not terminals:

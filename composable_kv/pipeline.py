@@ -128,6 +128,8 @@ class DecodePipeline:
         self.page_size = config.page_size
         self.dense_layers = frozenset(config.dense_layers)
         self.selectors: list[SelectorStage] = [s for s in config.stages if s.kind == "selector"]
+        # An admission stage (write path) needs a GatedKVCache; composable_kv.admission runs it.
+        self.admission = next((s for s in config.stages if s.kind == "admission"), None)
         self.terminal = config.stages[-1]
         self.requested_backend = backend
         self._plan: StepPlan | None = None
@@ -173,6 +175,7 @@ class DecodePipeline:
         backend = self.backend_for(device)
         lines = [f"policy {self.name!r}: page_size={self.page_size}, dense_layers={sorted(self.dense_layers)}",
                  "stages: " + " -> ".join(s.name for s in self.config.stages),
+                 *([f"admission: {self.admission.describe()}"] if self.admission is not None else []),
                  f"summaries kept on append: {sorted(self.required_summaries) or 'none'}"]
         if backend == "reference":
             lines.append("path: reference (pure torch, fp32 math; every stage is a torch op)")
@@ -184,6 +187,10 @@ class DecodePipeline:
     # -- per step -----------------------------------------------------------------------------
     def plan(self, cache: PagedKVCache, seq_ids: list[int], num_splits: int | None = None) -> StepPlan:
         """Once per decode step (after `cache.reserve`): page tables and forced pages for all layers."""
+        if self.admission is not None:
+            raise TensorContractError(f"policy {self.name!r} leads with the admission stage "
+                                      f"{self.admission.name!r}: decode it through composable_kv.admission "
+                                      f"(GatedPipeline over a GatedKVCache), not a plain PagedKVCache")
         if cache.page_size != self.page_size:
             raise TensorContractError(f"cache.page_size is {cache.page_size} but policy {self.name!r} "
                                       f"has page_size {self.page_size}; build the cache with the policy's")

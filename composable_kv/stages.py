@@ -1,6 +1,8 @@
 """The stage protocol, the selector template and the stage registry.
 
-A stage is a dataclass registered by name. Two kinds:
+A stage is a dataclass registered by name. Three kinds:
+  * an admission stage (optional, first) decides what is written: which tokens a (request, KV head)
+    keeps at all (composable_kv.admission runs it on the write path);
   * selectors force pages (sink, window) or score pages and keep the best under a budget;
   * the terminal stage reads the chosen pages (`attend` reads all, `art` stops early).
 A new selector subclasses `ScoringSelector` and writes only `score()`.
@@ -94,6 +96,12 @@ class TerminalStage(Stage):
     kind: ClassVar[str] = "terminal"
 
 
+class AdmissionStage(Stage):
+    """Base of admission stages: they lead a stack and act on the write path, not on the read."""
+
+    kind: ClassVar[str] = "admission"
+
+
 _REGISTRY: dict[str, type[Stage]] = {}
 
 
@@ -101,8 +109,9 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
     """Class decorator: register a Stage dataclass under `cls.name`."""
     if not dataclasses.is_dataclass(cls):
         cls = dataclass(cls)
-    if not (isinstance(cls, type) and issubclass(cls, (SelectorStage, TerminalStage))):
-        raise TypeError(f"{cls!r}: a stage must subclass SelectorStage, ScoringSelector or TerminalStage")
+    if not (isinstance(cls, type) and issubclass(cls, (AdmissionStage, SelectorStage, TerminalStage))):
+        raise TypeError(f"{cls!r}: a stage must subclass AdmissionStage, SelectorStage, ScoringSelector "
+                        f"or TerminalStage")
     if not cls.name or not cls.name.isidentifier():
         raise TypeError(f"{cls.__name__}: set a class attribute `name` (an identifier), got {cls.name!r}")
     old = _REGISTRY.get(cls.name)
