@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "eval_cli", ("add_eval_parser", "add_demo_parser"))
     _add_optional(sub, "bench", ("add_bench_parser",))
     _add_optional(sub, "traces", ("add_trace_parser",))
+    _add_optional(sub, "predictor_train", ("add_train_predictor_parser",))
     return parser
 
 
