@@ -83,6 +83,8 @@ def _launch(tmp: Path, policies: dict, timeout: float = 150.0) -> tuple[dict, di
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
     env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU, like the single-process reference, even on a GPU box
+    if sys.platform == "linux":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # containers whose hostname does not resolve
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
            str(script), str(tmp / "model"), str(tmp / "prompts.json"), str(out), *map(str, policies.values())]
     proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
