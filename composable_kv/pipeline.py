@@ -2,7 +2,8 @@
 
 Generic path (any selector, incl. user-written ones): selectors narrow a SelectionState, then the
 terminal stage reads the chosen pages through the paged-decode op. The fused Triton path
-(composable_kv.fused) handles stacks made only of built-in stages in at most 3 launches.
+(composable_kv.fused) handles stacks made only of built-in stages in at most 3 launches (4 when a
+key_shadow re-ranks after quest/topk).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from .cache import PagedKVCache
 from .config import PolicyConfig, load_policy
+from .contracts import check_finite, check_int, check_seq_ids, check_sm_scale, check_tensor, value_checks_on
 from .errors import TensorContractError
 from .stages import SUMMARY_KEY_MINMAX, ScoringSelector, SelectorStage
 from .kernels.page_score import reference as score_ref
@@ -120,7 +122,7 @@ class SelectionState:
 
 
 class DecodePipeline:
-    def __init__(self, config: PolicyConfig, backend: str = "auto"):
+    def __init__(self, config: PolicyConfig, backend: str = "auto", validate: bool | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
         self.config = config
@@ -132,6 +134,7 @@ class DecodePipeline:
         self.admission = next((s for s in config.stages if s.kind == "admission"), None)
         self.terminal = config.stages[-1]
         self.requested_backend = backend
+        self.validate = validate  # NaN/Inf check of q: None = on for CPU q or the reference backend
         self._plan: StepPlan | None = None
         self._fused = None
         self.stage_state: dict = {}  # stages' state across decode steps (e.g. attention_predictor's history)
@@ -191,6 +194,11 @@ class DecodePipeline:
             raise TensorContractError(f"policy {self.name!r} leads with the admission stage "
                                       f"{self.admission.name!r}: decode it through composable_kv.admission "
                                       f"(GatedPipeline over a GatedKVCache), not a plain PagedKVCache")
+        if not isinstance(cache, PagedKVCache):
+            raise TensorContractError(f"plan: cache expected a PagedKVCache, got {type(cache).__name__}")
+        seq_ids = check_seq_ids("plan", seq_ids, cache.sequences())
+        if num_splits is not None:
+            check_int("plan", "num_splits", num_splits, 1)
         if cache.page_size != self.page_size:
             raise TensorContractError(f"cache.page_size is {cache.page_size} but policy {self.name!r} "
                                       f"has page_size {self.page_size}; build the cache with the policy's")
@@ -228,7 +236,7 @@ class DecodePipeline:
         if plan is None:
             raise RuntimeError("call pipeline.plan(cache, seq_ids) once per decode step before run()")
         self._check_q(q, cache, layer, plan)
-        sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+        sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else check_sm_scale("run", sm_scale)
         ctx = LayerContext(q, cache, layer, plan, sm_scale, self.stage_state)
         if self.backend_for(q.device) == "triton":
             from . import fused
@@ -237,15 +245,19 @@ class DecodePipeline:
 
     def _check_q(self, q, cache, layer, plan):
         B = plan.batch_size
+        check_tensor("run", "q", q)
         if q.dim() != 3 or q.shape[0] != B or q.shape[2] != cache.head_dim:
             raise TensorContractError(f"q: expected [B={B}, Hq, D={cache.head_dim}], got {list(q.shape)}")
-        if q.shape[1] % cache.num_kv_heads:
+        if q.shape[1] % cache.num_kv_heads or q.shape[1] == 0:
             raise TensorContractError(f"q: {q.shape[1]} query heads is not a multiple of the cache's "
                                       f"{cache.num_kv_heads} KV heads")
         if q.device != cache.device:
             raise TensorContractError(f"q is on {q.device} but the cache is on {cache.device}")
+        check_int("run", "layer", layer)
         if not 0 <= layer < cache.num_layers:
             raise TensorContractError(f"layer: expected 0 <= layer < {cache.num_layers}, got {layer}")
+        if value_checks_on(self.validate, q.device, reference=self.backend_for(q.device) == "reference"):
+            check_finite("run", "q", q, "b, head, d")
 
     # -- the generic path ---------------------------------------------------------------------
     def select(self, ctx: LayerContext):
@@ -300,13 +312,24 @@ class DecodePipeline:
         total = res.pages_read.sum(-1).to(torch.float64) * page_kv
         if layer is not None and self.is_dense_layer(layer):
             return total
-        per_page = sum(s.summary_bytes_per_page(cache) for s in self.selectors)
+        pages = plan.num_pages.to(torch.float64)  # [B] pages a selector may score
+        scored = torch.zeros_like(pages)  # [B] summary bytes per KV head
+        n_forced = plan.forced.sum(-1).to(torch.float64)
+        for s in self.selectors:
+            # a re-ranker (key_shadow) reads its summary only for the pages the previous scorer kept
+            in_play = pages if getattr(s, "scores_kept_only", False) else plan.num_pages.to(torch.float64)
+            scored += in_play * s.summary_bytes_per_page(cache)
+            if isinstance(s, ScoringSelector):
+                pages = torch.minimum(pages, n_forced.clamp(min=s.budget_pages(cache.page_size)))
         if self.needs_box_bound:
-            per_page += 2 * cache.head_dim * elt
-        return total + plan.num_pages.to(torch.float64) * cache.num_kv_heads * per_page
+            scored += plan.num_pages.to(torch.float64) * 2 * cache.head_dim * elt
+        return total + scored * cache.num_kv_heads
 
 
-def compile(policy, backend: str = "auto") -> DecodePipeline:
-    """Compile a policy (YAML path, dict or PolicyConfig) into a DecodePipeline."""
+def compile(policy, backend: str = "auto", validate: bool | None = None) -> DecodePipeline:
+    """Compile a policy (YAML path, dict or PolicyConfig) into a DecodePipeline.
+
+    validate: NaN/Inf check of q in run() (a host sync): None = on for CPU q and the reference backend,
+    off on CUDA unless CKV_VALIDATE=1 (composable_kv/contracts.py)."""
     config = policy if isinstance(policy, PolicyConfig) else load_policy(policy)
-    return DecodePipeline(config, backend=backend)
+    return DecodePipeline(config, backend=backend, validate=validate)

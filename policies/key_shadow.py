@@ -18,6 +18,7 @@ class KeyShadow(ScoringSelector):
     summary = "re-rank pages by an int8/int4 per-token key copy (sound bound; reads the copy)"
     score_is_bound = True
     fusable = True
+    scores_kept_only = True  # reads the shadow only for the pages the previous scorer kept (kv_bytes_read)
 
     bits: int = param(8, "bits per key channel in the shadow copy", choices=(8, 4))
     budget_tokens: int = param(512, "tokens kept per (request, KV head), forced pages included", min=0)
@@ -30,7 +31,7 @@ class KeyShadow(ScoringSelector):
         return frozenset({self.summary_name, SUMMARY_KEY_MINMAX})
 
     def summary_bytes_per_page(self, cache) -> int:
-        """Per scored page: the codes, the per-channel step and the zero point (key_min)."""
+        """Per scored page (only those the previous scorer kept): codes, per-channel step, zero point."""
         codes = cache.page_size * shadow_ref.code_dim(cache.head_dim, self.bits)
         return codes + 2 * cache.head_dim * cache.dtype.itemsize
 
