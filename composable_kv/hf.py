@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .contracts import check_int, check_token_ids
 from .errors import CkvError
 
 __all__ = [
@@ -456,9 +457,11 @@ def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: i
     ``on_step(step_index)`` is called after every decode step (progress bars).
     ``prefill_cache`` lets several calls on the same prompts share one dense prefill.
     """
+    check_int("generate", "max_new_tokens", max_new_tokens)
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1.")
     token_lists = _as_token_lists(tokenizer, prompts)
+    check_token_ids("generate", token_lists, getattr(model.config, "vocab_size", None))
     lengths = [len(t) for t in token_lists]
     _check_context(model, lengths, max_new_tokens)
     session = PolicySession(model, policy, max_total_tokens=max(lengths) + max_new_tokens,
