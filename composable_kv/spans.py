@@ -183,6 +183,8 @@ def build_index(q: torch.Tensor | None, k: torch.Tensor, *, page_size: int, sink
 
     q [Hq, T, D] the prompt's queries, or None: then the keys stand in for the queries in the
     attention proxy (k . k, per KV head) and the reps are k-means centroids. k [Hkv, T, D].
+    A boundary is an NMS peak of T(b) above the sequence's median T plus `min_score`: on real
+    maps the page's own (diagonal) mass lifts every T(b), so an absolute level would cut everywhere.
     """
     Hkv, _, D = k.shape
     start = min(sink_pages, end_page)
@@ -194,7 +196,9 @@ def build_index(q: torch.Tensor | None, k: torch.Tensor, *, page_size: int, sink
     attn = page_pooled_attention(proxy_q, k[:, :T], page_size, sink_pages, sm_scale)
     tri = triangle_scores(attn, window)
     tri[:start + 1] = NEG_INF
-    starts, ends = spans_from_boundaries(nms_1d(tri, nms_radius, min_score), start, end_page, max_span_pages)
+    fin = tri[torch.isfinite(tri)]
+    level = float(fin.median()) + min_score if len(fin) else min_score  # the diagonal lifts every T(b)
+    starts, ends = spans_from_boundaries(nms_1d(tri, nms_radius, level), start, end_page, max_span_pages)
     if q is not None and obs_queries > 0:
         W = min(obs_queries, q.shape[1])
         got = received_attention(q[:, -W:], k, sm_scale)

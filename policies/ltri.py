@@ -3,7 +3,8 @@
 Our choices (the paper gives no exact formulas; see also composable_kv/spans.py):
   * Boundaries come from a page-pooled attention proxy (page-mean q . page-mean k, per query head,
     averaged over the layer's heads), a triangle score T(b) = mean_{i in [b, b+w)} (mass of row i
-    on [b, i]) - (mass on the w pages before b), and 1-D NMS (radius `nms_pages`, T > `min_score`).
+    on [b, i]) - (mass on the w pages before b), and 1-D NMS (radius `nms_pages`; a peak must exceed
+    the sequence's median T by `min_score`).
     Spans are page aligned, shared by a layer's KV heads, at most `max_span_pages` long.
   * Each span keeps `reps_per_span` representative keys per KV head: the keys that received the
     most attention from the prompt's last `obs_queries` queries (prefill), or k-means centroids
@@ -50,8 +51,8 @@ class Ltri(ScoringSelector):
     reps_per_span: int = param(4, "representative keys per span and KV head", min=1, max=64)
     tri_window_pages: int = param(4, "pages each side of a boundary the triangle score looks at", min=1, max=64)
     nms_pages: int = param(2, "NMS radius in pages (boundaries at least this far apart)", min=1, max=256)
-    min_score: float = param(0.0, "triangle score a boundary must exceed", min=-1.0, max=1.0)
-    max_span_pages: int = param(16, "longer spans are split evenly", min=1, max=4096)
+    min_score: float = param(0.05, "margin over the median triangle score a boundary must exceed", min=-1.0, max=1.0)
+    max_span_pages: int = param(8, "longer spans are split evenly", min=1, max=4096)
     obs_queries: int = param(32, "prompt's last queries whose attention picks the reps (0: k-means)", min=0)
     decode_span_pages: int = param(4, "decode pages that close a new span", min=1, max=256)
     sink_tokens: int = param(16, "leading tokens always read and never in a span", min=0)
