@@ -1,0 +1,253 @@
+"""AttentionPredictor: history ring buffer, the stage end to end (reference and interpreted Triton),
+batches where requests finish and arrive, a tiny HF model, and a training smoke test."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import composable_kv as ckv
+from composable_kv import predictor_train as T
+from composable_kv.predictor import PageHistory, PredictorCNN, load_weights, save_weights
+from composable_kv.traces import Trace
+
+from helpers import build_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    return str(save_weights(PredictorCNN(), tmp_path_factory.mktemp("ap") / "w.pt"))
+
+
+def policy(weights, terminal=None, **kw):
+    st = {"stage": "attention_predictor", "budget_tokens": 64, "sink_tokens": 16, "recent_tokens": 16,
+          "history_steps": 8, "calibrate_every": 3, "weights": weights}
+    st.update(kw)
+    return {"name": "ap", "page_size": 16, "dense_layers": [0],
+            "stages": [st, terminal or {"stage": "attend"}]}
+
+
+def decode_steps(pipe, cache, ids, steps, *, layers=2, seed=1, group=2, on_step=None):
+    g = torch.Generator().manual_seed(seed)
+    Hkv, D = cache.num_kv_heads, cache.head_dim
+    results = []
+    for step in range(steps):
+        if on_step is not None:
+            ids = on_step(step, ids)
+        slots = cache.reserve(ids, [1] * len(ids))
+        for layer in range(layers):
+            cache.write(layer, slots, torch.randn(len(ids), Hkv, D, generator=g),
+                        torch.randn(len(ids), Hkv, D, generator=g))
+        pipe.plan(cache, ids)
+        q = torch.randn(len(ids), Hkv * group, D, generator=g) * 2
+        results.append((list(ids), [pipe.run(q, cache, layer) for layer in range(layers)]))
+    return results
+
+
+def history_of(pipe, cache, layer):
+    (stage_state,) = pipe.stage_state.values()
+    return stage_state[(id(cache), layer)][0]
+
+
+# -- the ring buffer ----------------------------------------------------------------------------
+
+@pytest.mark.cpu
+def test_history_ring_buffer_order_wrap_growth():
+    h = PageHistory(heads=2, steps=3, device="cpu")
+    rows = h.rows([10, 11], [40, 70], live=[10, 11])
+    assert h.window(rows, 3).abs().sum() == 0  # a new row is all zeros
+    for step in range(5):  # wrap: 5 pushes into 3 slots
+        P = 3 if step < 3 else 5  # the page axis grows mid-way
+        h.push(rows, torch.full((2, 2, P), float(step + 1)))
+    w = h.window(rows, 5)  # [B, Hh, H, P], oldest first
+    assert w.shape == (2, 2, 3, 5)
+    assert w[0, 0, :, 0].tolist() == [3.0, 4.0, 5.0]
+    assert w[0, 0, 0, 3:].tolist() == [0.0, 0.0]  # step 3 had 3 pages: no mass beyond
+    assert w[0, 0, 1, 3:].tolist() == [4.0, 4.0]
+    assert h.steps[rows].tolist() == [5, 5]
+
+
+@pytest.mark.cpu
+def test_history_rows_freed_and_reset():
+    h = PageHistory(heads=1, steps=2, device="cpu")
+    r = h.rows([1, 2], [20, 20], live=[1, 2])
+    h.push(r, torch.ones(2, 1, 2))
+    # seq 1 finished (not live): its row is freed and handed, zeroed, to seq 3
+    r2 = h.rows([2, 3], [21, 5], live=[2, 3])
+    assert 1 not in h.row_of and r2[1] == r[0]
+    assert h.window(r2[1:], 2).abs().sum() == 0 and int(h.steps[r2[1]]) == 0
+    assert h.window(r2[:1], 2).sum() == 2  # seq 2 kept its history
+    # seq 2's length goes backwards: a new sequence reusing the id -> reset
+    r3 = h.rows([2], [3], live=[2, 3])
+    assert h.window(r3, 2).abs().sum() == 0
+
+
+# -- the stage ----------------------------------------------------------------------------------
+
+@pytest.mark.cpu
+def test_stage_calibrates_then_keeps_the_budget(weights):
+    pipe = ckv.compile(policy(weights), backend="reference")
+    cache, ids, _, _ = build_cache([100, 200, 37], num_layers=2, head_dim=32, extra_pages=8,
+                                   summaries=pipe.required_summaries)
+    res = decode_steps(pipe, cache, ids, 7)
+    for step, (_, outs) in enumerate(res):
+        pages = outs[1].pages_read  # [B, Hkv] on the predictor layer
+        n = torch.tensor([-(-(L + step + 1) // 16) for L in (100, 200, 37)])
+        if step % 3 == 0:  # dense calibration (the first step included)
+            assert torch.equal(pages, n[:, None].expand_as(pages).int()), (step, pages)
+        else:  # forced sink/recent + best others up to 4 pages (forced pages are kept past it)
+            assert (pages <= torch.clamp(n, max=4)[:, None]).all() and (pages >= 1).all(), (step, pages)
+        assert torch.equal(outs[0].pages_read, n[:, None].expand_as(pages).int())  # dense layer 0
+    hist = history_of(pipe, cache, 1)
+    rows = hist.rows(ids, [cache.seq_len(s) for s in ids], ids)
+    last = hist.window(rows, 16)[:, :, -1]  # [B, Hkv, P]: the masses of the last step
+    torch.testing.assert_close(last.sum(-1), torch.ones(3, 2))
+    assert (hist.window(rows, 16)[:, :, :-7] == 0).all()  # H=8, 7 steps: the oldest slot is empty
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (tests/conftest.py) or CUDA")
+@pytest.mark.interpret
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_stage_triton_equals_reference_stacked_with_art(weights, num_splits):
+    art = {"stage": "art", "stop": "certified", "delta": 0.05, "chunk_pages": 1}
+    out = []
+    for backend in ("reference", "triton"):
+        pipe = ckv.compile(policy(weights, art), backend=backend)
+        cache, ids, _, _ = build_cache([60, 110], num_layers=2, head_dim=64, extra_pages=8,
+                                       summaries=pipe.required_summaries)
+        orig = pipe.plan
+        pipe.plan = lambda c, i, num_splits=num_splits: orig(c, i, num_splits=num_splits)
+        out.append(decode_steps(pipe, cache, ids, 4, group=4))
+    for (_, a), (_, b) in zip(*out):
+        for ra, rb in zip(a, b):
+            assert torch.equal(ra.pages_read, rb.pages_read)
+            torch.testing.assert_close(ra.out, rb.out, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.cpu
+def test_batch_churn_new_sequence_calibrates(weights):
+    pipe = ckv.compile(policy(weights, calibrate_every=4), backend="reference")
+    cache, ids, _, _ = build_cache([100, 150], num_layers=2, head_dim=32, extra_pages=40,
+                                   summaries=pipe.required_summaries)
+    g = torch.Generator().manual_seed(5)
+
+    def churn(step, ids):
+        if step == 2:  # request 0 finishes, a fresh 120-token request arrives
+            cache.free(ids[0])
+            sid = cache.add_sequence()
+            cache.append([sid], [120], torch.randn(2, 120, 2, 32, generator=g), torch.randn(2, 120, 2, 32, generator=g))
+            return [ids[1], sid]
+        return ids
+
+    res = decode_steps(pipe, cache, ids, 4, on_step=churn)
+    ids2, outs = res[2]
+    n_new = -(-121 // 16)
+    assert outs[1].pages_read[1].tolist() == [n_new, n_new]  # the newcomer's first step is dense
+    assert outs[1].pages_read[0].max() <= 4  # the old request is mid-cycle
+    hist = history_of(pipe, cache, 1)
+    assert set(hist.row_of) == set(ids2)  # the finished request's row was freed (and reused)
+    assert len(hist.row_of) + len(hist.free_rows) == hist.hist.shape[0]
+
+
+@pytest.mark.cpu
+def test_per_query_head_and_run_every(weights, monkeypatch):
+    calls = []
+    orig = PredictorCNN.forward
+    monkeypatch.setattr(PredictorCNN, "forward", lambda self, x: calls.append(x.shape) or orig(self, x))
+    pipe = ckv.compile(policy(weights, per_kv_head=False, run_every=2), backend="reference")
+    cache, ids, _, _ = build_cache([130], num_layers=2, head_dim=32, extra_pages=4,
+                                   summaries=pipe.required_summaries)
+    decode_steps(pipe, cache, ids, 6, group=3)
+    assert calls and all(s[0] == 6 for s in calls)  # one CNN row per query head (2 KV heads x 3)
+    assert len(calls) == 3  # steps 0, 2, 4 of 6
+    assert history_of(pipe, cache, 1).heads == 6
+
+
+@pytest.mark.cpu
+def test_missing_weights_error(tmp_path):
+    pipe = ckv.compile(policy(str(tmp_path / "nope.pt")), backend="reference")
+    cache, ids, _, _ = build_cache([40], num_layers=2, head_dim=32, summaries=pipe.required_summaries)
+    with pytest.raises(FileNotFoundError, match="ckv train-predictor"):
+        decode_steps(pipe, cache, ids, 1)
+
+
+@pytest.mark.cpu
+def test_config_validates_and_errors():
+    cfg = ckv.load_policy(str(ROOT / "configs" / "attention_predictor_art.yaml"))
+    assert [s.name for s in cfg.stages] == ["attention_predictor", "art"]
+    with pytest.raises(ckv.ConfigError, match="history_step"):
+        ckv.load_policy({"stages": [{"stage": "attention_predictor", "history_step": 3}, {"stage": "attend"}]})
+    with pytest.raises(ckv.ConfigError, match="calibrate_every"):
+        ckv.load_policy({"stages": [{"stage": "attention_predictor", "calibrate_every": 0}, {"stage": "attend"}]})
+
+
+@pytest.mark.cpu
+def test_tiny_hf_model_decodes_with_the_predictor(weights):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from composable_kv import hf
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    pipe = ckv.compile(policy(weights, budget_tokens=48), backend="reference")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (90, 130)]
+    out = hf.generate(model, None, prompts, policy=pipe, max_new_tokens=8, stop_at_eos=False)
+    assert [len(s) for s in out.sequences] == [8, 8]
+    frac = out.kv_read_fraction
+    assert all(0 < f < 1 for f in frac), frac  # the non-calibration steps read less than dense
+
+
+# -- training -------------------------------------------------------------------------------------
+
+@pytest.mark.cpu
+def test_page_masses_and_quest_bound_on_a_synthetic_trace():
+    tr = Trace.synthetic(layers=1, kv_heads=2, group=2, tokens=70, head_dim=16, num_queries=6)
+    sm = 16 ** -0.5
+    mass = T.page_masses(tr.q[0], tr.k[0], sm, 64)
+    quest = T.quest_page_bound(tr.q[0], tr.k[0], sm, 64)
+    for i in range(6):
+        pos = 64 + i
+        k = tr.k[0, :, :pos + 1].float()  # [Hkv, n, D]
+        logits = torch.einsum("hgd,htd->hgt", tr.q[0, i].float().view(2, 2, 16), k) * sm
+        w = logits.softmax(-1).mean(1)  # [Hkv, n]
+        want = torch.nn.functional.pad(w, (0, 80 - pos - 1)).view(2, 5, 16).sum(-1)
+        torch.testing.assert_close(mass[i], want)
+        page_max = torch.nn.functional.pad(logits.amax(1), (0, 80 - pos - 1), value=-1e9).view(2, 5, 16).amax(-1)
+        n = pos // 16 + 1
+        assert (quest[i, :, :n] >= page_max[:, :n] - 1e-4).all()  # Quest's box bound is an upper bound
+        assert torch.isinf(quest[i, :, n:]).all()
+
+
+@pytest.mark.cpu
+def test_training_smoke(tmp_path):
+    tr = Trace.synthetic(layers=2, kv_heads=2, group=2, tokens=160, head_dim=16, num_queries=40)
+    sm = 16 ** -0.5
+    data = {"mass": torch.stack([T.page_masses(tr.q[i], tr.k[i], sm, 120) for i in range(2)]),
+            "quest": torch.stack([T.quest_page_bound(tr.q[i], tr.k[i], sm, 120) for i in range(2)]),
+            "first_pos": 120}
+    x, y, m = T.make_samples(data["mass"], 120, history=8, crop_pages=6, budget_pages=3, calibrate_every=3,
+                             sink_pages=1, recent_pages=1, num_samples=64)
+    assert x.shape == (64, 8, 6) and not torch.isnan(x).any() and (x >= 0).all()
+    model = T.train(x, y, m, epochs=1, quiet=True, c1=4, c2=8)
+    path = save_weights(model, tmp_path / "w.pt", {"smoke": True})
+    again = load_weights(path)
+    torch.testing.assert_close(again(x[:4]), model(x[:4]))
+    rows = T.recall_table(again, data, budgets=[48], history=8, calibrate_every=3, sink_pages=1, recent_pages=1)
+    by = {r["method"]: r for r in rows}
+    assert by["oracle"]["page_recall"] == pytest.approx(1.0)
+    assert by["oracle"]["mass_recall"] >= max(by["quest"]["mass_recall"], by["predictor"]["mass_recall"]) - 1e-6
+    assert 0 < by["predictor"]["mass_recall"] <= 1 and by["predictor"]["steps"] == 40 - 14
+
+
+@pytest.mark.cpu
+def test_train_predictor_command_is_registered():
+    from composable_kv.cli import build_parser
+    args = build_parser().parse_args(["train-predictor", "--out", "x.pt", "--samples", "10"])
+    assert args.samples == 10 and args.func.__name__ == "_cmd_train_predictor"
