@@ -1,0 +1,39 @@
+"""Ltri span scoring on the GPU: kernel vs reference over a larger grid, and the stage on CUDA."""
+import pytest
+import torch
+
+import composable_kv as ckv
+
+from helpers import build_cache
+from test_ltri import check_span_scores, ltri_policy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 7, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("R", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_span_kernel_grid(group, head_dim, R, dtype, tol):
+    check_span_scores(group, head_dim, R, [0, 1, 33, 257, 1000], dtype=dtype, device="cuda", tol=tol)
+
+
+@pytest.mark.parametrize("q_scale", [100.0, 1000.0])
+def test_span_kernel_extreme_logits(q_scale):
+    check_span_scores(4, 128, 4, [5, 300], q_scale=q_scale, device="cuda")
+
+
+@pytest.mark.parametrize("terminal", [None, {"stage": "art", "stop": "certified", "delta": 0.01}])
+def test_stage_on_cuda_matches_cpu_reference(terminal):
+    pol = ltri_policy(128, terminal, max_span_pages=3)
+    lens = [63, 111, 300, 1000]
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        pipe = ckv.compile(pol, backend="reference" if dev == "cpu" else "auto")
+        cache, ids, _, _ = build_cache(lens, head_dim=64, summaries=pipe.required_summaries, device=dev, seed=2)
+        q = torch.randn(len(lens), 8, 64, generator=torch.Generator().manual_seed(5)).to(dev)
+        pipe.plan(cache, ids, num_splits=1)
+        res = pipe.run(q, cache, 0)
+        outs[dev] = (res.out.cpu(), res.pages_read.cpu())
+    torch.testing.assert_close(outs["cuda"][0], outs["cpu"][0], rtol=2e-4, atol=2e-4)
+    assert torch.equal(outs["cuda"][1], outs["cpu"][1])
