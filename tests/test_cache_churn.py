@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import composable_kv as ckv
+from composable_kv.kernels.key_shadow.reference import quantize_pages
 
 pytestmark = pytest.mark.cpu
 H, D, S, LAYERS = 2, 4, 4, 2
+SUMMARIES = {"key_minmax", "value_norm", "key_shadow_int8", "key_shadow_int4"}
 
 
 def snapshot(c):
@@ -67,6 +69,12 @@ def check_summaries(c):
         assert torch.equal(c.key_min[layer][used].float(), kmin[used]), layer
         assert torch.equal(c.key_max[layer][used].float(), kmax[used]), layer
         assert torch.equal(c.value_norm[layer][used], vn[used]), layer
+        for bits in c.shadow_bits:  # low-bit key copy: re-quantized from the page's stored keys and min/max
+            codes, step = quantize_pages(c.k[layer][used], c.key_min[layer][used], c.key_max[layer][used],
+                                         bits, c.dtype)
+            assert torch.equal(c.shadow_step[bits][layer][used], step), (layer, bits)
+            valid = tok[used][:, None, :, None].expand_as(codes)  # the written slots only
+            assert torch.equal(c.shadow_codes[bits][layer][used][valid], codes[valid]), (layer, bits)
 
 
 def rand_kv(rng, n, dtype):
@@ -78,7 +86,7 @@ def rand_kv(rng, n, dtype):
 @pytest.mark.parametrize("dtype,num_ops", [(torch.float32, 3000), (torch.bfloat16, 1000)])
 def test_cache_churn(dtype, num_ops):
     rng = random.Random(1234 + num_ops)
-    c = ckv.PagedKVCache(LAYERS, H, D, 48, page_size=S, dtype=dtype, summaries={"key_minmax", "value_norm"})
+    c = ckv.PagedKVCache(LAYERS, H, D, 48, page_size=S, dtype=dtype, summaries=SUMMARIES)
     truth: dict[int, tuple[list, list]] = {}
     counts = dict.fromkeys(["admit", "prefill", "decode", "finish", "full"], 0)
     for _ in range(num_ops):
