@@ -11,6 +11,9 @@ Providers (each row times one layer's decode for the whole batch):
                   our pipeline (pipeline.run: the fused Triton path on CUDA) with configs/dense.yaml,
                   quest.yaml, quest_art.yaml, sink_window_quest_art.yaml; budgets overridden per row and
                   dense_layers set to [] (the benchmarked layer is a sparse one)
+  ckv_swqsa, ckv_swqsa4
+                  configs/sink_window_quest_shadow_art.yaml: Quest keeps 4x (int8 shadow) or 2x (int4 shadow)
+                  the row's budget, the key shadow keeps the budget, ART stops (4 launches)
   quest_select    Quest scoring + selection alone, compared with the time to read the page summaries
                   (key min/max) at the FlashInfer dense bandwidth measured for the same batch and context
 
@@ -43,13 +46,16 @@ SHAPES = {
     "smollm2-135m": (9, 3, 64),
 }
 PROVIDERS = ("fi_dense", "sdpa", "ckv_dense", "fi_quest", "ckv_quest", "ckv_quest_art", "ckv_swqa",
-             "quest_select")
-SPARSE_PROVIDERS = ("fi_quest", "ckv_quest", "ckv_quest_art", "ckv_swqa", "quest_select")
+             "ckv_swqsa", "ckv_swqsa4", "quest_select")
+SPARSE_PROVIDERS = ("fi_quest", "ckv_quest", "ckv_quest_art", "ckv_swqa", "ckv_swqsa", "ckv_swqsa4", "quest_select")
+SHADOW_PROVIDERS = {"ckv_swqsa": (8, 4), "ckv_swqsa4": (4, 2)}  # (bits, Quest candidates as a budget multiple)
 POLICY_FILES = {
     "ckv_dense": "configs/dense.yaml",
     "ckv_quest": "configs/quest.yaml",
     "ckv_quest_art": "configs/quest_art.yaml",
     "ckv_swqa": "configs/sink_window_quest_art.yaml",
+    "ckv_swqsa": "configs/sink_window_quest_shadow_art.yaml",
+    "ckv_swqsa4": "configs/sink_window_quest_shadow_art.yaml",
 }
 PAGE_SIZE = 16
 
@@ -224,6 +230,33 @@ def targets(rows: list[Row]) -> list[str]:
                          f"{r.rel_err_vs_dense:.3f} (Quest-on-FI {b.rel_err_vs_dense:.3f})")
     else:
         lines.append("4. ART on Quest vs Quest-on-FlashInfer: not measured.")
+    lines += shadow_target(rows)
+    return lines
+
+
+def shadow_target(rows: list[Row]) -> list[str]:
+    """Issue 7: Quest -> key shadow -> ART faster than quest+art at B=64, 32k, Llama shapes. Each shadow row is
+    set against the fastest quest+art row of the same case whose error is at least the shadow row's (same
+    accuracy or worse); a shadow row less accurate than every quest+art row has no match."""
+    lines = []
+    for r in _find(rows, shape="llama3-8b", batch=64, ctx=32768):
+        if r.provider not in SHADOW_PROVIDERS:
+            continue
+        qas = [q for q in _find(rows, provider="ckv_quest_art", shape=r.shape, batch=r.batch, ctx=r.ctx)
+               if r.rel_err_vs_dense <= q.rel_err_vs_dense]
+        same = _find(rows, provider="ckv_quest_art", shape=r.shape, batch=r.batch, ctx=r.ctx, budget=r.budget)
+        txt = (f"5. {r.provider} budget {r.budget} (Llama-3-8B shapes, B=64, 32k): {r.ms:.3f} ms, "
+               f"{r.bytes_read / 1e6:.0f} MB, err {r.rel_err_vs_dense:.3f}")
+        if same:
+            txt += f"; quest+art at the same budget {same[0].ms:.3f} ms, err {same[0].rel_err_vs_dense:.3f}"
+        if qas:
+            q = min(qas, key=lambda q: q.ms)
+            txt += (f"; fastest quest+art at no better accuracy: budget {q.budget}, {q.ms:.3f} ms, err "
+                    f"{q.rel_err_vs_dense:.3f} -> **{'faster' if r.ms < q.ms else 'NOT faster'}** "
+                    f"({q.ms / r.ms:.2f}x, bytes {r.bytes_read / q.bytes_read:.2f}x)")
+        else:
+            txt += "; no quest+art row is at least as inaccurate (no equal-accuracy match)"
+        lines.append(txt)
     return lines
 
 
@@ -346,7 +379,8 @@ def case_bytes(case: Case) -> int:
     """GPU bytes a case holds: the paged K/V, plus a contiguous copy for SDPA."""
     hq, hkv, d = SHAPES[case.shape]
     b = dense_bytes(case.batch, hkv, d, case.ctx)
-    return int(b * (2 if "sdpa" in case.providers else 1))
+    shadow = sum(b / 4 * bits / 8 for p, (bits, _) in SHADOW_PROVIDERS.items() if p in case.providers)
+    return int(b * (2 if "sdpa" in case.providers else 1) + shadow)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,9 +412,12 @@ def _policy(provider: str, budget: int):
     from .pipeline import compile
     data = yaml.safe_load((REPO / POLICY_FILES[provider]).read_text())
     data["dense_layers"] = []
+    bits, mult = SHADOW_PROVIDERS.get(provider, (0, 1))
     for st in data["stages"]:
         if "budget_tokens" in st or st["stage"] in ("quest", "topk"):
-            st["budget_tokens"] = budget
+            st["budget_tokens"] = budget * (mult if st["stage"] in ("quest", "topk") else 1)
+        if st["stage"] == "key_shadow":
+            st["bits"] = bits
     return compile(data)
 
 
@@ -389,14 +426,15 @@ class CaseData:
 
     def __init__(self, trace, case: Case, device):
         from .cache import PagedKVCache
-        from .stages import SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM
+        from .stages import SUMMARY_KEY_MINMAX, SUMMARY_KEY_SHADOW, SUMMARY_VALUE_NORM
         from .traces import TraceReplayer
         hq, hkv, d = SHAPES[case.shape]
         B, L = case.batch, case.ctx
         P = L // PAGE_SIZE
         self.hq, self.hkv, self.d, self.B, self.L, self.P = hq, hkv, d, B, L, P
+        shadows = {SUMMARY_KEY_SHADOW[SHADOW_PROVIDERS[p][0]] for p in case.providers if p in SHADOW_PROVIDERS}
         self.cache = PagedKVCache(1, hkv, d, B * P, PAGE_SIZE, torch.bfloat16, device,
-                                  summaries={SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM})
+                                  summaries={SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM} | shadows)
         self.seq_ids = [self.cache.add_sequence() for _ in range(B)]
         self.cache.reserve(self.seq_ids, [L] * B)
         rep = TraceReplayer(trace, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, ctx=L)
@@ -417,6 +455,7 @@ class CaseData:
             self.cache.key_min[0][sl] = kc[sl].amin(dim=2)
             self.cache.key_max[0][sl] = kc[sl].amax(dim=2)
             self.cache.value_norm[0][sl] = vc[sl].float().norm(dim=-1).amax(dim=-1)
+        fill_shadows(self.cache, B * P)
         self.indptr, self.indices, self.last = self.cache.page_table(self.seq_ids)
         self.sm_scale = d ** -0.5
         self._ref = None
@@ -446,6 +485,18 @@ class CaseData:
                 del k, v
             self._ref = torch.cat(outs)
         return self._ref
+
+
+def fill_shadows(cache, num_pages: int, chunk: int = 1 << 13) -> None:
+    """Quantize every page's key shadow (layer 0) from K and key_min/key_max, as appends would."""
+    from .kernels.key_shadow.reference import quantize_pages
+    for bits in cache.shadow_bits:
+        for p0 in range(0, num_pages, chunk):
+            sl = slice(p0, min(num_pages, p0 + chunk))
+            codes, step = quantize_pages(cache.k[0][sl], cache.key_min[0][sl], cache.key_max[0][sl], bits,
+                                         cache.dtype)
+            cache.shadow_codes[bits][0][sl] = codes
+            cache.shadow_step[bits][0][sl] = step
 
 
 def _flashinfer():
@@ -523,7 +574,7 @@ def run_case(trace, case: Case, device, opts, log) -> list[Row]:
         quest_out = None
         if "ckv_quest" in case.providers and ours_ok:
             quest_out = _run_ours(data, "ckv_quest", budget, add, timing, log, rows, base)
-        for prov in ("ckv_quest_art", "ckv_swqa"):
+        for prov in ("ckv_quest_art", "ckv_swqa", *SHADOW_PROVIDERS):
             if prov in case.providers:
                 if ours_ok:
                     _run_ours(data, prov, budget, add, timing, log, rows, base, quest_out=quest_out)

@@ -139,3 +139,42 @@ def test_shadow_select_kernel(budget, n_cand, num_splits):
     from shadow_checks import check_shadow_select
     check_shadow_select(LENS + [200], budget, bits=8 if budget % 2 else 4, group=2, head_dim=64,
                         num_splits=num_splits, device=DEV, n_cand=n_cand, seed=budget)
+
+
+@pytest.mark.cpu
+def test_bench_shadow_providers_policies_and_fill():
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from helpers import build_cache
+    from composable_kv import bench
+    for prov, bits, mult in (("ckv_swqsa", 8, 4), ("ckv_swqsa4", 4, 2)):
+        pipe = bench._policy(prov, 512)
+        quest, shadow = pipe.selectors[1], pipe.selectors[2]
+        assert (quest.name, quest.budget_tokens, shadow.name, shadow.bits, shadow.budget_tokens) == \
+            ("quest", 512 * mult, "key_shadow", bits, 512)
+        assert pipe.dense_layers == frozenset()
+    cache, _, _, _ = build_cache([70, 33], head_dim=16, summaries=("key_shadow_int8", "key_shadow_int4"),
+                                 dtype=torch.bfloat16)
+    want = {b: (cache.shadow_codes[b][0].clone(), cache.shadow_step[b][0].clone()) for b in (8, 4)}
+    for b in (8, 4):
+        cache.shadow_codes[b][0].zero_()
+        cache.shadow_step[b][0].zero_()
+    used = 5 + 3  # pages written by the appends; the spare pages stay reset
+    bench.fill_shadows(cache, used, chunk=3)
+    for b in (8, 4):
+        assert torch.equal(cache.shadow_codes[b][0][:used], want[b][0][:used])
+        assert torch.equal(cache.shadow_step[b][0][:used], want[b][1][:used])
+
+
+@pytest.mark.cpu
+def test_bench_shadow_target_lines():
+    from composable_kv.bench import Row, shadow_target
+    base = dict(shape="llama3-8b", hq=32, hkv=8, head_dim=128, batch=64, ctx=32768)
+    rows = [Row(**base, provider="ckv_quest_art", budget=2048, ms=1.0, bytes_read=100.0, rel_err_vs_dense=0.05),
+            Row(**base, provider="ckv_quest_art", budget=1024, ms=0.6, bytes_read=60.0, rel_err_vs_dense=0.09),
+            Row(**base, provider="ckv_swqsa", budget=1024, ms=0.8, bytes_read=70.0, rel_err_vs_dense=0.04),
+            Row(**base, provider="ckv_swqsa", budget=512, ms=0.5, bytes_read=40.0, rel_err_vs_dense=0.2)]
+    lines = shadow_target(rows)
+    assert len(lines) == 2
+    assert "budget 1024, 0.600 ms" in lines[0] and "**NOT faster**" in lines[0] and "0.75x" in lines[0]
+    assert "no equal-accuracy match" in lines[1]
