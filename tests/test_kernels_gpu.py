@@ -1,5 +1,6 @@
 """Triton kernels on the GPU: the interpret grid, larger and in bf16; fused == generic for every config;
-CUDA-graph capture + replay of pipeline.run; at most 3 kernel launches per layer."""
+CUDA-graph capture + replay of pipeline.run; at most 3 kernel launches per layer (4 when a key shadow
+re-ranks after quest/topk)."""
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,9 @@ def test_pipeline_configs_gpu(config, num_splits):
 
 def _setup(config, lens=(100, 3000, 5000), group=4, head_dim=128, dtype=torch.bfloat16):
     pipe = ckv.compile(config, backend="triton")
+    if pipe.admission is not None:  # an admission stack: its read path (composable_kv.admission)
+        from composable_kv.admission import GatedPipeline
+        pipe = GatedPipeline(pipe).sparse
     need = pipe.required_summaries
     cache, ids, _, _ = build_cache(list(lens), num_layers=3, head_dim=head_dim, summaries=need, dtype=dtype,
                                    device="cuda", num_kv_heads=2)
@@ -97,6 +101,12 @@ def test_cuda_graph_replay_equals_eager(config):
             assert torch.equal(a.tau_bound, b.tau_bound)
 
 
+def _max_launches(pipe) -> int:
+    from composable_kv import fused
+    sp = fused.spec(pipe)
+    return 4 if sp.fused and sp.shadow_bits and sp.select else 3
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_at_most_three_launches(config, num_splits):
@@ -112,4 +122,4 @@ def test_at_most_three_launches(config, num_splits):
             torch.cuda.synchronize()
         kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"
                    and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
-        assert 1 <= len(kernels) <= 3, (layer, kernels)
+        assert 1 <= len(kernels) <= _max_launches(pipe), (layer, kernels)
