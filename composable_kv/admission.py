@@ -190,39 +190,46 @@ class GatedKVCache:
             g = self.gate_values(layer, slots.positions, k)
         if tuple(g.shape) != (T, H):
             raise TensorContractError(f"write: g expected shape [T, Hkv] = {[T, H]}, got {list(g.shape)}")
-        admit = (g > self.threshold).cpu().tolist()  # [T][H]
+        admit_t = (g > self.threshold).cpu()  # [T, H] bool
+        admit = admit_t.tolist() if 1 in slots.counts else None
         grow: dict[int, int] = {}      # pool sid -> new slots
-        moves: list[tuple] = []        # (sid, src pos, sid, dst pos)
-        news: list[tuple] = []         # (sid, pos, token row, head)
+        moves: list[tuple] = []        # (sid, src pos, dst pos)
+        news: list[tuple] = []         # (sid, pos, token row, head): one-token steps
+        bulk: list[tuple] = []         # (sid, token rows [n'] int64, head): prefills, slots 0..n'-1
         finalize: list[tuple] = []     # (sid, page index): pages that just became fully global
         row = 0
         for rid, n in zip(slots.seq_ids, slots.counts):
-            heads = self._heads[rid][layer]
-            for h, hs in enumerate(heads):
+            for h, hs in enumerate(self._heads[rid][layer]):
                 if n == 1:
                     self._step(hs, row, h, slots.positions[row], admit[row][h], grow, moves, news, finalize)
                 elif n > 1:
-                    self._bulk(hs, row, h, slots.positions[row:row + n], [a[h] for a in admit[row:row + n]],
-                               grow, news)
+                    order = self._bulk(hs, slots.positions[row:row + n], admit_t[row:row + n, h])
+                    grow[hs.sid] = len(order)
+                    bulk.append((hs.sid, row + order, h))
             row += n
         if grow:
             self.pool.reserve(list(grow), list(grow.values()))
         kf, vf = self.pool.k[0].view(-1, self.head_dim), self.pool.v[0].view(-1, self.head_dim)
         if moves:
-            src = self._flat([(s, p) for s, p, _, _ in moves])
-            rows_k, rows_v = kf[src].clone(), vf[src].clone()
-            self._write_rows([(s, p) for _, _, s, p in moves], rows_k, rows_v)
+            src = self._flat([(sid, a) for sid, a, _ in moves]).to(self.device)
+            self._write_rows(self._flat([(sid, b) for sid, _, b in moves]), kf[src].clone(), vf[src].clone())
+        dst, tok, hid = [], [], []
         if news:
-            tok = torch.tensor([r for _, _, r, _ in news], device=k.device)
-            hid = torch.tensor([h for _, _, _, h in news], device=k.device)
-            self._write_rows([(s, p) for s, p, _, _ in news], k[tok, hid].to(self.dtype), v[tok, hid].to(self.dtype))
+            dst.append(self._flat([(sid, pos) for sid, pos, _, _ in news]))
+            tok.append(torch.tensor([r for _, _, r, _ in news]))
+            hid.append(torch.tensor([h for _, _, _, h in news]))
+        for sid, rows, h in bulk:
+            dst.append(self._flat_range(sid, len(rows)))
+            tok.append(rows)
+            hid.append(torch.full_like(rows, h))
+        if dst:
+            tok, hid = torch.cat(tok).to(k.device), torch.cat(hid).to(k.device)
+            self._write_rows(torch.cat(dst), k[tok, hid].to(self.dtype), v[tok, hid].to(self.dtype))
         if finalize:
             S = self.page_size
-            pages = [self.pool._pages[s][i] for s, i in finalize]
-            self.pool._reset_summaries(pages)
-            where = [(s, i * S + o) for s, i in finalize for o in range(S)]
-            src = self._flat(where)
-            self._write_rows(where, kf[src].clone(), vf[src].clone())
+            self.pool._reset_summaries([self.pool._pages[sid][i] for sid, i in finalize])
+            src = self._flat([(sid, i * S + o) for sid, i in finalize for o in range(S)]).to(self.device)
+            self._write_rows(src, kf[src].clone(), vf[src].clone())
 
     def _step(self, hs: _HeadSeq, row, h, position, admit_new, grow, moves, news, finalize) -> None:
         S = self.page_size
@@ -239,8 +246,8 @@ class GatedKVCache:
                 if slot_o != g0:  # the token at g0 is a window token: it takes slot_o
                     entry = next(e for e in hs.ring if e[0] == g0)
                     entry[0] = slot_o
-                    moves.append((hs.sid, slot_o, hs.sid, g0))
-                    moves.append((hs.sid, g0, hs.sid, slot_o))
+                    moves.append((hs.sid, slot_o, g0))
+                    moves.append((hs.sid, g0, slot_o))
                     hs.slot_pos[g0], hs.slot_pos[slot_o] = hs.slot_pos[slot_o], hs.slot_pos[g0]
                 hs.n_global += 1
                 if hs.n_global % S == 0:
@@ -254,29 +261,33 @@ class GatedKVCache:
         hs.ring.append([pos, bool(admit_new)])
         news.append((hs.sid, pos, row, h))
 
-    def _bulk(self, hs: _HeadSeq, row, h, positions, admit, grow, news) -> None:
+    def _bulk(self, hs: _HeadSeq, positions: list[int], admit: torch.Tensor) -> torch.Tensor:
+        """Prefill of an empty sequence: admitted tokens before the window, then the window. -> order [n']"""
         n = len(positions)
         if hs.slot_pos:
             raise NotImplementedError("the gated cache takes a multi-token write only into an empty sequence")
         w = min(self.window_tokens, n)
-        order = [j for j in range(n - w) if admit[j]] + list(range(n - w, n))
+        order = torch.cat([admit[:n - w].nonzero().flatten(), torch.arange(n - w, n)])
         hs.n_global = len(order) - w
         hs.evicted, hs.admitted = n - w, hs.n_global
-        hs.ring = deque([hs.n_global + i, bool(admit[n - w + i])] for i in range(w))
-        hs.slot_pos = [positions[j] for j in order]
-        grow[hs.sid] = len(order)
-        news.extend((hs.sid, p, row + j, h) for p, j in enumerate(order))
+        hs.ring = deque([hs.n_global + i, a] for i, a in enumerate(admit[n - w:].tolist()))
+        hs.slot_pos = torch.tensor(positions)[order].tolist()
+        return order
 
     def _flat(self, where) -> torch.Tensor:
+        """Flat pool slot (page * S + offset) of each (pool sid, position)."""
         S = self.page_size
-        return torch.tensor([self.pool._pages[s][p // S] * S + p % S for s, p in where], dtype=torch.int64,
-                            device=self.device)
+        return torch.tensor([self.pool._pages[s][p // S] * S + p % S for s, p in where], dtype=torch.int64)
 
-    def _write_rows(self, where, k_rows, v_rows) -> None:
+    def _flat_range(self, sid: int, n: int) -> torch.Tensor:
         S = self.page_size
-        pages = torch.tensor([self.pool._pages[s][p // S] for s, p in where], dtype=torch.int64, device=self.device)
-        offs = torch.tensor([p % S for _, p in where], dtype=torch.int64, device=self.device)
-        self.pool.write(0, AppendSlots([], [], pages, offs), k_rows[:, None], v_rows[:, None])
+        pos = torch.arange(n)
+        return torch.tensor(self.pool._pages[sid], dtype=torch.int64)[pos // S] * S + pos % S
+
+    def _write_rows(self, flat: torch.Tensor, k_rows, v_rows) -> None:
+        S = self.page_size
+        flat = flat.to(self.device)
+        self.pool.write(0, AppendSlots([], [], flat // S, flat % S), k_rows[:, None], v_rows[:, None])
 
     # -- read side -------------------------------------------------------------------------------------
     def layer_seq_ids(self, layer: int, seq_ids: list[int]) -> list[int]:

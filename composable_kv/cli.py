@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "bench", ("add_bench_parser",))
     _add_optional(sub, "traces", ("add_trace_parser",))
     _add_optional(sub, "predictor_train", ("add_train_predictor_parser",))
+    _add_optional(sub, "gate_train", ("add_train_gate_parser",))
     return parser
 
 

@@ -133,6 +133,10 @@ def check_pipeline(policy, lens, *, group=2, head_dim=64, num_layers=3, num_spli
                    dtype=torch.float32, q_scale=1.0, seed=0, tol=2e-4):
     """Fused Triton path == generic reference path, every layer (dense layers included)."""
     ref = ckv.compile(policy, backend="reference")
+    if ref.admission is not None:  # an admission stack: check its read path (composable_kv.admission)
+        from composable_kv.admission import GatedPipeline
+        policy = GatedPipeline(ref).sparse.config
+        ref = ckv.compile(policy, backend="reference")
     tri = ckv.compile(policy, backend="triton")
     need = ref.required_summaries | frozenset({"key_minmax", "value_norm"})
     cache, ids, _, _ = build_cache(lens, num_layers=num_layers, head_dim=head_dim, summaries=need, dtype=dtype,

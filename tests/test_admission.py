@@ -197,3 +197,26 @@ def test_shipped_config_validates():
     pipe = ckv.compile("configs/write_gate_quest_art.yaml")
     assert pipe.admission is not None and pipe.admission.threshold == 0.1
     assert math.isclose(pipe.admission.window_tokens, 256)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("stack", [
+    [{"stage": "quest", "budget_tokens": 12}, {"stage": "art", "stop": "certified", "delta": 0.01}],
+    [{"stage": "attend"}],
+])
+def test_fused_triton_equals_reference_on_the_gated_cache(stack):
+    from conftest import INTERPRET
+    if not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from composable_kv import fused
+    ref = GatedPipeline(_policy(stack, dense_layers=[0]))
+    tri = GatedPipeline(ckv.compile({"name": "wg", "page_size": 4, "dense_layers": [0], "stages": [
+        {"stage": "write_gate", "window_tokens": 6, "threshold": 0.5}] + stack}, backend="triton"))
+    assert fused.spec(tri.sparse).fused
+    cache = ref.make_cache(2, 2, 16, 400, dtype=torch.float32, device="cpu")
+    rids, *_ = _fill(cache, (9, 37), 6, seed=7)
+    q = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1))
+    for layer in range(2):
+        a, b = _run(ref, cache, rids, layer, q), _run(tri, cache, rids, layer, q)
+        assert torch.equal(a.pages_read, b.pages_read)
+        torch.testing.assert_close(a.out, b.out, rtol=2e-4, atol=2e-4)

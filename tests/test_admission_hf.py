@@ -1,0 +1,136 @@
+"""Write-gated admission end to end on a tiny Llama: the gate's training target, the trainer, and
+decoding through hf.generate / teacher forcing with a write_gate policy."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import composable_kv as ckv  # noqa: E402
+from composable_kv import gate_train, hf  # noqa: E402
+from composable_kv.policies.write_gate import GateMLP  # noqa: E402
+
+pytestmark = pytest.mark.cpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, 96, (n,), generator=g).tolist() for n in (70, 45)]
+
+
+def test_capture_target_matches_eager_attention(tiny, tokens):
+    W, F = 8, 10
+    data = gate_train.capture(tiny, tokens[:1], window=W, min_future=F, tau_mass=0.05)
+    T = len(tokens[0])
+    n = T - W - F
+    assert data.x.shape == (3, 2, n, 32) and data.y.shape == (3, 2, n)
+    tiny.set_attn_implementation("eager")
+    try:
+        out = tiny(torch.tensor(tokens[:1]), output_attentions=True, use_cache=False)
+    finally:
+        tiny.set_attn_implementation("sdpa")
+    for layer, att in enumerate(out.attentions):  # [1, Hq, T, T]
+        a = att[0].view(2, 2, T, T).amax(1)  # max over each KV head's query group
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+        m = a.masked_fill(i - j < W, 0).amax(1)[:, :n]  # [H, n]
+        torch.testing.assert_close(data.m[layer], m, rtol=1e-4, atol=1e-6)
+    # features: post-RoPE half is the cache's key, pre-RoPE half is the k_proj output
+    h = tiny.model.embed_tokens(torch.tensor(tokens[:1]))
+    k_pre = tiny.model.layers[0].self_attn.k_proj(tiny.model.layers[0].input_layernorm(h))[0].view(T, 2, 16)
+    torch.testing.assert_close(data.x[0, :, :, :16], k_pre[:n].transpose(0, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_learns_a_key_rule_and_weights_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 400, 16, generator=g)
+    y = x[..., 3] + 0.5 * x[..., 9] > 0.4  # a rule the gate can read off the key
+    data = gate_train.GateData(x, y, y.float())
+    gate = GateMLP(2, 3, 8, hidden=16)
+    losses = gate_train.train(gate, data, steps=150, lr=1e-2)
+    assert losses[-1] < 0.5 * losses[0]
+    ev = gate_train.evaluate_gate(gate, data, threshold=0.5)
+    assert ev["recall"] > 0.9 and abs(ev["admitted"] - ev["positive"]) < 0.1
+    gate.save(tmp_path / "g.pt", {"note": "test"})
+    back = GateMLP.load(tmp_path / "g.pt", num_layers=2, num_kv_heads=3, head_dim=8)
+    k = torch.randn(5, 3, 8)
+    torch.testing.assert_close(back(1, k, k), gate(1, k, k))
+    with pytest.raises(ValueError, match="train them for this model"):
+        GateMLP.load(tmp_path / "g.pt", num_layers=3, num_kv_heads=3, head_dim=8)
+    with pytest.raises(FileNotFoundError, match="ckv train-gate"):
+        GateMLP.load(tmp_path / "none.pt", num_layers=2, num_kv_heads=3, head_dim=8)
+
+
+def _gate_file(tmp_path, bias: float):
+    gate = GateMLP(3, 2, 16, hidden=8)
+    with torch.no_grad():
+        gate.b2.fill_(bias)
+    path = tmp_path / f"gate{bias}.pt"
+    gate.save(path, {})
+    return str(path)
+
+
+def _policy(weights, threshold, stack, dense_layers=()):
+    return ckv.compile({"name": "wg", "page_size": 8, "dense_layers": list(dense_layers), "stages": [
+        {"stage": "write_gate", "threshold": threshold, "window_tokens": 16, "weights": weights}] + stack},
+        backend="reference")
+
+
+def test_admit_all_decodes_like_dense(tiny, tokens, tmp_path):
+    dense = ckv.compile({"name": "d", "page_size": 8, "stages": [{"stage": "attend"}]}, backend="reference")
+    gated = _policy(_gate_file(tmp_path, 20.0), 0.1, [{"stage": "attend"}])
+    a = hf.generate(tiny, None, tokens, policy=dense, max_new_tokens=12, stop_at_eos=False)
+    b = hf.generate(tiny, None, tokens, policy=gated, max_new_tokens=12, stop_at_eos=False)
+    assert a.sequences == b.sequences
+    ctx, cont = tokens[0][:50], tokens[0][50:]
+    la, _ = hf.teacher_forced_logits(tiny, ctx, cont, dense)
+    lb, _ = hf.teacher_forced_logits(tiny, ctx, cont, gated)
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+
+
+def test_gate_drops_tokens_and_stacks_with_quest_art(tiny, tokens, tmp_path):
+    weights = _gate_file(tmp_path, -20.0)  # g ~ 0: nothing leaves the window into the global pages
+    stack = [{"stage": "quest", "budget_tokens": 32}, {"stage": "art", "stop": "certified", "delta": 0.01}]
+    session = hf.PolicySession(tiny, _policy(weights, 0.1, stack, dense_layers=[0]), max_total_tokens=90,
+                               batch_size=2)
+    try:
+        session.prefill(tokens)
+        for _ in range(5):
+            logits = session.decode([3, 4])
+        assert torch.isfinite(logits).all()
+        cache = session.cache
+        for rid, n in zip(session.seq_ids, (75, 50)):
+            assert cache.seq_len(rid) == n
+            assert sorted(cache.kept_positions(rid, 0, 1)) == list(range(n))  # dense layer: every token
+            for layer in (1, 2):
+                assert sorted(cache.kept_positions(rid, layer, 0)) == list(range(n - 16, n))
+        st = cache.stats()
+        assert st["admitted"] == 0 and st["evicted"] == 2 * 2 * ((75 - 16) + (50 - 16))
+        assert st["pages_used"] < st["dense_pages"]
+        assert all(s.pages_read[0] > 0 for s in session.steps)
+    finally:
+        session.close()
+    assert session.cache.pages_used() == 0
+
+
+def test_missing_weights_name_the_command(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckv train-gate"):
+        hf.PolicySession(tiny, _policy(str(tmp_path / "nope.pt"), 0.1, [{"stage": "attend"}]), max_total_tokens=32,
+                         batch_size=1)
