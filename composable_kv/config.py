@@ -6,6 +6,7 @@ what was expected, what was found and the valid choices.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -180,6 +181,8 @@ def _build_stage(raw, path, registry, err) -> Stage:
         meta = f.metadata
         if meta.get("choices") is not None and value not in meta["choices"]:
             raise err(kpath, f"expected one of {list(meta['choices'])}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise err(kpath, f"expected a finite number, got {value!r}")
         lo, hi = meta.get("min"), meta.get("max")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if (lo is not None and value < lo) or (hi is not None and value > hi):
