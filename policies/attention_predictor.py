@@ -36,6 +36,11 @@ class AttentionPredictor(ScoringSelector):
 
     observes_page_mass = True  # the pipeline asks the decode for the page-mass side output
 
+    def summary_bytes_per_page(self, cache) -> int:
+        """The CNN reads H fp32 history values per page and KV head (per query head: G times that,
+        which the cache alone cannot tell; this counts one), every run_every steps."""
+        return -(-self.history_steps * 4 // self.run_every)
+
     def plan_forced(self, plan):
         S = plan.page_size
         pos = torch.arange(plan.max_pages, device=plan.page_table.device)[None]  # [1, P]

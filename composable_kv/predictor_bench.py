@@ -1,0 +1,183 @@
+"""The AttentionPredictor's cost per decode step, and the page-mass side output's cost in the decode.
+
+    python -m composable_kv.predictor_bench [--device cpu|cuda] [--quick] [--out rows.csv]
+
+Rows (CSV + a markdown table on stdout):
+  cnn          the CNN alone on one layer's history: B x heads rows of [H, P] (per KV head or per query
+               head, H = 64 / 32 / 16), times the predictor layers = per-step cost;
+  stage        one layer of the compiled pipeline (select + decode + history update), attention_predictor
+               (+art) against quest (+art) at the same budget, on random K/V (timing only);
+  side_output  (CUDA) the dense decode kernel with and without the page-mass side output.
+Shapes: the default model (9 query / 3 KV heads, D 64, 28 predictor layers) and, on CUDA, Llama-8B
+(32 / 8, D 128, 30 predictor layers).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+
+import torch
+
+from .predictor import PredictorCNN, features
+
+SHAPES = {"smollm2-135m": (9, 3, 64, 28), "llama-8b": (32, 8, 128, 30)}  # Hq, Hkv, D, predictor layers
+
+
+def timeit(fn, device, reps: int = 10) -> float:
+    """Median milliseconds of fn()."""
+    fn()
+    if device.type == "cuda":
+        import triton
+        return float(triton.testing.do_bench(fn, warmup=5, rep=max(reps * 5, 25)))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def cnn_rows(device, shapes, batches, contexts, histories):
+    model = PredictorCNN().to(device).eval()
+    rows = []
+    for shape in shapes:
+        Hq, Hkv, _, L = SHAPES[shape]
+        for B in batches:
+            for ctx in contexts:
+                P = ctx // 16
+                for per_kv in (True, False):
+                    heads = Hkv if per_kv else Hq
+                    for H in histories:
+                        x = torch.rand(B * heads, H, P, device=device) / P
+                        n = torch.full((B * heads,), P, device=device)
+                        with torch.no_grad():
+                            ms = timeit(lambda: model(features(x, n)), device)
+                        rows.append({"what": "cnn", "shape": shape, "batch": B, "ctx": ctx,
+                                     "setting": f"{'per_kv_head' if per_kv else 'per_q_head'} H={H}",
+                                     "ms_per_layer": round(ms, 4), "ms_per_step": round(ms * L, 3)})
+    return rows
+
+
+def stage_rows(device, shape, B, ctx, backend, budget=1024):
+    import composable_kv as ckv
+    Hq, Hkv, D, L = SHAPES[shape]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    art = {"stage": "art", "stop": "certified", "delta": 0.01}
+    policies = {
+        "quest": [{"stage": "quest", "budget_tokens": budget}, {"stage": "attend"}],
+        "quest_art": [{"stage": "quest", "budget_tokens": budget}, art],
+        "attention_predictor": [{"stage": "attention_predictor", "budget_tokens": budget, "weights": "@random"},
+                                {"stage": "attend"}],
+        "attention_predictor_art": [{"stage": "attention_predictor", "budget_tokens": budget,
+                                     "weights": "@random"}, art],
+        "attention_predictor_art H=16 run_every=4": [
+            {"stage": "attention_predictor", "budget_tokens": budget, "weights": "@random", "history_steps": 16,
+             "run_every": 4}, art],
+    }
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for name, stages in policies.items():
+        pipe = ckv.compile({"name": name, "page_size": 16, "stages": stages}, backend=backend)
+        cache = ckv.PagedKVCache(1, Hkv, D, B * (ctx // 16 + 2), page_size=16, dtype=dtype, device=device,
+                                 summaries=pipe.required_summaries)
+        ids = [cache.add_sequence() for _ in range(B)]
+        for sid in ids:
+            k = torch.randn(1, ctx, Hkv, D, generator=g).to(device, dtype)
+            cache.append([sid], [ctx], k, torch.randn(1, ctx, Hkv, D, generator=g).to(device, dtype))
+        q = torch.randn(B, Hq, D, generator=g).to(device, dtype)
+        pipe.plan(cache, ids)
+        for _ in range(6):  # past the first (dense calibration) steps
+            pipe.run(q, cache, 0)
+        # time a non-calibration step: force the step counters off the calibration phase
+        for st in pipe.stage_state.values():
+            for hist, _ in st.values():
+                hist.steps[:] = 1
+        ms = timeit(lambda: pipe.run(q, cache, 0), device)
+        rows.append({"what": "stage", "shape": shape, "batch": B, "ctx": ctx, "setting": name,
+                     "ms_per_layer": round(ms, 4), "ms_per_step": round(ms * L, 3)})
+    return rows
+
+
+def side_output_rows(device, shape, B, ctx):
+    from .kernels.paged_decode import triton as decode_tk
+    Hq, Hkv, D, L = SHAPES[shape]
+    P = ctx // 16
+    g = torch.Generator(device=device).manual_seed(0)
+    k = torch.randn(B * P, Hkv, 16, D, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    table = torch.randperm(B * P, device=device, generator=g).to(torch.int32).view(B, P)
+    lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(B, Hq, D, device=device, dtype=torch.bfloat16, generator=g)
+    mass = (torch.full((B, Hq, P), float("-inf"), device=device), torch.empty(B, Hq, device=device))
+    rows = []
+    for splits in (1, 8):
+        for with_mass in (False, True):
+            fn = lambda: decode_tk.launch_decode(q, k, v, table, lens, None, None, sm_scale=D ** -0.5, rule=None,
+                                                 num_splits=splits, natural=True, out_dtype=q.dtype,
+                                                 page_mass=mass if with_mass else None)
+            ms = timeit(fn, device)
+            rows.append({"what": "side_output", "shape": shape, "batch": B, "ctx": ctx,
+                         "setting": f"dense decode splits={splits} page_mass={with_mass}",
+                         "ms_per_layer": round(ms, 4), "ms_per_step": round(ms * L, 3)})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m composable_kv.predictor_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="a few shapes only (CPU)")
+    p.add_argument("--out", default=None, help="CSV file")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    _install_random_weights()
+    cuda = device.type == "cuda"
+    rows = []
+    if cuda:
+        rows += cnn_rows(device, ["smollm2-135m", "llama-8b"], [1, 16], [4096, 32768], [64, 16])
+        for shape, B, ctx in (("smollm2-135m", 1, 4096), ("llama-8b", 16, 32768)):
+            rows += stage_rows(device, shape, B, ctx, "triton")
+            rows += side_output_rows(device, shape, B, ctx)
+    else:
+        rows += cnn_rows(device, ["smollm2-135m"], [1], [2048, 4096] if args.quick else [2048, 4096, 8192],
+                         [64, 32, 16])
+        rows += stage_rows(device, "smollm2-135m", 1, 4096, "reference")
+    cols = ["what", "shape", "batch", "ctx", "setting", "ms_per_layer", "ms_per_step"]
+    dev_name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"device: {dev_name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols + ["device"])
+            w.writeheader()
+            for r in rows:
+                w.writerow({**r, "device": dev_name})
+    return 0
+
+
+def _install_random_weights():
+    """`weights: "@random"` loads an untrained CNN (timing only): same cost as trained weights."""
+    import os
+    import tempfile
+    from . import predictor
+    path = os.path.join(tempfile.mkdtemp(prefix="ckv-ap-"), "random.pt")
+    torch.manual_seed(0)
+    predictor.save_weights(PredictorCNN(), path)
+    orig = predictor.load_weights
+
+    def load(p, device=None):
+        return orig(path if p == "@random" else p, device)
+    predictor.load_weights = load
+    import composable_kv.policies.attention_predictor as stage_mod
+    stage_mod.load_weights = load
+
+
+if __name__ == "__main__":
+    sys.exit(main())
