@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 DEMO_POLICIES = ("configs/dense.yaml", "configs/quest.yaml", "configs/quest_art.yaml")
+DEMO_TASKS = ("passkey", "niah_single")
 
 
 def _floats(text: str) -> list[float]:
@@ -52,14 +53,14 @@ def add_eval_parser(subparsers):
 
 def add_demo_parser(subparsers):
     p = subparsers.add_parser(
-        "demo", help="the default model on a needle prompt and fidelity vs dense: dense, quest, quest+art",
-        description="Runs the default model (fetched once) through a needle-retrieval prompt at three "
-                    "depths and a teacher-forced fidelity check, with dense, quest and quest+art, and "
+        "demo", help="the default model on passkey and needle prompts and fidelity vs dense: dense, quest, quest+art",
+        description="Runs the default model (fetched once) through passkey and needle-retrieval prompts at "
+                    "three depths and a teacher-forced fidelity check, with dense, quest and quest+art, and "
                     "prints accuracy, KL vs dense and the share of the KV cache read.")
     p.add_argument("--ctx", type=int, default=2048, help="context length (default 2048)")
-    p.add_argument("--task", default="niah_single",
-                   help="retrieval task (default niah_single: a 7-digit magic number in the essays; "
-                        "the classic passkey filler is unreliable for the 135M default model at 2k)")
+    p.add_argument("--task", action="append", default=None, metavar="TASK",
+                   help="retrieval task, repeatable (default: passkey and niah_single, a 7-digit magic "
+                        "number in the essays)")
     p.add_argument("--continuation", type=int, default=16, help="fidelity: teacher-forced tokens")
     p.add_argument("--policy", action="append", default=None, metavar="YAML",
                    help="replace the demo's policies (repeatable)")
@@ -142,36 +143,39 @@ def run_demo_command(args) -> int:
     from .errors import CkvError
 
     policies = args.policy or list(DEMO_POLICIES)
+    tasks = args.task or list(DEMO_TASKS)
     root = Path(__file__).resolve().parent.parent
     policies = [p if Path(p).is_file() or not (root / p).is_file() else str(root / p) for p in policies]
     try:
         _check_policies(policies)
         model, tok, device, name = _setup(args)
         essays = _essays_text(args, True)
-        rows = evaluate.run_eval(model, tok, policies, [args.task, "fidelity"], [args.ctx],
+        rows = evaluate.run_eval(model, tok, policies, [*tasks, "fidelity"], [args.ctx],
                                  depths=(0.1, 0.5, 0.9), batch_size=3, continuation=args.continuation,
                                  windows=1, essays=essays, progress=not args.quiet)
     except (CkvError, FileNotFoundError, ValueError) as exc:
         return _fail(exc)
-    print(demo_table(rows, args.task, args.ctx))
+    print(demo_table(rows, tasks, args.ctx))
     print()
     _report(rows, args, device, name, stem="demo")
     return 0
 
 
-def demo_table(rows, task: str, ctx: int) -> str:
-    """One line per policy: retrieval accuracy, KL vs dense, top-1 agreement, % of KV read."""
+def demo_table(rows, tasks: list[str], ctx: int) -> str:
+    """One line per policy: retrieval accuracy per task, KL vs dense, top-1 agreement, % of KV read."""
     by_policy: dict[str, dict] = {}
     for r in rows:
         by_policy.setdefault(r.policy, {})[r.task] = r
-    lines = [f"composable-kv demo: {task} (3 needle depths) and fidelity vs dense, ctx={ctx}",
-             "| policy | accuracy | KL vs dense (nats) | top-1 agree | % KV read | KV MB/token |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"composable-kv demo: {', '.join(tasks)} (3 depths each) and fidelity vs dense, ctx={ctx}",
+             "| policy | " + " | ".join(f"{t} acc" for t in tasks)
+             + " | KL vs dense (nats) | top-1 agree | % KV read | KV MB/token |",
+             "|---|" + "---:|" * (len(tasks) + 4)]
     for policy, d in by_policy.items():
-        ret, fid = d.get(task), d.get("fidelity")
-        src = fid or ret
+        fid = d.get("fidelity")
+        src = fid or d[tasks[0]]
+        accs = " | ".join(f"{d[t].accuracy:.2f}" for t in tasks)
         lines.append(
-            f"| {policy} | {ret.accuracy:.2f} | {fid.kl_vs_dense:.4f} | {fid.top1_agreement:.3f} "
+            f"| {policy} | {accs} | {fid.kl_vs_dense:.4f} | {fid.top1_agreement:.3f} "
             f"| {100 * src.kv_read_fraction:.1f} | {src.kv_bytes_per_token / 1e6:.2f} |")
     lines.append("% KV read and MB/token: teacher-forced decode over the essays (pages + summaries, all layers).")
     return "\n".join(lines)
