@@ -13,7 +13,7 @@ LENS = [1, 17, 63, 111, 1000, 4099]
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (8, 128)])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (8, 128)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("q_scale", [1.0, 300.0])
 def test_shadow_scores_gpu(bits, group, head_dim, dtype, q_scale):
@@ -22,7 +22,7 @@ def test_shadow_scores_gpu(bits, group, head_dim, dtype, q_scale):
 
 
 @pytest.mark.parametrize("budget", [0, 3, 100, 3000])
-@pytest.mark.parametrize("n_cand,num_splits", [(None, 1), (40, 3), (400, 8)])
+@pytest.mark.parametrize("n_cand,num_splits", [(None, 1), (400, 8)])
 def test_shadow_select_gpu(budget, n_cand, num_splits):
     check_shadow_select(LENS, budget, bits=8 if budget % 2 else 4, group=4, head_dim=128, num_splits=num_splits,
                         device="cuda", n_cand=n_cand, seed=budget)
@@ -41,7 +41,7 @@ STACKS = {
 
 
 @pytest.mark.parametrize("name", STACKS)
-@pytest.mark.parametrize("num_splits", [None, 1, 4])
+@pytest.mark.parametrize("num_splits", [None, 4])
 def test_shadow_stacks_fused_equal_generic_gpu(name, num_splits):
     pol = {"name": name, "page_size": 16, "dense_layers": [0], "stages": STACKS[name]}
     check_pipeline(pol, [1, 17, 63, 111, 1000, 5000], group=4, head_dim=128, num_layers=2, num_splits=num_splits,
