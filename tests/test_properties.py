@@ -265,3 +265,21 @@ def test_empty_request_reads_nothing_and_returns_zeros():
         res = pipe.run(q, cache, 0)
         assert res.pages_read[1].tolist() == [0, 0] and bool((res.out[1] == 0).all())
         assert bool(torch.isfinite(res.out).all())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_certified_stop_fires_and_its_bound_holds(dtype, num_splits):
+    """Mass on one token: the certified stop ends the read early, and the bound holds where it does."""
+    case = dict(page=4, lens=[64, 37, 80], hkv=2, group=3, head_dim=16, dtype=DTYPES[dtype], mode="one_token",
+                seed=5)
+    cache, ids, q = build(case)
+    table, seq_lens, order, count, tail, sm = ordered_pages(cache, ids, q, None, num_splits)
+    rule = StopRule(kind="certified", chunk_pages=1, delta=DELTAS[1])
+    args = (q, cache.k[0], cache.v[0], table, seq_lens, order, count)
+    full = decode_ref.paged_decode(*args, sm_scale=sm, rule=StopRule()).out
+    vmax = listed_value_norm_max(cache, table, seq_lens, order, count)
+    for decode in (decode_ref.paged_decode, decode_tk.paged_decode):
+        res = decode(*args, sm_scale=sm, rule=rule, tail_lse=tail, num_splits=num_splits)
+        assert bool((res.pages_read.cpu() < count).all()), (res.pages_read, count)
+        assert_certified_bound(full, res, vmax, DELTAS[1], case["group"], 1e-4 if dtype == "float32" else 2e-2)
