@@ -162,6 +162,8 @@ def _build_stage(raw, path, registry, err) -> Stage:
     if not isinstance(raw, dict) or "stage" not in raw:
         raise err(path, f"expected a mapping with a 'stage' key (one of {valid}), got {_found(raw)}")
     name = raw["stage"]
+    if not isinstance(name, str):
+        raise err(f"{path}.stage", f"expected a stage name (one of {valid}), got {_found(name)}")
     if name not in registry:
         raise err(f"{path}.stage", f"unknown stage {name!r}{_suggest(name, registry)}; valid stages: {valid}")
     cls = registry[name]
