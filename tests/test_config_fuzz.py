@@ -65,7 +65,8 @@ def mutate(data, rng: random.Random):
         i = rng.randrange(len(stages))
         if isinstance(stages[i], dict):
             name = str(stages[i].get("stage", "quest"))
-            stages[i]["stage"] = rng.choice([name[:-1], name + "s", name.upper(), "no_such_stage", 7, None])
+            stages[i]["stage"] = rng.choice([name[:-1], name + "s", name.upper(), "no_such_stage", 7, None,
+                                             [name], {name: 1}])
             return ("stages", i, "stage")
     if op == "unknown_key":
         maps = [p for p, v in leaf_paths(data) if isinstance(v, dict)]
@@ -157,6 +158,12 @@ def test_mutated_configs_are_accepted_or_refused_with_a_key_path(which, seed, n_
     pipe.describe("cpu")
     if RUNNABLE[str(path)] and {s.name for s in pipe.config.stages} <= SELF_CONTAINED:
         smoke(pipe)
+
+
+@pytest.mark.parametrize("name", [["quest"], {"quest": 1}, 7, None, True])
+def test_non_string_stage_names_are_refused(name):
+    with pytest.raises(ckv.ConfigError, match=r"stages\[0\].stage: "):
+        ckv.compile({"stages": [{"stage": name}, {"stage": "attend"}]})
 
 
 def test_non_finite_floats_are_refused():
