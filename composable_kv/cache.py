@@ -205,7 +205,7 @@ class PagedKVCache:
     def append(self, seq_ids: list[int], counts: list[int], k: torch.Tensor, v: torch.Tensor) -> AppendSlots:
         """reserve() plus write() for every layer. k, v: [num_layers, T, Hkv, D]."""
         # every check before reserve(): a refused append changes nothing
-        T = sum(counts) if all(isinstance(n, int) for n in counts) else None
+        T = sum(counts) if all(isinstance(n, int) and n >= 0 for n in counts) else None  # else reserve() says
         for name, t in (("k", k), ("v", v)):
             check_tensor("append", name, t, shape=(self.num_layers, T, self.num_kv_heads, self.head_dim),
                          dims="num_layers, T=sum(counts), Hkv, D", dtype=self.dtype, dtypes=None,
