@@ -196,46 +196,43 @@ def train(x, y, m, *, epochs: int = 3, lr: float = 3e-3, batch: int = 64, seed: 
 
 @torch.no_grad()
 def recall_table(model, data, *, budgets, history: int, calibrate_every: int, sink_pages: int,
-                 recent_pages: int, run_every: int = 1):
-    """Rows {budget_tokens, method, mass_recall, page_recall} on non-calibration steps."""
+                 recent_pages: int, run_every: int = 1, history_budget: int | None = None):
+    """Rows {budget_tokens, method, mass_recall, page_recall} on non-calibration steps.
+
+    One closed loop: the predictor's history holds what a read of `history_budget` tokens (default:
+    the first budget) would have returned; each step's scores are then judged at every budget."""
     mass, quest, first = data["mass"], data["quest"], data["first_pos"]
     NL, NQ, Hkv, P = mass.shape
-    rows = []
-    for budget in budgets:
-        bp = budget // PAGE
-        acc = {k: [0.0, 0.0, 0] for k in ("predictor", "quest", "oracle")}
-        hist = torch.zeros(NL * Hkv, history, P)
-        last = None
-        for t in range(NQ):
-            n = (first + t) // PAGE + 1
-            forced = forced_mask(n, P, sink_pages, recent_pages)
-            true = mass[:, t].reshape(NL * Hkv, P)
-            if t % calibrate_every == 0:
-                read = true
-            else:
-                if last is None or t % run_every == 0:
-                    last = model(features(hist[..., :n], torch.full((NL * Hkv,), n)))
-                score = torch.nn.functional.pad(last, (0, P - last.shape[-1]), value=float("-inf"))
-                scores = {"predictor": score, "quest": quest[:, t].reshape(NL * Hkv, P), "oracle": true}
-                kept = None
+    hb = (history_budget or budgets[0]) // PAGE
+    acc = {(b, k): [0.0, 0.0, 0] for b in budgets for k in ("predictor", "quest", "oracle")}
+    hist = torch.zeros(NL * Hkv, history, P)
+    last = None
+    for t in range(NQ):
+        n = (first + t) // PAGE + 1
+        forced = forced_mask(n, P, sink_pages, recent_pages)
+        true = mass[:, t].reshape(NL * Hkv, P)
+        if t % calibrate_every == 0:
+            read = true
+            last = None
+        else:
+            if last is None or t % run_every == 0:
+                last = model(features(hist[..., :n], torch.full((NL * Hkv,), n)))
+            score = torch.nn.functional.pad(last, (0, P - last.shape[-1]), value=float("-inf"))
+            scores = {"predictor": score, "quest": quest[:, t].reshape(NL * Hkv, P), "oracle": true}
+            for budget in budgets:
+                bp = budget // PAGE
                 oracle = keep_top(true, n, forced, bp)
                 for name, sc in scores.items():
                     keep = keep_top(sc, n, forced, bp)
-                    a = acc[name]
+                    a = acc[(budget, name)]
                     a[0] += float((true * keep).sum(-1).mean())
                     a[1] += float(((keep & oracle).sum(-1).float() / oracle.sum(-1).clamp(min=1)).mean())
                     a[2] += 1
-                    if name == "predictor":
-                        kept = keep
-                read = true * kept
-                read = read / read.sum(-1, keepdim=True).clamp(min=1e-30)
-            hist = torch.cat([hist[:, 1:], read[:, None]], dim=1)
-            if t % calibrate_every == 0:
-                last = None
-        for name, (mr, pr, c) in acc.items():
-            rows.append({"budget_tokens": budget, "method": name, "mass_recall": mr / max(c, 1),
-                         "page_recall": pr / max(c, 1), "steps": c})
-    return rows
+            read = true * keep_top(score, n, forced, hb)
+            read = read / read.sum(-1, keepdim=True).clamp(min=1e-30)
+        hist = torch.cat([hist[:, 1:], read[:, None]], dim=1)
+    return [{"budget_tokens": b, "method": k, "mass_recall": mr / max(c, 1), "page_recall": pr / max(c, 1),
+             "steps": c} for (b, k), (mr, pr, c) in acc.items()]
 
 
 def markdown(rows, meta) -> str:
@@ -271,6 +268,9 @@ def add_train_predictor_parser(subparsers):
     p.add_argument("--essays", default=None, help="folder of .txt essays (default: the cached essays)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--report", default=None, help="also write the recall table (markdown) here")
+    p.add_argument("--data", default=None, help="captured masses (.pt): reused if present, else captured and "
+                                                "saved there (default: next to the weights)")
+    p.add_argument("--recall-only", action="store_true", help="skip training: report the recall of --out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_train_predictor)
     return p
@@ -289,28 +289,41 @@ def _cmd_train_predictor(args) -> int:
         print(f"error: --steps must be in [2, --tokens={args.tokens}], got {args.steps}", file=sys.stderr)
         return 2
     t0 = time.time()
-    train_dir, test_dir = essay_halves(args.essays)
-    kw = dict(tokens=args.tokens, steps=args.steps, layers=layers, model=args.model)
-    tr = capture_masses(essays=train_dir, **kw)
-    te = capture_masses(essays=test_dir, **kw)
+    out = Path(args.out) if args.out else default_weights_path()
+    data_path = Path(args.data) if args.data else out.parent / (
+        f"masses-{args.tokens}-{args.steps}-{'_'.join(map(str, layers))}.pt")
+    if data_path.is_file():
+        tr, te = torch.load(data_path, weights_only=True)
+    else:
+        train_dir, test_dir = essay_halves(args.essays)
+        kw = dict(tokens=args.tokens, steps=args.steps, layers=layers, model=args.model)
+        tr = capture_masses(essays=train_dir, **kw)
+        te = capture_masses(essays=test_dir, **kw)
+        data_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save((tr, te), data_path)
     t1 = time.time()
     sp, rp = -(-args.sink_tokens // PAGE), -(-args.recent_tokens // PAGE)
-    x, y, m = make_samples(tr["mass"], tr["first_pos"], history=args.history, crop_pages=args.crop_pages,
-                           budget_pages=args.budget_tokens // PAGE, calibrate_every=args.calibrate_every,
-                           sink_pages=sp, recent_pages=rp, num_samples=args.samples, seed=args.seed)
-    model = train(x, y, m, epochs=args.epochs, seed=args.seed)
+    if args.recall_only:
+        from .predictor import load_weights
+        model = load_weights(out)
+    else:
+        x, y, m = make_samples(tr["mass"], tr["first_pos"], history=args.history, crop_pages=args.crop_pages,
+                               budget_pages=args.budget_tokens // PAGE, calibrate_every=args.calibrate_every,
+                               sink_pages=sp, recent_pages=rp, num_samples=args.samples, seed=args.seed)
+        model = train(x, y, m, epochs=args.epochs, seed=args.seed)
+        meta = {"tokens": args.tokens, "steps": args.steps, "layers": layers, "history": args.history,
+                "samples": args.samples, "epochs": args.epochs,
+                "train_text": "essays, first half by file name", "held_out_text": "essays, second half"}
+        save_weights(model, out, meta)
     t2 = time.time()
     n_params = sum(p.numel() for p in model.parameters())
-    meta = {"tokens": args.tokens, "steps": args.steps, "layers": layers, "history": args.history,
-            "samples": args.samples, "epochs": args.epochs, "params": n_params,
-            "train_text": "essays, first half by file name", "held_out_text": "essays, second half"}
-    out = save_weights(model, args.out or default_weights_path(), meta)
     rows = recall_table(model, te, budgets=budgets, history=args.history, calibrate_every=args.calibrate_every,
-                        sink_pages=sp, recent_pages=rp)
+                        sink_pages=sp, recent_pages=rp, history_budget=args.budget_tokens)
     t3 = time.time()
     table = markdown(rows, f"{args.tokens} tokens, last {args.steps} positions as decode steps, layers {layers}, "
                            f"calibrate_every {args.calibrate_every}, sink/recent {args.sink_tokens}/"
-                           f"{args.recent_tokens} tokens; non-calibration steps")
+                           f"{args.recent_tokens} tokens, history reads at {args.budget_tokens} tokens; "
+                           f"non-calibration steps")
     print(table)
     print(f"weights: {out} ({n_params} parameters); capture {t1 - t0:.0f} s, train {t2 - t1:.0f} s, "
           f"held-out recall {t3 - t2:.0f} s", file=sys.stderr)
