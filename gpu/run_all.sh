@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run GPU parts in one device call: `bash gpu/run_all.sh core key_shadow ...` (each part is gpu/<part>.sh).
-# Each part gets its own $OUT/<part>/ and a time limit (PART_TIMEOUT_S, default 240 s); a failing part
+# Run GPU parts in one device call: `bash gpu/run_all.sh core:120 key_shadow ...` (each part is gpu/<part>.sh,
+# with an optional time limit in seconds after the colon, else PART_TIMEOUT_S, default 240 s).
+# Each part gets its own $OUT/<part>/; a failing part
 # does not stop the others. Needs .devsite/flashinfer-py312.tgz (../shared/tools/device-bundle.sh).
 set -u
 ROOT_OUT="${OUT:-/tmp/ckv-out}"
@@ -11,11 +12,14 @@ fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$ROOT_OUT/gpu.txt"
 git rev-parse --short HEAD > "$ROOT_OUT/commit.txt" 2>/dev/null || true
-for part in "$@"; do
+for spec in "$@"; do
+  part="${spec%%:*}"
+  limit="${PART_TIMEOUT_S:-240}"
+  [ "$spec" != "$part" ] && limit="${spec#*:}"
   export OUT="$ROOT_OUT/$part"
   mkdir -p "$OUT"
   start=$(date +%s)
-  timeout "${PART_TIMEOUT_S:-240}" bash "gpu/$part.sh" > "$OUT/log.txt" 2>&1
+  timeout "$limit" bash "gpu/$part.sh" > "$OUT/log.txt" 2>&1
   rc=$?
   echo "$part rc=$rc $(( $(date +%s) - start ))s" | tee -a "$ROOT_OUT/summary.txt"
   tail -n 5 "$OUT/log.txt"
