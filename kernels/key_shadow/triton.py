@@ -27,7 +27,10 @@ def _shadow_block(q, qabs, codes_ptr, step_ptr, kmin_ptr, stride_cp, stride_ch, 
                   phys, pos, h, pmask, seq_len,
                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr,
                   BLOCK: tl.constexpr, BITS: tl.constexpr, PREC: tl.constexpr):
-    """max over the group and each page's valid tokens of q.k^ + |q|.step/2 (unscaled): [BLOCK]."""
+    """max over the group and each page's valid tokens of q.k^ + |q|.step/2 (unscaled): [BLOCK].
+
+    q.k^_t = q.kmin + q.(code_t * step): the per-page terms q.kmin + |q|.step/2 are added after the max
+    over the page's tokens; only code * step is formed per token."""
     tok = tl.arange(0, BLOCK * PAGE)
     t = tok % PAGE
     ph = tl.reshape(tl.broadcast_to(phys[:, None], (BLOCK, PAGE)), (BLOCK * PAGE,)).to(tl.int64)
@@ -42,14 +45,17 @@ def _shadow_block(q, qabs, codes_ptr, step_ptr, kmin_ptr, stride_cp, stride_ch, 
     else:
         byte = tl.load(crow + (d // 2)[None, :], mask=m, other=0).to(tl.int32)
         c = ((byte >> ((d % 2) * 4)[None, :]) & 15).to(tl.float32)
-    srow = ph[:, None] * stride_sp + h * stride_sh + d[None, :]
-    step = tl.load(step_ptr + srow, mask=m, other=0.0).to(tl.float32)  # [BLOCK*PAGE, DP]
-    kmin = tl.load(kmin_ptr + srow, mask=m, other=0.0).to(tl.float32)
-    khat = kmin + c * step
-    s = tl.dot(q, tl.trans(khat), input_precision=PREC) + tl.dot(qabs, tl.trans(step * 0.5), input_precision=PREC)
-    s = tl.where((tl.arange(0, GP) < G)[:, None] & tv[None, :], s, NEG_INF)  # [GP, BLOCK*PAGE]
-    s = tl.max(s, axis=0)
-    return tl.max(tl.reshape(s, (BLOCK, PAGE)), axis=1)
+    prow = phys.to(tl.int64)[:, None] * stride_sp + h * stride_sh + d[None, :]
+    pmd = pmask[:, None] & (d < D)[None, :]
+    step = tl.load(step_ptr + prow, mask=pmd, other=0.0).to(tl.float32)  # [BLOCK, DP]
+    kmin = tl.load(kmin_ptr + prow, mask=pmd, other=0.0).to(tl.float32)
+    step_t = tl.reshape(tl.broadcast_to(step[:, None, :], (BLOCK, PAGE, DP)), (BLOCK * PAGE, DP))
+    s = tl.dot(q, tl.trans(c * step_t), input_precision=PREC)  # [GP, BLOCK*PAGE]
+    s = tl.where(tv[None, :], s, NEG_INF)
+    s = tl.max(tl.reshape(s, (GP, BLOCK, PAGE)), axis=2)  # [GP, BLOCK]
+    base = tl.sum(q[:, None, :] * kmin[None, :, :] + qabs[:, None, :] * (step * 0.5)[None, :, :], axis=2)
+    s = tl.where((tl.arange(0, GP) < G)[:, None], s + base, NEG_INF)
+    return tl.max(s, axis=0)
 
 
 @triton.jit
