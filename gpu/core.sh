@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
 # The core kernels' GPU tests (large grids, bf16, CUDA graph replay, launch count).
 set -eu
-python -m pytest -q -m gpu tests/test_kernels_gpu.py -p no:cacheprovider --junitxml="$OUT/core-junit.xml" 2>&1 | tail -n 30
+python -m pytest -q -m gpu tests/test_kernels_gpu.py -p no:cacheprovider --durations=15 --junitxml="$OUT/core-junit.xml"

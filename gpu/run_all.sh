@@ -24,3 +24,5 @@ for spec in "$@"; do
   echo "$part rc=$rc $(( $(date +%s) - start ))s" | tee -a "$ROOT_OUT/summary.txt"
   tail -n 5 "$OUT/log.txt"
 done
+# Few files come back from a device call: pack the parts into one archive.
+(cd "$ROOT_OUT" && tar czf parts.tgz --exclude=parts.tgz */ && rm -rf -- */)
