@@ -25,9 +25,10 @@ from .predictor import PredictorCNN, features
 SHAPES = {"smollm2-135m": (9, 3, 64, 28), "llama-8b": (32, 8, 128, 30)}  # Hq, Hkv, D, predictor layers
 
 
-def timeit(fn, device, reps: int = 10) -> float:
+def timeit(fn, device, reps: int = 30) -> float:
     """Median milliseconds of fn()."""
-    fn()
+    for _ in range(3):
+        fn()
     if device.type == "cuda":
         import triton
         return float(triton.testing.do_bench(fn, warmup=5, rep=max(reps * 5, 25)))
