@@ -18,7 +18,10 @@ _LOADED: dict[tuple, "PredictorCNN"] = {}
 
 
 def default_weights_path() -> Path:
-    """Where `ckv train-predictor` writes and the stage reads by default (a user cache, not the repo)."""
+    """Where `ckv train-predictor` writes and the stage reads by default (a user cache, not the repo);
+    $CKV_PREDICTOR_WEIGHTS overrides it."""
+    if os.environ.get("CKV_PREDICTOR_WEIGHTS"):
+        return Path(os.environ["CKV_PREDICTOR_WEIGHTS"]).expanduser()
     from .assets import cache_dir
     return cache_dir() / "predictor" / WEIGHTS_NAME
 

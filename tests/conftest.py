@@ -16,6 +16,22 @@ if not HAS_CUDA and os.environ.get("CKV_NO_INTERPRET") != "1":
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def predictor_weights(tmp_path_factory):
+    """Configs with `attention_predictor` read trained weights from the user cache (`ckv train-predictor`);
+    tests use a fixed, untrained CNN instead (set CKV_PREDICTOR_WEIGHTS to test real weights)."""
+    if os.environ.get("CKV_PREDICTOR_WEIGHTS"):
+        yield
+        return
+    from composable_kv.predictor import PredictorCNN, save_weights
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        path = save_weights(PredictorCNN(), tmp_path_factory.mktemp("predictor") / "untrained.pt")
+    os.environ["CKV_PREDICTOR_WEIGHTS"] = str(path)
+    yield
+    os.environ.pop("CKV_PREDICTOR_WEIGHTS", None)
+
+
 @pytest.fixture
 def nan_empty(monkeypatch):
     """torch.empty / empty_like return NaN (floats) or -777777 (ints) so unwritten outputs show up."""
