@@ -34,7 +34,16 @@ def test_dense_page_mass_gpu(num_splits):
     check_dense_page_mass([1, 17, 63, 111, 2049], 4, 128, num_splits, device="cuda")
 
 
-def test_stage_cuda_equals_reference(tmp_path):
+@pytest.fixture
+def no_tf32():
+    """cuDNN convolutions default to TF32: the CNN's scores would differ from the CPU reference's."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
+def test_stage_cuda_equals_reference(tmp_path, no_tf32):
     import composable_kv as ckv
     from composable_kv.predictor import PredictorCNN, save_weights
     from helpers import build_cache
