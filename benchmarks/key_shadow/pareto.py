@@ -34,6 +34,8 @@ def main(out, *runs):
             ax.set_ylabel(label, fontsize=8)
             if key == "accuracy":
                 ax.set_ylim(-0.05, 1.05)
+            else:
+                ax.set_yscale("log")
             ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
