@@ -173,6 +173,15 @@ class DecodePipeline:
             return "triton"
         return "reference"
 
+    @property
+    def host_synced_stages(self) -> list[str]:
+        return [s.name for s in self.config.stages if not s.graph_safe]
+
+    @property
+    def graph_safe(self) -> bool:
+        """run() can be captured in a CUDA graph (no stage syncs with the host)."""
+        return not self.host_synced_stages
+
     def describe(self, device: str | torch.device = "cuda") -> str:
         device = torch.device(device)
         backend = self.backend_for(device)
@@ -185,6 +194,9 @@ class DecodePipeline:
         else:
             from . import fused
             lines += fused.describe(self)
+        lines.append("CUDA graphs: capturable" if self.graph_safe else
+                     f"CUDA graphs: not capturable (stages {self.host_synced_stages} sync with the host "
+                     "every layer); run eagerly")
         return "\n".join(lines)
 
     # -- per step -----------------------------------------------------------------------------
@@ -236,6 +248,9 @@ class DecodePipeline:
         if plan is None:
             raise RuntimeError("call pipeline.plan(cache, seq_ids) once per decode step before run()")
         self._check_q(q, cache, layer, plan)
+        if q.is_cuda and not self.graph_safe and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"policy {self.name!r} cannot be captured in a CUDA graph: stages "
+                               f"{self.host_synced_stages} sync with the host every layer; run it eagerly")
         sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else check_sm_scale("run", sm_scale)
         ctx = LayerContext(q, cache, layer, plan, sm_scale, self.stage_state)
         if self.backend_for(q.device) == "triton":

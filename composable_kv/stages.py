@@ -39,6 +39,7 @@ class Stage:
     kind: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    graph_safe: ClassVar[bool] = True  # False: the stage syncs with the host per layer (no CUDA-graph capture)
 
     def check(self) -> None:
         """Cross-field checks; raise ValueError("<field>: <message>") to refuse."""

@@ -22,6 +22,7 @@ class AttentionPredictor(ScoringSelector):
     """
 
     name = "attention_predictor"
+    graph_safe = False  # the CNN history and calibration schedule live on the host
     paper = ("AttentionPredictor: Temporal Pattern Matters for Efficient LLM Inference "
              "(Yang et al., 2025; arXiv 2502.04077)")
     summary = "top pages by a CNN over the history of page attention (trained: ckv train-predictor)"
