@@ -37,3 +37,14 @@ def dense_attention(q, keys, values, layer=0, sm_scale=None):
         logits = torch.einsum("hd,thd->ht", q[b].float(), k) * sm_scale
         outs.append(torch.einsum("ht,thd->hd", logits.softmax(-1), v))
     return torch.stack(outs)
+
+
+def tiny_llama(max_positions: int = 256, seed: int = 0):
+    """A tiny random Llama (3 layers, 4 q / 2 KV heads of 16, vocab 96) for HF-path tests; no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=max_positions, initializer_range=0.2, eos_token_id=None,
+                      bos_token_id=None, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
 
 import composable_kv as ckv  # noqa: E402
 from composable_kv import gate_train, hf  # noqa: E402
@@ -23,11 +23,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                      initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(256)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
 
 from composable_kv import assets, hf  # noqa: E402
 
@@ -33,12 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                      initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).eval()
-    return model
+    return tiny_llama(128)
 
 
 @pytest.fixture(scope="module")

@@ -290,13 +290,9 @@ def test_stage_with_triton_scorer_equals_reference(monkeypatch):
 @pytest.mark.cpu
 def test_hf_prefill_builds_spans_and_decodes():
     pytest.importorskip("transformers")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers import tiny_llama
     from composable_kv import hf
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                      initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(256)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (150, 97)]
     dense = ckv.compile({"name": "d", "page_size": 16, "stages": [{"stage": "attend"}]}, backend="reference")
