@@ -47,6 +47,28 @@ def features(mass: torch.Tensor, num_pages: torch.Tensor) -> torch.Tensor:
     return torch.log1p(mass * num_pages.to(mass.dtype).view(-1, 1, 1))
 
 
+def prefill_page_mass(q: torch.Tensor, k: torch.Tensor, page_size: int, sm_scale: float,
+                      last: int) -> torch.Tensor:
+    """Block-pooled attention of a prompt's last `last` queries, as decode steps would record it.
+
+    q [Hq, T, D], k [Hkv, T, D] (one sequence, real tokens only, post-RoPE) -> [Hq, h, P] fp32 with
+    h = min(last, T), P = ceil(T / page_size): row i is the exact causal softmax of query T-h+i
+    summed per page (each row sums to 1). Costs Hq * h * T dot products, not T^2.
+    """
+    Hq, T, _ = q.shape
+    Hkv = k.shape[0]
+    if Hq % Hkv:
+        raise ValueError(f"prefill_page_mass: {Hq} query heads is not a multiple of {Hkv} KV heads")
+    h = min(last, T)
+    qh = q[:, T - h:].float().reshape(Hkv, Hq // Hkv * h, -1)
+    logits = (qh @ k.float().transpose(1, 2)).view(Hq, h, T) * sm_scale  # [Hq, h, T]
+    causal = torch.arange(T, device=q.device)[None] > torch.arange(T - h, T, device=q.device)[:, None]
+    probs = logits.masked_fill(causal, float("-inf")).softmax(-1)
+    P = -(-T // page_size)
+    probs = torch.nn.functional.pad(probs, (0, P * page_size - T))
+    return probs.view(Hq, h, P, page_size).sum(-1)
+
+
 def save_weights(model: PredictorCNN, path: str | os.PathLike, meta: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +96,9 @@ class PageHistory:
 
     hist [R, Hh, H, Pcap] fp32 (Hh = KV heads or query heads), slot `ptr[r]` is written next; a
     sequence gets a zeroed row on its first step and loses it when the cache no longer holds it (or
-    when its length goes backwards: a new sequence that reuses the id). `steps[r]` counts the steps
-    recorded. Capacity (rows, pages) grows by doubling.
+    when its length goes backwards: a new sequence that reuses the id). `steps[r]` is the row's
+    calibration clock: decode steps recorded, plus one when `seed` filled it from the prefill (a dense
+    step itself). Capacity (rows, pages) grows by doubling.
     """
 
     def __init__(self, heads: int, steps: int, device):
@@ -145,6 +168,18 @@ class PageHistory:
         self.hist[rows, :, slot] = row
         self.ptr[rows] = (slot + 1) % self.H
         self.steps[rows.cpu()] += 1
+
+    def seed(self, row: int, mass: torch.Tensor) -> None:
+        """Fill a fresh row with the prefill's pooled attention: mass [Hh, h, P], oldest first (h <= H).
+        Counts as one step of the clock: the prefill read every page."""
+        h, P = mass.shape[1:]
+        if h > self.H:
+            raise ValueError(f"PageHistory.seed: {h} steps for a history of {self.H}")
+        self.ensure_pages(P)
+        self.hist[row] = 0
+        self.hist[row, :, :h, :P] = mass.to(self.device)
+        self.ptr[row] = h % self.H
+        self.steps[row] = 1
 
     def window(self, rows: torch.Tensor, P: int) -> torch.Tensor:
         """The last H steps of each row, oldest first: [B, Hh, H, P] (zeros before the first step)."""

@@ -2,7 +2,9 @@ from dataclasses import dataclass
 
 import torch
 
-from composable_kv.predictor import PageHistory, features, load_weights
+import weakref
+
+from composable_kv.predictor import PageHistory, features, load_weights, prefill_page_mass
 from composable_kv.stages import ScoringSelector, param, register_stage
 
 
@@ -11,9 +13,12 @@ from composable_kv.stages import ScoringSelector, param, register_stage
 class AttentionPredictor(ScoringSelector):
     """AttentionPredictor: a small CNN reads the last `history_steps` steps of block-pooled attention
     (one mass per page per step, from the decode kernel's page-mass side output; pages a step did not
-    read count 0) and scores the pages for the next step. The sink and recent pages are forced; every
-    `calibrate_every` steps a sequence reads every page (a dense calibration step) to refresh its
-    history; a sequence's first decode step is one. Cheaper settings: per_kv_head (one history and
+    read count 0) and scores the pages for the next step. The history starts from the prefill: the
+    prompt's last H queries' attention pooled per page (exact causal softmax), so the first decode step
+    already predicts. The sink and recent pages are forced; every `calibrate_every`-th step a sequence
+    reads every page (a dense calibration step) to refresh its history, the prefill counting as step 0
+    (decode steps N-1, 2N-1, ... are dense); a sequence whose prefill was not observed (empty history)
+    calibrates on its first decode step. Cheaper settings: per_kv_head (one history and
     one CNN row per KV head instead of per query head), fewer history_steps, run_every > 1 (reuse the
     last prediction in between).
 
@@ -28,7 +33,7 @@ class AttentionPredictor(ScoringSelector):
     summary = "top pages by a CNN over the history of page attention (trained: ckv train-predictor)"
 
     history_steps: int = param(64, "H: decode steps of page attention the CNN reads", min=3, max=1024)
-    calibrate_every: int = param(5, "N: every N-th step of a sequence reads every page (dense)", min=1)
+    calibrate_every: int = param(5, "N: every N-th step of a sequence reads every page (dense; the prefill is step 0)", min=1)
     per_kv_head: bool = param(True, "one history per KV head (group-summed mass); false: per query head")
     run_every: int = param(1, "k: run the CNN every k steps, reuse its scores in between", min=1)
     sink_tokens: int = param(64, "leading tokens always read", min=0)
@@ -55,12 +60,45 @@ class AttentionPredictor(ScoringSelector):
         key = (id(ctx.cache), ctx.layer)
         hist, ref = per_cache.get(key, (None, None))
         if hist is None or ref() is not ctx.cache:  # a new cache (an id can be reused after GC)
-            import weakref
             heads = ctx.num_kv_heads if self.per_kv_head else ctx.num_q_heads
             hist, ref = PageHistory(heads, self.history_steps, ctx.q.device), weakref.ref(ctx.cache)
             per_cache[key] = (hist, ref)
         rows = hist.rows(ctx.plan.seq_ids, ctx.plan.seq_lens.tolist(), ctx.cache.sequences())
+        pending = self._prefill_masses(ctx.cache)
+        if pending:
+            for sid, r in zip(ctx.plan.seq_ids, rows.tolist()):
+                mass = pending.pop((sid, ctx.layer), None)
+                if mass is not None and hist.steps[r] == 0:  # a fresh row: start it from the prefill
+                    hist.seed(r, mass)
         return hist, rows
+
+    def _prefill_masses(self, cache) -> dict:
+        """(seq id, layer) -> [Hh, h, P] pooled prefill attention not yet moved into a history row."""
+        ref, pending = self.__dict__.get("_prefill", (None, None))
+        if ref is None or ref() is not cache:
+            ref, pending = weakref.ref(cache), {}
+            self._prefill = (ref, pending)
+        return pending
+
+    def observe_prefill(self, cache, seq_ids, layer, query, key, valid, sm_scale) -> None:
+        """Called per layer during a dense prefill (composable_kv.hf): query [B, Hq, T, D], key
+        [B, Hkv, T, D] post-RoPE, valid [B, T] bool (None: all real). Keeps each sequence's last
+        `history_steps` queries' attention pooled per page, for its history row at its first decode."""
+        pending = self._prefill_masses(cache)
+        live = set(cache.sequences())
+        for stale in [k for k in pending if k[0] not in live]:
+            del pending[stale]
+        sm_scale = query.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+        Hkv = key.shape[1]
+        with torch.no_grad():
+            for b, sid in enumerate(seq_ids):
+                q, k = query[b], key[b]
+                if valid is not None:
+                    q, k = q[:, valid[b]], k[:, valid[b]]
+                mass = prefill_page_mass(q, k, cache.page_size, sm_scale, self.history_steps)  # [Hq, h, P]
+                if self.per_kv_head:  # as observe(): the group's mean
+                    mass = mass.view(Hkv, -1, *mass.shape[1:]).mean(1)
+                pending[(sid, layer)] = mass
 
     def _rows(self, ctx):
         cached = getattr(ctx, "_predictor_rows", None)
@@ -93,7 +131,7 @@ class AttentionPredictor(ScoringSelector):
 
     def apply(self, ctx, state) -> None:
         hist, rows = self._rows(ctx)
-        calibrate = (hist.steps[rows.cpu()] % self.calibrate_every) == 0  # [B] (first step included)
+        calibrate = (hist.steps[rows.cpu()] % self.calibrate_every) == 0  # [B]; an unseeded first step too
         if calibrate.any():
             state.forced = state.forced | (calibrate.to(state.forced.device)[:, None, None] & state.valid)
         super().apply(ctx, state)

@@ -8,7 +8,7 @@ import torch
 
 import composable_kv as ckv
 from composable_kv import predictor_train as T
-from composable_kv.predictor import PageHistory, PredictorCNN, load_weights, save_weights
+from composable_kv.predictor import PageHistory, PredictorCNN, load_weights, prefill_page_mass, save_weights
 from composable_kv.traces import Trace
 
 from helpers import build_cache
@@ -199,6 +199,76 @@ def test_tiny_hf_model_decodes_with_the_predictor(weights):
     frac = out.kv_read_fraction
     assert all(0 < f < 1 for f in frac), frac  # the non-calibration steps read less than dense
 
+
+
+def pooled_prefill_by_hand(q, k, page_size, scale, last):
+    """One softmax per (query head, query), keys up to the query's position, summed per page."""
+    Hq, T, _ = q.shape
+    G, h, P = Hq // k.shape[0], min(last, T), -(-T // page_size)
+    out = torch.zeros(Hq, h, P, dtype=torch.float64)
+    for hq in range(Hq):
+        for i, t in enumerate(range(T - h, T)):
+            logits = [float(q[hq, t].double() @ k[hq // G, j].double()) * scale for j in range(t + 1)]
+            p = torch.tensor(logits, dtype=torch.float64).softmax(0)
+            for j in range(t + 1):
+                out[hq, i, j // page_size] += p[j]
+    return out
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("T,last,group", [(21, 5, 2), (7, 16, 1), (33, 8, 4)])
+def test_prefill_page_mass_equals_a_hand_reference(T, last, group):
+    g = torch.Generator().manual_seed(T)
+    q, k = torch.randn(2 * group, T, 8, generator=g) * 3, torch.randn(2, T, 8, generator=g)
+    got = prefill_page_mass(q, k, 4, 0.4, last)  # [Hq, h, P]
+    assert got.shape == (2 * group, min(last, T), -(-T // 4))
+    torch.testing.assert_close(got.double(), pooled_prefill_by_hand(q, k, 4, 0.4, last), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        prefill_page_mass(torch.randn(3, T, 8), k, 4, 0.4, last)
+
+
+@pytest.mark.cpu
+def test_tiny_hf_model_history_starts_from_the_prefill(weights):
+    """The first decode step predicts from the prefill's pooled attention (no forced dense step);
+    decode steps N-1, 2N-1, ... are the calibrations (the prefill is step 0)."""
+    pytest.importorskip("transformers")
+    from helpers import tiny_llama
+    from composable_kv import hf
+    model = tiny_llama(256)
+    pipe = ckv.compile(policy(weights, budget_tokens=48), backend="reference")
+    (stage,) = pipe.selectors
+    seen = {}
+    orig = stage.observe_prefill
+
+    def spy(cache, seq_ids, layer, query, key, valid, sm_scale):
+        seen[layer] = (list(seq_ids), query.clone(), key.clone(), None if valid is None else valid.clone(), sm_scale)
+        return orig(cache, seq_ids, layer, query, key, valid, sm_scale)
+
+    stage.observe_prefill = spy
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (130, 77)]  # padded batch
+    session = hf.PolicySession(model, pipe, max_total_tokens=140, batch_size=2)
+    logits = session.prefill(prompts)
+    assert sorted(seen) == [1, 2]  # the dense layer 0 is not observed
+    for step in range(3):
+        logits = session.decode(logits.argmax(-1).tolist())
+        if step == 0:
+            for layer, (sids, query, key, valid, scale) in seen.items():
+                hist = history_of(pipe, session.cache, layer)
+                for b, sid in enumerate(sids):
+                    q, k = query[b][:, valid[b]], key[b][:, valid[b]]
+                    ref = pooled_prefill_by_hand(q, k, 16, scale, 8)  # [Hq=4, 8, P]
+                    ref = ref.view(2, 2, *ref.shape[1:]).mean(1)  # per KV head: the group's mean
+                    w = hist.window(torch.tensor([hist.row_of[sid]]), ref.shape[-1] + 1)[0]  # [2, 8, P+1]
+                    # H=8 slots: the decode step overwrote the oldest prefill row
+                    torch.testing.assert_close(w[:, :7, :-1].double(), ref[:, 1:], rtol=1e-4, atol=1e-5)
+                    assert (w[:, :7, -1] == 0).all()
+                    torch.testing.assert_close(w[:, 7].sum(-1), torch.ones(2))  # the decode's own masses
+                    assert hist.steps[hist.row_of[sid]] == 2  # the prefill + one decode step
+    dense = [sum(-(-(n + s + 1) // 16) for n in (130, 77)) * 2 * 3 for s in range(3)]
+    pages = [sum(st.pages_read) for st in session.steps]
+    assert pages[0] < dense[0] and pages[1] < dense[1]  # no forced dense first step
+    assert pages[2] == dense[2]  # calibrate_every=3: decode step 2 (the prefill was step 0)
 
 # -- training -------------------------------------------------------------------------------------
 
