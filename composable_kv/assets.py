@@ -238,11 +238,19 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return default_model_path() if model is None else Path(model).expanduser()
 
 
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise AssetError("loading a model needs the `hf` extra (transformers, gguf, accelerate): "
+                         "pip install 'composable-kv[hf]'") from exc
+    return transformers
+
+
 def load_tokenizer(model: str | os.PathLike | None = None):
     """Tokenizer for ``model`` (default model if None); GGUF conversions are cached."""
-    from transformers import AutoTokenizer
-
     folder, gguf = _split_model_path(resolve_model_path(model))
+    AutoTokenizer = _transformers().AutoTokenizer
     if gguf is None:
         tok = AutoTokenizer.from_pretrained(folder)
     else:
@@ -271,11 +279,11 @@ def load_model(model: str | os.PathLike | None = None, *, dtype=None, device: st
     GGUF weights are de-quantized to ``dtype`` (float32 on CPU, bfloat16 on GPU by default).
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     if dtype is None:
         dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
     folder, gguf = _split_model_path(resolve_model_path(model))
+    AutoModelForCausalLM = _transformers().AutoModelForCausalLM
     if gguf is None:
         lm = _from_pretrained(AutoModelForCausalLM, folder, dtype=dtype)
     else:
