@@ -14,4 +14,4 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
 python -m pytest -q -p no:cacheprovider tests/test_contracts_gpu.py 2>&1 | tee "$OUT/contracts_gpu.log" || true
-python -m composable_kv.longrun --steps 10000 --batch 64 --time-budget-s 90 --out "$OUT" 2>&1 | tee "$OUT/longrun.log"
+python -m composable_kv.longrun --steps 10000 --batch 64 --time-budget-s 200 --out "$OUT" 2>&1 | tee "$OUT/longrun.log"
