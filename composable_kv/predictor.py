@@ -107,6 +107,7 @@ class PageHistory:
         self.scores = torch.zeros(0, heads, 0, device=device)  # last predicted scores (run_every > 1)
         self.ptr = torch.zeros(0, dtype=torch.long, device=device)
         self.steps = torch.zeros(0, dtype=torch.long)  # host copy: drives calibration / run_every
+        self.seeded = torch.zeros(0, dtype=torch.bool)  # host: the row started from the prefill
         self.last_len: list[int] = []
         self.row_of: dict[int, int] = {}
         self.free_rows: list[int] = []
@@ -141,6 +142,7 @@ class PageHistory:
             self.scores = torch.cat([self.scores, self.scores.new_zeros(grow, *self.scores.shape[1:])])
             self.ptr = torch.cat([self.ptr, self.ptr.new_zeros(grow)])
             self.steps = torch.cat([self.steps, self.steps.new_zeros(grow)])
+            self.seeded = torch.cat([self.seeded, self.seeded.new_zeros(grow)])
             self.last_len += [0] * grow
             self.free_rows = list(range(R + grow - 1, R - 1, -1))
         r = self.free_rows.pop()
@@ -148,6 +150,7 @@ class PageHistory:
         self.scores[r] = float("-inf")
         self.ptr[r] = 0
         self.steps[r] = 0
+        self.seeded[r] = False
         return r
 
     def ensure_pages(self, P: int) -> None:
@@ -180,6 +183,7 @@ class PageHistory:
         self.hist[row, :, :h, :P] = mass.to(self.device)
         self.ptr[row] = h % self.H
         self.steps[row] = 1
+        self.seeded[row] = True
 
     def window(self, rows: torch.Tensor, P: int) -> torch.Tensor:
         """The last H steps of each row, oldest first: [B, Hh, H, P] (zeros before the first step)."""

@@ -17,8 +17,9 @@ class AttentionPredictor(ScoringSelector):
     prompt's last H queries' attention pooled per page (exact causal softmax), so the first decode step
     already predicts. The sink and recent pages are forced; every `calibrate_every`-th step a sequence
     reads every page (a dense calibration step) to refresh its history, the prefill counting as step 0
-    (decode steps N-1, 2N-1, ... are dense); a sequence whose prefill was not observed (empty history)
-    calibrates on its first decode step. Cheaper settings: per_kv_head (one history and
+    (decode steps N-1, 2N-1, ... are dense; `calibrate_first` makes the first decode step dense too);
+    a sequence whose prefill was not observed (empty history) calibrates on its first decode step.
+    Cheaper settings: per_kv_head (one history and
     one CNN row per KV head instead of per query head), fewer history_steps, run_every > 1 (reuse the
     last prediction in between).
 
@@ -34,6 +35,7 @@ class AttentionPredictor(ScoringSelector):
 
     history_steps: int = param(64, "H: decode steps of page attention the CNN reads", min=3, max=1024)
     calibrate_every: int = param(5, "N: every N-th step of a sequence reads every page (dense; the prefill is step 0)", min=1)
+    calibrate_first: bool = param(False, "the first decode step reads every page even with a prefill history")
     per_kv_head: bool = param(True, "one history per KV head (group-summed mass); false: per query head")
     run_every: int = param(1, "k: run the CNN every k steps, reuse its scores in between", min=1)
     sink_tokens: int = param(64, "leading tokens always read", min=0)
@@ -131,7 +133,10 @@ class AttentionPredictor(ScoringSelector):
 
     def apply(self, ctx, state) -> None:
         hist, rows = self._rows(ctx)
-        calibrate = (hist.steps[rows.cpu()] % self.calibrate_every) == 0  # [B]; an unseeded first step too
+        steps = hist.steps[rows.cpu()]
+        calibrate = (steps % self.calibrate_every) == 0  # [B]; an unseeded first step too
+        if self.calibrate_first:
+            calibrate |= (steps == 1) & hist.seeded[rows.cpu()]
         if calibrate.any():
             state.forced = state.forced | (calibrate.to(state.forced.device)[:, None, None] & state.valid)
         super().apply(ctx, state)

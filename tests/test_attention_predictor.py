@@ -228,14 +228,16 @@ def test_prefill_page_mass_equals_a_hand_reference(T, last, group):
 
 
 @pytest.mark.cpu
-def test_tiny_hf_model_history_starts_from_the_prefill(weights):
-    """The first decode step predicts from the prefill's pooled attention (no forced dense step);
+@pytest.mark.parametrize("calibrate_first", [False, True])
+def test_tiny_hf_model_history_starts_from_the_prefill(weights, calibrate_first):
+    """The first decode step predicts from the prefill's pooled attention (no forced dense step
+    unless calibrate_first);
     decode steps N-1, 2N-1, ... are the calibrations (the prefill is step 0)."""
     pytest.importorskip("transformers")
     from helpers import tiny_llama
     from composable_kv import hf
     model = tiny_llama(256)
-    pipe = ckv.compile(policy(weights, budget_tokens=48), backend="reference")
+    pipe = ckv.compile(policy(weights, budget_tokens=48, calibrate_first=calibrate_first), backend="reference")
     (stage,) = pipe.selectors
     seen = {}
     orig = stage.observe_prefill
@@ -267,7 +269,8 @@ def test_tiny_hf_model_history_starts_from_the_prefill(weights):
                     assert hist.steps[hist.row_of[sid]] == 2  # the prefill + one decode step
     dense = [sum(-(-(n + s + 1) // 16) for n in (130, 77)) * 2 * 3 for s in range(3)]
     pages = [sum(st.pages_read) for st in session.steps]
-    assert pages[0] < dense[0] and pages[1] < dense[1]  # no forced dense first step
+    assert (pages[0] == dense[0]) == calibrate_first  # no forced dense first step unless asked
+    assert pages[1] < dense[1]
     assert pages[2] == dense[2]  # calibrate_every=3: decode step 2 (the prefill was step 0)
 
 # -- training -------------------------------------------------------------------------------------
