@@ -74,6 +74,41 @@ def test_trainer_learns_a_key_rule_and_weights_round_trip(tmp_path):
         GateMLP.load(tmp_path / "none.pt", num_layers=2, num_kv_heads=3, head_dim=8)
 
 
+class _CharTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_retrieval_windows_put_a_labelled_fact_and_its_question_in_each_window():
+    text = "".join(f"Sentence number {i} of a plain essay. " for i in range(400))
+    length, labelled = 300, 180
+    windows = gate_train.retrieval_windows(_CharTokenizer(), text, 4, length, labelled, seed=3)
+    assert len(windows) == 4
+    for ids, span in windows:
+        s = "".join(map(chr, ids))
+        fact = s[span[0]:span[-1] + 1]
+        assert len(ids) == length and span == list(range(span[0], span[-1] + 1)) and span[-1] < labelled
+        assert any(ch.isdigit() for ch in fact) and " the " in fact and s.endswith(".") and fact.split()[-1].rstrip(".") in s[-12:]
+        assert "special magic number" not in s  # unlike the evaluation's needle
+    with pytest.raises(ValueError, match="raise --seq-len"):
+        gate_train.retrieval_windows(_CharTokenizer(), text, 1, 120, 20)
+
+
+def test_loss_weight_makes_the_gate_keep_rare_weighted_tokens():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 2000, 8, generator=g)
+    rare = x[0, 0, :, 2] > 2.0  # ~2% of tokens
+    y = (x[..., 2] > 2.0) & (x[..., 5] > -1.0)
+    recall = {}
+    for weight in (1.0, 30.0):
+        w = torch.where(rare, weight, 1.0)
+        torch.manual_seed(0)
+        gate = GateMLP(1, 2, 4, hidden=8)
+        gate_train.train(gate, gate_train.GateData(x, y, y.float(), w), steps=60, lr=1e-2)
+        recall[weight] = gate_train.needle_admitted(gate, gate_train.GateData(x, y, y.float()), rare & y[0, 0], 0.5)
+    assert recall[30.0] > recall[1.0] + 0.2
+
+
 def _gate_file(tmp_path, bias: float):
     gate = GateMLP(3, 2, 16, hidden=8)
     with torch.no_grad():
