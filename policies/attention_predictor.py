@@ -14,11 +14,12 @@ class AttentionPredictor(ScoringSelector):
     """AttentionPredictor: a small CNN reads the last `history_steps` steps of block-pooled attention
     (one mass per page per step, from the decode kernel's page-mass side output; pages a step did not
     read count 0) and scores the pages for the next step. The history starts from the prefill: the
-    prompt's last H queries' attention pooled per page (exact causal softmax), so the first decode step
-    already predicts. The sink and recent pages are forced; every `calibrate_every`-th step a sequence
-    reads every page (a dense calibration step) to refresh its history, the prefill counting as step 0
-    (decode steps N-1, 2N-1, ... are dense; `calibrate_first` makes the first decode step dense too);
-    a sequence whose prefill was not observed (empty history) calibrates on its first decode step.
+    prompt's last H queries' attention pooled per page (exact causal softmax). The sink and recent
+    pages are forced; every `calibrate_every`-th step a sequence reads every page (a dense calibration
+    step) to refresh its history, the prefill counting as step 0 (decode steps N-1, 2N-1, ... are
+    dense). `calibrate_first` (default) makes the first decode step dense too; without it the first
+    step predicts from the prefill history alone. A sequence whose prefill was not observed (empty
+    history) calibrates on its first decode step whatever the setting.
     Cheaper settings: per_kv_head (one history and
     one CNN row per KV head instead of per query head), fewer history_steps, run_every > 1 (reuse the
     last prediction in between).
@@ -35,7 +36,7 @@ class AttentionPredictor(ScoringSelector):
 
     history_steps: int = param(64, "H: decode steps of page attention the CNN reads", min=3, max=1024)
     calibrate_every: int = param(5, "N: every N-th step of a sequence reads every page (dense; the prefill is step 0)", min=1)
-    calibrate_first: bool = param(False, "the first decode step reads every page even with a prefill history")
+    calibrate_first: bool = param(True, "the first decode step reads every page even with a prefill history")
     per_kv_head: bool = param(True, "one history per KV head (group-summed mass); false: per query head")
     run_every: int = param(1, "k: run the CNN every k steps, reuse its scores in between", min=1)
     sink_tokens: int = param(64, "leading tokens always read", min=0)
