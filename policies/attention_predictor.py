@@ -35,8 +35,8 @@ class AttentionPredictor(ScoringSelector):
     summary = "top pages by a CNN over the history of page attention (trained: ckv train-predictor)"
 
     history_steps: int = param(64, "H: decode steps of page attention the CNN reads", min=3, max=1024)
+    calibrate_every: int = param(5, "N: every N-th step reads every page (dense; the prefill is step 0)", min=1)
     calibrate_first: bool = param(True, "the first decode step reads every page, prefill history or not")
-    calibrate_first: bool = param(True, "the first decode step reads every page even with a prefill history")
     per_kv_head: bool = param(True, "one history per KV head (group-summed mass); false: per query head")
     run_every: int = param(1, "k: run the CNN every k steps, reuse its scores in between", min=1)
     sink_tokens: int = param(64, "leading tokens always read", min=0)
