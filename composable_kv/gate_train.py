@@ -267,9 +267,9 @@ def add_train_gate_parser(subparsers):
     p.add_argument("--window", type=int, default=256, help="the stage's window_tokens")
     p.add_argument("--min-future", type=int, default=256, help="queries after the window a labelled token needs")
     p.add_argument("--tau-mass", type=float, default=0.01, help="label: max post-window attention > tau_mass")
-    p.add_argument("--needle-seqs", type=int, default=4,
+    p.add_argument("--needle-seqs", type=int, default=6,
                    help="retrieval-style training windows (a fact, its question at the end); one more is held out")
-    p.add_argument("--needle-weight", type=float, default=20.0, help="loss weight of the fact's tokens")
+    p.add_argument("--needle-weight", type=float, default=50.0, help="loss weight of the fact's tokens")
     p.add_argument("--threshold", type=float, default=0.1, help="the stage's threshold (held-out report)")
     p.add_argument("--hidden", type=int, default=32, help="gate MLP width")
     p.add_argument("--steps", type=int, default=300)
