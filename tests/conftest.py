@@ -47,3 +47,12 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(orig_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(orig_like(*a, **k)))
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core box threads oversubscribe badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

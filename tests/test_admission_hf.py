@@ -10,15 +10,7 @@ import composable_kv as ckv  # noqa: E402
 from composable_kv import gate_train, hf  # noqa: E402
 from composable_kv.policies.write_gate import GateMLP  # noqa: E402
 
-pytestmark = pytest.mark.cpu
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from helpers import tiny_llama  # noqa: E402
 
 from composable_kv import assets, hf  # noqa: E402
 
-pytestmark = pytest.mark.cpu
+pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_torch_thread")]
 
 import composable_kv as ckv  # noqa: E402
 
@@ -20,15 +20,6 @@ QUEST16_DICT = {"name": "quest16", "page_size": 16, "dense_layers": [0],
 DENSE16 = ckv.compile(DENSE16_DICT, backend="reference")
 QUEST16 = ckv.compile(QUEST16_DICT, backend="reference")
 PROMPT_LENGTHS = (5, 23, 40)  # ragged: inside one page, across pages, several pages
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core box threads oversubscribe badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
