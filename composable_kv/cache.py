@@ -28,6 +28,7 @@ class AppendSlots:
     counts: list[int]
     page_ids: torch.Tensor  # [T] int64 physical page of each token
     offsets: torch.Tensor   # [T] int64 slot within the page
+    touched_pages: torch.Tensor | None = None  # [U] int64 distinct pages written (reserve() knows them on the host)
 
     @property
     def num_tokens(self) -> int:
@@ -133,12 +134,13 @@ class PagedKVCache:
             raise CacheFullError(f"out of KV pages: this reserve needs {need} new pages but {len(self._free)} "
                                  f"of {self.num_pages} are free; free finished sequences or build the cache "
                                  f"with more num_pages. Nothing was changed.")
-        page_ids, offsets, fresh = [], [], []
+        page_ids, offsets, fresh, touched = [], [], [], []
         for sid, n in zip(seq_ids, counts):
             pages, length = self._pages[sid], self._len[sid]
             while len(pages) * S < length + n:
                 fresh.append(self._free.pop())
                 pages.append(fresh[-1])
+            touched += pages[length // S: -(-(length + n) // S)]
             pos = torch.arange(length, length + n)
             page_ids.append(torch.tensor(pages, dtype=torch.int64)[pos // S])
             offsets.append(pos % S)
@@ -146,7 +148,8 @@ class PagedKVCache:
         self._reset_summaries(fresh)
         cat = (lambda xs: torch.cat(xs).to(self.device)) if page_ids else (
             lambda xs: torch.zeros(0, dtype=torch.int64, device=self.device))
-        return AppendSlots(list(seq_ids), list(counts), cat(page_ids), cat(offsets))
+        return AppendSlots(list(seq_ids), list(counts), cat(page_ids), cat(offsets),
+                           torch.tensor(touched, dtype=torch.int64).to(self.device))
 
     def _reset_summaries(self, pages: list[int]) -> None:
         if not pages:
@@ -192,7 +195,9 @@ class PagedKVCache:
             norms = v.float().norm(dim=-1)  # [T, Hkv]
             self.value_norm[layer].scatter_reduce_(0, slots.page_ids[:, None].expand_as(norms), norms, "amax")
         if self.shadow_bits and slots.num_tokens:
-            self._requantize(layer, torch.unique(slots.page_ids))
+            # hand-built slots pay a torch.unique (a device sync on CUDA); reserve()'s carry the pages
+            pages = torch.unique(slots.page_ids) if slots.touched_pages is None else slots.touched_pages
+            self._requantize(layer, pages)
 
     def _requantize(self, layer: int, pages: torch.Tensor) -> None:
         """Re-quantize whole pages: their min/max (zero point, step) may have moved with the new tokens."""
