@@ -20,15 +20,15 @@ from composable_kv.kernels.paged_decode import triton as decode_tk
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
 
-def make(B, ctx, dtype=torch.bfloat16, seed=0):
+def make(B, ctx, dtype=torch.bfloat16, seed=0, hq=HQ, hkv=HKV, d=D):
     g = torch.Generator(device="cuda").manual_seed(seed)
     P = ctx // PAGE
     n = B * P
-    k = torch.randn(n, HKV, PAGE, D, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(n, HKV, PAGE, D, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(n, hkv, PAGE, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(n, hkv, PAGE, d, device="cuda", dtype=dtype, generator=g)
     table = torch.randperm(n, device="cuda", generator=g).to(torch.int32).view(B, P)
     lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
-    q = torch.randn(B, HQ, D, device="cuda", dtype=dtype, generator=g)
+    q = torch.randn(B, hq, d, device="cuda", dtype=dtype, generator=g)
     kmin, kmax = k.amin(2).contiguous(), k.amax(2).contiguous()
     return q, k, v, table, lens, kmin, kmax
 
@@ -37,26 +37,86 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=40) * 1e3  # us
 
 
-def flashinfer_decode(q, k, v, table, lens):
+def bench_graph(fn, n=20):
+    """us per call of fn replayed from a CUDA graph of n calls (no host launch cost); None if capture fails."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                fn()
+        return bench(g.replay) / n
+    except Exception as e:  # noqa: BLE001
+        print("graph capture failed:", type(e).__name__, e, file=sys.stderr)
+        return None
+
+
+def flashinfer_decode(q, k, v, table, lens, graph=False):
     try:
         import flashinfer
     except Exception as e:  # noqa: BLE001
         print("flashinfer unavailable:", e, file=sys.stderr)
         return None
     B, P = table.shape
+    hq, hkv, d = q.shape[1], k.shape[1], k.shape[-1]
     indptr = torch.arange(0, B * P + 1, P, dtype=torch.int32, device="cuda")
     last = torch.full((B,), PAGE, dtype=torch.int32, device="cuda")
+    idx = table.flatten().contiguous()
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "HND")
-    w.plan(indptr, table.flatten(), last, HQ, HKV, D, PAGE, data_type=q.dtype, q_data_type=q.dtype)
+    extra = dict(use_cuda_graph=True, paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=idx,
+                 paged_kv_last_page_len_buffer=last) if graph else {}
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "HND", **extra)
+    w.plan(indptr, idx, last, hq, hkv, d, PAGE, data_type=q.dtype, q_data_type=q.dtype)
     return lambda: w.run(q, (k, v))
+
+
+def _pipeline_case(policy, B, ctx, hq, hkv, d):
+    """A compiled policy on a random paged cache: (run callable, plan callable)."""
+    import yaml
+    from composable_kv.cache import PagedKVCache
+    from composable_kv.pipeline import compile as compile_policy
+    from composable_kv.stages import SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM
+    cfg = yaml.safe_load(open(policy))
+    cfg["dense_layers"] = []
+    pipe = compile_policy(cfg)
+    P = ctx // PAGE
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cache = PagedKVCache(1, hkv, d, B * P, PAGE, torch.bfloat16, dev, summaries={SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM})
+    ids = [cache.add_sequence() for _ in range(B)]
+    cache.reserve(ids, [ctx] * B)
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    cache.key_min[0].copy_(cache.k[0].amin(2))
+    cache.key_max[0].copy_(cache.k[0].amax(2))
+    q = torch.randn(B, hq, d, device=dev, dtype=torch.bfloat16)
+    pipe.plan(cache, ids)
+    return (lambda: pipe.run(q, cache, 0)), pipe
+
+
+def _host_us(fn, n=200):
+    """Host time per call with no sync (what the CPU spends launching)."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return host
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--parts", default="dense,pipeline,select,quest_decode")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
     name = torch.cuda.get_device_name()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
@@ -66,69 +126,99 @@ def main(argv=None):
         rows.append(r)
         print(",".join(f"{k}={v}" for k, v in r.items()), flush=True)
 
-    shapes = [(8, 8192), (32, 8192), (8, 32768), (32, 32768), (64, 32768)]
-    for B, ctx in shapes:
-        q, k, v, table, lens, kmin, kmax = make(B, ctx)
-        kv_bytes = 2 * B * ctx * HKV * D * 2
-        fi = flashinfer_decode(q, k, v, table, lens)
-        t_fi = None
-        if fi is not None:
-            t_fi = bench(fi)
-            emit(op="dense_flashinfer", B=B, ctx=ctx, us=round(t_fi, 1), TBps=round(kv_bytes / t_fi / 1e6, 3))
-        work = B * HKV
-        split_opts = sorted({1, max(1, -(-2 * sms // work)), max(1, -(-sms // work)), max(1, -(-4 * sms // work))})
-        grid = itertools.product([4, 8, 16], [4, 8], [2, 3], split_opts)
-        if args.quick:
-            grid = itertools.product([8], [4], [3], split_opts)
-        best = None
-        for bp, nw, ns, S in grid:
-            def run():
-                return decode_tk.launch_decode(q, k, v, table, lens, None, None, sm_scale=D ** -0.5, natural=True,
-                                               num_splits=S, out_dtype=q.dtype, block_pages=bp, num_warps=nw,
-                                               num_stages=ns)
-            try:
-                t = bench(run)
-            except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
-                print("skip", bp, nw, ns, S, type(e).__name__, file=sys.stderr)
-                continue
-            if best is None or t < best[0]:
-                best = (t, bp, nw, ns, S)
-        t, bp, nw, ns, S = best
-        emit(op="dense_triton_best", B=B, ctx=ctx, us=round(t, 1), TBps=round(kv_bytes / t / 1e6, 3),
-             block_pages=bp, num_warps=nw, num_stages=ns, splits=S,
-             vs_flashinfer=round(t_fi / t, 3) if t_fi else "")
-        if (B, ctx) in ((32, 32768), (8, 32768)):
+    llama, small = (HQ, HKV, D), (9, 3, 64)
+    if "dense" in parts:
+        for (hq, hkv, d), B, ctx in ((llama, 8, 8192), (small, 32, 8192), (llama, 32, 8192), (small, 64, 32768)):
+            q, k, v, table, lens, kmin, kmax = make(B, ctx, hq=hq, hkv=hkv, d=d)
+            kv_bytes = 2 * B * ctx * hkv * d * 2
+            fi = flashinfer_decode(q, k, v, table, lens)
+            fig = flashinfer_decode(q, k, v, table, lens, graph=True)
+            if fi is not None:
+                t = bench(fi)
+                emit(op="dense_flashinfer", hq=hq, B=B, ctx=ctx, us=round(t, 1), TBps=round(kv_bytes / t / 1e6, 3),
+                     graph_us=round(bench_graph(fig) or -1, 1), host_us=round(_host_us(fi), 1))
+            work = B * hkv
+            split_opts = sorted({1, max(1, -(-sms // work)), max(1, -(-2 * sms // work)), max(1, -(-4 * sms // work))})
+            grid = itertools.product([8, 16], [4, 8], [2, 3], split_opts)
+            if args.quick:
+                grid = itertools.product([8, 16], [4], [3], split_opts)
+            for bp, nw, ns, S in grid:
+                def run():
+                    return decode_tk.launch_decode(q, k, v, table, lens, None, None, sm_scale=d ** -0.5,
+                                                   natural=True, num_splits=S, out_dtype=q.dtype, block_pages=bp,
+                                                   num_warps=nw, num_stages=ns)
+                try:
+                    t = bench(run)
+                    tg = bench_graph(run)
+                except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
+                    print("skip", bp, nw, ns, S, type(e).__name__, file=sys.stderr)
+                    continue
+                emit(op="dense_triton", hq=hq, B=B, ctx=ctx, block_pages=bp, num_warps=nw, num_stages=ns, splits=S,
+                     us=round(t, 1), graph_us=round(tg or -1, 1), TBps=round(kv_bytes / (tg or t) / 1e6, 3))
+            del q, k, v, table, kmin, kmax
+            torch.cuda.empty_cache()
+    if "pipeline" in parts:
+        for (hq, hkv, d), B, ctx in ((llama, 8, 8192), (small, 32, 8192), (llama, 64, 32768)):
+            for pol in ("configs/dense.yaml", "configs/quest.yaml", "configs/quest_art.yaml"):
+                run, pipe = _pipeline_case(pol, B, ctx, hq, hkv, d)
+                emit(op="pipeline", policy=pol, hq=hq, B=B, ctx=ctx, splits=pipe._plan.num_splits,
+                     us=round(bench(run), 1), graph_us=round(bench_graph(run) or -1, 1), host_us=round(_host_us(run), 1))
+                del run, pipe
+                torch.cuda.empty_cache()
+    if "select" in parts:
+        for B, ctx in ((32, 32768), (64, 32768), (8, 131072)):
+            q, k, v, table, lens, kmin, kmax = make(B, ctx)
             P = ctx // PAGE
             forced = torch.zeros(B, P, dtype=torch.bool, device="cuda")
             forced[:, -1] = True
             summ = 2 * B * HKV * P * D * 2
-            for budget, cert, S in ((128, False, 1), (128, True, 1), (128, True, 4)):
-                def sel():
-                    return select_tk.score_select(q, kmin, kmax, table, lens, forced, num_kv_heads=HKV, page_size=PAGE,
-                                                  sm_scale=D ** -0.5, score=1, select=True, budget_pages=budget,
-                                                  forced_only=False, certified=cert, num_splits=S, max_kept=budget)
-                t = bench(sel)
-                emit(op="quest_score_select", B=B, ctx=ctx, budget_pages=budget, certified=cert, splits=S,
-                     us=round(t, 1), summary_TBps=round(summ / t / 1e6, 3),
-                     vs_hbm_summary=round(t / (summ / 3.0e6), 2))
-            order, count, tail = sel()
-            from composable_kv.kernels.paged_decode.reference import StopRule
-            for rule in (None, StopRule(kind="certified", chunk_pages=4, delta=0.01),
-                         StopRule(kind="stability", chunk_pages=4)):
-                for S2 in sorted({1, max(1, -(-2 * sms // work))}):
-                    o2, c2, t2 = select_tk.score_select(
-                        q, kmin, kmax, table, lens, forced, num_kv_heads=HKV, page_size=PAGE, sm_scale=D ** -0.5,
-                        score=1, select=True, budget_pages=128, forced_only=False, certified=True, num_splits=S2,
-                        max_kept=128)
-                    def dec():
-                        return decode_tk.launch_decode(q, k, v, table, lens, o2, c2, sm_scale=D ** -0.5, rule=rule,
-                                                       tail_lse=t2, num_splits=S2, out_dtype=q.dtype)
+            grid = list(itertools.product([32, 64, 128, 256], [4, 8], [2, 3, 4]))
+            if "select_sweep" not in parts:
+                grid = [(None, None, None)]  # the defaults only
+            for budget, cert, sel in ((128, False, True), (128, True, True), (128, False, False)):
+                for bs, nw, ns in (grid if budget == 128 and not cert else [(None, None, None)]):
+                    def fn():
+                        return select_tk.score_select(
+                            q, kmin, kmax, table, lens, forced, num_kv_heads=HKV, page_size=PAGE, sm_scale=D ** -0.5,
+                            score=1, select=sel, budget_pages=budget, forced_only=not sel, certified=cert,
+                            num_splits=1, max_kept=budget, block_s=bs, num_warps=nw, num_stages=ns)
+                    try:
+                        t = bench(fn)
+                    except Exception as e:  # noqa: BLE001
+                        print("skip select", bs, nw, ns, type(e).__name__, file=sys.stderr)
+                        continue
+                    emit(op="quest_score_select" if sel else "quest_score_only", B=B, ctx=ctx, budget_pages=budget,
+                         certified=cert, block_s=bs, num_warps=nw, num_stages=ns, us=round(t, 1),
+                         summary_TBps=round(summ / t / 1e6, 3), vs_hbm_summary_2p85=round(t / (summ / 2.85e6), 2))
+            del q, k, v, table, kmin, kmax
+            torch.cuda.empty_cache()
+    if "quest_decode" in parts:
+        from composable_kv.kernels.paged_decode.reference import StopRule
+        B, ctx = 64, 32768
+        q, k, v, table, lens, kmin, kmax = make(B, ctx)
+        P = ctx // PAGE
+        forced = torch.zeros(B, P, dtype=torch.bool, device="cuda")
+        forced[:, -1] = True
+        o2, c2, t2 = select_tk.score_select(
+            q, kmin, kmax, table, lens, forced, num_kv_heads=HKV, page_size=PAGE, sm_scale=D ** -0.5,
+            score=1, select=True, budget_pages=128, forced_only=False, certified=True, num_splits=1, max_kept=128)
+        for rule_kind, chunk in ((None, 0), ("certified", 4), ("certified", 8), ("certified", 16), ("stability", 8)):
+            rule = StopRule(kind=rule_kind, chunk_pages=chunk, delta=0.01) if rule_kind else None
+            for bp, nw, ns in itertools.product([4, 8, 16], [4, 8], [3]):
+                if rule_kind and chunk % bp:
+                    continue
+                def dec():
+                    return decode_tk.launch_decode(q, k, v, table, lens, o2, c2, sm_scale=D ** -0.5, rule=rule,
+                                                   tail_lse=t2, num_splits=1, out_dtype=q.dtype, block_pages=bp,
+                                                   num_warps=nw, num_stages=ns)
+                try:
                     t = bench(dec)
-                    pages = dec()[1].sum().item()
-                    emit(op=f"quest2048_decode_{getattr(rule, 'kind', None)}", B=B, ctx=ctx, splits=S2,
-                         us=round(t, 1), pages_read=pages, TBps=round(pages * PAGE * D * 4 / t / 1e6, 3))
-        del q, k, v, table, kmin, kmax
-        torch.cuda.empty_cache()
+                except Exception as e:  # noqa: BLE001
+                    print("skip decode", rule_kind, chunk, bp, nw, ns, type(e).__name__, file=sys.stderr)
+                    continue
+                pages = dec()[1].sum().item()
+                emit(op=f"quest2048_decode_{rule_kind}", B=B, ctx=ctx, chunk=chunk, block_pages=bp, num_warps=nw,
+                     num_stages=ns, us=round(t, 1), pages_read=pages, TBps=round(pages * PAGE * D * 4 / t / 1e6, 3))
     if args.out:
         keys = sorted({k for r in rows for k in r})
         with open(args.out, "w", newline="") as f:

@@ -128,10 +128,12 @@ def test_byte_accounting():
 def _rows():
     base = dict(shape="llama3-8b", hq=32, hkv=8, head_dim=128, batch=64, ctx=32768, dense_pages_per_head=2048)
     return [
-        Row(**base, provider="fi_dense", ms=3.0, speedup_vs_fi_dense=1.0, gbps=2860, pages_per_head=2048),
+        Row(**base, provider="fi_dense", ms=3.0, speedup_vs_fi_dense=1.0, graph_ms=2.9,
+            graph_speedup_vs_fi_dense=1.0, gbps=2860, pages_per_head=2048),
         Row(**base, provider="ckv_dense", ms=3.1, speedup_vs_fi_dense=3.0 / 3.1, pages_per_head=2048),
         Row(**base, provider="fi_quest", budget=2048, ms=0.6, speedup_vs_fi_dense=5.0, rel_err_vs_dense=0.02),
-        Row(**base, provider="ckv_quest_art", budget=2048, ms=0.4, speedup_vs_fi_dense=7.5, pages_per_head=60.5,
+        Row(**base, provider="ckv_quest_art", budget=2048, ms=0.4, speedup_vs_fi_dense=7.5, graph_ms=0.38,
+            graph_speedup_vs_fi_dense=2.9 / 0.38, host_us=120.0, pages_per_head=60.5,
             rel_err_vs_dense=0.021, rel_err_vs_quest=0.004, note="fused"),
         Row(**base, provider="quest_select", budget=2048, ms=0.2,
             note="fused.select_pages; summary read at FI-dense BW 0.1875 ms; ratio=1.07"),
@@ -160,15 +162,25 @@ def test_markdown_and_targets(tmp_path):
     md = p.read_text()
     assert "NVIDIA H100 80GB HBM3" in md and "`abc123`" in md and "`ckv bench`" in md
     assert md.count("\n| llama3-8b |") == len(rows)
-    assert "| ckv_quest_art | 2048 | 0.400 | 7.50 |" in md
+    assert "| ckv_quest_art | 2048 | 0.380 | 7.63 | 0.400 | 7.50 | 120 |" in md
+
+
+def test_targets_judged_on_graph_times():
+    rows = _rows()
+    slow = rows[1]  # ckv_dense: fast on the GPU, slow eager (host launch cost)
+    slow.ms, slow.speedup_vs_fi_dense, slow.graph_ms, slow.graph_speedup_vs_fi_dense = 6.0, 0.5, 2.8, 2.9 / 2.8
+    line = bench.targets(rows)[0]
+    assert "**met** (CUDA graphs)" in line and "1.04x" in line and "Eager (host launch cost included): 0.50-0.50x" in line
+    slow.graph_speedup_vs_fi_dense = 0.8
+    assert "**NOT met**" in bench.targets(rows)[0]
 
 
 def test_targets_judgement():
     lines = bench.targets(_rows())
     assert lines[0].startswith("1.") and "**met**" in lines[0]
     assert "**met**" in lines[1] and "1.07x" in lines[1]
-    assert "**met**" in lines[2] and "7.50x" in lines[2]
-    assert "**met**" in lines[3] and "1.50x" in lines[3]
+    assert "**met**" in lines[2] and "7.63x with CUDA graphs" in lines[2] and "7.50x eager" in lines[2]
+    assert "**met**" in lines[3] and "1.58x" in lines[3]  # graph time 0.38 ms vs fi_quest's eager 0.6 ms
     assert "not measured" in bench.targets([])[2]
 
 

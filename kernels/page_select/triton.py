@@ -251,7 +251,8 @@ def strided_tail_lse(bounds, tokens, count, num_splits: int):
 
 def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_kv_heads: int, page_size: int,
                  sm_scale: float, score: int, select: bool, budget_pages: int, forced_only: bool,
-                 certified: bool, num_splits: int, max_kept: int):
+                 certified: bool, num_splits: int, max_kept: int, block_s: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None):
     """Fused scoring + selection for one layer (one launch, no host sync).
 
     score: 0 none (kept pages in natural order), 1 box bound (summary_a/b = key_min/key_max
@@ -259,6 +260,7 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     select: keep forced + the best pages under budget_pages by the score; else keep the forced pages
     (forced_only) or every page, ordered by the score. forced [B, P] bool.
     max_kept: a static upper bound on the kept pages per (request, KV head) (sizes the sort).
+    block_s / num_warps / num_stages: launch tuning (kernels/bench_triton.py sweeps them).
     Returns (order [B, Hkv, P] int32, count [B, Hkv] int32, tail [B, Hkv, P] fp32 or None).
     """
     B, Hq, D = q.shape
@@ -279,8 +281,13 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     exact = score == 2
     KP = _pow2(math.ceil(min(P, SB) / num_splits)) if certified else 1  # count <= SB
     SP = _pow2(num_splits) if certified else 1
-    BLOCK_S = 16 if exact else 64
-    nw = 4 if BP <= 2048 else 8
+    # H100 sweep (kernels/bench_triton.py, bf16 Llama shapes): 128 pages of box summaries per block (64 KB of
+    # key min+max), 4 warps; 8 warps and 3 stages past 2048 pages. fp32 summaries keep the tile at 64 KB.
+    elt = a.element_size() if score else 4
+    BLOCK_S = block_s or (16 if exact else max(16, min(128, 32768 // (_pow2(D, 16) * elt))))
+    nw = num_warps or (4 if BP <= 2048 else 8)
+    if num_stages is None:
+        num_stages = 3 if BP > 2048 and elt <= 2 else 2
     _score_select_kernel[(B * Hkv,)](
         q, q.stride(0), q.stride(1), a, b_, st[0], st[1], st[2] if exact else 0,
         page_table, page_table.stride(0), seq_lens, forced, forced.stride(0),
@@ -289,5 +296,5 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
         HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), PAGE=page_size, SCORE=score,
         SELECT=bool(select), FORCED_ONLY=bool(forced_only), CERTIFIED=bool(certified),
         BLOCK_S=BLOCK_S, BP=BP, SORT_BLOCK=SB, KP=KP, SP=SP,
-        DOT_F32=dot_f32(q, a.dtype) if score else True, NUM_STAGES=2, num_warps=nw)
+        DOT_F32=dot_f32(q, a.dtype) if score else True, NUM_STAGES=num_stages, num_warps=nw)
     return order, count, tail
