@@ -295,8 +295,9 @@ def write_markdown(rows: list[Row], path: Path, meta: dict, extra: str = "") -> 
         "`triton.testing.do_bench` after warm-up, two ways: *graph*, one call replayed from a CUDA graph of "
         f"{GRAPH_CALLS} calls (the GPU time, as served decode runs; FlashInfer through its CUDA-graph "
         "wrapper), and *eager*, the Python call as a user makes it (host launch cost included; `host us` is "
-        "the host time per eager call). Speedups are against FlashInfer dense decode measured the same way "
-        "in the same run on the same data; targets are judged on graph times. GB/s (graph time) counts the bytes each provider actually reads: K/V of the "
+        "the host time per eager call). Speedups are against FlashInfer dense decode in the same run on the "
+        "same data: eager against its eager time, graph against the faster of its eager and graph times; "
+        "targets are judged on graph times. GB/s (graph time) counts the bytes each provider actually reads: K/V of the "
         "pages read plus page summaries (key min/max, Quest rows). `pages/head` is the mean number of "
         "pages read per (request, KV head), of the context's pages in brackets. Errors are the relative "
         "L2 error of the output vs an fp32 dense reference on the same data (and, for ART rows, vs our "
@@ -456,6 +457,12 @@ def _graph_ms(fn, warmup_ms: int, rep_ms: int) -> float:
     return _bench(graph.replay, warmup_ms, rep_ms) / GRAPH_CALLS
 
 
+def _best(t: Timing) -> float:
+    """FlashInfer's baseline time: the faster of its eager and CUDA-graph runs (its graph wrapper can be
+    the slower one at large shapes)."""
+    return t.ms if math.isnan(t.graph_ms) else min(t.ms, t.graph_ms)
+
+
 def measure(fn, opts, graph_fn=None) -> Timing:
     """Eager time, host time and CUDA-graph replay time of fn (graph_fn: the callable to capture, when it
     must differ, e.g. FlashInfer's CUDA-graph wrapper). A failed capture leaves graph_ms nan and says why."""
@@ -603,7 +610,7 @@ def run_case(trace, case: Case, device, opts, log) -> list[Row]:
                 bytes_read=nbytes, gbps=nbytes / (kernel_ms * 1e-3) / 1e9 if kernel_ms > 0 else float("nan"),
                 pages_per_head=pages, note=note)
         r.speedup_vs_fi_dense = fi.ms / t.ms
-        r.graph_speedup_vs_fi_dense = fi.graph_ms / t.graph_ms
+        r.graph_speedup_vs_fi_dense = _best(fi) / t.graph_ms
         if out is not None:
             r.rel_err_vs_dense = _rel(out, ref)
         if quest_out is not None and out is not None:
@@ -626,7 +633,7 @@ def run_case(trace, case: Case, device, opts, log) -> list[Row]:
         kv = (data.cache.k[0], data.cache.v[0])
         out = wrapper.run(data.q, kv)
         fi = timing(lambda: wrapper.run(data.q, kv), lambda: gwrapper.run(data.q, kv))
-        fi_gbps = full / ((fi.ms if math.isnan(fi.graph_ms) else fi.graph_ms) * 1e-3)
+        fi_gbps = full / (_best(fi) * 1e-3)
         add("fi_dense", fi, full, float(P), out)
         del wrapper, gwrapper, gws
     # -- SDPA

@@ -119,10 +119,20 @@ def test_at_most_three_launches(config, num_splits):
     for layer in range(3):
         pipe.run(q, cache, layer)
     torch.cuda.synchronize()
+    from composable_kv import fused
+    sp = fused.spec(pipe)
+    checked = 0
     for layer in range(3):
+        if not sp.fused and not pipe.is_dense_layer(layer):
+            # a selector without a fused kernel runs the generic path (torch ops): declared, not bounded
+            assert "generic" in pipe.describe().lower()
+            continue
+        checked += 1
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             pipe.run(q, cache, layer)
             torch.cuda.synchronize()
         kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"
                    and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
         assert 1 <= len(kernels) <= _max_launches(pipe), (layer, kernels)
+    if not checked:
+        pytest.skip(f"{config.stem}: every layer runs the generic path ({sp.reason})")

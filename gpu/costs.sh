@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Issue 5 costs on the GPU: the AttentionPredictor per step (CNN, one pipeline layer vs Quest, the page-mass
+# side output in the dense decode) and Ltri's span scoring vs Quest's page scoring. Results in $OUT.
+set -u
+OUT=${OUT:-$PWD/costs-out}
+mkdir -p "$OUT"
+timeout 80 python -m composable_kv.predictor_bench --device cuda --quick --out "$OUT/attention_predictor_cost.csv" \
+  2>&1 | tee "$OUT/attention_predictor_cost.md"
+timeout 50 python gpu/ltri.py "$OUT" 2>&1 | tee "$OUT/ltri_timing.log"
