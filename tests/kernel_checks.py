@@ -169,3 +169,33 @@ def _cpu_cache(cache):
     for name in ("shadow_codes", "shadow_step"):
         setattr(c, name, {bits: [t.cpu() for t in ts] for bits, ts in getattr(cache, name, {}).items()})
     return c
+
+
+def check_score_splits(lens, group, head_dim, score, splits, *, budget=5, certified=False, num_splits=1,
+                       dtype=torch.float32, device="cpu", block_s=None):
+    """score_select with the pages scored in `splits` slices (the last slice to arrive selects) == one
+    program per row, exactly; and the arrival counters are back at zero for the next launch."""
+    cache, q, table, seq_lens = make(lens, group=group, head_dim=head_dim, dtype=dtype, device=device)
+    forced = torch.zeros_like(table, dtype=torch.bool)
+    n_pages = (seq_lens + cache.page_size - 1) // cache.page_size
+    forced[torch.arange(len(lens)), (n_pages - 1).long()] = True
+    a, b = (cache.key_min[0], cache.key_max[0]) if score == 1 else (cache.k[0], cache.k[0])
+    kw = dict(num_kv_heads=cache.num_kv_heads, page_size=cache.page_size, sm_scale=head_dim ** -0.5, score=score,
+              select=budget is not None, budget_pages=budget or 0, forced_only=False, certified=certified,
+              num_splits=num_splits, max_kept=budget or table.shape[1], block_s=block_s)
+    from unittest import mock
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):  # a slice that selects before the others scored would read this garbage
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    with mock.patch.object(torch, "empty", poisoned):
+        many = select_tk.score_select(q, a, b, table, seq_lens, forced, score_splits=splits, **kw)
+    one = select_tk.score_select(q, a, b, table, seq_lens, forced, score_splits=1, **kw)
+    assert torch.equal(one[1], many[1]), (one[1], many[1])
+    assert torch.equal(one[0], many[0])
+    if certified:
+        assert torch.equal(one[2], many[2])
+    assert all(int(buf.abs().sum()) == 0 for buf in select_tk._ARRIVALS.values())
+    return one

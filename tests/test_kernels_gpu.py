@@ -10,7 +10,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 if torch.cuda.is_available():
-    from kernel_checks import check_decode, check_pipeline, check_scores, check_select, check_tail
+    from kernel_checks import (check_decode, check_pipeline, check_score_splits, check_scores, check_select,
+                               check_tail)
     import composable_kv as ckv
     from helpers import build_cache
 
@@ -32,6 +33,20 @@ def test_page_scores_gpu(group, head_dim, dtype):
 def test_select_pages_gpu(budget, P):
     check_select(4, 8, P, budget, device="cuda", ties=True, seed=P)
     check_select(4, 8, P, budget, device="cuda", ties=False, seed=P + 1)
+
+
+@pytest.mark.parametrize("score,splits,budget,certified", [
+    (1, 2, 64, False), (1, 7, 300, True), (1, 16, None, False), (2, 5, 100, True), (1, None, 64, True)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_score_select_split_scoring_gpu(score, splits, budget, certified, dtype):
+    # None: the automatic slice count (about 4 programs per SM); the others force 2-16 slices
+    from composable_kv.kernels.page_select import triton as select_tk
+    lens = [1, 17, 1000, 4099, 20000, 33333]
+    if splits is None:
+        splits = select_tk._score_splits(len(lens) * 2, -(-max(lens) // 16), 128, torch.device("cuda"))
+        assert splits > 1
+    check_score_splits(lens, 4, 128, score, splits, budget=budget, certified=certified, num_splits=3 if certified else 1,
+                       dtype=getattr(torch, dtype), device="cuda")
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 7])

@@ -12,7 +12,8 @@ import torch
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
 
-from kernel_checks import check_decode, check_pipeline, check_scores, check_select, check_tail  # noqa: E402
+from kernel_checks import (check_decode, check_pipeline, check_score_splits, check_scores, check_select,  # noqa: E402
+                           check_tail)
 
 pytestmark = [pytest.mark.interpret, pytest.mark.usefixtures("nan_empty")]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,6 +27,14 @@ LENS = [1, 17, 63, 111]
 @pytest.mark.parametrize("q_scale", [1.0, 300.0])
 def test_page_scores(group, head_dim, q_scale):
     check_scores(LENS, group, head_dim, device=DEV, q_scale=q_scale)
+
+
+@pytest.mark.parametrize("score,splits,budget,certified,num_splits", [
+    (1, 3, 5, False, 1), (1, 4, None, False, 1), (1, 2, 3, True, 3), (2, 3, 4, True, 1), (2, 5, None, False, 2)])
+def test_score_select_split_scoring(score, splits, budget, certified, num_splits):
+    # 16-page blocks: 2-4 slices of the 63-page row; the shorter rows leave slices empty
+    check_score_splits([1, 17, 300, 1000], 3, 64, score, splits, budget=budget, certified=certified,
+                       num_splits=num_splits, block_s=16)
 
 
 @pytest.mark.parametrize("budget", [None, 0, 1, 3, 7, 50])

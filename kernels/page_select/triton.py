@@ -98,13 +98,16 @@ def _score_select_kernel(
         q_ptr, stride_qb, stride_qh,
         a_ptr, b_ptr, stride_ap, stride_ah, stride_at,  # key_min/key_max [pages, Hkv, D] or k cache twice
         pt_ptr, stride_ptb, seq_ptr, forced_ptr, stride_fb,
-        scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr,
+        scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr, arrivals_ptr,
         P, sm_scale, budget, num_splits,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
         PAGE: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, FORCED_ONLY: tl.constexpr,
         CERTIFIED: tl.constexpr, BLOCK_S: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr,
-        KP: tl.constexpr, SP: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr):
+        KP: tl.constexpr, SP: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
+        SCORE_SPLITS: tl.constexpr):
     # SCORE: 0 none (natural order), 1 box bound, 2 exact page max.
+    # SCORE_SPLITS > 1: program (pid, s) scores the s-th slice of the pages; the slice that arrives last
+    # (a per-row counter in arrivals_ptr, reset by that program) selects for the whole row.
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -116,9 +119,16 @@ def _score_select_kernel(
         q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)
         qpos = tl.maximum(q, 0.0)
         qneg = tl.minimum(q, 0.0)
-        for p0 in tl.range(0, n_pages, BLOCK_S, num_stages=NUM_STAGES):
+        if SCORE_SPLITS > 1:
+            span = tl.cdiv(tl.cdiv(n_pages, SCORE_SPLITS), BLOCK_S) * BLOCK_S
+            p_lo = tl.program_id(1) * span
+            p_hi = tl.minimum(p_lo + span, n_pages)
+        else:
+            p_lo = 0
+            p_hi = n_pages
+        for p0 in tl.range(p_lo, p_hi, BLOCK_S, num_stages=NUM_STAGES):
             p = p0 + tl.arange(0, BLOCK_S)
-            pm = p < n_pages
+            pm = p < p_hi
             phys = tl.load(pt_row + p, mask=pm, other=0)
             if SCORE == 1:
                 s = _box_block(qpos, qneg, a_ptr, b_ptr, stride_ap, stride_ah, phys, h, pm,
@@ -128,12 +138,34 @@ def _score_select_kernel(
                                  G, GP, D, DP, PAGE, BLOCK_S, DOT_F32)
             tl.store(scores_ptr + row + p, s * sm_scale, mask=pm)
         tl.debug_barrier()
+    if SCORE_SPLITS > 1:
+        # acq_rel at GPU scope after the CTA barrier: every slice's scores are visible to the last arrival
+        arrived = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SCORE_SPLITS - 1:
+            tl.store(arrivals_ptr + pid, 0)
+            tl.debug_barrier()
+            _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr,
+                        forced_ptr, stride_fb, P, budget, num_splits, PAGE, SCORE, SELECT, FORCED_ONLY,
+                        CERTIFIED, BP, SORT_BLOCK, KP, SP)
+    else:
+        _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr,
+                    forced_ptr, stride_fb, P, budget, num_splits, PAGE, SCORE, SELECT, FORCED_ONLY,
+                    CERTIFIED, BP, SORT_BLOCK, KP, SP)
+
+
+@triton.jit
+def _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr,
+                forced_ptr, stride_fb, P, budget, num_splits,
+                PAGE: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, FORCED_ONLY: tl.constexpr,
+                CERTIFIED: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr, KP: tl.constexpr,
+                SP: tl.constexpr):
+    """Keep, order and write one (request, KV head) row from its scores (see score_select)."""
     offs = tl.arange(0, BP)
     valid = offs < n_pages
     forced = tl.load(forced_ptr + b.to(tl.int64) * stride_fb + offs, mask=valid, other=0) != 0
     forced = forced & valid
     if SELECT:
-        key = tl.load(scores_ptr + row + offs, mask=valid, other=NEG_INF)
+        key = tl.load(scores_ptr + row + offs, mask=valid, other=NEG_INF, cache_modifier=".cg")
         n_forced = tl.sum(forced.to(tl.int32), axis=0)
         free = tl.maximum(budget - n_forced, 0)
         keep = forced | _keep_top(_ord32(key), valid & ~forced, free)
@@ -149,7 +181,7 @@ def _score_select_kernel(
         tl.store(order_ptr + row + offs, -1, mask=(offs >= count) & (offs < P))
     else:
         if not SELECT:
-            key = tl.load(scores_ptr + row + offs, mask=valid, other=NEG_INF)
+            key = tl.load(scores_ptr + row + offs, mask=valid, other=NEG_INF, cache_modifier=".cg")
         _write_order(order_ptr + row, keys_ptr + pid.to(tl.int64) * SORT_BLOCK, key, keep, count, offs, P,
                      BP, SORT_BLOCK)
         if CERTIFIED:
@@ -252,7 +284,7 @@ def strided_tail_lse(bounds, tokens, count, num_splits: int):
 def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_kv_heads: int, page_size: int,
                  sm_scale: float, score: int, select: bool, budget_pages: int, forced_only: bool,
                  certified: bool, num_splits: int, max_kept: int, block_s: int | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None):
+                 num_warps: int | None = None, num_stages: int | None = None, score_splits: int | None = None):
     """Fused scoring + selection for one layer (one launch, no host sync).
 
     score: 0 none (kept pages in natural order), 1 box bound (summary_a/b = key_min/key_max
@@ -261,6 +293,8 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     (forced_only) or every page, ordered by the score. forced [B, P] bool.
     max_kept: a static upper bound on the kept pages per (request, KV head) (sizes the sort).
     block_s / num_warps / num_stages: launch tuning (kernels/bench_triton.py sweeps them).
+    score_splits: programs per (request, KV head) that score slices of the pages (None: enough to give the
+    GPU's SMs about 4 programs each; 1 on CPU). The last slice to finish selects, in the same launch.
     Returns (order [B, Hkv, P] int32, count [B, Hkv] int32, tail [B, Hkv, P] fp32 or None).
     """
     B, Hq, D = q.shape
@@ -288,13 +322,44 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     nw = num_warps or (4 if BP <= 2048 else 8)
     if num_stages is None:
         num_stages = 3 if BP > 2048 and elt <= 2 else 2
-    _score_select_kernel[(B * Hkv,)](
+    splits = _score_splits(B * Hkv, P, BLOCK_S, dev) if score_splits is None else int(score_splits)
+    splits = max(1, min(splits, -(-P // BLOCK_S))) if score else 1
+    arrivals = _arrivals(B * Hkv, dev) if splits > 1 else count
+    _score_select_kernel[(B * Hkv, splits)](
         q, q.stride(0), q.stride(1), a, b_, st[0], st[1], st[2] if exact else 0,
         page_table, page_table.stride(0), seq_lens, forced, forced.stride(0),
-        scores, keys, order, count, tail if certified else scores,
+        scores, keys, order, count, tail if certified else scores, arrivals,
         P, float(sm_scale), int(budget_pages), int(num_splits),
         HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), PAGE=page_size, SCORE=score,
         SELECT=bool(select), FORCED_ONLY=bool(forced_only), CERTIFIED=bool(certified),
         BLOCK_S=BLOCK_S, BP=BP, SORT_BLOCK=SB, KP=KP, SP=SP,
-        DOT_F32=dot_f32(q, a.dtype) if score else True, NUM_STAGES=num_stages, num_warps=nw)
+        DOT_F32=dot_f32(q, a.dtype) if score else True, NUM_STAGES=num_stages, SCORE_SPLITS=splits,
+        num_warps=nw)
     return order, count, tail
+
+
+_SMS: dict = {}
+_ARRIVALS: dict = {}
+
+
+def _score_splits(rows: int, P: int, block_s: int, dev) -> int:
+    """Scoring slices per row: about 4 programs per SM, each slice at least 4 blocks of pages; 1 on CPU."""
+    if dev.type != "cuda":
+        return 1
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    want = -(-4 * _SMS[idx] // rows)
+    return max(1, min(want, P // (4 * block_s), 16))
+
+
+def _arrivals(rows: int, dev) -> torch.Tensor:
+    """Per-row arrival counters (int32, zero between launches: the last arrival resets its row). One buffer
+    per (device, stream), so launches on different streams never share counters."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (str(dev), stream)
+    buf = _ARRIVALS.get(key)
+    if buf is None or buf.numel() < rows:
+        buf = torch.zeros(max(rows, 1024), dtype=torch.int32, device=dev)
+        _ARRIVALS[key] = buf
+    return buf
