@@ -11,7 +11,7 @@ if [ -f .devsite/flashinfer-py312.tgz ] && [ ! -d /tmp/site/flashinfer ]; then
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$ROOT_OUT/gpu.txt"
-git rev-parse --short HEAD > "$ROOT_OUT/commit.txt" 2>/dev/null || true
+git rev-parse --short HEAD > "$ROOT_OUT/commit.txt" 2>/dev/null || true  # the device copy's .git can be stale: pass CKV_COMMIT
 for spec in "$@"; do
   part="${spec%%:*}"
   limit="${PART_TIMEOUT_S:-240}"
