@@ -165,6 +165,22 @@ def main(argv=None):
                      us=round(bench(run), 1), graph_us=round(bench_graph(run) or -1, 1), host_us=round(_host_us(run), 1))
                 del run, pipe
                 torch.cuda.empty_cache()
+    if "host_profile" in parts:  # where an eager pipeline.run spends its host time
+        import cProfile
+        import pstats
+        for pol in ("configs/dense.yaml", "configs/quest_art.yaml"):
+            run, pipe = _pipeline_case(pol, 8, 8192, HQ, HKV, D)
+            for _ in range(20):
+                run()
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(300):
+                run()
+            prof.disable()
+            torch.cuda.synchronize()
+            print(f"== host profile {pol} (300 calls)")
+            pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
     if "select" in parts:
         for B, ctx in ((32, 32768), (64, 32768), (8, 131072)):
             q, k, v, table, lens, kmin, kmax = make(B, ctx)
