@@ -434,26 +434,9 @@ class Timing:
     note: str = ""                  # why there is no graph time
 
 
-def _host_us(fn, n: int = 50) -> float:
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return host
-
-
 def _graph_ms(fn, warmup_ms: int, rep_ms: int) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
-            fn()
+    from .cuda_graphs import capture
+    graph, _ = capture(lambda: [fn() for _ in range(GRAPH_CALLS)])
     return _bench(graph.replay, warmup_ms, rep_ms) / GRAPH_CALLS
 
 
@@ -466,7 +449,8 @@ def _best(t: Timing) -> float:
 def measure(fn, opts, graph_fn=None) -> Timing:
     """Eager time, host time and CUDA-graph replay time of fn (graph_fn: the callable to capture, when it
     must differ, e.g. FlashInfer's CUDA-graph wrapper). A failed capture leaves graph_ms nan and says why."""
-    t = Timing(_bench(fn, opts.warmup_ms, opts.rep_ms), host_us=_host_us(fn))
+    from .cuda_graphs import host_us
+    t = Timing(_bench(fn, opts.warmup_ms, opts.rep_ms), host_us=host_us(fn))
     try:
         t.graph_ms = _graph_ms(graph_fn or fn, opts.warmup_ms, opts.rep_ms)
     except Exception as e:  # noqa: BLE001

@@ -159,14 +159,8 @@ def run_policy(config: str, opt: Options, log=print) -> dict:
     graph, graph_error = None, None
     if cuda and opt.graphs:
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run_all()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = run_all()
+            from .cuda_graphs import capture
+            graph, outs = capture(run_all)
         except Exception as e:  # reported in the results; the run goes on eagerly
             graph, graph_error = None, f"{type(e).__name__}: {e}"
             torch.cuda.synchronize()

@@ -14,6 +14,7 @@ import sys
 import torch
 import triton
 
+from composable_kv.cuda_graphs import host_us as _host_us
 from composable_kv.kernels.page_select import triton as select_tk
 from composable_kv.kernels.paged_decode import triton as decode_tk
 
@@ -39,17 +40,10 @@ def bench(fn):
 
 def bench_graph(fn, n=20):
     """us per call of fn replayed from a CUDA graph of n calls (no host launch cost); None if capture fails."""
+    from composable_kv.cuda_graphs import capture
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(n):
-                fn()
-        return bench(g.replay) / n
+        graph, _ = capture(lambda: [fn() for _ in range(n)])
+        return bench(graph.replay) / n
     except Exception as e:  # noqa: BLE001
         print("graph capture failed:", type(e).__name__, e, file=sys.stderr)
         return None
@@ -95,19 +89,6 @@ def _pipeline_case(policy, B, ctx, hq, hkv, d):
     q = torch.randn(B, hq, d, device=dev, dtype=torch.bfloat16)
     pipe.plan(cache, ids)
     return (lambda: pipe.run(q, cache, 0)), pipe
-
-
-def _host_us(fn, n=200):
-    """Host time per call with no sync (what the CPU spends launching)."""
-    import time
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return host
 
 
 def main(argv=None):
