@@ -15,7 +15,8 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+    """The next power of two >= max(n, lo), in plain int arithmetic (it runs on every launch)."""
+    return max(lo, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 @triton.jit

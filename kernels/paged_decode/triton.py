@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
+from ..page_score.triton import _pow2
 
 NEG_INF = tl.constexpr(float("-inf"))
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -29,10 +30,6 @@ class DecodeOut:
     tau_bound: torch.Tensor | None  # [B, Hq]
     page_lse: torch.Tensor | None = None  # [B, Hq, P] (page_mass=True): log page mass, -inf if not read
     lse: torch.Tensor | None = None       # [B, Hq] (page_mass=True): log total mass read
-
-
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
 @triton.jit
