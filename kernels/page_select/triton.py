@@ -41,12 +41,18 @@ def _keep_top(ordk, rest, free):
     key = ordk.to(tl.int64)
     lo = tl.min(tl.where(rest, key, 2147483647), axis=0)
     hi = tl.max(tl.where(rest, key, -2147483648), axis=0) + 1
-    for _ in range(32):  # invariant: count(key >= lo) >= free > count(key >= hi)
+    # invariant: count(key >= lo) >= free > count(key >= hi). Stop early once count(key >= mid) == free:
+    # then exactly the keys >= lo are kept (no tie to break), typically after ~13 of the 32 halvings.
+    it = tl.zeros([], tl.int32)
+    exact = lo > hi  # False, as a scalar tensor (a loop-carried value)
+    while (it < 32) & (hi - lo > 1) & ~exact:
         mid = lo + (hi - lo) // 2
         c = tl.sum((rest & (key >= mid)).to(tl.int32), axis=0)
         big = c >= free
         lo = tl.where(big, mid, lo)
         hi = tl.where(big, hi, mid)
+        exact = c == free
+        it += 1
     gt = rest & (key > lo)
     n_gt = tl.sum(gt.to(tl.int32), axis=0)
     eq = rest & (key == lo)
