@@ -182,6 +182,10 @@ def test_targets_judgement():
     assert "**met**" in lines[2] and "7.63x with CUDA graphs" in lines[2] and "7.50x eager" in lines[2]
     assert "**met**" in lines[3] and "1.58x" in lines[3]  # graph time 0.38 ms vs fi_quest's eager 0.6 ms
     assert "not measured" in bench.targets([])[2]
+    assert "reference shape" not in lines[1]  # the rows are B=64
+    rows = _rows()
+    rows[4].batch = 32
+    assert "reference shape (Llama-3-8B, B=32, 32k): 1.07-1.07x" in bench.targets(rows)[1]
 
 
 # -- CLI --------------------------------------------------------------------------------------------
