@@ -26,7 +26,6 @@ from .stages import ScoringSelector
 
 _BUILTIN_SELECTORS = {"sink_window", "quest", "topk", "key_shadow"}
 _BUILTIN_TERMINALS = {"attend", "art"}
-_SM_COUNT: dict[int, int] = {}
 
 
 @dataclass(frozen=True)
@@ -98,10 +97,7 @@ def default_num_splits(cache, plan) -> int:
     dev = cache.device
     if dev.type != "cuda":
         return 1
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    sms = _SM_COUNT[idx]
+    sms = select_tk.sm_count(dev)
     work = plan.batch_size * cache.num_kv_heads
     if work >= sms:
         return 1

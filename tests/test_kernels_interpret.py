@@ -145,3 +145,16 @@ def test_decode_page_mass_budget_extreme(budget, q_scale):
 def test_dense_decode_page_mass(num_splits):
     from page_mass_checks import check_dense_page_mass
     check_dense_page_mass([1, 17, 63, 111], 4, 64, num_splits, device=DEV)
+
+
+def test_arrival_counters_are_never_freed():
+    # a captured CUDA graph keeps the counters' address: growing the buffer must keep the old one alive
+    from composable_kv.kernels.page_select import triton as select_tk
+    dev = torch.device("cpu")
+    small = select_tk._arrivals(10, dev)
+    assert small.numel() >= 10 and int(small.abs().sum()) == 0
+    assert select_tk._arrivals(12, dev) is small
+    big = select_tk._arrivals(small.numel() + 1, dev)
+    assert big is not small and big.numel() > small.numel()
+    assert any(t is small for t in select_tk._RETIRED)
+    assert select_tk._arrivals(5, dev) is big

@@ -346,26 +346,39 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
 
 _SMS: dict = {}
 _ARRIVALS: dict = {}
+_RETIRED: list = []
+
+
+def sm_count(dev) -> int:
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
 
 
 def _score_splits(rows: int, P: int, block_s: int, dev) -> int:
     """Scoring slices per row: about 4 programs per SM, each slice at least 4 blocks of pages; 1 on CPU."""
     if dev.type != "cuda":
         return 1
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    want = -(-4 * _SMS[idx] // rows)
+    want = -(-4 * sm_count(dev) // rows)
     return max(1, min(want, P // (4 * block_s), 16))
 
 
 def _arrivals(rows: int, dev) -> torch.Tensor:
-    """Per-row arrival counters (int32, zero between launches: the last arrival resets its row). One buffer
-    per (device, stream), so launches on different streams never share counters."""
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    key = (str(dev), stream)
+    """Per-row arrival counters (int32, zero between launches: the last arrival resets its row), one buffer
+    per device. Launches run in stream order, so split-scoring launches must not run concurrently on two
+    streams of one device. A CUDA graph keeps the buffer's address: a buffer is never freed (a bigger one
+    replaces it, the old one stays alive), and none may be first allocated during a capture."""
+    key = str(dev)
     buf = _ARRIVALS.get(key)
     if buf is None or buf.numel() < rows:
-        buf = torch.zeros(max(rows, 1024), dtype=torch.int32, device=dev)
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"score_select: its arrival counters for {rows} rows are allocated on the first "
+                               f"eager call; run one eager decode step at this batch size before capturing "
+                               f"a CUDA graph")
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = torch.zeros(max(rows, 1 << 16), dtype=torch.int32, device=dev)
         _ARRIVALS[key] = buf
     return buf
