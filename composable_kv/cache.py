@@ -129,7 +129,7 @@ class PagedKVCache:
             if not isinstance(n, int) or n < 0:
                 raise ValueError(f"reserve: counts must be ints >= 0, got {n!r} for sequence {sid}")
             length = self._len[self._known(sid)]
-            need += -(-(length + n) // S) - len(self._pages[sid])
+            need += max(0, -(-(length + n) // S) - len(self._pages[sid]))
         if need > len(self._free):
             raise CacheFullError(f"out of KV pages: this reserve needs {need} new pages but {len(self._free)} "
                                  f"of {self.num_pages} are free; free finished sequences or build the cache "
@@ -150,6 +150,35 @@ class PagedKVCache:
             lambda xs: torch.zeros(0, dtype=torch.int64, device=self.device))
         return AppendSlots(list(seq_ids), list(counts), cat(page_ids), cat(offsets),
                            torch.tensor(touched, dtype=torch.int64).to(self.device))
+
+    def reserve_ahead(self, seq_ids: list[int], total_tokens: int) -> None:
+        """Give each sequence every page it needs to reach `total_tokens` tokens, now; lengths stay.
+
+        The page table is then fixed until the sequences are freed: the decode runtime's static step
+        writes each new token into a page reserved here and `advance()` only counts it."""
+        S = self.page_size
+        need = sum(max(0, -(-total_tokens // S) - len(self._pages[self._known(s)])) for s in seq_ids)
+        if need > len(self._free):
+            raise CacheFullError(f"out of KV pages: reserving {total_tokens} tokens for {len(seq_ids)} sequences "
+                                 f"needs {need} new pages but {len(self._free)} of {self.num_pages} are free; "
+                                 f"build the cache with more num_pages. Nothing was changed.")
+        fresh = []
+        for sid in seq_ids:
+            pages = self._pages[sid]
+            while len(pages) * S < total_tokens:
+                fresh.append(self._free.pop())
+                pages.append(fresh[-1])
+        self._reset_summaries(fresh)
+
+    def advance(self, seq_ids: list[int], count: int = 1) -> None:
+        """Count `count` tokens written on the device into pages reserved ahead (host bookkeeping only)."""
+        S = self.page_size
+        for sid in seq_ids:
+            n = self._len[sid] + count
+            if n > len(self._pages[sid]) * S:
+                raise CacheFullError(f"sequence {sid} would hold {n} tokens but only "
+                                     f"{len(self._pages[sid]) * S} were reserved ahead (reserve_ahead)")
+            self._len[sid] = n
 
     def _reset_summaries(self, pages: list[int]) -> None:
         if not pages:

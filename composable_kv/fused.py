@@ -51,15 +51,10 @@ def _is_builtin(stage) -> bool:
 
 
 def spec(pipeline) -> FusedSpec:
-    cached = getattr(pipeline, "_fused", None)
-    if isinstance(cached, FusedSpec):
-        return cached
-    sp = _make_spec(pipeline)
-    pipeline._fused = sp
-    return sp
+    return pipeline.fused_spec
 
 
-def _make_spec(pipeline) -> FusedSpec:
+def make_spec(pipeline) -> FusedSpec:
     sels = pipeline.selectors
     term = pipeline.terminal
     for s in sels:

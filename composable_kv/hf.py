@@ -41,6 +41,8 @@ __all__ = [
     "PolicySession",
     "PrefillCache",
     "StepStats",
+    "UnsupportedModelError",
+    "check_model_features",
     "compile_policy",
     "dense_logits",
     "generate",
@@ -49,6 +51,7 @@ __all__ = [
 
 ATTN_IMPLEMENTATION = "composable_kv"
 DEFAULT_POLICY = "configs/quest_art.yaml"
+EOS_CHECK_EVERY = 8  # generate() asks the device whether any sequence still runs this often
 
 _ACTIVE_SESSION: contextvars.ContextVar["PolicySession | None"] = contextvars.ContextVar(
     "composable_kv_active_session", default=None)
@@ -56,6 +59,10 @@ _ACTIVE_SESSION: contextvars.ContextVar["PolicySession | None"] = contextvars.Co
 
 class ContextTooLongError(CkvError, ValueError):
     """Prompt plus generated tokens exceed the model's maximum context."""
+
+
+class UnsupportedModelError(CkvError, ValueError):
+    """The model's attention has a feature composable_kv does not implement (soft-capping, sinks, ...)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +132,26 @@ def _composable_kv_attention(module, query, key, value, attention_mask, scaling=
             f"attn_implementation={ATTN_IMPLEMENTATION!r} only works inside composable_kv.hf "
             "(generate() or a PolicySession step); switch the model back with "
             "model.set_attn_implementation('sdpa') to use it on its own.")
-    return session.attend(module.layer_idx, query, key, value, scaling), None
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        feature = "logit soft-capping (softcap)" if kwargs.get("softcap") is not None else "attention sinks (s_aux)"
+        raise UnsupportedModelError(f"layer {module.layer_idx} uses {feature}, which composable_kv's attention does "
+                                    "not implement; its output would differ from the model's")
+    return session.attend(module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window")), None
+
+
+def check_model_features(model) -> None:
+    """Refuse, before any work, a model whose attention does what our hook does not (never a silent change)."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses attention logit soft-capping (config.attn_logit_softcapping="
+            f"{cfg.attn_logit_softcapping}), which composable_kv does not implement; outputs would differ")
+    if any(name.endswith(".sinks") or name == "sinks" for name, _ in model.named_parameters()):
+        raise UnsupportedModelError(f"{type(model).__name__} has learned attention sinks (a 'sinks' parameter), "
+                                    "which composable_kv does not implement; outputs would differ")
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder model; composable_kv decodes "
+                                    "decoder-only causal models")
 
 
 @contextlib.contextmanager
@@ -163,6 +189,7 @@ class GenerationOutput:
     texts: list[str] | None
     prompt_lengths: list[int]
     steps: list[StepStats] = field(default_factory=list)
+    decode_path: str = ""  # which decode path ran (composable_kv.runtime): graph, device or host
 
     def _mean_over_active(self, attr: str) -> list[float]:
         out = []
@@ -226,13 +253,21 @@ class PolicySession:
     """Runs ``model`` over a batch with ``pipeline`` deciding what each decode step reads.
 
     ``prefill(prompts)`` -> next-token logits [B, V]; ``decode(tokens)`` -> logits [B, V].
-    Per-step read statistics collect in ``self.steps``.
+    ``decode_path`` (composable_kv.runtime): ``graph`` replays the whole decode step from one CUDA graph,
+    ``device`` runs the same device-planned step eagerly, ``host`` plans on the host every step (stages
+    that sync with the host, admission); ``auto`` picks the fastest that can run the policy and
+    ``self.decode_path`` / ``describe()`` say which ran. Per-step read statistics add up on the device
+    and come to the host once, when ``self.steps`` is read.
     """
 
     def __init__(self, model, policy=DEFAULT_POLICY, *, max_total_tokens: int, batch_size: int,
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, decode_path: str = "auto"):
         import composable_kv as ckv
+        from .runtime import choose_decode_path
 
+        check_int("PolicySession", "max_total_tokens", max_total_tokens, 1)
+        check_int("PolicySession", "batch_size", batch_size, 1)
+        check_model_features(model)
         self.model = model
         self.pipeline = compile_policy(policy)
         from .tp import rank_local_shape
@@ -240,6 +275,8 @@ class PolicySession:
         self.shape = rank_local_shape(model, ModelShape.of(model))  # this rank's heads under tensor parallelism
         self.device = next(model.parameters()).device
         self.dtype = cache_dtype or next(model.parameters()).dtype
+        self.decode_path, self.decode_path_reason = choose_decode_path(decode_path, self.pipeline, self.device)
+        self.max_total_tokens = max_total_tokens
         page = self.pipeline.page_size
         pages_per_seq = math.ceil(max_total_tokens / page) + 1
         if self.pipeline.admission is not None:  # an admission stage: gated head-major cache (composable_kv.admission)
@@ -252,16 +289,30 @@ class PolicySession:
                 head_dim=self.shape.head_dim, num_pages=batch_size * pages_per_seq, page_size=page,
                 dtype=self.dtype, device=self.device, summaries=self.pipeline.required_summaries)
         self.seq_ids: list[int] = []
-        self.steps: list[StepStats] = []
         self._mode: str | None = None
         self._slots = None
-        self._prefill_mask = None  # [B, 1, T, T] bool, or None when no padding
-        self._valid = None  # [B, T] bool: real (non-pad) prompt tokens
-        self._step_pages = None
-        self._step_bytes = None
-        self._active: list[bool] = []
+        self._prefill_ids: list[int] = []  # the sequences of the prefill forward running now
         self._record: _PrefillRecord | None = None
+        self._step = None  # runtime.DeviceStep, built at the first device/graph decode
+        self._acc_pages = self._acc_bytes = None  # [B] device: this step's reads, summed over layers
+        self._pending: list[tuple] = []  # per step: (pages [B], bytes [B], active [B] bool) on the device, dense
+        self._steps: list[StepStats] = []
         self._bytes_per_token_layer = 2 * self.shape.num_kv_heads * self.shape.head_dim * self.dtype.itemsize
+
+    def describe(self) -> str:
+        return (f"decode path: {self.decode_path} ({self.decode_path_reason})\n"
+                + self.pipeline.describe(self.device))
+
+    @property
+    def steps(self) -> list[StepStats]:
+        """Per-step read statistics (the device counters come to the host here, in one copy)."""
+        if self._pending:
+            dev = torch.stack([torch.stack([p.to(torch.long), b.to(torch.long), a.to(torch.long)])
+                               for p, b, a, _ in self._pending]).tolist()  # [N, 3, B]
+            for (pages, nbytes, active), (*_, dense) in zip(dev, self._pending):
+                self._steps.append(StepStats(pages, nbytes, dense, [bool(a) for a in active]))
+            self._pending.clear()
+        return self._steps
 
     # ---------------------------------------------------------------- public steps
 
@@ -269,6 +320,8 @@ class PolicySession:
     def prefill(self, prompts: Sequence[Sequence[int]], prefill_cache: PrefillCache | None = None) -> torch.Tensor:
         """Dense prefill of a batch of token-id lists (lengths may differ) -> logits [B, V].
 
+        Prompts of one length run as one batch; prompts of different lengths run one at a time, so no
+        padding mask is built and memory stays linear in the prompt length (flash SDPA, causal).
         With ``prefill_cache``, a prefill of the same prompts done before (under any policy) is
         replayed into this session's cache instead of running the model again.
         """
@@ -277,78 +330,102 @@ class PolicySession:
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise ValueError("Every prompt needs at least one token.")
+        if max(lengths) >= self.max_total_tokens:
+            raise ContextTooLongError(f"a prompt of {max(lengths)} tokens leaves no room to decode in a session "
+                                      f"built for max_total_tokens={self.max_total_tokens}; raise it")
         record = prefill_cache.get(prompts) if prefill_cache is not None else None
         if record is not None and self._prefill_observers():
             record = None  # a stage reads the prompt's queries, which a replay does not have
+        self.seq_ids = [self.cache.add_sequence() for _ in prompts]
         if record is not None:
-            self.seq_ids = [self.cache.add_sequence() for _ in prompts]
-            self._active = [True] * len(prompts)
             slots = self.cache.reserve(self.seq_ids, lengths)
             for layer, (k, v) in enumerate(zip(record.keys, record.values)):
                 self.cache.write(layer, slots, k.to(self.device, self.dtype), v.to(self.device, self.dtype))
-            return record.logits.clone()
-        self._record = _PrefillRecord([], [], None) if prefill_cache is not None else None
-        batch, width = len(prompts), max(lengths)
-        pad = [width - n for n in lengths]
-        input_ids = torch.zeros(batch, width, dtype=torch.long)
-        valid = torch.zeros(batch, width, dtype=torch.bool)
-        for b, ids in enumerate(prompts):
-            input_ids[b, pad[b]:] = torch.as_tensor(list(ids), dtype=torch.long)
-            valid[b, pad[b]:] = True
-        positions = (torch.arange(width)[None, :] - torch.tensor(pad)[:, None]).clamp_min(0)  # [B, T]
-
-        self.seq_ids = [self.cache.add_sequence() for _ in range(batch)]
-        self._active = [True] * batch
-        self._slots = self.cache.reserve(self.seq_ids, lengths)
-        self._valid = valid.to(self.device)
-        if any(pad):
-            causal = torch.ones(width, width, dtype=torch.bool).tril()
-            mask = causal[None] & valid[:, None, :]  # [B, T, T]
-            mask |= torch.eye(width, dtype=torch.bool)[None]  # pad queries attend to themselves: no NaN rows
-            self._prefill_mask = mask[:, None].to(self.device)  # [B, 1, T, T]
+            logits = record.logits.clone()
         else:
-            self._prefill_mask = None
-        logits = self._forward("prefill", input_ids, positions, logits_to_keep=1)[:, -1]  # [B, V]
-        self._valid = self._prefill_mask = None
+            logits = self._prefill_forward(prompts, lengths, prefill_cache)
+        if self.decode_path != "host":
+            self.cache.reserve_ahead(self.seq_ids, self.max_total_tokens)
+        return logits
+
+    def _prefill_forward(self, prompts, lengths, prefill_cache) -> torch.Tensor:
+        groups = [list(range(len(prompts)))] if len(set(lengths)) == 1 else [[b] for b in range(len(prompts))]
+        self._record = _PrefillRecord([[] for _ in range(self.shape.num_layers)],
+                                      [[] for _ in range(self.shape.num_layers)], None) if prefill_cache else None
+        logits = []
+        for group in groups:
+            T = lengths[group[0]]
+            input_ids = torch.tensor([list(prompts[b]) for b in group], dtype=torch.long)  # [g, T]
+            positions = torch.arange(T)[None].expand(len(group), T)
+            self._prefill_ids = [self.seq_ids[b] for b in group]
+            self._slots = self.cache.reserve(self._prefill_ids, [T] * len(group))
+            logits.append(self._forward("prefill", input_ids, positions, logits_to_keep=1)[:, -1])  # [g, V]
+        logits = torch.cat(logits)
         if self._record is not None:
+            self._record.keys = [torch.cat(ks) for ks in self._record.keys]
+            self._record.values = [torch.cat(vs) for vs in self._record.values]
             self._record.logits = logits.clone()
             prefill_cache.put(prompts, self._record)
             self._record = None
         return logits
 
     @torch.no_grad()
-    def decode(self, tokens: Sequence[int] | torch.Tensor, active: Sequence[bool] | None = None) -> torch.Tensor:
-        """Feed one token per sequence through the policy path -> logits [B, V]."""
+    def decode(self, tokens: Sequence[int] | torch.Tensor, active: Sequence[bool] | torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Feed one token per sequence (a list or a [B] tensor, any device) -> logits [B, V] fp32.
+
+        Nothing is copied back to the host: tokens and ``active`` may stay on the device."""
         if not self.seq_ids:
             raise RuntimeError("Call PolicySession.prefill() before decode().")
-        tokens = torch.as_tensor(tokens, dtype=torch.long).view(-1, 1)  # [B, 1]
-        if active is not None:
-            self._active = list(active)
-        positions = torch.tensor([[self.cache.seq_len(s)] for s in self.seq_ids], dtype=torch.long)  # [B, 1]
+        B = len(self.seq_ids)
+        tokens = torch.as_tensor(tokens).to(self.device, torch.long).view(-1)  # [B]
+        if tokens.numel() != B:
+            raise ValueError(f"decode: {tokens.numel()} tokens for a batch of {B} sequences")
+        lengths = [self.cache.seq_len(s) for s in self.seq_ids]
         max_pos = self.shape.max_positions
-        if max_pos is not None and int(positions.max()) >= max_pos:
+        if max_pos is not None and max(lengths) >= max_pos:
             raise ContextTooLongError(
-                f"Decoding position {int(positions.max())} is past the model's maximum context "
+                f"Decoding position {max(lengths)} is past the model's maximum context "
                 f"({max_pos} tokens); shorten the prompt or lower max_new_tokens.")
-        self._slots = self.cache.reserve(self.seq_ids, [1] * len(self.seq_ids))
-        self.pipeline.plan(self.cache, self.seq_ids)
-        batch = len(self.seq_ids)
-        self._step_pages = torch.zeros(batch, dtype=torch.long)
-        self._step_bytes = torch.zeros(batch, dtype=torch.long)
-        logits = self._forward("decode", tokens, positions, logits_to_keep=1)
+        if max(lengths) >= self.max_total_tokens:
+            raise ContextTooLongError(f"decode: a sequence already holds {max(lengths)} tokens, the session was "
+                                      f"built for max_total_tokens={self.max_total_tokens}")
+        if self.decode_path == "host":
+            positions = torch.tensor(lengths, dtype=torch.long)[:, None]  # [B, 1]
+            slots = self.cache.reserve(self.seq_ids, [1] * B)
+            self.pipeline.plan(self.cache, self.seq_ids)
+            self._acc_pages = torch.zeros(B, dtype=torch.long, device=self.device)
+            self._acc_bytes = torch.zeros(B, dtype=torch.long, device=self.device)
+            logits = self.forward_decode(tokens.view(B, 1), positions, slots)
+            pages, nbytes = self._acc_pages, self._acc_bytes
+        else:
+            if self._step is None:
+                from .runtime import DeviceStep
+                self._step = DeviceStep(self, graph=self.decode_path == "graph")
+                self._acc_pages, self._acc_bytes = self._step.step_pages, self._step.step_bytes
+            logits = self._step.run(tokens).clone()
+            self.cache.advance(self.seq_ids)
+            pages, nbytes = self._step.step_pages.clone(), self._step.step_bytes.clone()
+        if active is None:
+            active = torch.ones(B, dtype=torch.bool, device=self.device)
+        active = torch.as_tensor(active).to(self.device, torch.bool)
         page = self.cache.page_size
-        dense_pages = [-(-self.cache.seq_len(s) // page) for s in self.seq_ids]
-        self.steps.append(StepStats(
-            pages_read=self._step_pages.tolist(),
-            kv_bytes_read=self._step_bytes.tolist(),
-            dense_kv_bytes=[n * page * self._bytes_per_token_layer * self.shape.num_layers for n in dense_pages],
-            active=list(self._active)))
-        return logits[:, -1]
+        dense = [-(-(n + 1) // page) * page * self._bytes_per_token_layer * self.shape.num_layers for n in lengths]
+        self._pending.append((pages, nbytes, active, dense))
+        return logits
+
+    def forward_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slots) -> torch.Tensor:
+        """The model on one token per sequence through the policy: input_ids/positions [B, 1] -> [B, V] fp32.
+
+        ``slots``: where each layer writes the new K/V (``AppendSlots``); the pipeline's plan is set."""
+        self._slots = slots
+        return self._forward("decode", input_ids, positions, logits_to_keep=1)[:, -1]
 
     def close(self) -> None:
         for sid in self.seq_ids:
             self.cache.free(sid)
         self.seq_ids = []
+        self._step = None
 
     # ---------------------------------------------------------------- internals
 
@@ -365,46 +442,72 @@ class PolicySession:
         return out.logits.float()  # [B, logits_to_keep, V]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scaling: float | None) -> torch.Tensor:
-        """query [B, Hq, T, D], key/value [B, Hkv, T, D] -> attention output [B, T, Hq, D]."""
+               scaling: float | None, sliding_window: int | None = None) -> torch.Tensor:
+        """query [B, Hq, T, D], key/value [B, Hkv, T, D] -> attention output [B, T, Hq, D].
+
+        ``sliding_window``: the layer reads only its last ``sliding_window`` tokens (exactly, densely);
+        the policy applies to the full-attention layers, and to windowed layers whose window covers the
+        whole session (``max_total_tokens``), since there the window never cuts."""
         if key.shape[1] != self.shape.num_kv_heads or query.shape[1] != self.shape.num_q_heads:
             raise RuntimeError(
                 f"layer {layer}: attention got {query.shape[1]} query / {key.shape[1]} KV heads, but the paged "
                 f"cache was built for {self.shape.num_q_heads} / {self.shape.num_kv_heads} (model sharded in a "
                 "way composable_kv.tp does not recognise?)")
+        window = sliding_window if sliding_window is not None and sliding_window < self.max_total_tokens else None
+        if window is not None and self.pipeline.admission is not None:
+            raise UnsupportedModelError(f"layer {layer} has sliding-window attention ({window} tokens), which the "
+                                        f"admission stage {self.pipeline.admission.name!r} does not support; "
+                                        "use a policy without write_gate")
         if self._mode == "prefill":
-            return self._attend_prefill(layer, query, key, value, scaling)
+            return self._attend_prefill(layer, query, key, value, scaling, window)
         if self._mode == "decode":
-            return self._attend_decode(layer, query, key, value, scaling)
+            return self._attend_decode(layer, query, key, value, scaling, window)
         raise RuntimeError("composable_kv attention called outside a PolicySession step.")
 
-    def _attend_prefill(self, layer, query, key, value, scaling):
-        mask = self._prefill_mask
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1])  # [B, Hq, T, D]
-        valid = self._valid  # [B, T]
-        k_real = key.transpose(1, 2)[valid]  # [sum(lengths), Hkv, D], batch-major like reserve()
-        v_real = value.transpose(1, 2)[valid]
+    def _attend_prefill(self, layer, query, key, value, scaling, window):
+        from .runtime import window_prefill
+
+        if window is not None:
+            out = window_prefill(query, key, value, window, scaling)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                 enable_gqa=query.shape[1] != key.shape[1])  # [B, Hq, T, D]
+        Hkv, D = key.shape[1], key.shape[3]
+        k_real = key.transpose(1, 2).reshape(-1, Hkv, D)  # [g*T, Hkv, D], batch-major like reserve()
+        v_real = value.transpose(1, 2).reshape(-1, Hkv, D)
         self.cache.write(layer, self._slots, k_real.to(self.dtype), v_real.to(self.dtype))
-        for stage in self._prefill_observers() if layer not in self.pipeline.dense_layers else ():
-            stage.observe_prefill(self.cache, self.seq_ids, layer, query, key, self._valid, scaling)
+        if window is None and layer not in self.pipeline.dense_layers:
+            valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)  # [g, T]
+            for stage in self._prefill_observers():
+                stage.observe_prefill(self.cache, self._prefill_ids, layer, query, key, valid, scaling)
         if self._record is not None:
-            self._record.keys.append(k_real)
-            self._record.values.append(v_real)
+            self._record.keys[layer].append(k_real)
+            self._record.values[layer].append(v_real)
         return out.transpose(1, 2)  # [B, T, Hq, D]
 
     def _prefill_observers(self) -> list:
         """Selectors that build per-sequence state from the prefill's q/k (e.g. ltri's span index)."""
         return [s for s in self.pipeline.selectors if hasattr(s, "observe_prefill")]
 
-    def _attend_decode(self, layer, query, key, value, scaling):
+    def _attend_decode(self, layer, query, key, value, scaling, window):
+        from .runtime import window_decode
+
         self.cache.write(layer, self._slots, key[:, :, 0].to(self.dtype), value[:, :, 0].to(self.dtype))
         q = query[:, :, 0].to(self.dtype)  # [B, Hq, D]
-        res = self.pipeline.run(q, self.cache, layer, sm_scale=scaling)
-        self._step_pages += res.pages_read.sum(-1).to("cpu", torch.long)
-        self._step_bytes += self.pipeline.kv_bytes_read(res, self.cache, layer).to("cpu").round().long()
-        return res.out.to(query.dtype)[:, None]  # [B, 1, Hq, D]
+        if window is None:
+            res = self.pipeline.run(q, self.cache, layer, sm_scale=scaling)
+            self._acc_pages += res.pages_read.sum(-1).to(torch.long)
+            self._acc_bytes += self.pipeline.kv_bytes_read(res, self.cache, layer).round().to(torch.long)
+            return res.out.to(query.dtype)[:, None]  # [B, 1, Hq, D]
+        plan = self.pipeline.current_plan
+        scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+        out = window_decode(q, self.cache.k[layer], self.cache.v[layer], plan.page_table, plan.seq_lens,
+                            window, scale)
+        tokens = plan.seq_lens.clamp(max=window).to(torch.long)  # [B] tokens the window read
+        first = (plan.seq_lens.long() - tokens) // self.cache.page_size
+        self._acc_pages += (plan.num_pages.long() - first) * self.shape.num_kv_heads
+        self._acc_bytes += tokens * self._bytes_per_token_layer
+        return out.to(query.dtype)[:, None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,13 +552,17 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: int = 32, *,
-             stop_at_eos: bool = True, on_step=None, prefill_cache: PrefillCache | None = None) -> GenerationOutput:
+             stop_at_eos: bool = True, on_step=None, prefill_cache: PrefillCache | None = None,
+             decode_path: str = "auto") -> GenerationOutput:
     """Greedy decoding of ``prompts`` (texts or token-id lists) with ``policy`` on ``model``.
 
     ``policy``: a YAML path, a dict, or a compiled ``DecodePipeline``. Returns the generated ids,
     their texts (if a tokenizer is given) and per-step read statistics.
     ``on_step(step_index)`` is called after every decode step (progress bars).
     ``prefill_cache`` lets several calls on the same prompts share one dense prefill.
+    ``decode_path``: see :class:`PolicySession` (``auto`` replays one CUDA graph per step where it can).
+    The loop keeps tokens on the device; it looks at the host only every ``EOS_CHECK_EVERY`` steps, to
+    stop once every sequence has ended.
     """
     check_int("generate", "max_new_tokens", max_new_tokens)
     if max_new_tokens < 1:
@@ -465,30 +572,35 @@ def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: i
     lengths = [len(t) for t in token_lists]
     _check_context(model, lengths, max_new_tokens)
     session = PolicySession(model, policy, max_total_tokens=max(lengths) + max_new_tokens,
-                            batch_size=len(token_lists))
+                            batch_size=len(token_lists), decode_path=decode_path)
     eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     try:
         logits = session.prefill(token_lists, prefill_cache)  # [B, V]
-        generated: list[list[int]] = [[] for _ in token_lists]
-        active = [True] * len(token_lists)
+        dev = logits.device
+        eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
+        active = torch.ones(len(token_lists), dtype=torch.bool, device=dev)  # [B]
+        picked, was_active = [], []  # per step [B]: the greedy token, and whether the sequence still ran
         for step in range(max_new_tokens):
-            next_tokens = logits.argmax(-1).tolist()
-            for b, tok in enumerate(next_tokens):
-                if active[b]:
-                    generated[b].append(tok)
-                    if tok in eos:
-                        active[b] = False
-            if step == max_new_tokens - 1 or not any(active):
+            nxt = logits.argmax(-1)  # [B], stays on the device
+            picked.append(nxt)
+            was_active.append(active)
+            active = active & ~torch.isin(nxt, eos_ids)
+            if step == max_new_tokens - 1:
                 break
-            pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-            feed = [t if a else pad for t, a in zip(next_tokens, active)]
-            logits = session.decode(feed, active=active)
+            if eos and step % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and not bool(active.any()):
+                break  # the only host sync of the loop, every EOS_CHECK_EVERY steps
+            logits = session.decode(torch.where(active, nxt, pad), active=active)
             if on_step is not None:
                 on_step(step)
+        picked_host = torch.stack(picked, 1).tolist()  # [B, steps]
+        active_host = torch.stack(was_active, 1).tolist()
     finally:
         session.close()
+    generated = [[t for t, a in zip(toks, act) if a] for toks, act in zip(picked_host, active_host)]
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True) if tokenizer is not None else None
-    return GenerationOutput(sequences=generated, texts=texts, prompt_lengths=lengths, steps=session.steps)
+    return GenerationOutput(sequences=generated, texts=texts, prompt_lengths=lengths, steps=session.steps,
+                            decode_path=session.decode_path)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ key_shadow re-ranks after quest/topk).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -136,10 +137,15 @@ class DecodePipeline:
         self.requested_backend = backend
         self.validate = validate  # NaN/Inf check of q: None = on for CPU q or the reference backend
         self._plan: StepPlan | None = None
-        self._fused = None
         self.stage_state: dict = {}  # stages' state across decode steps (e.g. attention_predictor's history)
 
     # -- static facts -------------------------------------------------------------------------
+    @functools.cached_property
+    def fused_spec(self):
+        """How the Triton path runs this stack (composable_kv.fused.FusedSpec), decided once."""
+        from . import fused
+        return fused.make_spec(self)
+
     @property
     def stop_rule(self) -> StopRule:
         return self.terminal.stop_rule() if hasattr(self.terminal, "stop_rule") else StopRule()
@@ -219,6 +225,15 @@ class DecodePipeline:
             raise TensorContractError(f"policy {self.name!r} needs page summaries {sorted(missing)} that the "
                                       f"cache does not keep; build it with summaries=pipeline.required_summaries")
         page_table, seq_lens = cache.padded_page_table(seq_ids)
+        return self.plan_tables(cache, page_table, seq_lens, seq_ids, num_splits)
+
+    def plan_tables(self, cache: PagedKVCache, page_table: torch.Tensor, seq_lens: torch.Tensor,
+                    seq_ids: list[int], num_splits: int | None = None) -> StepPlan:
+        """The step plan from device tables alone: page_table [B, P] int32, seq_lens [B] int32.
+
+        Device ops only (no host sync), so the decode runtime builds the plan inside its CUDA graph.
+        P may exceed every request's page count (pages reserved ahead); pages past a request's length
+        are not valid and never read."""
         S = self.page_size
         num_pages = (seq_lens + S - 1) // S
         P = page_table.shape[1]
@@ -236,6 +251,14 @@ class DecodePipeline:
             plan.num_splits = self._default_splits(cache, plan)
         self._plan = plan
         return plan
+
+    def use_plan(self, plan: StepPlan) -> None:
+        """Make `plan` (e.g. one over static graph buffers) the plan that run() reads."""
+        self._plan = plan
+
+    @property
+    def current_plan(self) -> StepPlan | None:
+        return self._plan
 
     def _default_splits(self, cache: PagedKVCache, plan: StepPlan) -> int:
         if self.backend_for(cache.device) == "reference":

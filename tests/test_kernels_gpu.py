@@ -130,7 +130,7 @@ def _max_launches(pipe) -> int:
 def test_at_most_three_launches(config, num_splits):
     from torch.profiler import ProfilerActivity, profile
     pipe, cache, q = _setup(config)
-    pipe.plan(cache, pipe._plan.seq_ids, num_splits=num_splits)
+    pipe.plan(cache, pipe.current_plan.seq_ids, num_splits=num_splits)
     for layer in range(3):
         pipe.run(q, cache, layer)
     torch.cuda.synchronize()

@@ -202,7 +202,7 @@ def test_bench_case_runs_the_shadow_providers(monkeypatch):
         pipe.plan(data.cache, data.seq_ids)
         res = pipe.run(data.q, data.cache, 0)
         ref = ckv.compile(pipe.config, backend="reference")
-        ref.plan(data.cache, data.seq_ids, num_splits=pipe._plan.num_splits)
+        ref.plan(data.cache, data.seq_ids, num_splits=pipe.current_plan.num_splits)
         want = ref.run(data.q, data.cache, 0)
         assert torch.equal(res.pages_read.cpu(), want.pages_read) and int(res.pages_read.max()) <= 24
         torch.testing.assert_close(res.out.float().cpu(), want.out.float(), rtol=2e-4, atol=2e-4)

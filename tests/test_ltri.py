@@ -198,7 +198,7 @@ def test_full_budget_equals_dense(terminal, vote):
 def test_budget_forced_pages_and_whole_spans_first(vote):
     pipe, cache, ids, q, keys, values = run(ltri_policy(96, vote=vote, max_span_pages=3), [1, 17, 63, 111, 300])
     from composable_kv.pipeline import LayerContext
-    ctx = LayerContext(q, cache, 0, pipe._plan, q.shape[-1] ** -0.5)
+    ctx = LayerContext(q, cache, 0, pipe.current_plan, q.shape[-1] ** -0.5)
     order, count, _ = pipe.select(ctx)
     st = pipe.selectors[0]
     for b, (sid, n) in enumerate(zip(ids, [1, 17, 63, 111, 300])):
@@ -230,7 +230,7 @@ def test_needle_span_is_retrieved():
     q = needle.repeat(1, 4, 1)
     pipe.plan(cache, ids)
     from composable_kv.pipeline import LayerContext
-    order, count, _ = pipe.select(LayerContext(q, cache, 0, pipe._plan, 32 ** -0.5))
+    order, count, _ = pipe.select(LayerContext(q, cache, 0, pipe.current_plan, 32 ** -0.5))
     assert all(20 in order[0, h, :count[0, h]].tolist() for h in range(2))
 
 
@@ -278,7 +278,7 @@ def test_stage_with_triton_scorer_equals_reference(monkeypatch):
     from composable_kv.pipeline import LayerContext
     from composable_kv.policies import ltri
     pipe, cache, ids, q, *_ = run(ltri_policy(64, max_span_pages=2), [63, 111, 300], group=4)
-    ctx = LayerContext(q, cache, 0, pipe._plan, 32 ** -0.5)
+    ctx = LayerContext(q, cache, 0, pipe.current_plan, 32 ** -0.5)
     a = pipe.select(ctx)
     monkeypatch.setattr(ltri, "_FORCE_TRITON", True)
     b = pipe.select(ctx)

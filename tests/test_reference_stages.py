@@ -84,7 +84,7 @@ def test_budget_below_length_reads_budget_and_last_page():
     pipe, cache, q, res, *_ = run_policy(policy({"stage": "quest", "budget_tokens": 32}, {"stage": "attend"}),
                                          [1, 40, 200])
     assert res.pages_read.tolist() == [[1, 1], [2, 2], [2, 2]]
-    order, count, _ = pipe.select(ckv.pipeline.LayerContext(q, cache, 0, pipe._plan, 0.25))
+    order, count, _ = pipe.select(ckv.pipeline.LayerContext(q, cache, 0, pipe.current_plan, 0.25))
     last = (torch.tensor([1, 40, 200]) - 1) // 16
     for b in range(3):
         for h in range(2):
@@ -134,7 +134,7 @@ def test_topk_keeps_the_best_pages():
                                          [200], group=2)
     table, lens = cache.padded_page_table([0])
     exact = score_ref.exact_page_max_scores(q, cache.k[0], table, lens, q.shape[-1] ** -0.5)
-    order, count, _ = pipe.select(ckv.pipeline.LayerContext(q, cache, 0, pipe._plan, q.shape[-1] ** -0.5))
+    order, count, _ = pipe.select(ckv.pipeline.LayerContext(q, cache, 0, pipe.current_plan, q.shape[-1] ** -0.5))
     for h in range(2):
         chosen = set(order[0, h, :count[0, h]].tolist())
         best = exact[0, h, :12].topk(2).indices.tolist()  # 3 pages: 2 best of the rest + the last
