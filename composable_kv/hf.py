@@ -51,6 +51,7 @@ __all__ = [
 
 ATTN_IMPLEMENTATION = "composable_kv"
 DEFAULT_POLICY = "configs/quest_art.yaml"
+PREFILL_TOKENS = 65536  # prefill runs equal-length prompts in batches of at most this many tokens
 EOS_CHECK_EVERY = 8  # generate() asks the device whether any sequence still runs this often
 
 _ACTIVE_SESSION: contextvars.ContextVar["PolicySession | None"] = contextvars.ContextVar(
@@ -258,10 +259,15 @@ class PolicySession:
     that sync with the host, admission); ``auto`` picks the fastest that can run the policy and
     ``self.decode_path`` / ``describe()`` say which ran. Per-step read statistics add up on the device
     and come to the host once, when ``self.steps`` is read.
+
+    ``attention``: another dense decode attention to run in the policy's place inside the same step
+    (e.g. FlashInfer, to compare against in ``benchmarks/e2e.py``): an object with
+    ``prepare(session)``, called on the host before every decode step, and
+    ``run(q [B, Hq, D], cache, layer, plan, sm_scale) -> [B, Hq, D]``, called per layer (graph-safe).
     """
 
     def __init__(self, model, policy=DEFAULT_POLICY, *, max_total_tokens: int, batch_size: int,
-                 cache_dtype: torch.dtype | None = None, decode_path: str = "auto"):
+                 cache_dtype: torch.dtype | None = None, decode_path: str = "auto", attention=None):
         import composable_kv as ckv
         from .runtime import choose_decode_path
 
@@ -277,6 +283,10 @@ class PolicySession:
         self.dtype = cache_dtype or next(model.parameters()).dtype
         self.decode_path, self.decode_path_reason = choose_decode_path(decode_path, self.pipeline, self.device)
         self.max_total_tokens = max_total_tokens
+        self.attention = attention
+        if attention is not None and (self.pipeline.selectors or self.pipeline.admission is not None):
+            raise ValueError(f"attention= replaces a dense read; policy {self.pipeline.name!r} selects pages. "
+                             "Pass a dense policy (configs/dense.yaml)")
         page = self.pipeline.page_size
         pages_per_seq = math.ceil(max_total_tokens / page) + 1
         if self.pipeline.admission is not None:  # an admission stage: gated head-major cache (composable_kv.admission)
@@ -298,6 +308,11 @@ class PolicySession:
         self._pending: list[tuple] = []  # per step: (pages [B], bytes [B], active [B] bool) on the device, dense
         self._steps: list[StepStats] = []
         self._bytes_per_token_layer = 2 * self.shape.num_kv_heads * self.shape.head_dim * self.dtype.itemsize
+
+    @property
+    def graph_captured(self) -> bool:
+        """The decode step has been captured as a CUDA graph (decode_path 'graph', after the first step)."""
+        return self._step is not None and self._step.graph is not None
 
     def describe(self) -> str:
         return (f"decode path: {self.decode_path} ({self.decode_path_reason})\n"
@@ -349,7 +364,11 @@ class PolicySession:
         return logits
 
     def _prefill_forward(self, prompts, lengths, prefill_cache) -> torch.Tensor:
-        groups = [list(range(len(prompts)))] if len(set(lengths)) == 1 else [[b] for b in range(len(prompts))]
+        if len(set(lengths)) == 1:  # one length: batches of up to PREFILL_TOKENS tokens (activation memory)
+            per = max(1, PREFILL_TOKENS // lengths[0])
+            groups = [list(range(b, min(b + per, len(prompts)))) for b in range(0, len(prompts), per)]
+        else:
+            groups = [[b] for b in range(len(prompts))]
         self._record = _PrefillRecord([[] for _ in range(self.shape.num_layers)],
                                       [[] for _ in range(self.shape.num_layers)], None) if prefill_cache else None
         logits = []
@@ -390,6 +409,8 @@ class PolicySession:
         if max(lengths) >= self.max_total_tokens:
             raise ContextTooLongError(f"decode: a sequence already holds {max(lengths)} tokens, the session was "
                                       f"built for max_total_tokens={self.max_total_tokens}")
+        if self.attention is not None:
+            self.attention.prepare(self)
         if self.decode_path == "host":
             positions = torch.tensor(lengths, dtype=torch.long)[:, None]  # [B, 1]
             slots = self.cache.reserve(self.seq_ids, [1] * B)
@@ -494,6 +515,13 @@ class PolicySession:
 
         self.cache.write(layer, self._slots, key[:, :, 0].to(self.dtype), value[:, :, 0].to(self.dtype))
         q = query[:, :, 0].to(self.dtype)  # [B, Hq, D]
+        if window is None and self.attention is not None:
+            plan = self.pipeline.current_plan
+            scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+            out = self.attention.run(q, self.cache, layer, plan, scale)
+            self._acc_pages += plan.num_pages.long() * self.shape.num_kv_heads
+            self._acc_bytes += plan.seq_lens.long() * self._bytes_per_token_layer
+            return out.to(query.dtype)[:, None]
         if window is None:
             res = self.pipeline.run(q, self.cache, layer, sm_scale=scaling)
             self._acc_pages += res.pages_read.sum(-1).to(torch.long)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import composable_kv as ckv
+from composable_kv.runtime import StaticPlan
 
 DEFAULT_CONFIGS = ("configs/quest_art.yaml", "configs/sink_window_quest_art.yaml")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -63,33 +64,6 @@ def dry_run_options(**kw) -> Options:
                 min_new=1, max_new=12, spot_every=8, warmup=4, dtype="float32", device="cpu", graphs=False,
                 tol=2e-4)
     return Options(**(base | kw))
-
-
-class StaticPlan:
-    """Plan buffers of a fixed shape [B, P_max] that a captured graph reads; refilled every step."""
-
-    def __init__(self, plan, max_pages: int):
-        B, dev = plan.batch_size, plan.page_table.device
-        self.plan = dataclasses.replace(
-            plan, page_table=torch.zeros(B, max_pages, dtype=torch.int32, device=dev),
-            seq_lens=torch.zeros(B, dtype=torch.int32, device=dev),
-            num_pages=torch.zeros(B, dtype=torch.int32, device=dev),
-            valid=torch.zeros(B, max_pages, dtype=torch.bool, device=dev),
-            forced=torch.zeros(B, max_pages, dtype=torch.bool, device=dev))
-        self.load(plan)
-
-    def load(self, plan) -> None:
-        s, P = self.plan, plan.page_table.shape[1]
-        if P > s.page_table.shape[1] or plan.num_splits != s.num_splits or plan.any_forcing != s.any_forcing:
-            raise RuntimeError(f"step plan does not fit the static buffers (pages {P} > "
-                               f"{s.page_table.shape[1]} or num_splits / forcing changed)")
-        for name in ("page_table", "valid", "forced"):
-            dst = getattr(s, name)
-            dst[:, P:].zero_()
-            dst[:, :P].copy_(getattr(plan, name))
-        s.seq_lens.copy_(plan.seq_lens)
-        s.num_pages.copy_(plan.num_pages)
-        s.seq_ids = list(plan.seq_ids)
 
 
 class Workload:
@@ -153,7 +127,7 @@ def run_policy(config: str, opt: Options, log=print) -> dict:
     ids = work.step()
     static = StaticPlan(pipe.plan(cache, ids), max_pages)
     num_splits = static.plan.num_splits
-    pipe._plan = static.plan
+    pipe.use_plan(static.plan)
     run_all = lambda: [pipe.run(static_q[layer], cache, layer) for layer in range(opt.layers)]  # noqa: E731
     outs = run_all()  # compile the kernels, eagerly
     graph, graph_error = None, None
@@ -177,7 +151,7 @@ def run_policy(config: str, opt: Options, log=print) -> dict:
         if step:
             ids = work.step()
             static.load(pipe.plan(cache, ids, num_splits=num_splits))
-            pipe._plan = static.plan
+            pipe.use_plan(static.plan)
         static_q.normal_(generator=gen)
         if graph is not None:
             graph.replay()

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from composable_kv import longrun
+from composable_kv import longrun, runtime
 
 pytestmark = pytest.mark.interpret
 
@@ -29,8 +29,8 @@ def test_static_plan_pads_and_refuses_what_does_not_fit():
     pipe = ckv.compile("configs/quest_art.yaml", backend="reference")
     cache, ids, _, _ = build_cache([5, 40], summaries=pipe.required_summaries)
     plan = pipe.plan(cache, ids, num_splits=1)
-    static = longrun.StaticPlan(plan, max_pages=7)
+    static = runtime.StaticPlan(plan, max_pages=7)
     assert static.plan.page_table.shape == (2, 7) and not bool(static.plan.valid[:, 3:].any())
     assert torch.equal(static.plan.page_table[:, :3], plan.page_table)
     with pytest.raises(RuntimeError, match="does not fit the static buffers"):
-        longrun.StaticPlan(plan, max_pages=2)
+        runtime.StaticPlan(plan, max_pages=2)
