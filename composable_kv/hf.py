@@ -283,6 +283,7 @@ class PolicySession:
         self.dtype = cache_dtype or next(model.parameters()).dtype
         self.decode_path, self.decode_path_reason = choose_decode_path(decode_path, self.pipeline, self.device)
         self.max_total_tokens = max_total_tokens
+        self._admission = self.pipeline.admission is not None
         self.attention = attention
         if attention is not None and (self.pipeline.selectors or self.pipeline.admission is not None):
             raise ValueError(f"attention= replaces a dense read; policy {self.pipeline.name!r} selects pages. "
@@ -440,7 +441,14 @@ class PolicySession:
 
         ``slots``: where each layer writes the new K/V (``AppendSlots``); the pipeline's plan is set."""
         self._slots = slots
-        return self._forward("decode", input_ids, positions, logits_to_keep=1)[:, -1]
+        self._policy_pages = torch.zeros_like(self._acc_pages)  # [B] pages the policy's layers read
+        self._sparse_layers = 0  # layers that scored summaries in this forward (fixed for a captured step)
+        logits = self._forward("decode", input_ids, positions, logits_to_keep=1)[:, -1]
+        self._acc_pages += self._policy_pages
+        if not self._admission:  # the gated pipeline counts its bytes per layer
+            self._acc_bytes += self.pipeline.bytes_for(self.cache, self._policy_pages,
+                                                       self._sparse_layers).round().to(torch.long)
+        return logits
 
     def close(self) -> None:
         for sid in self.seq_ids:
@@ -475,7 +483,7 @@ class PolicySession:
                 f"cache was built for {self.shape.num_q_heads} / {self.shape.num_kv_heads} (model sharded in a "
                 "way composable_kv.tp does not recognise?)")
         window = sliding_window if sliding_window is not None and sliding_window < self.max_total_tokens else None
-        if window is not None and self.pipeline.admission is not None:
+        if window is not None and self._admission:
             raise UnsupportedModelError(f"layer {layer} has sliding-window attention ({window} tokens), which the "
                                         f"admission stage {self.pipeline.admission.name!r} does not support; "
                                         "use a policy without write_gate")
@@ -524,8 +532,11 @@ class PolicySession:
             return out.to(query.dtype)[:, None]
         if window is None:
             res = self.pipeline.run(q, self.cache, layer, sm_scale=scaling)
-            self._acc_pages += res.pages_read.sum(-1).to(torch.long)
-            self._acc_bytes += self.pipeline.kv_bytes_read(res, self.cache, layer).round().to(torch.long)
+            self._policy_pages += res.pages_read.sum(-1)
+            if self._admission:
+                self._acc_bytes += self.pipeline.kv_bytes_read(res, self.cache, layer).round().to(torch.long)
+            elif not self.pipeline.is_dense_layer(layer):
+                self._sparse_layers += 1
             return res.out.to(query.dtype)[:, None]  # [B, 1, Hq, D]
         plan = self.pipeline.current_plan
         scale = q.shape[-1] ** -0.5 if scaling is None else scaling

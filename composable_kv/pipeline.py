@@ -344,12 +344,19 @@ class DecodePipeline:
     # -- accounting ---------------------------------------------------------------------------
     def kv_bytes_read(self, res: DecodeResult, cache: PagedKVCache, layer: int | None = None) -> torch.Tensor:
         """Bytes read for one layer per request [B]: K/V pages read plus the page summaries scored."""
+        sparse = layer is None or not self.is_dense_layer(layer)
+        return self.bytes_for(cache, res.pages_read.sum(-1), int(sparse))
+
+    def bytes_for(self, cache: PagedKVCache, pages: torch.Tensor, sparse_layers: int) -> torch.Tensor:
+        """Bytes read per request [B] float64: `pages` [B] K/V pages read (any layers) plus the page
+        summaries that `sparse_layers` non-dense layers scored under the current plan."""
+        page_kv = 2 * cache.page_size * cache.head_dim * cache.dtype.itemsize
+        total = pages.to(torch.float64) * page_kv
+        return total + self.summary_bytes(cache) * sparse_layers if sparse_layers else total
+
+    def summary_bytes(self, cache: PagedKVCache) -> torch.Tensor:
+        """Summary bytes one non-dense layer reads per request [B] float64 (all KV heads), current plan."""
         plan = self._plan
-        elt = cache.dtype.itemsize
-        page_kv = 2 * cache.page_size * cache.head_dim * elt
-        total = res.pages_read.sum(-1).to(torch.float64) * page_kv
-        if layer is not None and self.is_dense_layer(layer):
-            return total
         pages = plan.num_pages.to(torch.float64)  # [B] pages a selector may score
         scored = torch.zeros_like(pages)  # [B] summary bytes per KV head
         n_forced = plan.forced.sum(-1).to(torch.float64)
@@ -360,8 +367,8 @@ class DecodePipeline:
             if isinstance(s, ScoringSelector):
                 pages = torch.minimum(pages, n_forced.clamp(min=s.budget_pages(cache.page_size)))
         if self.needs_box_bound:
-            scored += plan.num_pages.to(torch.float64) * 2 * cache.head_dim * elt
-        return total + scored * cache.num_kv_heads
+            scored += plan.num_pages.to(torch.float64) * 2 * cache.head_dim * cache.dtype.itemsize
+        return scored * cache.num_kv_heads
 
 
 def compile(policy, backend: str = "auto", validate: bool | None = None) -> DecodePipeline:
