@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -340,7 +341,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = run(args)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    commit = os.environ.get("CKV_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip() or "unknown"
     meta = dict(gpu=torch.cuda.get_device_name(), commit=commit, torch=torch.__version__, steps=args.steps,
                 copy_tbps=copy_bandwidth(torch.device("cuda")) / 1e12, python=platform.python_version(),
