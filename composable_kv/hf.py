@@ -336,8 +336,8 @@ class PolicySession:
     def prefill(self, prompts: Sequence[Sequence[int]], prefill_cache: PrefillCache | None = None) -> torch.Tensor:
         """Dense prefill of a batch of token-id lists (lengths may differ) -> logits [B, V].
 
-        Prompts of one length run as one batch; prompts of different lengths run one at a time, so no
-        padding mask is built and memory stays linear in the prompt length (flash SDPA, causal).
+        Consecutive prompts of one length run as one batch (at most ``PREFILL_TOKENS`` tokens a forward);
+        no padding mask is ever built, so memory stays linear in the prompt length (flash SDPA, causal).
         With ``prefill_cache``, a prefill of the same prompts done before (under any policy) is
         replayed into this session's cache instead of running the model again.
         """
@@ -365,11 +365,13 @@ class PolicySession:
         return logits
 
     def _prefill_forward(self, prompts, lengths, prefill_cache) -> torch.Tensor:
-        if len(set(lengths)) == 1:  # one length: batches of up to PREFILL_TOKENS tokens (activation memory)
-            per = max(1, PREFILL_TOKENS // lengths[0])
-            groups = [list(range(b, min(b + per, len(prompts)))) for b in range(0, len(prompts), per)]
-        else:
-            groups = [[b] for b in range(len(prompts))]
+        groups: list[list[int]] = []  # runs of consecutive prompts of one length, <= PREFILL_TOKENS a forward
+        for b, n in enumerate(lengths):
+            g = groups[-1] if groups else None
+            if g is not None and lengths[g[0]] == n and (len(g) + 1) * n <= PREFILL_TOKENS:
+                g.append(b)
+            else:
+                groups.append([b])
         self._record = _PrefillRecord([[] for _ in range(self.shape.num_layers)],
                                       [[] for _ in range(self.shape.num_layers)], None) if prefill_cache else None
         logits = []

@@ -22,7 +22,7 @@ STACKS = {
         {"stage": "topk", "budget_tokens": 16}, {"stage": "art", "stop": "stability", "chunk_pages": 1,
                                                  "patience": 1, "scale_tol": 1e-2, "direction_tol": 1e-2}]},
 }
-PROMPT_LENGTHS = (5, 23, 40)
+PROMPT_LENGTHS = (5, 23, 23, 40)  # ragged, with one run of equal lengths (prefilled as one batch)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_device_step_equals_host_step(tiny_model, prompts, stack):
     pipe = ckv.compile({"name": stack, **STACKS[stack]}, backend="reference")
     outs = {}
     for path in ("host", "device"):
-        s = hf.PolicySession(tiny_model, pipe, max_total_tokens=60, batch_size=3, decode_path=path)
+        s = hf.PolicySession(tiny_model, pipe, max_total_tokens=60, batch_size=len(prompts), decode_path=path)
         assert s.decode_path == path and f"decode path: {path}" in s.describe()
         logits = s.prefill(prompts)
         rows = []
@@ -53,7 +53,8 @@ def test_device_step_equals_host_step(tiny_model, prompts, stack):
         s.close()
     torch.testing.assert_close(outs["device"][0], outs["host"][0], atol=1e-5, rtol=1e-5)
     assert outs["device"][1] == outs["host"][1]
-    assert any(p < d for st in outs["host"][1] for p, d in zip(st.kv_bytes_read, st.dense_kv_bytes)) or stack == "dense"
+    if stack != "dense":  # the sparse stacks read less than every page at some step
+        assert any(r < d for st in outs["host"][1] for r, d in zip(st.kv_bytes_read, st.dense_kv_bytes))
 
 
 def test_generate_reports_its_path_and_keeps_eos_semantics(tiny_model, prompts):
