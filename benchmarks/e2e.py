@@ -3,6 +3,7 @@
 Every provider decodes the same batch in the same run:
   transformers : the model's own ``generate`` (sdpa attention, its DynamicCache), the user's default;
   ckv <policy> : ``composable_kv.hf.PolicySession`` on the decode runtime (one CUDA-graph replay a step);
+  ckv <policy> [modules] : the same, through transformers' own decode layers instead of the fused ones;
   flashinfer / flashinfer-tc : FlashInfer's paged decode (CUDA-core / tensor-core) in place of our
                  attention, inside the same graph step (``PolicySession(attention=...)``).
 The floor of a step is the bytes it must read (weights + the K/V and summaries read, from the
@@ -178,10 +179,11 @@ class FlashInferAttention:
         return self.wrapper.run(q, (cache.k[layer], cache.v[layer]))
 
 
-def time_session(model, policy, prompts, steps: int, shape, *, attention=None, prefill_cache=None):
+def time_session(model, policy, prompts, steps: int, shape, *, attention=None, prefill_cache=None,
+                 layers: str = "auto"):
     """Prefill, one decode step (graph capture), then `steps` timed steps. -> (ms/step, prefill s, session stats)."""
     B = len(prompts)
-    s = hf.PolicySession(model, policy, max_total_tokens=len(prompts[0]) + steps + 2, batch_size=B)
+    s = hf.PolicySession(model, policy, max_total_tokens=len(prompts[0]) + steps + 2, batch_size=B, layers=layers)
     try:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -199,7 +201,7 @@ def time_session(model, policy, prompts, steps: int, shape, *, attention=None, p
         ms = (time.perf_counter() - t1) / steps * 1e3
         st = s.steps[1:]
         kv = sum(sum(x.kv_bytes_read) for x in st) / len(st)
-        return ms, prefill, kv, s.decode_path
+        return ms, prefill, kv, f"{s.decode_path}, {s.layers} layers"
     finally:
         s.close()
 
@@ -264,14 +266,17 @@ def run(args) -> list[Row]:
                         r.decode_path = "transformers eager"
                     else:
                         attention = None
-                        policy = POLICIES.get(prov, POLICIES["ckv dense"])
+                        base_prov, _, layers = prov.partition(" [")  # "ckv dense [modules]": transformers' layers
+                        layers = layers.rstrip("]") or "auto"
+                        policy = POLICIES.get(base_prov, POLICIES["ckv dense"])
                         if prov.startswith("flashinfer"):
                             tc = prov == "flashinfer-tc"
                             attention = lambda s, tc=tc: FlashInferAttention(s, tc)  # noqa: E731
                         cache = None if (first or not synthetic) else SyntheticPrefill(
                             shape, model.config.vocab_size, dev, dtype)
                         r.ms_per_step, prefill, kv, r.decode_path = time_session(
-                            model, policy, prompts, args.steps, shape, attention=attention, prefill_cache=cache)
+                            model, policy, prompts, args.steps, shape, attention=attention, prefill_cache=cache,
+                            layers=layers)
                         r.prefill_s = prefill if cache is None else float("nan")
                         r.note = "synthetic K/V" if cache is not None else ""
                         first = False
@@ -334,8 +339,9 @@ def main(argv=None) -> int:
             ap.error(f"--sizes: {s!r} is not CONTEXTxBATCH (e.g. 32768x16)")
     known = set(POLICIES) | {"flashinfer", "flashinfer-tc", "transformers"}
     for p in args.providers:
-        if p not in known:
-            ap.error(f"--providers: unknown {p!r}; known: {sorted(known)}")
+        if p not in known and not (p.endswith(" [modules]") and p[:-len(" [modules]")] in POLICIES):
+            ap.error(f"--providers: unknown {p!r}; known: {sorted(known)}, and any ckv one + ' [modules]' "
+                     "(transformers' own decode layers instead of the fused ones)")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     out = Path(args.out)

@@ -21,13 +21,15 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--policy", default="ckv quest+art", choices=sorted(POLICIES))
+    ap.add_argument("--decode-layers", default="auto", choices=["auto", "fused", "modules"])
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     SHAPES[args.model] = {**SHAPES[args.model], "num_hidden_layers": args.layers}
     model, _ = build_model(args.model, torch.bfloat16, "cuda", None)
     shape = hf.ModelShape.of(model)
     prompts = [[7] * args.context] * args.batch
-    s = hf.PolicySession(model, POLICIES[args.policy], max_total_tokens=args.context + 64, batch_size=args.batch)
+    s = hf.PolicySession(model, POLICIES[args.policy], max_total_tokens=args.context + 64, batch_size=args.batch,
+                         layers=args.decode_layers)
     logits = s.prefill(prompts, SyntheticPrefill(shape, model.config.vocab_size, "cuda", torch.bfloat16))
     for _ in range(4):
         logits = s.decode(logits.argmax(-1))
@@ -36,7 +38,7 @@ def main() -> int:
         for _ in range(5):
             logits = s.decode(logits.argmax(-1))
         torch.cuda.synchronize()
-    print(f"{args.policy}: {args.layers} layers, B={args.batch}, context {args.context}, 5 steps")
+    print(f"{args.policy} ({s.layers} layers): {args.layers} layers, B={args.batch}, context {args.context}, 5 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
     return 0
 

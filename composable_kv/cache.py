@@ -223,6 +223,15 @@ class PagedKVCache:
         if self.value_norm is not None:
             norms = v.float().norm(dim=-1)  # [T, Hkv]
             self.value_norm[layer].scatter_reduce_(0, slots.page_ids[:, None].expand_as(norms), norms, "amax")
+        self.requantize_written(layer, slots)
+
+    def summary_tensors(self, layer: int) -> tuple:
+        """(key_min, key_max, value_norm) of `layer`, None where not kept: what a fused write kernel updates."""
+        minmax = (None, None) if self.key_min is None else (self.key_min[layer], self.key_max[layer])
+        return (*minmax, None if self.value_norm is None else self.value_norm[layer])
+
+    def requantize_written(self, layer: int, slots: AppendSlots) -> None:
+        """Re-quantize the key shadows of the pages `slots` wrote (after their K and key_min/max changed)."""
         if self.shadow_bits and slots.num_tokens:
             # hand-built slots pay a torch.unique (a device sync on CUDA); reserve()'s carry the pages
             pages = torch.unique(slots.page_ids) if slots.touched_pages is None else slots.touched_pages

@@ -191,6 +191,7 @@ class GenerationOutput:
     prompt_lengths: list[int]
     steps: list[StepStats] = field(default_factory=list)
     decode_path: str = ""  # which decode path ran (composable_kv.runtime): graph, device or host
+    decode_layers: str = ""  # which decode layers ran (composable_kv.decoder): fused or modules
 
     def _mean_over_active(self, attr: str) -> list[float]:
         out = []
@@ -260,6 +261,10 @@ class PolicySession:
     ``self.decode_path`` / ``describe()`` say which ran. Per-step read statistics add up on the device
     and come to the host once, when ``self.steps`` is read.
 
+    ``layers`` (composable_kv.decoder): ``fused`` runs each decode layer of a Llama/Mistral/Qwen2 model as a
+    few fused kernels around its GEMMs, ``modules`` through transformers' own modules; ``auto`` takes
+    ``fused`` on CUDA where the family allows. Prefill always runs the modules.
+
     ``attention``: another dense decode attention to run in the policy's place inside the same step
     (e.g. FlashInfer, to compare against in ``benchmarks/e2e.py``): an object with
     ``prepare(session)``, called on the host before every decode step, and
@@ -267,8 +272,10 @@ class PolicySession:
     """
 
     def __init__(self, model, policy=DEFAULT_POLICY, *, max_total_tokens: int, batch_size: int,
-                 cache_dtype: torch.dtype | None = None, decode_path: str = "auto", attention=None):
+                 cache_dtype: torch.dtype | None = None, decode_path: str = "auto", layers: str = "auto",
+                 attention=None):
         import composable_kv as ckv
+        from .decoder import FusedDecoder, choose_layers
         from .runtime import choose_decode_path
 
         check_int("PolicySession", "max_total_tokens", max_total_tokens, 1)
@@ -284,6 +291,8 @@ class PolicySession:
         self.decode_path, self.decode_path_reason = choose_decode_path(decode_path, self.pipeline, self.device)
         self.max_total_tokens = max_total_tokens
         self._admission = self.pipeline.admission is not None
+        self.layers, self.layers_reason = choose_layers(layers, model, self.device, self._admission)
+        self._decoder = FusedDecoder(model) if self.layers == "fused" else None
         self.attention = attention
         if attention is not None and (self.pipeline.selectors or self.pipeline.admission is not None):
             raise ValueError(f"attention= replaces a dense read; policy {self.pipeline.name!r} selects pages. "
@@ -317,6 +326,7 @@ class PolicySession:
 
     def describe(self) -> str:
         return (f"decode path: {self.decode_path} ({self.decode_path_reason})\n"
+                f"decode layers: {self.layers} ({self.layers_reason})\n"
                 + self.pipeline.describe(self.device))
 
     @property
@@ -445,7 +455,10 @@ class PolicySession:
         self._slots = slots
         self._policy_pages = torch.zeros_like(self._acc_pages)  # [B] pages the policy's layers read
         self._sparse_layers = 0  # layers that scored summaries in this forward (fixed for a captured step)
-        logits = self._forward("decode", input_ids, positions, logits_to_keep=1)[:, -1]
+        if self._decoder is not None:
+            logits = self._decoder.forward(input_ids, positions, self.cache, slots, self._decode_attention)
+        else:
+            logits = self._forward("decode", input_ids, positions, logits_to_keep=1)[:, -1]
         self._acc_pages += self._policy_pages
         if not self._admission:  # the gated pipeline counts its bytes per layer
             self._acc_bytes += self.pipeline.bytes_for(self.cache, self._policy_pages,
@@ -484,20 +497,27 @@ class PolicySession:
                 f"layer {layer}: attention got {query.shape[1]} query / {key.shape[1]} KV heads, but the paged "
                 f"cache was built for {self.shape.num_q_heads} / {self.shape.num_kv_heads} (model sharded in a "
                 "way composable_kv.tp does not recognise?)")
+        if self._mode == "prefill":
+            return self._attend_prefill(layer, query, key, value, scaling, sliding_window)
+        if self._mode == "decode":
+            self.cache.write(layer, self._slots, key[:, :, 0].to(self.dtype), value[:, :, 0].to(self.dtype))
+            out = self._decode_attention(layer, query[:, :, 0].to(self.dtype), scaling, sliding_window)
+            return out.to(query.dtype)[:, None]  # [B, 1, Hq, D]
+        raise RuntimeError("composable_kv attention called outside a PolicySession step.")
+
+    def _window(self, layer: int, sliding_window: int | None) -> int | None:
+        """The window a layer reads (None: the whole context, where the policy applies)."""
         window = sliding_window if sliding_window is not None and sliding_window < self.max_total_tokens else None
         if window is not None and self._admission:
             raise UnsupportedModelError(f"layer {layer} has sliding-window attention ({window} tokens), which the "
                                         f"admission stage {self.pipeline.admission.name!r} does not support; "
                                         "use a policy without write_gate")
-        if self._mode == "prefill":
-            return self._attend_prefill(layer, query, key, value, scaling, window)
-        if self._mode == "decode":
-            return self._attend_decode(layer, query, key, value, scaling, window)
-        raise RuntimeError("composable_kv attention called outside a PolicySession step.")
+        return window
 
-    def _attend_prefill(self, layer, query, key, value, scaling, window):
+    def _attend_prefill(self, layer, query, key, value, scaling, sliding_window):
         from .runtime import window_prefill
 
+        window = self._window(layer, sliding_window)
         if window is not None:
             out = window_prefill(query, key, value, window, scaling)
         else:
@@ -520,18 +540,20 @@ class PolicySession:
         """Selectors that build per-sequence state from the prefill's q/k (e.g. ltri's span index)."""
         return [s for s in self.pipeline.selectors if hasattr(s, "observe_prefill")]
 
-    def _attend_decode(self, layer, query, key, value, scaling, window):
+    def _decode_attention(self, layer: int, q: torch.Tensor, scaling: float | None,
+                          sliding_window: int | None) -> torch.Tensor:
+        """One layer's decode attention for q [B, Hq, D] (cache dtype; the new K/V already written) -> [B, Hq, D]:
+        the policy, the layer's sliding window, or the dense `attention` stand-in; reads are counted."""
         from .runtime import window_decode
 
-        self.cache.write(layer, self._slots, key[:, :, 0].to(self.dtype), value[:, :, 0].to(self.dtype))
-        q = query[:, :, 0].to(self.dtype)  # [B, Hq, D]
+        window = self._window(layer, sliding_window)
         if window is None and self.attention is not None:
             plan = self.pipeline.current_plan
             scale = q.shape[-1] ** -0.5 if scaling is None else scaling
             out = self.attention.run(q, self.cache, layer, plan, scale)
             self._acc_pages += plan.num_pages.long() * self.shape.num_kv_heads
             self._acc_bytes += plan.seq_lens.long() * self._bytes_per_token_layer
-            return out.to(query.dtype)[:, None]
+            return out
         if window is None:
             res = self.pipeline.run(q, self.cache, layer, sm_scale=scaling)
             self._policy_pages += res.pages_read.sum(-1)
@@ -539,7 +561,7 @@ class PolicySession:
                 self._acc_bytes += self.pipeline.kv_bytes_read(res, self.cache, layer).round().to(torch.long)
             elif not self.pipeline.is_dense_layer(layer):
                 self._sparse_layers += 1
-            return res.out.to(query.dtype)[:, None]  # [B, 1, Hq, D]
+            return res.out
         plan = self.pipeline.current_plan
         scale = q.shape[-1] ** -0.5 if scaling is None else scaling
         out = window_decode(q, self.cache.k[layer], self.cache.v[layer], plan.page_table, plan.seq_lens,
@@ -548,7 +570,7 @@ class PolicySession:
         first = (plan.seq_lens.long() - tokens) // self.cache.page_size
         self._acc_pages += (plan.num_pages.long() - first) * self.shape.num_kv_heads
         self._acc_bytes += tokens * self._bytes_per_token_layer
-        return out.to(query.dtype)[:, None]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,14 +616,15 @@ def _eos_ids(model, tokenizer) -> set[int]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: int = 32, *,
              stop_at_eos: bool = True, on_step=None, prefill_cache: PrefillCache | None = None,
-             decode_path: str = "auto") -> GenerationOutput:
+             decode_path: str = "auto", layers: str = "auto") -> GenerationOutput:
     """Greedy decoding of ``prompts`` (texts or token-id lists) with ``policy`` on ``model``.
 
     ``policy``: a YAML path, a dict, or a compiled ``DecodePipeline``. Returns the generated ids,
     their texts (if a tokenizer is given) and per-step read statistics.
     ``on_step(step_index)`` is called after every decode step (progress bars).
     ``prefill_cache`` lets several calls on the same prompts share one dense prefill.
-    ``decode_path``: see :class:`PolicySession` (``auto`` replays one CUDA graph per step where it can).
+    ``decode_path``, ``layers``: see :class:`PolicySession` (``auto`` replays one CUDA graph per step of fused
+    layers where it can).
     The loop keeps tokens on the device; it looks at the host only every ``EOS_CHECK_EVERY`` steps, to
     stop once every sequence has ended.
     """
@@ -613,7 +636,7 @@ def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: i
     lengths = [len(t) for t in token_lists]
     _check_context(model, lengths, max_new_tokens)
     session = PolicySession(model, policy, max_total_tokens=max(lengths) + max_new_tokens,
-                            batch_size=len(token_lists), decode_path=decode_path)
+                            batch_size=len(token_lists), decode_path=decode_path, layers=layers)
     eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     try:
@@ -641,7 +664,7 @@ def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: i
     generated = [[t for t, a in zip(toks, act) if a] for toks, act in zip(picked_host, active_host)]
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True) if tokenizer is not None else None
     return GenerationOutput(sequences=generated, texts=texts, prompt_lengths=lengths, steps=session.steps,
-                            decode_path=session.decode_path)
+                            decode_path=session.decode_path, decode_layers=session.layers)
 
 
 @torch.no_grad()
