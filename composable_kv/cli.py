@@ -8,6 +8,16 @@ import sys
 from .errors import CkvError
 
 
+ERROR_PREFIX = "ckv: error: "  # every error the command line reports starts with it
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (no usage dump), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{ERROR_PREFIX}{message} (see `{self.prog} --help`)\n")
+
+
 def _cmd_validate(args) -> int:
     from .config import load_policy
     from .pipeline import DecodePipeline
@@ -16,7 +26,7 @@ def _cmd_validate(args) -> int:
         try:
             pipe = DecodePipeline(load_policy(path))
         except CkvError as e:
-            print(f"FAIL {e}", file=sys.stderr)
+            print(f"{ERROR_PREFIX}{e}", file=sys.stderr)
             failed += 1
             continue
         print(f"ok   {path}: {pipe.name}: " + " -> ".join(s.name for s in pipe.config.stages))
@@ -40,13 +50,16 @@ def _cmd_stages(args) -> int:
 
 
 def _cmd_describe(args) -> int:
+    import torch
+
     from .pipeline import compile
-    print(compile(args.file).describe(args.device))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(compile(args.file).describe(device))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckv", description=__doc__)
+    parser = OneLineParser(prog="ckv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("validate", help="check policy YAML files; exit 1 if any is invalid")
     p.add_argument("files", nargs="+")
@@ -55,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_stages)
     p = sub.add_parser("describe", help="show which path and kernels a policy runs")
     p.add_argument("file")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.set_defaults(func=_cmd_describe)
     _add_optional(sub, "eval_cli", ("add_eval_parser", "add_demo_parser"))
     _add_optional(sub, "bench", ("add_bench_parser",))
@@ -83,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CkvError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

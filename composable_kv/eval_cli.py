@@ -1,50 +1,102 @@
-"""`ckv eval` and `ckv demo`. Each add_*_parser sets ``func(args) -> int`` (the exit code)."""
+"""`ckv eval` and `ckv demo`. Each add_*_parser sets ``func(args) -> int`` (the exit code).
+
+Flags are checked when parsed (argparse types below) and the output folder before the model loads,
+so a bad input costs no evaluation: each exits with code 2 and one line that names the flag.
+"""
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 DEMO_POLICIES = ("configs/dense.yaml", "configs/quest.yaml", "configs/quest_art.yaml")
 DEMO_TASKS = ("passkey", "niah_single")
+DEMO_CTX = 4096
+DEMO_DEPTHS = (0.1, 0.5, 0.9)
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def depth_list(text: str) -> list[float]:
+    """argparse type: comma-separated needle depths in [0, 1]."""
+    try:
+        depths = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        depths = []
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1] such as 0.1,0.5,0.9, "
+                                         f"got {text!r}")
+    return depths
+
+
+def prepare_out_dir(out: str | None) -> Path:
+    """Create the results folder now, before any long work, and check that it takes files."""
+    from .errors import CkvError
+
+    path = Path(out or "ckv-results")
+    if path.exists() and not path.is_dir():
+        raise CkvError(f"--out {path}: an existing file, not a folder; pass a folder "
+                       "(results are written into it as .md, .json and .png).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise CkvError(f"--out {path}: cannot write there ({exc.strerror or exc}); pass a writable folder.") from exc
+    return path
 
 
 def _add_model_args(p) -> None:
-    p.add_argument("--model", metavar="PATH", default=None,
-                   help="Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct, fetched once)")
+    from .assets import MODEL_HELP
+    from .tasks import PROMPT_FORMATS
+
+    p.add_argument("--model", metavar="NAME|PATH", default=None, help=MODEL_HELP)
     p.add_argument("--essays", metavar="DIR", default=None,
                    help="folder of .txt essays used as haystack (default: Paul Graham essays, fetched once)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
+                   help="chat: the task in the model's chat template, the answer prefix opening the reply "
+                        "(default); plain: the text alone")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="model and KV dtype (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--out", metavar="DIR", default=None, help="where to write results (.md, .json, .png)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="folder for the results (.md, .json, .png; default ckv-results)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_eval_parser(subparsers):
+    from .tasks import TASKS
+
     p = subparsers.add_parser(
         "eval", help="run tasks x policies, report accuracy / fidelity and KV bytes read",
         description="Evaluate policies on long-context tasks. Writes a markdown table (also printed), "
                     "a JSON file and a PNG plot of accuracy against KV bytes read.")
     p.add_argument("--policy", action="append", required=True, metavar="YAML",
-                   help="policy file (repeat for several)")
-    p.add_argument("--task", action="append", default=None,
-                   help="passkey, niah_single, niah_multikey, niah_multivalue, niah_multiquery or "
-                        "fidelity (repeat for several; default passkey)")
-    p.add_argument("--ctx", action="append", type=int, default=None,
+                   help="policy file (repeat for several); rows are labelled by its `name:`")
+    p.add_argument("--task", action="append", default=None, choices=TASKS, metavar="TASK",
+                   help=f"{', '.join(TASKS)} (repeat for several; default passkey)")
+    p.add_argument("--ctx", action="append", type=positive_int, default=None,
                    help="context length in tokens, prompt plus answer (repeat; default 4096)")
-    p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9],
+    p.add_argument("--depths", type=depth_list, default=[0.1, 0.5, 0.9],
                    help="needle depths in [0,1], comma separated (default 0.1,0.5,0.9)")
-    p.add_argument("--samples-per-depth", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4, help="prompts decoded together")
-    p.add_argument("--continuation", type=int, default=32, help="fidelity: teacher-forced tokens per window")
-    p.add_argument("--windows", type=int, default=1, help="fidelity: essay windows per context length")
+    p.add_argument("--samples-per-depth", type=positive_int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="prompts decoded together")
+    p.add_argument("--continuation", type=positive_int, default=32,
+                   help="fidelity: teacher-forced tokens per window")
+    p.add_argument("--windows", type=positive_int, default=1, help="fidelity: essay windows per context length")
     p.add_argument("--seed", type=int, default=0)
     _add_model_args(p)
     p.set_defaults(func=run_eval_command)
@@ -52,16 +104,20 @@ def add_eval_parser(subparsers):
 
 
 def add_demo_parser(subparsers):
+    from .tasks import RETRIEVAL_TASKS
+
     p = subparsers.add_parser(
         "demo", help="the default model on passkey and needle prompts and fidelity vs dense: dense, quest, quest+art",
         description="Runs the default model (fetched once) through passkey and needle-retrieval prompts at "
-                    "three depths and a teacher-forced fidelity check, with dense, quest and quest+art, and "
-                    "prints accuracy, KL vs dense and the share of the KV cache read.")
-    p.add_argument("--ctx", type=int, default=2048, help="context length (default 2048)")
-    p.add_argument("--task", action="append", default=None, metavar="TASK",
+                    "three depths (in its chat template) and a teacher-forced fidelity check, with dense, "
+                    "quest and quest+art; prints each policy's answers next to the expected ones, accuracy, "
+                    "KL vs dense and the share of the KV cache read.")
+    p.add_argument("--ctx", type=positive_int, default=DEMO_CTX,
+                   help=f"context length (default {DEMO_CTX}: above the 1024-token budgets of the sparse policies)")
+    p.add_argument("--task", action="append", default=None, metavar="TASK", choices=RETRIEVAL_TASKS,
                    help="retrieval task, repeatable (default: passkey and niah_single, a 7-digit magic "
                         "number in the essays)")
-    p.add_argument("--continuation", type=int, default=16, help="fidelity: teacher-forced tokens")
+    p.add_argument("--continuation", type=positive_int, default=16, help="fidelity: teacher-forced tokens")
     p.add_argument("--policy", action="append", default=None, metavar="YAML",
                    help="replace the demo's policies (repeatable)")
     _add_model_args(p)
@@ -85,28 +141,26 @@ def _setup(args):
         print(f"composable-kv: loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} on {device}",
               file=sys.stderr)
     model, tok = assets.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
-    name = str(args.model) if args.model else assets.DEFAULT_MODEL.target
-    return model, tok, device, name
+    return model, tok, device, str(args.model or "smollm2-135m")
 
 
-def _essays_text(args, need: bool):
-    if not need:
+def _essays_text(args, task_names):
+    from .tasks import needs_essays
+    if not any(needs_essays(t) for t in task_names):
         return None
     from .assets import load_essays
     return load_essays(args.essays)
 
 
 def _check_policies(policies) -> None:
-    from . import hf
-    for p in policies:
-        hf.compile_policy(p)
+    from . import evaluate, hf
+    evaluate.check_distinct_names(policies, [hf.compile_policy(p) for p in policies])
 
 
-def _report(rows, args, device, model_name, stem: str) -> None:
+def _report(rows, args, device, model_name, out_dir: Path, stem: str, sections=()) -> None:
     from . import evaluate
     meta = evaluate.run_metadata("ckv " + " ".join(shlex.quote(a) for a in sys.argv[1:]), device, model_name)
-    out_dir = Path(args.out or f"ckv-results")
-    res = evaluate.write_results(rows, out_dir, meta, stem=stem)
+    res = evaluate.write_results(rows, out_dir, meta, stem=stem, sections=sections)
     print(res["table"])
     print(f"\nwrote {res['markdown']}, {res['json']}" + (f", {res['png']}" if res["png"] else ""))
     if res["note"]:
@@ -114,7 +168,8 @@ def _report(rows, args, device, model_name, stem: str) -> None:
 
 
 def _fail(exc: Exception) -> int:
-    print(f"ckv: error: {exc}", file=sys.stderr)
+    from .cli import ERROR_PREFIX
+    print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
     return 2
 
 
@@ -125,16 +180,17 @@ def run_eval_command(args) -> int:
     tasks_ = args.task or ["passkey"]
     ctxs = args.ctx or [4096]
     try:
-        _check_policies(args.policy)  # before the slow model load
+        _check_policies(args.policy)
+        out_dir = prepare_out_dir(args.out)  # before the slow model load and the evaluation
         model, tok, device, name = _setup(args)
-        essays = _essays_text(args, any(t != "passkey" for t in tasks_))
         rows = evaluate.run_eval(model, tok, args.policy, tasks_, ctxs, depths=args.depths,
                                  samples_per_depth=args.samples_per_depth, batch_size=args.batch_size,
-                                 continuation=args.continuation, windows=args.windows, essays=essays,
-                                 seed=args.seed, progress=not args.quiet)
+                                 continuation=args.continuation, windows=args.windows,
+                                 essays=_essays_text(args, tasks_), seed=args.seed,
+                                 prompt_format=args.prompt_format, progress=not args.quiet)
     except (CkvError, FileNotFoundError, ValueError) as exc:
         return _fail(exc)
-    _report(rows, args, device, name, stem="eval")
+    _report(rows, args, device, name, out_dir, stem="eval")
     return 0
 
 
@@ -148,25 +204,27 @@ def run_demo_command(args) -> int:
     policies = [p if Path(p).is_file() or not (root / p).is_file() else str(root / p) for p in policies]
     try:
         _check_policies(policies)
+        out_dir = prepare_out_dir(args.out)
         model, tok, device, name = _setup(args)
-        essays = _essays_text(args, True)
-        rows = evaluate.run_eval(model, tok, policies, [*tasks, "fidelity"], [args.ctx],
-                                 depths=(0.1, 0.5, 0.9), batch_size=3, continuation=args.continuation,
-                                 windows=1, essays=essays, progress=not args.quiet)
+        rows = evaluate.run_eval(model, tok, policies, [*tasks, "fidelity"], [args.ctx], depths=DEMO_DEPTHS,
+                                 batch_size=len(DEMO_DEPTHS), continuation=args.continuation, windows=1,
+                                 essays=_essays_text(args, [*tasks, "fidelity"]),
+                                 prompt_format=args.prompt_format, progress=not args.quiet)
     except (CkvError, FileNotFoundError, ValueError) as exc:
         return _fail(exc)
-    print(demo_table(rows, tasks, args.ctx))
-    print()
-    _report(rows, args, device, name, stem="demo")
+    summary, answers = demo_table(rows, tasks, args.ctx, name), evaluate.answers_table(rows)
+    print(summary, answers, sep="\n\n", end="\n\n")
+    _report(rows, args, device, name, out_dir, stem="demo", sections=(summary, answers))
     return 0
 
 
-def demo_table(rows, tasks: list[str], ctx: int) -> str:
+def demo_table(rows, tasks: list[str], ctx: int, model_name: str = "smollm2-135m") -> str:
     """One line per policy: retrieval accuracy per task, KL vs dense, top-1 agreement, % of KV read."""
     by_policy: dict[str, dict] = {}
     for r in rows:
         by_policy.setdefault(r.policy, {})[r.task] = r
-    lines = [f"composable-kv demo: {', '.join(tasks)} (3 depths each) and fidelity vs dense, ctx={ctx}",
+    lines = [f"composable-kv demo: {', '.join(tasks)} ({len(DEMO_DEPTHS)} depths each) and fidelity vs dense, "
+             f"ctx={ctx}, model {model_name}",
              "| policy | " + " | ".join(f"{t} acc" for t in tasks)
              + " | KL vs dense (nats) | top-1 agree | % KV read | KV MB/token |",
              "|---|" + "---:|" * (len(tasks) + 4)]
@@ -182,14 +240,9 @@ def demo_table(rows, tasks: list[str], ctx: int) -> str:
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry (`python -m composable_kv.eval_cli demo`) until `ckv` wires these in."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="ckv")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_parser(sub)
-    add_demo_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m composable_kv.eval_cli demo`: the same as `ckv demo`."""
+    from .cli import main as ckv_main
+    return ckv_main(argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from . import hf, tasks
 
-__all__ = ["EvalRow", "ProgressBar", "fidelity_metrics", "markdown_table", "run_eval", "write_results"]
+__all__ = ["EvalRow", "ProgressBar", "answers_table", "fidelity_metrics", "markdown_table", "run_eval",
+           "wilson_interval", "write_results"]
 
 
 @dataclass
@@ -47,6 +48,7 @@ class EvalRow:
     pages_per_token: float = float("nan")  # pages read per token, summed over layers and KV heads
     seconds: float = 0.0
     per_depth: dict | None = None  # retrieval: depth -> accuracy
+    outputs: list[dict] | None = None  # retrieval: per sample {depth, expected, output, score}
 
 
 class ProgressBar:
@@ -87,12 +89,14 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def policy_label(policy) -> str:
-    if isinstance(policy, (str, Path)):
-        return Path(policy).stem
-    if isinstance(policy, dict):
-        return str(policy.get("name", "policy"))
-    return str(getattr(policy, "name", "policy"))
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% for z = 1.96) of a proportion ``p`` observed over ``n`` samples."""
+    if n <= 0 or math.isnan(p):
+        return float("nan"), float("nan")
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def fidelity_metrics(policy_logits: torch.Tensor, dense_logits: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -109,11 +113,9 @@ def fidelity_metrics(policy_logits: torch.Tensor, dense_logits: torch.Tensor, ta
     }
 
 
-def _retrieval_row(model, tokenizer, policy, samples: list[tasks.Sample], batch_size: int,
+def _retrieval_row(model, tokenizer, pipeline, samples: list[tasks.Sample], batch_size: int,
                    bar: ProgressBar, prefill_cache: hf.PrefillCache) -> EvalRow:
-    pipeline = hf.compile_policy(policy)
-    label = policy_label(policy)
-    scores, read, dense, pages, by_depth = [], [], [], [], {}
+    scores, read, dense, pages, by_depth, outputs = [], [], [], [], {}, []
     start = time.monotonic()
     for i in range(0, len(samples), batch_size):
         batch = samples[i:i + batch_size]
@@ -122,26 +124,26 @@ def _retrieval_row(model, tokenizer, policy, samples: list[tasks.Sample], batch_
                           prefill_cache=prefill_cache)
         for s, text, kv, frac, pg in zip(batch, out.texts, out.kv_bytes_per_token, out.kv_read_fraction,
                                          out.pages_per_token):
-            score = tasks.score_text(s.answers, text)
+            score = tasks.score_sample(s, text)
             scores.append(score)
             by_depth.setdefault(s.depth, []).append(score)
+            outputs.append({"depth": s.depth, "expected": list(s.answers), "output": text, "score": score})
             read.append(kv)
             dense.append(frac)
             pages.append(pg)
         bar.advance(len(batch))
-    return EvalRow(policy=label, task=samples[0].task, ctx=_ctx_of(samples), samples=len(samples),
+    return EvalRow(policy=pipeline.name, task=samples[0].task, ctx=_ctx_of(samples), samples=len(samples),
                    accuracy=_mean(scores), kv_bytes_per_token=_mean(read), kv_read_fraction=_mean(dense),
                    pages_per_token=_mean(pages), seconds=time.monotonic() - start,
-                   per_depth={f"{d:g}": _mean(v) for d, v in sorted(by_depth.items())})
+                   per_depth={f"{d:g}": _mean(v) for d, v in sorted(by_depth.items())}, outputs=outputs)
 
 
 def _ctx_of(samples) -> int:
     return samples[0].meta.get("ctx", 0)
 
 
-def _fidelity_row(model, policy, windows, dense_cache: dict, ctx: int, bar: ProgressBar,
+def _fidelity_row(model, pipeline, windows, dense_cache: dict, ctx: int, bar: ProgressBar,
                   prefill_cache: hf.PrefillCache) -> EvalRow:
-    pipeline = hf.compile_policy(policy)
     totals = {"kl_sum": 0.0, "agree_sum": 0.0, "nll_sum": 0.0, "nll_dense_sum": 0.0, "count": 0}
     read, frac, pages = [], [], []
     start = time.monotonic()
@@ -158,18 +160,34 @@ def _fidelity_row(model, policy, windows, dense_cache: dict, ctx: int, bar: Prog
         frac += [s.kv_bytes_read[0] / s.dense_kv_bytes[0] for s in steps]
         pages += [s.pages_read[0] for s in steps]
     n = max(totals["count"], 1)
-    return EvalRow(policy=policy_label(policy), task="fidelity", ctx=ctx, samples=len(windows),
+    return EvalRow(policy=pipeline.name, task="fidelity", ctx=ctx, samples=len(windows),
                    kl_vs_dense=totals["kl_sum"] / n, top1_agreement=totals["agree_sum"] / n,
                    ppl=math.exp(totals["nll_sum"] / n), ppl_dense=math.exp(totals["nll_dense_sum"] / n),
                    kv_bytes_per_token=_mean(read), kv_read_fraction=_mean(frac), pages_per_token=_mean(pages),
                    seconds=time.monotonic() - start)
 
 
+def check_eval_args(*, samples_per_depth: int = 1, batch_size: int = 1, continuation: int = 1, windows: int = 1,
+                    depths: Sequence[float] = (0.5,), ctxs: Sequence[int] = (1,)) -> None:
+    """Refuse settings that cannot run, naming the flag (before any model is loaded)."""
+    for flag, value in (("--samples-per-depth", samples_per_depth), ("--batch-size", batch_size),
+                        ("--continuation", continuation), ("--windows", windows), *(("--ctx", c) for c in ctxs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}.")
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"--depths must be numbers in [0, 1], got {list(depths)}.")
+
+
 def run_eval(model, tokenizer, policies: Sequence, task_names: Sequence[str], ctxs: Sequence[int], *,
              depths: Sequence[float] = (0.1, 0.5, 0.9), samples_per_depth: int = 1, batch_size: int = 4,
              continuation: int = 32, windows: int = 1, essays: str | None = None, seed: int = 0,
-             progress: bool = True, on_row: Callable[[EvalRow], None] | None = None) -> list[EvalRow]:
-    """Evaluate every policy on every task at every context length; one row per combination."""
+             prompt_format: str = "plain", progress: bool = True,
+             on_row: Callable[[EvalRow], None] | None = None) -> list[EvalRow]:
+    """Evaluate every policy on every task at every context length; one row per combination.
+
+    Rows name each policy by its YAML ``name:``; every policy of a run replays the same dense prefills."""
+    check_eval_args(samples_per_depth=samples_per_depth, batch_size=batch_size, continuation=continuation,
+                    windows=windows, depths=depths, ctxs=ctxs)
     for t in task_names:
         if t not in tasks.TASKS:
             raise ValueError(f"Unknown task {t!r}; choose from {', '.join(tasks.TASKS)}.")
@@ -177,8 +195,9 @@ def run_eval(model, tokenizer, policies: Sequence, task_names: Sequence[str], ct
     for c in ctxs:
         if max_pos is not None and c > max_pos:
             raise hf.ContextTooLongError(f"--ctx {c} exceeds the model's maximum context of {max_pos} tokens.")
-    pipelines = [(p, hf.compile_policy(p)) for p in policies]  # fail fast on a bad policy
-    if essays is None and any(t != "passkey" for t in task_names):
+    pipelines = [hf.compile_policy(p) for p in policies]  # fail fast on a bad policy
+    check_distinct_names(policies, pipelines)
+    if essays is None and any(tasks.needs_essays(t) for t in task_names):
         from .assets import load_essays
         essays = load_essays()
 
@@ -192,7 +211,7 @@ def run_eval(model, tokenizer, policies: Sequence, task_names: Sequence[str], ct
                 total += len(items) * continuation * len(pipelines)
             else:
                 items = tasks.build_samples(t, tokenizer, c, depths=depths, samples_per_depth=samples_per_depth,
-                                            essays=essays, seed=seed)
+                                            essays=essays, seed=seed, prompt_format=prompt_format)
                 for s in items:
                     s.meta["ctx"] = c
                 total += len(items) * len(pipelines)
@@ -202,13 +221,12 @@ def run_eval(model, tokenizer, policies: Sequence, task_names: Sequence[str], ct
     rows, dense_cache, prefill_cache = [], {}, hf.PrefillCache()  # prefills shared by the policies
     try:
         for t, c, items in work:
-            for policy, pipeline in pipelines:
-                bar.set_label(f"{t} ctx={c} {policy_label(policy)}")
+            for pipeline in pipelines:
+                bar.set_label(f"{t} ctx={c} {pipeline.name}")
                 if t == "fidelity":
-                    row = _fidelity_row(model, policy, items, dense_cache, c, bar, prefill_cache)
+                    row = _fidelity_row(model, pipeline, items, dense_cache, c, bar, prefill_cache)
                 else:
-                    row = _retrieval_row(model, tokenizer, policy, items, batch_size, bar, prefill_cache)
-                row.policy = policy_label(policy)
+                    row = _retrieval_row(model, tokenizer, pipeline, items, batch_size, bar, prefill_cache)
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
@@ -217,6 +235,16 @@ def run_eval(model, tokenizer, policies: Sequence, task_names: Sequence[str], ct
     finally:
         bar.close()
     return rows
+
+
+def check_distinct_names(policies: Sequence, pipelines: Sequence) -> None:
+    """Rows and plots label policies by name: two policies of one run may not share one."""
+    seen: dict[str, object] = {}
+    for policy, pipe in zip(policies, pipelines):
+        if pipe.name in seen:
+            raise ValueError(f"policies {seen[pipe.name]} and {policy} share the name {pipe.name!r}; "
+                             "give each a distinct `name:`.")
+        seen[pipe.name] = policy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,46 +294,144 @@ def run_metadata(command: str, device: str, model_name: str) -> dict:
     }
 
 
-def plot_rows(rows: Sequence[EvalRow], path: Path) -> str | None:
-    """PNG of accuracy (fidelity: top-1 agreement) against KV MB read per token. None if no matplotlib."""
+def answers_table(rows: Sequence[EvalRow]) -> str:
+    """Per retrieval prompt: the expected answers next to each policy's generated text."""
+    policies = list(dict.fromkeys(r.policy for r in rows if r.outputs))
+    head = "| task | ctx | depth | expected | " + " | ".join(policies) + " |"
+    lines = [head, "|---|---:|---:|---|" + "---|" * len(policies)]
+    by_cell: dict[tuple[str, int], dict[str, EvalRow]] = {}
+    for r in rows:
+        if r.outputs:
+            by_cell.setdefault((r.task, r.ctx), {})[r.policy] = r
+    for (task, ctx), per_policy in by_cell.items():
+        first = next(iter(per_policy.values()))
+        for i, sample in enumerate(first.outputs):
+            cells = []
+            for p in policies:
+                o = per_policy[p].outputs[i] if p in per_policy else None
+                cells.append("-" if o is None else f"{_mark(o['score'])} {_one_line(o['output'])}")
+            lines.append(f"| {task} | {ctx} | {sample['depth']:g} | {', '.join(sample['expected'])} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mark(score: float) -> str:
+    return "✓" if score == 1 else "✗" if score == 0 else f"{score:.2f}"
+
+
+def _one_line(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def place_labels(ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str],
+                 fontsize: int = 7) -> tuple[list, list[str]]:
+    """Annotate each point with its label where the label's box overlaps no other label and no point.
+
+    Tries offsets on growing rings around the point (a leader line past the first ring), in data order.
+    Returns (the annotations, the labels that found no free place and were left out)."""
+    from matplotlib.text import Text
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    dots = [_box_around(to_px((x, y)), 4) for x, y in zip(xs, ys)]
+    placed, out, left_out = [], [], []
+    angles = [math.radians(a) for a in (45, -45, 135, -135, 0, 180, 90, -90, 22, -22, 158, -158, 68, -68, 112, -112)]
+    for x, y, label in zip(xs, ys, labels):
+        for radius in (6, 14, 24, 36, 50, 66, 84, 104, 126, 150):
+            for a in angles:
+                dx, dy = round(math.cos(a), 3), round(math.sin(a), 3)
+                ann = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx * radius, dy * radius),
+                                  fontsize=fontsize, ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                                  va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+                                  arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if radius > 6 else None)
+                box = Text.get_window_extent(ann, renderer)  # the text alone, not its leader line
+                box = (box.x0, box.y0, box.x1, box.y1)
+                if not any(_overlap(box, b) for b in placed + dots) and _inside(box, fig.bbox.extents):
+                    placed.append(box)
+                    out.append(ann)
+                    break
+                ann.remove()
+            else:
+                continue
+            break
+        else:
+            left_out.append(label)
+    return out, left_out
+
+
+def _box_around(p, r):
+    return (p[0] - r, p[1] - r, p[0] + r, p[1] + r)
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _inside(box, outer) -> bool:
+    return box[0] >= outer[0] and box[1] >= outer[1] and box[2] <= outer[2] and box[3] <= outer[3]
+
+
+_NO_MATPLOTLIB = ("matplotlib is not installed, so no plot was written (table and JSON were). "
+                  "Install it with: pip install 'composable-kv[plot]'")
+
+
+def _pyplot():
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
-        return ("matplotlib is not installed, so no plot was written (table and JSON were). "
-                "Install it with: pip install 'composable-kv[plot]'")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_rows(rows: Sequence[EvalRow], path: Path) -> tuple[bool, str | None]:
+    """PNG of accuracy (fidelity: top-1 agreement) against KV MB read per token -> (written, note)."""
+    plt = _pyplot()
+    if plt is None:
+        return False, _NO_MATPLOTLIB
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[tuple[str, int], list[EvalRow]] = {}
     for r in rows:
         series.setdefault((r.task, r.ctx), []).append(r)
+    xs_all, ys_all, labels = [], [], []
     for (task, ctx), rs in series.items():
         ys = [r.accuracy if r.accuracy is not None else r.top1_agreement for r in rs]
         xs = [r.kv_bytes_per_token / 1e6 for r in rs]
         ax.plot(xs, ys, "o", label=f"{task} @ {ctx}")
-        for x, y, r in zip(xs, ys, rs):
-            ax.annotate(r.policy, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        xs_all += xs
+        ys_all += ys
+        labels += [r.policy for r in rs]
     ax.set_xlabel("KV MB read per generated token (all layers)")
     ax.set_ylabel("accuracy (fidelity: top-1 agreement with dense)")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    _, left_out = place_labels(ax, xs_all, ys_all, labels)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return None
+    return True, (f"{len(left_out)} point labels found no free place in {path.name}: {', '.join(left_out)}"
+                  if left_out else None)
 
 
-def write_results(rows: Sequence[EvalRow], out_dir: str | Path, meta: dict, stem: str = "results") -> dict:
-    """Write <stem>.md, <stem>.json and <stem>.png into out_dir; return their paths and notes."""
+def write_results(rows: Sequence[EvalRow], out_dir: str | Path, meta: dict, stem: str = "results",
+                  sections: Sequence[str] = ()) -> dict:
+    """Write <stem>.md (``sections``, then the per-task table), <stem>.json and <stem>.png into out_dir;
+    return their paths and notes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     md = out / f"{stem}.md"
+    body = "\n\n".join([*sections, table])
     md.write_text(f"Command: `{meta.get('command', '')}`  \nDevice: {meta.get('device')} "
-                  f"({meta.get('device_name')}), commit {meta.get('commit')}\n\n{table}\n")
+                  f"({meta.get('device_name')}), commit {meta.get('commit')}, model {meta.get('model')}\n\n"
+                  f"{body}\n")
     js = out / f"{stem}.json"
     js.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     png = out / f"{stem}.png"
-    note = plot_rows(rows, png)
-    return {"table": table, "markdown": md, "json": js, "png": None if note else png, "note": note}
+    written, note = plot_rows(rows, png)
+    return {"table": table, "markdown": md, "json": js, "png": png if written else None, "note": note}

@@ -34,6 +34,8 @@ class WordTokenizer:
 
 
 ESSAYS = " ".join(f"Essay sentence number {i} talks about startups and hackers." for i in range(3000))
+WORDS = " ".join("".join(chr(97 + (i // 26 ** k) % 26) for k in range(4)) + "qz" for i in range(3000))
+ESSAYS += " " + WORDS  # distinct words for common_words
 
 
 @pytest.fixture
@@ -52,9 +54,9 @@ def test_samples_fit_ctx_and_hold_their_answers(tok, task, ctx):
         text = tok.decode(s.prompt_ids)
         for answer in s.answers:
             assert answer in text
-        assert text.rstrip().endswith(("is", "are"))  # ends with the answer prefix
+        assert text.rstrip().endswith(("is", "are", "are:"))  # ends with the answer prefix
     expected_answers = {"passkey": 1, "niah_single": 1, "niah_multikey": 1, "niah_multivalue": 4,
-                        "niah_multiquery": 4}[task]
+                        "niah_multiquery": 4, "variable_tracking": 5, "common_words": 10}[task]
     assert all(len(s.answers) == expected_answers for s in samples)
 
 
@@ -99,6 +101,73 @@ def test_score_text():
     assert tasks.score_text(["12345"], " 12345. Remember") == 1.0
     assert tasks.score_text(["1", "2", "3", "4"], "1 and 3") == 0.5
     assert tasks.score_text(["99"], "nothing") == 0.0
+    assert tasks.score_text(["able"], "capable", whole_words=False) == 1.0
+    assert tasks.score_text(["able", "river"], "capable, River.", whole_words=True) == 0.5
+
+
+def test_variable_tracking_chain_reads_in_order(tok):
+    for depth in (0.1, 0.5, 0.9):
+        s = tasks.build_samples("variable_tracking", tok, 2048, depths=(depth,), seed=1)[0]
+        text = tok.decode(s.prompt_ids)
+        value = s.meta["value"]
+        first = text.index(f"VAR {s.answers[0]} = {value}.")
+        hops = [text.index(f"VAR {b} = VAR {a}.") for a, b in zip(s.answers, s.answers[1:])]
+        assert [first, *hops] == sorted([first, *hops])  # each hop after the one it copies
+        after_hops = sum(len(f" VAR {b} = VAR {a}. ") for a, b in zip(s.answers, s.answers[1:]))
+        assert abs(first / (len(text) - after_hops) - depth) < 0.05  # depth in the text without the hops
+        assert len(set(s.answers)) == 5 and text.count(value) == 3  # the assignment, the question, the answer prefix
+
+
+def test_common_words_counts(tok):
+    for ctx in (512, 4096):
+        s = tasks.build_samples("common_words", tok, ctx, depths=(0.5,), essays=ESSAYS)[0]
+        text = tok.decode(s.prompt_ids)
+        listed = re.findall(r"(\d+)\. ([a-z]+)\n", text)
+        assert [int(n) for n, _ in listed] == list(range(1, len(listed) + 1))
+        counts = {}
+        for _, w in listed:
+            counts[w] = counts.get(w, 0) + 1
+        fc, fr = s.meta["freq_common"], s.meta["freq_rare"]
+        assert fc > fr and all(counts[w] == fc for w in s.answers)
+        assert sorted(counts.values()).count(fr) == len(counts) - 10 and s.meta["rare_words"] > 0
+        assert s.whole_words and tasks.score_sample(s, " ".join(s.answers).upper()) == 1.0
+    assert fc == tasks.CWE_FREQ_COMMON and fr == tasks.CWE_FREQ_RARE  # 4096 tokens hold the full frequencies
+
+
+class ChatWordTokenizer(WordTokenizer):
+    chat_template = "user/assistant"
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        assert add_generation_prompt and not tokenize and len(messages) == 1
+        return f"<user> {messages[0]['content']} <end> <assistant> "
+
+
+@pytest.mark.parametrize("task", tasks.RETRIEVAL_TASKS)
+def test_chat_format_wraps_the_task(task):
+    chat, plain = ChatWordTokenizer(), WordTokenizer()
+    s = tasks.build_samples(task, chat, 1024, depths=(0.5,), essays=ESSAYS, prompt_format="chat")[0]
+    p = tasks.build_samples(task, plain, 1024, depths=(0.5,), essays=ESSAYS)[0]
+    text = chat.decode(s.prompt_ids)
+    assert text.startswith("<user> ") and text.count("<assistant>") == 1
+    question, reply = text.split(" <end> <assistant> ")
+    assert reply.startswith(("The", "Answer:")) and "?" in question.rsplit("\n", 1)[-1]
+    assert len(s.prompt_ids) + s.max_new_tokens <= 1024 and s.answers == p.answers
+    assert "<user>" not in plain.decode(p.prompt_ids)
+
+
+def test_plain_niah_prompt_keeps_its_text(tok):
+    s = tasks.build_samples("niah_single", tok, 1024, depths=(0.5,), essays=ESSAYS)[0]
+    key = s.meta["keys"][0]
+    assert tok.decode(s.prompt_ids).endswith(
+        f"What is the special magic number for {key} mentioned in the provided text? "
+        f"The special magic number for {key} mentioned in the provided text is")
+
+
+def test_chat_format_needs_a_template(tok):
+    with pytest.raises(ValueError, match="no chat template.*--prompt-format plain"):
+        tasks.build_samples("passkey", tok, 1024, prompt_format="chat")
+    with pytest.raises(ValueError, match="Unknown prompt format"):
+        tasks.build_samples("passkey", tok, 1024, prompt_format="markdown")
 
 
 def test_fidelity_windows(tok):
@@ -149,5 +218,5 @@ def test_eval_cli_rejects_a_bad_policy_before_loading_a_model(capsys):
 def test_eval_cli_rejects_a_bad_model_path(capsys, tmp_path):
     from composable_kv import eval_cli
     code = eval_cli.main(["eval", "--policy", "configs/dense.yaml", "--model", str(tmp_path / "nope"),
-                          "--quiet", "--device", "cpu"])
+                          "--quiet", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert code == 2 and "no such file or folder" in capsys.readouterr().err
