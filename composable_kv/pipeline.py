@@ -116,6 +116,10 @@ class SelectionState:
         self.order_key = scores
         self.bounds = scores if is_bound else None
 
+    def keep_all_candidates(self) -> None:
+        """A scoring stage whose budget holds every candidate keeps them all, without scores."""
+        self.forced_only = False
+
     def kept(self) -> torch.Tensor:
         if self.scored:
             return (self.candidates | self.forced) & self.valid
@@ -278,6 +282,8 @@ class DecodePipeline:
         ctx = LayerContext(q, cache, layer, plan, sm_scale, self.stage_state)
         if self.backend_for(q.device) == "triton":
             from . import fused
+            if any(_covers(s, plan) for s in self.selectors):  # the fused kernels would score: go generic
+                return self.run_generic(ctx, fused._generic_decode)
             return fused.run_layer(self, ctx)
         return self.run_generic(ctx, decode_ref.paged_decode)
 
@@ -319,6 +325,8 @@ class DecodePipeline:
                                                keep, keep, None)
         bounds_in_order = None
         if self.stop_rule.kind == "certified":
+            if bounds is None:  # the scorer covered every page unscored: no bound, the stop cannot fire
+                bounds = torch.full((B, Hkv, P), float("inf"), device=ctx.q.device)
             bounds_in_order = bounds.gather(-1, order.long().clamp(min=0))
         return order, count, bounds_in_order
 
@@ -361,6 +369,8 @@ class DecodePipeline:
         scored = torch.zeros_like(pages)  # [B] summary bytes per KV head
         n_forced = plan.forced.sum(-1).to(torch.float64)
         for s in self.selectors:
+            if _covers(s, plan):  # keeps every page without reading a summary
+                continue
             # a re-ranker (key_shadow) reads its summary only for the pages the previous scorer kept
             in_play = pages if getattr(s, "scores_kept_only", False) else plan.num_pages.to(torch.float64)
             scored += in_play * s.summary_bytes_per_page(cache)
@@ -369,6 +379,12 @@ class DecodePipeline:
         if self.needs_box_bound:
             scored += plan.num_pages.to(torch.float64) * 2 * cache.head_dim * cache.dtype.itemsize
         return scored * cache.num_kv_heads
+
+
+def _covers(stage, plan: StepPlan) -> bool:
+    """The stage (Quest) keeps every page of this step's table unscored, its budget holding them all."""
+    covers = getattr(stage, "covers", None)
+    return covers is not None and covers(plan)
 
 
 def compile(policy, backend: str = "auto", validate: bool | None = None) -> DecodePipeline:

@@ -8,7 +8,11 @@ from composable_kv.stages import SUMMARY_KEY_MINMAX, ScoringSelector, register_s
 class Quest(ScoringSelector):
     """Quest's query-aware page selection: score each page by the box bound
     U_p = sum_i max(q_i*kmin_i, q_i*kmax_i) over its key min/max, max over the GQA group (which keeps
-    it an upper bound on every q.k in the page), and keep the top pages under the budget."""
+    it an upper bound on every q.k in the page), and keep the top pages under the budget.
+
+    When the budget covers every page of the step's table (the whole context the session reserved),
+    Quest neither scores nor reads a summary: the pages are read in natural order, and an ART stop
+    after it has no bound to certify with, so it reads them all."""
 
     name = "quest"
     paper = "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (Tang et al., ICML 2024)"
@@ -24,3 +28,13 @@ class Quest(ScoringSelector):
 
     def score(self, ctx):
         return ctx.quest_bound()  # [B, Hkv, P]
+
+    def covers(self, plan) -> bool:
+        """The budget holds every page of the step's table: there is nothing to select."""
+        return plan.max_pages <= self.budget_pages(plan.page_size)
+
+    def apply(self, ctx, state) -> None:
+        if self.covers(ctx.plan):  # keep every candidate, unscored: no page summary is read
+            state.keep_all_candidates()
+            return
+        super().apply(ctx, state)
