@@ -63,6 +63,8 @@ def make_spec(pipeline) -> FusedSpec:
     if term.name not in _BUILTIN_TERMINALS or not _is_builtin(term):
         return FusedSpec(False, f"terminal {term.name!r} is not a built-in")
     scorers = [s for s in sels if isinstance(s, ScoringSelector)]
+    if getattr(term, "order", "score") == "natural" and (scorers or pipeline.needs_box_bound):
+        return FusedSpec(False, "art order: natural with scores or bounds (score_select orders best-first)")
     shadow = scorers[-1] if scorers and scorers[-1].name == "key_shadow" else None
     firsts = scorers[:-1] if shadow is not None else scorers
     if len(firsts) > 1 or any(s.name == "key_shadow" for s in firsts):
@@ -196,6 +198,8 @@ def describe(pipeline) -> list[str]:
     extra = ", strided tail LSE of the bounds" if rule.kind == "certified" else ""
     stop = {None: "no stop", "stability": f"stability stop every {rule.chunk_pages} pages",
             "certified": f"certified stop (delta={rule.delta}) every {rule.chunk_pages} pages"}[rule.kind]
+    if rule.kind and rule.acc_bf16:
+        stop += ", running output rounded to bf16 after every chunk"
     if pipeline.terminal.name == "attend":
         stop = "no stop"
     if sp.shadow_bits:

@@ -160,8 +160,8 @@ class DecodePipeline:
         if self.terminal.name != "art":
             return False
         scorers = [s for s in self.selectors if isinstance(s, ScoringSelector)]
-        if not scorers:
-            return True
+        if not scorers:  # the box bound orders the pages, unless ART reads them in natural order
+            return self.stop_rule.kind == "certified" or getattr(self.terminal, "order", "score") != "natural"
         return self.stop_rule.kind == "certified" and not scorers[-1].score_is_bound
 
     @property
@@ -318,7 +318,7 @@ class DecodePipeline:
         keep = state.kept()
         box = ctx.quest_bound() if self.needs_box_bound else None
         order_key = state.order_key if state.scored else box
-        if order_key is None:  # attend without scores: natural order
+        if order_key is None or getattr(self.terminal, "order", "score") == "natural":  # natural order
             order_key = -torch.arange(P, device=ctx.q.device, dtype=torch.float32).expand(B, Hkv, P)
         bounds = state.bounds if state.bounds is not None else box
         order, count = select_ref.select_pages(order_key.masked_fill(~keep, float("-inf")),

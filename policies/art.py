@@ -18,6 +18,11 @@ class Art(TerminalStage):
     stop: certified  sound: stop once the softmax mass of the unread pages is provably <= delta,
                      from per-page logit upper bounds U_b: sigmoid(LSE_R(U_b + log n_b) - log Z_S) <= delta.
                      Then ||o - o_S|| <= delta * (max_R ||v|| + ||o_S||).
+    accumulate: bf16 rounds the running output o = acc/l to bf16 after every chunk (in the reference and
+                the Triton kernel): a change below half a bf16 ulp of every element leaves o unchanged,
+                so the stability check sees exactly zero change.
+    order: natural reads the kept pages in page order (the ART paper stops on FlashAttention's blocks
+           in natural order); the certified stop still uses the pages' bounds, in that order.
     """
 
     name = "art"
@@ -30,6 +35,10 @@ class Art(TerminalStage):
     direction_tol: float = param(1e-3, "stability: 1 - cos between successive outputs", min=0.0, max=2.0)
     patience: int = param(5, "stability: stable checks in a row before stopping", min=1)
     chunk_pages: int = param(4, "pages read between two checks", min=1, max=64)
+    accumulate: str = param("fp32", "running output between chunks: fp32, or rounded to bf16 after every chunk "
+                            "(a bf16 accumulator; small changes round to zero)", choices=("fp32", "bf16"))
+    order: str = param("score", "read order: the last scorer's scores (Quest's box bound without one), or "
+                       "natural page order (the ART paper's kernel)", choices=("score", "natural"))
 
     def check(self) -> None:
         if self.stop == "certified" and not 0.0 < self.delta < 1.0:
@@ -42,7 +51,8 @@ class Art(TerminalStage):
 
     def stop_rule(self) -> StopRule:
         return StopRule(kind=self.stop, chunk_pages=self.chunk_pages, scale_tol=self.scale_tol,
-                        direction_tol=self.direction_tol, patience=self.patience, delta=self.delta)
+                        direction_tol=self.direction_tol, patience=self.patience, delta=self.delta,
+                        acc_bf16=self.accumulate == "bf16")
 
     @staticmethod
     def error_bound(tau_bound, value_norm_max, out_norm):

@@ -21,6 +21,7 @@ class StopRule:
     direction_tol: float = 1e-3      # stability: 1 - cos(o_t, o_{t-1})
     patience: int = 5                # stability: stable checks in a row before stopping
     delta: float = 0.01              # certified: bound on the softmax mass not read
+    acc_bf16: bool = False           # the running output acc/l is rounded to bf16 after every chunk
 
 
 @dataclass
@@ -101,6 +102,10 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
         l = l * alpha + w.sum(dim=(-1, -2))
         acc = acc * alpha[..., None] + torch.einsum("bhsgcp,bhscpd->bhsgd", w, v)
         m = m_new
+        o = acc / l.clamp(min=1e-30)[..., None]  # [B, Hkv, S, G, D] the running output
+        if rule.kind and rule.acc_bf16:  # kept in bf16 between chunks, as a bf16 accumulator would
+            o = o.to(torch.bfloat16).float()
+            acc = o * l[..., None]
         if page_mass:
             lse_c = torch.logsumexp(logits, dim=-1)  # [B, Hkv, S, G, c]
             dst = torch.where(live, p, torch.full_like(p, P))  # [B, Hkv, S, c]
@@ -113,7 +118,6 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
         more = pos_s[..., c0 + C:] >= 0 if c0 + C < n_per else torch.zeros_like(live[..., :1])
         has_more = more.any(-1) & active
         if rule.kind == "stability":
-            o = acc / l.clamp(min=1e-30)[..., None]
             on, pn = o.norm(dim=-1), prev_o.norm(dim=-1)
             d_mag = (on - pn).abs() / pn.clamp(min=1e-30)
             cos = (o * prev_o).sum(-1) / (on * pn).clamp(min=1e-30)

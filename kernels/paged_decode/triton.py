@@ -33,6 +33,15 @@ class DecodeOut:
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> the nearest bf16 (ties to even), returned as fp32: torch's rounding, done on the bits so that
+    the GPU and TRITON_INTERPRET (whose cast truncates) agree."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = u + (((u >> 16) & 1) + 0x7FFF)
+    return ((u >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_ptr, v_ptr,
                   stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD,
                   NATURAL: tl.constexpr, BLOCK_PAGES: tl.constexpr, PAGE: tl.constexpr,
@@ -98,7 +107,8 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                    PAGE: tl.constexpr, NATURAL: tl.constexpr, RULE: tl.constexpr, CHUNK: tl.constexpr,
                    BLOCK_PAGES: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-                   NUM_STAGES: tl.constexpr, TOK: tl.constexpr, PAGE_MASS: tl.constexpr):
+                   NUM_STAGES: tl.constexpr, TOK: tl.constexpr, PAGE_MASS: tl.constexpr,
+                   ACC_BF16: tl.constexpr):
     pid = tl.program_id(0)
     s = tl.program_id(1)
     b = pid // HKV
@@ -141,8 +151,11 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                                           mass_row, P_PAD, NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK,
                                           G, GP, PAGE_MASS)
             has_more = c0 + CHUNK < n_mine
+            o = acc / tl.maximum(l, 1e-30)[:, None]  # [GP, DP] the running output
+            if ACC_BF16:  # kept in bf16 between chunks, as a bf16 accumulator would
+                o = _round_bf16(o)
+                acc = o * l[:, None]
             if RULE == 1:
-                o = acc / tl.maximum(l, 1e-30)[:, None]
                 on = tl.sqrt(tl.sum(o * o, axis=1))
                 pn = tl.sqrt(tl.sum(prev_o * prev_o, axis=1))
                 d_mag = tl.abs(on - pn) / tl.maximum(pn, 1e-30)
@@ -308,7 +321,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
         int(rule.patience) if R == 1 else 0, thr,
         HKV=Hkv, G=G, GP=GP, D=D, DP=DP, PAGE=PAGE, NATURAL=bool(natural), RULE=R, CHUNK=chunk,
         BLOCK_PAGES=block_pages, SPLIT=split, DOT_F32=dot_f32, NUM_STAGES=num_stages, TOK=max(16, block_pages * PAGE),
-        PAGE_MASS=with_mass, num_warps=num_warps)
+        PAGE_MASS=with_mass, ACC_BF16=bool(R and getattr(rule, "acc_bf16", False)), num_warps=num_warps)
     if split:
         _merge_kernel[(B * Hq,)](pm, pl, pacc, ppages, prem, out, out.stride(0), out.stride(1), pages,
                                  tau if R == 2 else out, lse, S, HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
@@ -320,7 +333,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
 def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
                  rule=None, tail_lse=None, num_splits: int = 1, page_mass: bool = False) -> DecodeOut:
     """Same contract as reference.paged_decode. `rule`: any object with the StopRule fields
-    (kind, chunk_pages, scale_tol, direction_tol, patience, delta); None reads every listed page."""
+    (kind, chunk_pages, scale_tol, direction_tol, patience, delta, acc_bf16); None reads every listed page."""
     B, Hq = q.shape[:2]
     mass = None
     if page_mass:
