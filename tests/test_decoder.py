@@ -160,17 +160,26 @@ def test_fused_step_equals_modules(family, policy, path):
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
 def test_fused_graph_bf16_agreement():
-    """bf16 on the GPU: the fused graph step's greedy tokens against the modules' (reported, and >= 90% equal)."""
+    """bf16 on the GPU, teacher-forced on the same tokens: the fused graph step's logits against the modules'.
+
+    Both round in bf16, in different GEMM groupings, so they agree to bf16 precision, not bit for bit."""
     model = _family("qwen2").to(DEV, torch.bfloat16)
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (40, 40, 33, 50)]
+    feed = torch.randint(1, 96, (24, len(prompts)), generator=g).to(DEV)  # [steps, B]
     pipe = ckv.compile(QUEST_ART)
-    out = {layers: hf.generate(model, None, prompts, pipe, max_new_tokens=24, stop_at_eos=False, layers=layers)
-           for layers in ("fused", "modules")}
-    same = sum(a == b for x, y in zip(out["fused"].sequences, out["modules"].sequences) for a, b in zip(x, y))
-    total = sum(len(x) for x in out["modules"].sequences)
-    print(f"bf16 fused vs modules greedy tokens: {same}/{total} equal")
-    assert same >= 0.9 * total
+    rows = {}
+    for layers in ("fused", "modules"):
+        s = hf.PolicySession(model, pipe, max_total_tokens=80, batch_size=len(prompts), layers=layers)
+        s.prefill(prompts)
+        rows[layers] = torch.stack([s.decode(t).clone() for t in feed])  # [steps, B, V]
+        s.close()
+    a, b = rows["fused"], rows["modules"]
+    scale = b.abs().amax()
+    err = (a - b).abs().amax() / scale
+    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    print(f"bf16 fused vs modules, teacher-forced: max |diff| / max |logit| = {err:.4f}, top-1 equal {top1:.3f}")
+    assert err < 0.05 and top1 >= 0.9
 
 
 @pytest.mark.cpu
