@@ -28,7 +28,18 @@ BIG="--batch 64 --context 8192 --new-tokens 32"
 SMALL="--batch 8 --context 2048 --new-tokens 16 --dtype float32"
 python -m composable_kv.tp --model $MODEL $POL $BIG --json "$OUT/tp1_bf16.json" 2>&1 | tee "$OUT/tp1_bf16.log"
 python -m composable_kv.tp --model $MODEL-fp32 $POL $SMALL --json "$OUT/tp1_fp32.json" 2>&1 | tee "$OUT/tp1_fp32.log"
+# the issue's shape: a random Llama-3-8B (32 layers, 32 q / 8 KV heads of 128, hidden 4096, MLP 14336), bf16, B=64, 8k
+BIG8B=/tmp/ckv-tp-llama3-8b
+if [ "${TP_8B:-1}" = 1 ]; then
+  python -c "import torch; from composable_kv import tp; tp.save_random_llama('$BIG8B', dtype=torch.bfloat16, device='cuda', \
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, \
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=16384, rope_theta=500000.0, initializer_range=0.02)"
+  POL8="--policy configs/dense.yaml --policy configs/quest_art.yaml"
+  python -m composable_kv.tp --model $BIG8B $POL8 $BIG --json "$OUT/tp1_8b.json" 2>&1 | tee "$OUT/tp1_8b.log"
+fi
 if [ "$NGPU" -ge 2 ]; then
+  [ "${TP_8B:-1}" = 1 ] && torchrun --standalone --nproc-per-node 2 -m composable_kv.tp --model $BIG8B $POL8 $BIG \
+    --json "$OUT/tp2_8b.json" 2>&1 | tee "$OUT/tp2_8b.log"
   torchrun --standalone --nproc-per-node 2 -m composable_kv.tp --model $MODEL $POL $BIG --json "$OUT/tp2_bf16.json" \
     2>&1 | tee "$OUT/tp2_bf16.log"
   torchrun --standalone --nproc-per-node 2 -m composable_kv.tp --model $MODEL-fp32 $POL $SMALL --json "$OUT/tp2_fp32.json" \
@@ -41,10 +52,11 @@ python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-rows = ["| run | policy | 1 GPU tok/s | 2 GPU tok/s | speedup | prefill 1 / 2 GPU (s) | KV read | same sequences | same tokens |",
+rows = ["| run | policy | 1 GPU tok/s (layers) | 2 GPU tok/s (layers) | speedup | prefill 1 / 2 GPU (s) | KV read | same sequences | same tokens |",
         "|---|---|---|---|---|---|---|---|---|"]
 csv = ["run,policy,tok_s_1gpu,tok_s_2gpu,speedup,prefill_s_1gpu,prefill_s_2gpu,kv_read_fraction,seq_match,token_match"]
-for run in ("bf16", "fp32"):
+runs = [r for r in ("8b", "bf16", "fp32") if (out / f"tp2_{r}.json").exists()]
+for run in runs:
     one, two = (json.loads((out / f"tp{n}_{run}.json").read_text()) for n in (1, 2))
     m = one["meta"]
     for a, b in zip(one["results"], two["results"]):
@@ -52,13 +64,15 @@ for run in ("bf16", "fp32"):
         pairs = [(u, v) for x, y in zip(a["tokens"], b["tokens"]) for u, v in zip(x, y)]
         same_tok = sum(u == v for u, v in pairs) / len(pairs)
         s1, s2 = a["decode_tokens_per_s"], b["decode_tokens_per_s"]
-        label = f"{run} B={m['batch']} ctx={m['context']}"
-        rows.append(f"| {label} | {a['policy_name']} | {s1:.0f} | {s2:.0f} | {s2 / s1:.2f}x | "
+        label = f"{'Llama-3-8B shape bf16' if run == '8b' else run} B={m['batch']} ctx={m['context']}"
+        rows.append(f"| {label} | {a['policy_name']} | {s1:.0f} ({a.get('decode_layers', '?')}) | "
+                    f"{s2:.0f} ({b.get('decode_layers', '?')}) | {s2 / s1:.2f}x | "
                     f"{a['prefill_s']:.2f} / {b['prefill_s']:.2f} | {a['kv_read_fraction']:.3f} | {same_seq:.3f} | {same_tok:.3f} |")
         csv.append(f"{run},{a['policy_name']},{s1:.1f},{s2:.1f},{s2 / s1:.3f},{a['prefill_s']:.3f},{b['prefill_s']:.3f},"
                    f"{a['kv_read_fraction']:.4f},{same_seq:.4f},{same_tok:.4f}")
 text = (f"Tensor parallel decode, {one['meta']['device']}: 1 GPU vs 2 GPUs (torchrun, NCCL, NCCL_NVLS_ENABLE=0).\n"
-        "Random Llama 8 layers, 16 q / 8 KV heads of 128 (2 x 4 KV heads per GPU). Decode tokens/s = batch x steps / time.\n\n"
+        "Decode tokens/s over the steps after the first (compile + graph capture). "
+        "Llama-3-8B shape: random, 32 layers, 32 q / 8 KV heads of 128; the others: random Llama 8 layers, 16 q / 8 KV heads of 128 (2 x 4 KV heads per GPU). Decode tokens/s = batch x steps / time.\n\n"
         + "\n".join(rows) + "\n")
 (out / "tp.md").write_text(text)
 (out / "tp.csv").write_text("\n".join(csv) + "\n")
