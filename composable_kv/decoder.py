@@ -122,6 +122,8 @@ class FusedDecoder:
         Writes each layer's new K/V to ``slots`` (page_ids/offsets [B]); ``attend(layer, q [B, Hq, D],
         scaling, window) -> [B, Hq, D]`` is the session's decode attention (the policy)."""
         ops = self.ops
+        dev = cache.device
+        input_ids, positions = input_ids.to(dev), positions.to(dev)  # the host path plans them on the CPU
         residual = self.inner.embed_tokens(input_ids[:, 0])  # [B, H]
         cos, sin = self.inner.rotary_emb(residual[:, None], positions)  # [B, 1, D]
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()

@@ -136,7 +136,7 @@ def _decode_rows(model, policy, prompts, layers, steps=10, path="device", keep=N
     return torch.stack(rows), stats
 
 
-PATHS = ["device"] + (["graph"] if DEV == "cuda" else [])
+PATHS = ["host", "device"] + (["graph"] if DEV == "cuda" else [])
 
 
 @pytest.mark.cpu
