@@ -328,7 +328,8 @@ def place_labels(ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[
                  fontsize: int = 7) -> tuple[list, list[str]]:
     """Annotate each point with its label where the label's box overlaps no other label and no point.
 
-    Tries offsets on growing rings around the point (a leader line past the first ring), in data order.
+    Tries offsets on growing rings around the point (a leader line past the first ring), in data order,
+    keeping every label inside the axes and off the legend.
     Returns (the annotations, the labels that found no free place and were left out)."""
     from matplotlib.text import Text
 
@@ -337,19 +338,25 @@ def place_labels(ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[
     renderer = fig.canvas.get_renderer()
     to_px = ax.transData.transform
     dots = [_box_around(to_px((x, y)), 4) for x, y in zip(xs, ys)]
+    legend = ax.get_legend()
+    if legend is not None:
+        b = legend.get_window_extent(renderer)
+        dots.append((b.x0, b.y0, b.x1, b.y1))
     placed, out, left_out = [], [], []
-    angles = [math.radians(a) for a in (45, -45, 135, -135, 0, 180, 90, -90, 22, -22, 158, -158, 68, -68, 112, -112)]
+    angles = [math.radians(a) for a in range(0, 360, 15)]
+    angles.sort(key=lambda a: (round(abs(math.sin(2 * a)), 3) < 0.99, a))  # diagonals first
     for x, y, label in zip(xs, ys, labels):
-        for radius in (6, 14, 24, 36, 50, 66, 84, 104, 126, 150):
+        for radius in (6, 12, 20, 30, 42, 56, 72, 90, 110, 135, 165, 200, 240, 290):
             for a in angles:
                 dx, dy = round(math.cos(a), 3), round(math.sin(a), 3)
                 ann = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx * radius, dy * radius),
                                   fontsize=fontsize, ha="left" if dx > 0 else "right" if dx < 0 else "center",
                                   va="bottom" if dy > 0 else "top" if dy < 0 else "center",
                                   arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if radius > 6 else None)
+                ann.update_positions(renderer)
                 box = Text.get_window_extent(ann, renderer)  # the text alone, not its leader line
-                box = (box.x0, box.y0, box.x1, box.y1)
-                if not any(_overlap(box, b) for b in placed + dots) and _inside(box, fig.bbox.extents):
+                box = (box.x0 - 2, box.y0 - 1, box.x1 + 2, box.y1 + 1)  # a little air between labels
+                if not any(_overlap(box, b) for b in placed + dots) and _inside(box, ax.bbox.extents):
                     placed.append(box)
                     out.append(ann)
                     break

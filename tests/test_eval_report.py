@@ -41,9 +41,12 @@ def test_plot_labels_never_overlap(tmp_path):
     ax.set_ylim(0, 1.05)
     anns, left_out = evaluate.place_labels(ax, xs, ys, [f"policy-{i}" for i in range(12)])
     assert left_out == [] and len(anns) == 12
+    fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     from matplotlib.text import Text
     boxes = [Text.get_window_extent(a, renderer) for a in anns]  # the text, without its leader line
+    inside = ax.get_window_extent(renderer)
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 and b.y1 <= inside.y1 for b in boxes)
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not a.overlaps(b)

@@ -1,0 +1,116 @@
+"""The scale evaluation, CPU-sized: a tiny random model, a character tokenizer, short contexts; the same
+code path as the GPU run (batched chat prompts, one replayed prefill, rows saved as they finish), then
+the report (EVALUATION.md section with Wilson intervals, one Pareto plot per context)."""
+
+import json
+
+import pytest
+import torch
+
+import composable_kv as ckv
+from composable_kv import eval_scale
+
+pytestmark = pytest.mark.cpu
+
+ESSAYS = " ".join(f"Essay sentence {i} talks about startups, painters and hackers." for i in range(400))
+ESSAYS += " " + " ".join("".join(chr(97 + (i // 26 ** k) % 26) for k in range(4)) for i in range(400))
+
+
+class CharTokenizer:
+    """One token per character (printable ASCII and newline), with a chat template; id 0 pads."""
+
+    chat_template = "<u>...</u><a>"
+    pad_token_id, eos_token_id, eos_token = 0, None, None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1 if c == "\n" else 2 + min(max(ord(c) - 32, 0), 94) for c in text]}
+
+    def decode(self, ids, **_):
+        return "".join("\n" if i == 1 else chr(i - 2 + 32) if i >= 2 else "" for i in ids)
+
+    def batch_decode(self, seqs, **_):
+        return [self.decode(s) for s in seqs]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        return f"<u>{messages[0]['content']}</u><a>"
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                      initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _policies():
+    quest = {"name": "quest-art", "page_size": 16, "dense_layers": [0],
+             "stages": [{"stage": "quest", "budget_tokens": 64}, {"stage": "art", "stop": "certified"}]}
+    return [ckv.compile("configs/dense.yaml", backend="reference"), ckv.compile(quest, backend="reference")]
+
+
+def test_tiny_scale_run_and_report(model, tmp_path):
+    tasks = ("passkey", "niah_single")  # the short answers keep the test short; the tasks have their own tests
+    meta = {"command": "python -m composable_kv.eval_scale run (test)", "device": "cpu", "device_name": "cpu",
+            "model": "tiny", "commit": "test", "torch": torch.__version__, "transformers": "x",
+            "depths": [0.2, 0.8], "samples_per_depth": 1}
+    for ctx in (768, 1024):
+        rows = eval_scale.run_scale(model, CharTokenizer(), _policies(), ctx, tmp_path / f"scale-{ctx}.json",
+                                    tasks=tasks, depths=(0.2, 0.8), samples_per_depth=1, batch_size=2,
+                                    essays=ESSAYS, meta=meta, progress=False)
+        assert [(r.policy, r.task) for r in rows] == [(p, t) for t in tasks for p in ("dense", "quest-art")]
+        saved = json.loads((tmp_path / f"scale-{ctx}.json").read_text())
+        assert len(saved["rows"]) == 4 and saved["meta"]["ctx"] == ctx
+        for r in saved["rows"]:
+            assert r["samples"] == 2 and len(r["outputs"]) == 2 and 0.0 <= r["accuracy"] <= 1.0
+        dense, quest = saved["rows"][0], saved["rows"][1]
+        assert dense["kv_read_fraction"] == pytest.approx(1.0) and quest["kv_read_fraction"] < 0.8
+
+    evaluation = tmp_path / "EVALUATION.md"
+    evaluation.write_text("# Evaluation\n\nHand-written CPU tables stay below.\n")
+    files = [str(tmp_path / "scale-768.json"), str(tmp_path / "scale-1024.json")]
+    for _ in range(2):  # a second report replaces the generated section instead of adding one
+        assert eval_scale.main(["report", *files, "--evaluation", str(evaluation),
+                                "--plots", str(tmp_path / "plots")]) == 0
+    text = evaluation.read_text()
+    assert text.startswith("# Evaluation\n\n" + eval_scale.BEGIN) and text.count(eval_scale.BEGIN) == 1
+    assert text.rstrip().endswith("Hand-written CPU tables stay below.")
+    assert "### 768 tokens" in text and "### 1024 tokens" in text and "| quest-art |" in text
+    assert "![accuracy against KV bytes at 1024 tokens](plots/pareto-1024.png)" in text
+    assert (tmp_path / "plots" / "pareto-768.png").stat().st_size > 0
+    row = next(line for line in text.splitlines() if line.startswith("| dense |"))
+    assert row.count("[") == len(tasks)  # an interval per task
+
+
+def test_context_table_intervals_and_target():
+    def row(policy, task, acc, mb):
+        return {"policy": policy, "task": task, "accuracy": acc, "samples": 50, "kv_bytes_per_token": mb * 1e6,
+                "kv_read_fraction": mb / 100}
+    rows = [row("dense", "passkey", 1.0, 100), row("dense", "niah_single", 0.5, 100),
+            row("quest-art", "passkey", 1.0, 10), row("quest-art", "niah_single", 0.46, 10)]
+    table = eval_scale.context_table(rows, ["passkey", "niah_single"])
+    assert "| dense | 1.00 [0.93, 1.00] | 0.50 [0.37, 0.63] | 0.750 | 100.00 | 100.0 |" in table
+    line = eval_scale.target_lines(rows, 32768, ["passkey", "niah_single"])[0]
+    assert "0.100x dense's bytes, +2.0 points below" in line and "(met)" in line and "niah_single +4" in line
+
+
+def test_learned_stages_need_weights(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("CKV_CACHE_DIR", str(tmp_path))
+    gate = ckv.compile("configs/write_gate_quest_art.yaml")
+    with pytest.raises(ckv.errors.CkvError, match="no trained weights.*ckv train-gate"):
+        eval_scale.check_learned_weights(model, [gate])
+
+
+def test_bad_run_flags_exit_2(capsys):
+    assert eval_scale.main.__module__ == "composable_kv.eval_scale"
+    with pytest.raises(SystemExit) as exit_:
+        eval_scale.main(["run", "--batch-size", "0"])
+    assert exit_.value.code == 2 and "--batch-size" in capsys.readouterr().err
+
+
+def test_shipped_configs_start_with_dense():
+    configs = eval_scale.shipped_configs()
+    assert configs[0] == "configs/dense.yaml" and "configs/quest_art.yaml" in configs
+    assert not any("/eval/" in c for c in configs)
