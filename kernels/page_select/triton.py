@@ -358,13 +358,11 @@ def sm_count(dev) -> int:
 
 
 def _score_splits(rows: int, P: int, block_s: int, dev) -> int:
-    """Scoring slices per row: about 4 programs per SM, each slice at least one block of pages; 1 on CPU.
-
-    (Slices of at least 4 blocks left a B=1 step with one program per KV head: 8 of 132 SMs busy.)"""
+    """Scoring slices per row: about 4 programs per SM, each slice at least 4 blocks of pages; 1 on CPU."""
     if dev.type != "cuda":
         return 1
     want = -(-4 * sm_count(dev) // rows)
-    return max(1, min(want, P // block_s, 16))
+    return max(1, min(want, P // (4 * block_s), 16))
 
 
 def _arrivals(rows: int, dev) -> torch.Tensor:
