@@ -96,6 +96,7 @@ def _run_command(args) -> int:
 
     from . import assets, evaluate, hf
     from .eval_cli import prepare_out_dir
+    from .tasks import needs_essays
 
     out_dir = prepare_out_dir(args.out)
     policies = args.policy or shipped_configs()
@@ -108,7 +109,8 @@ def _run_command(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = assets.load_model_and_tokenizer(args.model, device=device)
     check_learned_weights(model, pipelines)
-    essays = assets.load_essays(args.essays)
+    tasks = args.task or SCALE_TASKS
+    essays = assets.load_essays(args.essays) if any(needs_essays(t) for t in tasks) else None
     for ctx in args.ctx:
         meta = evaluate.run_metadata("python -m composable_kv.eval_scale " + " ".join(map(shlex.quote, sys.argv[1:])),
                                      device, args.model or "smollm2-135m")
@@ -116,7 +118,7 @@ def _run_command(args) -> int:
         meta.update(depths=list(args.depths), samples_per_depth=args.samples_per_depth,
                     batch_size=args.batch_size, prompt_format="chat")
         out_file = out_dir / f"scale-{ctx}.json"
-        rows = run_scale(model, tok, policies, ctx, out_file, tasks=args.task or SCALE_TASKS, depths=args.depths,
+        rows = run_scale(model, tok, policies, ctx, out_file, tasks=tasks, depths=args.depths,
                          samples_per_depth=args.samples_per_depth, batch_size=args.batch_size, essays=essays,
                          meta=meta, progress=not args.quiet)
         print(f"wrote {out_file} ({len(rows)} rows)")
