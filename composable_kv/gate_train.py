@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .admission import model_rope, model_tag, unrope
+from .assets import MODEL_HELP
 
 CAPTURE_IMPL = "ckv_gate_capture"
 
@@ -260,7 +261,7 @@ def add_train_gate_parser(subparsers):
     p = subparsers.add_parser(
         "train-gate", help="train the write_gate admission gate by distilling dense attention (CPU, minutes)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF model folder or .gguf (default: the default model)")
+    p.add_argument("--model", metavar="NAME|PATH", default=None, help=MODEL_HELP)
     p.add_argument("--essays", default=None, help="folder of .txt essays (default: Paul Graham essays)")
     p.add_argument("--seqs", type=int, default=2, help="training windows (one more is held out)")
     p.add_argument("--seq-len", type=int, default=1536, help="tokens per window")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .assets import MODEL_HELP
 from .predictor import PredictorCNN, default_weights_path, features, save_weights
 
 PAGE = 16
@@ -264,7 +265,7 @@ def add_train_predictor_parser(subparsers):
     p.add_argument("--calibrate-every", type=int, default=5)
     p.add_argument("--sink-tokens", type=int, default=64)
     p.add_argument("--recent-tokens", type=int, default=64)
-    p.add_argument("--model", default=None, help="HF folder or .gguf (default: the default model)")
+    p.add_argument("--model", metavar="NAME|PATH", default=None, help=MODEL_HELP)
     p.add_argument("--essays", default=None, help="folder of .txt essays (default: the cached essays)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--report", default=None, help="also write the recall table (markdown) here")

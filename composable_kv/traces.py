@@ -50,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from .assets import MODEL_HELP
+
 DEFAULT_LAYERS = (2, 11, 20, 29)
 DEFAULT_TOKENS = 8192
 DEFAULT_NUM_QUERIES = 32
@@ -273,7 +275,7 @@ def add_trace_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated layer indices (default: %(default)s)")
     p.add_argument("--num-queries", type=int, default=DEFAULT_NUM_QUERIES,
                    help="decode queries kept: those of the last N tokens (default: %(default)s)")
-    p.add_argument("--model", default=None, help="HF folder or .gguf (default: the default model)")
+    p.add_argument("--model", metavar="NAME|PATH", default=None, help=MODEL_HELP)
     p.add_argument("--essays", default=None, help="folder of .txt essays (default: the cached essays)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_trace)
