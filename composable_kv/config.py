@@ -38,16 +38,43 @@ class PolicyConfig:
     raw: dict = field(default_factory=dict, repr=False)
 
 
+def shipped_configs_dir() -> Path:
+    """The shipped policies: ``configs/`` of a clone, or the ``composable_kv/configs`` package data of a wheel."""
+    inside = Path(__file__).resolve().parent / "configs"
+    return inside if inside.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped policies (``quest_art``, ``eval/quest_1024``, ...)."""
+    root = shipped_configs_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_policy_path(policy: str | os.PathLike) -> Path:
+    """A policy file: the path itself if it exists, else a shipped config named by it.
+
+    ``configs/quest_art.yaml``, ``quest_art.yaml`` and ``quest_art`` all name the shipped policy, so the
+    README's commands work from any folder and from an installed wheel."""
+    path = Path(policy)
+    if path.is_file():
+        return path
+    root = shipped_configs_dir()
+    rel = Path(*path.parts[1:]) if path.parts and path.parts[0] == "configs" else path
+    for candidate in (root / rel, root / rel.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"policy file not found (cwd {os.getcwd()}) and no shipped config is called that; "
+                      f"pass a path to a YAML policy or a shipped name: {', '.join(shipped_configs())}",
+                      source=str(policy))
+
+
 def load_policy(policy) -> PolicyConfig:
-    """Path to a YAML file, or a dict shaped like one."""
+    """Path to a YAML file (or a shipped config's name, see resolve_policy_path), or a dict shaped like one."""
     if isinstance(policy, dict):
         return _validate(policy, source=None, lines={})
     if not isinstance(policy, (str, os.PathLike)):
         raise ConfigError(f"expected a YAML path or a dict, got {type(policy).__name__}")
-    path = Path(policy)
-    if not path.is_file():
-        raise ConfigError(f"policy file not found (cwd {os.getcwd()}); pass a path to a YAML policy such "
-                          f"as configs/quest_art.yaml", source=str(path))
+    path = resolve_policy_path(policy)
     text = path.read_text()
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)

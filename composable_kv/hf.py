@@ -100,20 +100,7 @@ def compile_policy(policy):
     if isinstance(policy, ckv.DecodePipeline):
         return policy
     if isinstance(policy, (str, Path)):
-        path = Path(policy)
-        if not path.is_file():
-            # Let users write `quest_art` or `quest_art.yaml` for a config shipped in configs/.
-            shipped = Path(__file__).resolve().parent.parent / "configs"
-            for candidate in (shipped / path.name, shipped / f"{path.name}.yaml"):
-                if candidate.is_file():
-                    path = candidate
-                    break
-            else:
-                raise FileNotFoundError(
-                    f"Policy file {str(policy)!r} does not exist. Pass a YAML path such as "
-                    f"configs/quest_art.yaml, a policy dict, or a compiled pipeline "
-                    f"(shipped configs: {', '.join(sorted(p.stem for p in shipped.glob('*.yaml'))) or 'none found'}).")
-        return ckv.compile(str(path))
+        return ckv.compile(policy)  # a path, or a shipped config's name (config.resolve_policy_path)
     if isinstance(policy, dict):
         return ckv.compile(policy)
     raise TypeError(f"policy must be a YAML path, a dict or a compiled DecodePipeline, not {type(policy).__name__}")

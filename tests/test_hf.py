@@ -77,7 +77,7 @@ def test_policy_can_be_compiled_pipeline_or_shipped_name(tiny_model, prompts):
 
 
 def test_unknown_policy_file_is_a_clear_error(tiny_model, prompts):
-    with pytest.raises(FileNotFoundError, match="no_such_policy.yaml.*does not exist"):
+    with pytest.raises(ckv.ConfigError, match="no_such_policy.yaml.*policy file not found.*quest_art"):
         hf.generate(tiny_model, None, prompts, policy="configs/no_such_policy.yaml", max_new_tokens=2)
 
 

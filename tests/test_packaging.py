@@ -30,6 +30,7 @@ def test_imports_from_wheel(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "composable_kv/policies/quest.py" in names
     assert "composable_kv/kernels/paged_decode/reference.py" in names
+    assert "composable_kv/configs/quest_art.yaml" in names and "composable_kv/configs/eval/quest-1536.yaml" in names
     assert not any(n.startswith(("kernels/", "policies/")) for n in names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -39,3 +40,9 @@ def test_imports_from_wheel(tmp_path):
     pkg, ref, bare = out.stdout.split("\n")[:3]
     assert pkg.startswith(str(site)) and ref.startswith(str(site / "composable_kv" / "kernels"))
     assert bare == "True True"
+    # the README's policy paths work from any folder with the installed package: configs are package data
+    probe = ("import composable_kv as c; print(c.compile('configs/quest_art.yaml').name, c.compile('dense').name, "
+             "c.config.shipped_configs_dir())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[:2] == ["quest-art", "dense"] and str(site) in out.stdout

@@ -212,7 +212,7 @@ def test_eval_cli_rejects_a_bad_policy_before_loading_a_model(capsys):
     from composable_kv import eval_cli
     assert eval_cli.main(["eval", "--policy", "configs/no_such.yaml", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "no_such.yaml" in err and "does not exist" in err
+    assert "no_such.yaml" in err and "not found" in err
 
 
 def test_eval_cli_rejects_a_bad_model_path(capsys, tmp_path):
