@@ -48,7 +48,7 @@ def unsupported_reason(model) -> str | None:
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) \
             or not hasattr(model, "lm_head"):
         return f"{type(model).__name__} does not have the model.embed_tokens/layers/norm/rotary_emb + lm_head layout"
-    from .tp import is_distributed
+    from .distributed import is_distributed
     if is_distributed():
         return "the model is sharded for tensor parallelism (its modules do the all-reduces)"
     for name, p in model.named_parameters():

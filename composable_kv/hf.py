@@ -270,7 +270,7 @@ class PolicySession:
         check_model_features(model)
         self.model = model
         self.pipeline = compile_policy(policy)
-        from .tp import rank_local_shape
+        from .distributed import rank_local_shape
 
         self.shape = rank_local_shape(model, ModelShape.of(model))  # this rank's heads under tensor parallelism
         self.device = next(model.parameters()).device

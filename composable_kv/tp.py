@@ -20,7 +20,6 @@ Without ``torchrun`` the same command runs on one process (the baseline to compa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -30,6 +29,8 @@ from typing import Sequence
 
 import torch
 
+from .distributed import (TensorParallelError, is_distributed, print0, rank, rank_local_shape,  # noqa: F401
+                          world_size)
 from .errors import CkvError
 
 __all__ = [
@@ -47,31 +48,9 @@ __all__ = [
 ]
 
 
-class TensorParallelError(CkvError, ValueError):
-    """The model cannot be sharded the way composable_kv.tp needs (heads must split evenly)."""
-
-
 # --------------------------------------------------------------------------------------------
 # Ranks
 # --------------------------------------------------------------------------------------------
-
-def is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if is_distributed() else 1
-
-
-def print0(*args, **kwargs) -> None:
-    """``print`` on rank 0 only."""
-    if rank() == 0:
-        print(*args, **kwargs, flush=True)
-
 
 def init_distributed() -> None:
     """Join the process group ``torchrun`` describes (NCCL on GPUs, gloo on CPU); no-op if joined.
@@ -153,30 +132,6 @@ def load_model_tp(model=None, *, dtype: torch.dtype | None = None, tp_plan="auto
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     _check_divisible(AutoConfig.from_pretrained(folder), world_size())
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, tp_plan=tp_plan).eval()
-
-
-def _local_rows(weight) -> int:
-    from torch.distributed.tensor import DTensor
-
-    return (weight.to_local() if isinstance(weight, DTensor) else weight).shape[0]
-
-
-def rank_local_shape(model, shape):
-    """``shape`` (a :class:`~composable_kv.hf.ModelShape`) with this rank's query/KV head counts.
-
-    Read from the local shard of the first attention layer's ``q_proj``/``k_proj`` weight, so it
-    follows whatever plan sharded the model; an unsharded model keeps ``shape`` as is.
-    """
-    attn = next((m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")), None)
-    if attn is None or not is_distributed():
-        return shape
-    q_rows, k_rows = _local_rows(attn.q_proj.weight), _local_rows(attn.k_proj.weight)
-    d = shape.head_dim
-    if q_rows % d or k_rows % d:
-        raise TensorParallelError(
-            f"this rank holds {q_rows} q_proj / {k_rows} k_proj output rows, not a whole number of "
-            f"heads of {d}: the heads must split evenly over the {world_size()} ranks.")
-    return dataclasses.replace(shape, num_q_heads=q_rows // d, num_kv_heads=k_rows // d)
 
 
 # --------------------------------------------------------------------------------------------
