@@ -485,15 +485,15 @@ class CaseData:
 
     def __init__(self, trace, case: Case, device):
         from .cache import PagedKVCache
-        from .stages import SUMMARY_KEY_MINMAX, SUMMARY_KEY_SHADOW, SUMMARY_VALUE_NORM
+        from .summaries import KEY_MINMAX, KEY_SHADOW, VALUE_NORM
         from .traces import TraceReplayer
         hq, hkv, d = SHAPES[case.shape]
         B, L = case.batch, case.ctx
         P = L // PAGE_SIZE
         self.hq, self.hkv, self.d, self.B, self.L, self.P = hq, hkv, d, B, L, P
-        shadows = {SUMMARY_KEY_SHADOW[SHADOW_PROVIDERS[p][0]] for p in case.providers if p in SHADOW_PROVIDERS}
+        shadows = {KEY_SHADOW[SHADOW_PROVIDERS[p][0]] for p in case.providers if p in SHADOW_PROVIDERS}
         self.cache = PagedKVCache(1, hkv, d, B * P, PAGE_SIZE, torch.bfloat16, device,
-                                  summaries={SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM} | shadows)
+                                  summaries={KEY_MINMAX, VALUE_NORM} | shadows)
         self.seq_ids = [self.cache.add_sequence() for _ in range(B)]
         self.cache.reserve(self.seq_ids, [L] * B)
         rep = TraceReplayer(trace, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, ctx=L)
@@ -507,14 +507,7 @@ class CaseData:
             qs.append(q)
         self.q = torch.stack(qs).to(torch.bfloat16).contiguous()  # [B, Hq, D]
         del rep
-        # summaries, chunked over pages
-        step = 1 << 16
-        for p0 in range(0, B * P, step):
-            sl = slice(p0, min(B * P, p0 + step))
-            self.cache.key_min[0][sl] = kc[sl].amin(dim=2)
-            self.cache.key_max[0][sl] = kc[sl].amax(dim=2)
-            self.cache.value_norm[0][sl] = vc[sl].float().norm(dim=-1).amax(dim=-1)
-        fill_shadows(self.cache, B * P)
+        self.cache.rebuild_summaries(0)
         self.indptr, self.indices, self.last = self.cache.page_table(self.seq_ids)
         self.sm_scale = d ** -0.5
         self._ref = None
@@ -544,18 +537,6 @@ class CaseData:
                 del k, v
             self._ref = torch.cat(outs)
         return self._ref
-
-
-def fill_shadows(cache, num_pages: int, chunk: int = 1 << 13) -> None:
-    """Quantize every page's key shadow (layer 0) from K and key_min/key_max, as appends would."""
-    from .kernels.key_shadow.reference import quantize_pages
-    for bits in cache.shadow_bits:
-        for p0 in range(0, num_pages, chunk):
-            sl = slice(p0, min(num_pages, p0 + chunk))
-            codes, step = quantize_pages(cache.k[0][sl], cache.key_min[0][sl], cache.key_max[0][sl], bits,
-                                         cache.dtype)
-            cache.shadow_codes[bits][0][sl] = codes
-            cache.shadow_step[bits][0][sl] = step
 
 
 def _fi_decode_wrapper(fi, ws, indptr, indices, last, hq, hkv, d, sm_scale, graph=False):

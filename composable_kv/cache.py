@@ -2,12 +2,10 @@
 
 K and V per layer: [num_pages, num_kv_heads, page_size, head_dim] (HND). Page tables are shared by
 all layers: `reserve()` allocates pages and advances lengths once per step, then `write()` fills each
-layer. Summaries (declared by the stages that read them) are updated on write:
-  key_minmax : key_min / key_max [num_pages, Hkv, D] (cache dtype; exact element-wise min/max)
-  value_norm : value_norm [num_pages, Hkv] fp32 (max ||v|| over the page's tokens)
-  key_shadow_int8 / key_shadow_int4 : shadow_codes[bits] [num_pages, Hkv, page_size, D or D/2] uint8 and
-               shadow_step[bits] [num_pages, Hkv, D] (cache dtype), zero point key_min (so they imply
-               key_minmax); every page a write touches is re-quantized (kernels/key_shadow/README.md)
+layer. The summaries the policy's stages declare (composable_kv.summaries: key_minmax, value_norm,
+key_shadow_int8/int4) are allocated, reset for fresh pages and updated on write by their registered
+objects; their tensors are attributes of the cache (`key_min`, `key_max`, `value_norm`,
+`shadow_codes[bits]`, `shadow_step[bits]`), one per layer, where the kernels read them.
 """
 from __future__ import annotations
 
@@ -17,8 +15,7 @@ import torch
 
 from .contracts import FLOAT_DTYPES, check_finite, check_int, check_tensor, value_checks_on
 from .errors import CacheFullError, TensorContractError
-from .kernels.key_shadow.reference import code_dim, quantize_pages
-from .stages import KNOWN_SUMMARIES, SUMMARY_KEY_MINMAX, SUMMARY_KEY_SHADOW, SUMMARY_VALUE_NORM
+from . import summaries as summ
 
 
 @dataclass
@@ -47,41 +44,28 @@ class PagedKVCache:
                          ("head_dim", head_dim), ("num_pages", num_pages), ("page_size", page_size)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"PagedKVCache: {key} must be a positive int, got {val!r}")
-        unknown = set(summaries) - set(KNOWN_SUMMARIES)
-        if unknown:
-            raise ValueError(f"PagedKVCache: unknown summaries {sorted(unknown)}; known: {list(KNOWN_SUMMARIES)}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_pages, self.page_size, self.dtype = num_pages, page_size, dtype
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N", as tensors report it
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.shadow_bits = tuple(b for b, name in SUMMARY_KEY_SHADOW.items() if name in summaries)
-        if self.shadow_bits:
-            summaries = set(summaries) | {SUMMARY_KEY_MINMAX}  # the shadow's zero point is key_min
-        if 4 in self.shadow_bits and head_dim % 2:
-            raise ValueError(f"PagedKVCache: {SUMMARY_KEY_SHADOW[4]} packs two channels a byte; head_dim "
-                             f"must be even, got {head_dim}")
-        self.summaries = frozenset(summaries)
+        try:
+            self._summaries = summ.resolve(summaries)  # dependencies first (a key shadow needs key_min/max)
+        except ValueError as e:
+            raise ValueError(f"PagedKVCache: {e}") from None
+        for s in self._summaries:
+            s.check(self)
+        self.summaries = frozenset(s.name for s in self._summaries)
+        self.shadow_bits = tuple(s.bits for s in self._summaries if isinstance(s, summ.KeyShadow))
         self.check_values = value_checks_on(validate, self.device)
         shape = (num_pages, num_kv_heads, page_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.key_min = self.key_max = self.value_norm = None
-        if SUMMARY_KEY_MINMAX in self.summaries:
-            self.key_min = [torch.empty(shape[:2] + (head_dim,), dtype=dtype, device=self.device)
-                            for _ in range(num_layers)]
-            self.key_max = [torch.empty_like(t) for t in self.key_min]
-        if SUMMARY_VALUE_NORM in self.summaries:
-            self.value_norm = [torch.empty(shape[:2], dtype=torch.float32, device=self.device)
-                               for _ in range(num_layers)]
         self.shadow_codes: dict[int, list[torch.Tensor]] = {}
         self.shadow_step: dict[int, list[torch.Tensor]] = {}
-        for bits in self.shadow_bits:
-            cshape = shape[:3] + (code_dim(head_dim, bits),)
-            self.shadow_codes[bits] = [torch.zeros(cshape, dtype=torch.uint8, device=self.device)
-                                       for _ in range(num_layers)]
-            self.shadow_step[bits] = [torch.zeros(shape[:2] + (head_dim,), dtype=dtype, device=self.device)
-                                      for _ in range(num_layers)]
+        for s in self._summaries:
+            s.allocate(self)
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self._pages: dict[int, list[int]] = {}
         self._len: dict[int, int] = {}
@@ -181,18 +165,10 @@ class PagedKVCache:
             self._len[sid] = n
 
     def _reset_summaries(self, pages: list[int]) -> None:
-        if not pages:
-            return
-        idx = torch.tensor(pages, dtype=torch.int64, device=self.device)
-        for layer in range(self.num_layers):
-            if self.key_min is not None:
-                self.key_min[layer][idx] = torch.finfo(self.dtype).max
-                self.key_max[layer][idx] = torch.finfo(self.dtype).min
-            if self.value_norm is not None:
-                self.value_norm[layer][idx] = 0.0
-            for bits in self.shadow_bits:
-                self.shadow_codes[bits][layer][idx] = 0
-                self.shadow_step[bits][layer][idx] = 0
+        if pages and self._summaries:
+            idx = torch.tensor(pages, dtype=torch.int64, device=self.device)
+            for s in self._summaries:
+                s.reset(self, idx)
 
     # -- data ------------------------------------------------------------------------------------
     def write(self, layer: int, slots: AppendSlots, k: torch.Tensor, v: torch.Tensor, *,
@@ -216,34 +192,36 @@ class PagedKVCache:
                 check_finite("write", name, t, "token, head, d")
         self.k[layer][slots.page_ids, :, slots.offsets] = k
         self.v[layer][slots.page_ids, :, slots.offsets] = v
-        if self.key_min is not None:
-            idx = slots.page_ids[:, None, None].expand_as(k)
-            self.key_min[layer].scatter_reduce_(0, idx, k, "amin")
-            self.key_max[layer].scatter_reduce_(0, idx, k, "amax")
-        if self.value_norm is not None:
-            norms = v.float().norm(dim=-1)  # [T, Hkv]
-            self.value_norm[layer].scatter_reduce_(0, slots.page_ids[:, None].expand_as(norms), norms, "amax")
-        self.requantize_written(layer, slots)
+        for s in self._summaries:
+            s.update(self, layer, slots, k, v)
 
     def summary_tensors(self, layer: int) -> tuple:
-        """(key_min, key_max, value_norm) of `layer`, None where not kept: what a fused write kernel updates."""
+        """(key_min, key_max, value_norm) of `layer`, None where not kept: what the fused write kernel updates."""
         minmax = (None, None) if self.key_min is None else (self.key_min[layer], self.key_max[layer])
         return (*minmax, None if self.value_norm is None else self.value_norm[layer])
 
-    def requantize_written(self, layer: int, slots: AppendSlots) -> None:
-        """Re-quantize the key shadows of the pages `slots` wrote (after their K and key_min/max changed)."""
-        if self.shadow_bits and slots.num_tokens:
-            # hand-built slots pay a torch.unique (a device sync on CUDA); reserve()'s carry the pages
-            pages = torch.unique(slots.page_ids) if slots.touched_pages is None else slots.touched_pages
-            self._requantize(layer, pages)
+    def refresh_after_fused_write(self, layer: int, slots: AppendSlots) -> None:
+        """After a fused kernel wrote K/V and the summaries it keeps (summary_tensors), update the others."""
+        for s in self._summaries:
+            if not s.in_fused_write:
+                s.update(self, layer, slots, None, None)
 
-    def _requantize(self, layer: int, pages: torch.Tensor) -> None:
-        """Re-quantize whole pages: their min/max (zero point, step) may have moved with the new tokens."""
-        kmin, kmax, kp = self.key_min[layer][pages], self.key_max[layer][pages], self.k[layer][pages]
-        for bits in self.shadow_bits:
-            codes, step = quantize_pages(kp, kmin, kmax, bits, self.dtype)
-            self.shadow_codes[bits][layer][pages] = codes
-            self.shadow_step[bits][layer][pages] = step
+    def rebuild_summaries(self, layer: int, seq_ids: list[int] | None = None, chunk: int = 8192) -> None:
+        """Recompute every summary of the sequences' pages from their K/V (after K/V were filled directly),
+        `chunk` pages at a time (a rebuild copies the pages it reads)."""
+        pages, counts = [], []
+        for sid in (self.sequences() if seq_ids is None else seq_ids):
+            n = self._len[self._known(sid)]
+            for i, p in enumerate(self._pages[sid]):
+                pages.append(p)
+                counts.append(max(0, min(self.page_size, n - i * self.page_size)))
+        if not pages:
+            return
+        idx = torch.tensor(pages, dtype=torch.int64, device=self.device)
+        cnt = torch.tensor(counts, dtype=torch.int64, device=self.device)
+        for i in range(0, len(pages), chunk):
+            for s in self._summaries:  # dependencies first: a key shadow quantizes against the new min/max
+                s.rebuild(self, layer, idx[i:i + chunk], cnt[i:i + chunk])
 
     def append(self, seq_ids: list[int], counts: list[int], k: torch.Tensor, v: torch.Tensor) -> AppendSlots:
         """reserve() plus write() for every layer. k, v: [num_layers, T, Hkv, D]."""

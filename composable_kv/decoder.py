@@ -133,7 +133,7 @@ class FusedDecoder:
             x = ops.add_rms_norm(residual, delta, L.norm1.weight, L.norm1.variance_epsilon)  # [B, H]
             q = ops.rope_write(a.q_proj(x), a.k_proj(x), a.v_proj(x), cos, sin, cache.k[i], cache.v[i],
                                slots.page_ids, slots.offsets, *cache.summary_tensors(i))  # [B, Hq, D]
-            cache.requantize_written(i, slots)
+            cache.refresh_after_fused_write(i, slots)
             out = attend(i, q.to(cache.dtype), a.scaling, L.window)  # [B, Hq, D]
             delta = a.o_proj(out.to(q.dtype).flatten(1))
             x = ops.add_rms_norm(residual, delta, L.norm2.weight, L.norm2.variance_epsilon)

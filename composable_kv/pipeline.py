@@ -18,7 +18,8 @@ from .cache import PagedKVCache
 from .config import PolicyConfig, load_policy
 from .contracts import check_finite, check_int, check_seq_ids, check_sm_scale, check_tensor, value_checks_on
 from .errors import TensorContractError
-from .stages import SUMMARY_KEY_MINMAX, ScoringSelector, SelectorStage
+from .stages import ScoringSelector, SelectorStage
+from .summaries import KEY_MINMAX
 from .kernels.page_score import reference as score_ref
 from .kernels.page_select import reference as select_ref
 from .kernels.paged_decode import reference as decode_ref
@@ -170,7 +171,7 @@ class DecodePipeline:
         for s in self.config.stages:
             need |= s.required_summaries()
         if self.needs_box_bound:
-            need.add(SUMMARY_KEY_MINMAX)
+            need.add(KEY_MINMAX)
         return frozenset(need)
 
     def is_dense_layer(self, layer: int) -> bool:

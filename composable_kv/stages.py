@@ -18,10 +18,6 @@ import torch
 if TYPE_CHECKING:
     from .pipeline import LayerContext, SelectionState, StepPlan
 
-SUMMARY_KEY_MINMAX = "key_minmax"
-SUMMARY_VALUE_NORM = "value_norm"
-SUMMARY_KEY_SHADOW = {8: "key_shadow_int8", 4: "key_shadow_int4"}  # low-bit per-token K copy, by bits
-KNOWN_SUMMARIES = (SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM, *SUMMARY_KEY_SHADOW.values())
 
 
 def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,

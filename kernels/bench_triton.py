@@ -73,19 +73,18 @@ def _pipeline_case(policy, B, ctx, hq, hkv, d):
     import yaml
     from composable_kv.cache import PagedKVCache
     from composable_kv.pipeline import compile as compile_policy
-    from composable_kv.stages import SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM
+    from composable_kv.summaries import KEY_MINMAX, VALUE_NORM
     cfg = yaml.safe_load(open(policy))
     cfg["dense_layers"] = []
     pipe = compile_policy(cfg)
     P = ctx // PAGE
     dev = torch.device("cuda", torch.cuda.current_device())
-    cache = PagedKVCache(1, hkv, d, B * P, PAGE, torch.bfloat16, dev, summaries={SUMMARY_KEY_MINMAX, SUMMARY_VALUE_NORM})
+    cache = PagedKVCache(1, hkv, d, B * P, PAGE, torch.bfloat16, dev, summaries={KEY_MINMAX, VALUE_NORM})
     ids = [cache.add_sequence() for _ in range(B)]
     cache.reserve(ids, [ctx] * B)
     cache.k[0].normal_()
     cache.v[0].normal_()
-    cache.key_min[0].copy_(cache.k[0].amin(2))
-    cache.key_max[0].copy_(cache.k[0].amax(2))
+    cache.rebuild_summaries(0)
     q = torch.randn(B, hq, d, device=dev, dtype=torch.bfloat16)
     pipe.plan(cache, ids)
     return (lambda: pipe.run(q, cache, 0)), pipe

@@ -2,7 +2,8 @@
 from dataclasses import dataclass
 
 from composable_kv.kernels.paged_decode.reference import StopRule
-from composable_kv.stages import SUMMARY_VALUE_NORM, TerminalStage, param, register_stage
+from composable_kv.stages import TerminalStage, param, register_stage
+from composable_kv.summaries import VALUE_NORM
 
 
 @register_stage
@@ -47,7 +48,7 @@ class Art(TerminalStage):
             raise ValueError(f"chunk_pages: expected a power of two (1, 2, 4, ... 64), got {self.chunk_pages}")
 
     def required_summaries(self):
-        return frozenset({SUMMARY_VALUE_NORM}) if self.stop == "certified" else frozenset()
+        return frozenset({VALUE_NORM}) if self.stop == "certified" else frozenset()
 
     def stop_rule(self) -> StopRule:
         return StopRule(kind=self.stop, chunk_pages=self.chunk_pages, scale_tol=self.scale_tol,

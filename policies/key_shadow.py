@@ -1,7 +1,8 @@
 from dataclasses import dataclass
 
 from composable_kv.kernels.key_shadow import reference as shadow_ref
-from composable_kv.stages import SUMMARY_KEY_MINMAX, SUMMARY_KEY_SHADOW, ScoringSelector, param, register_stage
+from composable_kv.stages import ScoringSelector, param, register_stage
+from composable_kv.summaries import KEY_MINMAX, KEY_SHADOW, SUMMARIES
 
 
 @register_stage
@@ -25,15 +26,14 @@ class KeyShadow(ScoringSelector):
 
     @property
     def summary_name(self) -> str:
-        return SUMMARY_KEY_SHADOW[self.bits]
+        return KEY_SHADOW[self.bits]
 
     def required_summaries(self):
-        return frozenset({self.summary_name, SUMMARY_KEY_MINMAX})
+        return frozenset({self.summary_name, KEY_MINMAX})
 
     def summary_bytes_per_page(self, cache) -> int:
         """Per scored page (only those the previous scorer kept): codes, per-channel step, zero point."""
-        codes = cache.page_size * shadow_ref.code_dim(cache.head_dim, self.bits)
-        return codes + 2 * cache.head_dim * cache.dtype.itemsize
+        return SUMMARIES[self.summary_name].bytes_per_page(cache)
 
     def score(self, ctx):
         c = ctx.cache

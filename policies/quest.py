@@ -1,6 +1,7 @@
 from dataclasses import dataclass
 
-from composable_kv.stages import SUMMARY_KEY_MINMAX, ScoringSelector, register_stage
+from composable_kv.stages import ScoringSelector, register_stage
+from composable_kv.summaries import KEY_MINMAX, SUMMARIES
 
 
 @register_stage
@@ -21,10 +22,10 @@ class Quest(ScoringSelector):
     fusable = True
 
     def required_summaries(self):
-        return frozenset({SUMMARY_KEY_MINMAX})
+        return frozenset({KEY_MINMAX})
 
     def summary_bytes_per_page(self, cache) -> int:
-        return 2 * cache.head_dim * cache.dtype.itemsize
+        return SUMMARIES[KEY_MINMAX].bytes_per_page(cache)
 
     def score(self, ctx):
         return ctx.quest_bound()  # [B, Hkv, P]

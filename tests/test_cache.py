@@ -117,3 +117,41 @@ def test_allocator_churn(seq):
                 torch.testing.assert_close(gk, torch.cat(ks))
                 torch.testing.assert_close(gv, torch.cat(vs))
                 check_summaries(c, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rebuild_summaries_equals_the_appends(dtype):
+    """Every registered summary rebuilt from the pages equals what the appends kept (partial pages too)."""
+    from composable_kv import summaries as summ
+    c = ckv.PagedKVCache(2, H, D, 16, page_size=S, dtype=dtype, summaries=set(summ.SUMMARIES))
+    a, b = c.add_sequence(), c.add_sequence()
+    g = torch.Generator().manual_seed(0)
+    c.append([a, b], [7, 10], torch.randn(2, 17, H, D, generator=g).to(dtype), torch.randn(2, 17, H, D, generator=g).to(dtype))
+    c.append([a, b], [1, 3], torch.randn(2, 4, H, D, generator=g).to(dtype), torch.randn(2, 4, H, D, generator=g).to(dtype))
+    names = ["key_min", "key_max", "value_norm"]
+    want = {n: [t.clone() for t in getattr(c, n)] for n in names}
+    want_shadow = {bits: [t.clone() for t in c.shadow_codes[bits]] for bits in c.shadow_bits}
+    for n in names:
+        for t in getattr(c, n):
+            t.fill_(7.0)
+    for bits in c.shadow_bits:
+        for t in c.shadow_codes[bits]:
+            t.zero_()
+    for layer in range(2):
+        c.rebuild_summaries(layer, chunk=2)
+    used = c.pages(a) + c.pages(b)
+    for n in names:
+        for got, ref in zip(getattr(c, n), want[n]):
+            assert torch.equal(got[used], ref[used]), n
+    for bits in c.shadow_bits:
+        for got, ref in zip(c.shadow_codes[bits], want_shadow[bits]):
+            assert torch.equal(got[used], ref[used])
+
+
+def test_summaries_are_resolved_with_their_dependencies():
+    c = ckv.PagedKVCache(1, H, D, 4, page_size=S, summaries={"key_shadow_int4"})
+    assert c.summaries == {"key_shadow_int4", "key_minmax"} and c.value_norm is None
+    with pytest.raises(ValueError, match="unknown summaries \\['box'\\]; known: \\['key_minmax'"):
+        ckv.PagedKVCache(1, H, D, 4, page_size=S, summaries={"box"})
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        ckv.PagedKVCache(1, H, 7, 4, page_size=S, summaries={"key_shadow_int4"})
