@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import composable_kv as ckv  # noqa: E402
 from composable_kv import hf  # noqa: E402
+from composable_kv.ints import cdiv  # noqa: E402
 
 SHAPES = {
     "llama3-8b-shape": dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -166,7 +167,7 @@ class FlashInferAttention:
     def prepare(self, session) -> None:
         S = session.cache.page_size
         lens = [session.cache.seq_len(s) + 1 for s in session.seq_ids]  # the step's new token included
-        counts = [-(-n // S) for n in lens]
+        counts = [cdiv(n, S) for n in lens]
         indptr = torch.tensor([0] + counts).cumsum(0).to(torch.int32)
         indices = torch.tensor([p for s, c in zip(session.seq_ids, counts) for p in session.cache.pages(s)[:c]],
                                dtype=torch.int32)

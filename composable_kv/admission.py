@@ -39,6 +39,7 @@ from .config import PolicyConfig
 from .errors import TensorContractError
 from .pipeline import DecodePipeline, DecodeResult
 from .stages import ScoringSelector, get_stage_class
+from .ints import cdiv
 
 GateFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, k_pre, k_post) [T,H,D] -> g [T,H]
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # positions [T] -> cos, sin [T, D]
@@ -309,7 +310,7 @@ class GatedKVCache:
     def dense_pages(self) -> int:
         """(page, KV head) units a dense cache holds for the same requests, all layers."""
         S = self.page_size
-        return sum(-(-n // S) for n in self._len.values()) * self.num_layers * self.num_kv_heads
+        return sum(cdiv(n, S) for n in self._len.values()) * self.num_layers * self.num_kv_heads
 
     def stats(self, layers=None) -> dict:
         """Window evictions and admissions summed over requests, KV heads and `layers` (default: gated)."""

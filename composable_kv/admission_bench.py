@@ -21,6 +21,7 @@ import torch
 
 import composable_kv as ckv
 from .admission import GatedPipeline
+from .ints import cdiv
 
 
 def _time_gpu(fn, iters: int, warmup: int = 5) -> float:
@@ -64,7 +65,7 @@ def run(args) -> list[dict]:
     quest_art = [{"stage": "quest", "budget_tokens": args.budget}, {"stage": "art", "stop": "certified", "delta": 0.01}]
     rows = []
 
-    pages_per_seq = -(-T // S)
+    pages_per_seq = cdiv(T, S)
     need = frozenset({"key_minmax", "value_norm"})
     dense = ckv.PagedKVCache(1, H, D, B * pages_per_seq, S, dt, dev, need)
     ids = [dense.add_sequence() for _ in range(B)]

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from .ints import cdiv
+
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {
     "llama3-8b": (32, 8, 128),   # (Hq, Hkv, D)
@@ -754,7 +756,7 @@ def fi_quest_indices(page_table: torch.Tensor, order: torch.Tensor, nsel: int) -
 def _run_fi_quest(fi, data, budget, ws, add, timing, log):
     B, hkv, hq, d, P = data.B, data.hkv, data.hq, data.d, data.P
     G = hq // hkv
-    nsel = -(-budget // PAGE_SIZE)
+    nsel = cdiv(budget, PAGE_SIZE)
     pipe = _policy("ckv_quest", budget)
     select, how = quest_select_fn(pipe, data)
     order, count = select()

@@ -16,6 +16,7 @@ import torch
 from .contracts import FLOAT_DTYPES, check_finite, check_int, check_tensor, value_checks_on
 from .errors import CacheFullError, TensorContractError
 from . import summaries as summ
+from .ints import cdiv
 
 
 @dataclass
@@ -113,7 +114,7 @@ class PagedKVCache:
             if not isinstance(n, int) or n < 0:
                 raise ValueError(f"reserve: counts must be ints >= 0, got {n!r} for sequence {sid}")
             length = self._len[self._known(sid)]
-            need += max(0, -(-(length + n) // S) - len(self._pages[sid]))
+            need += max(0, cdiv(length + n, S) - len(self._pages[sid]))
         if need > len(self._free):
             raise CacheFullError(f"out of KV pages: this reserve needs {need} new pages but {len(self._free)} "
                                  f"of {self.num_pages} are free; free finished sequences or build the cache "
@@ -124,7 +125,7 @@ class PagedKVCache:
             while len(pages) * S < length + n:
                 fresh.append(self._free.pop())
                 pages.append(fresh[-1])
-            touched += pages[length // S: -(-(length + n) // S)]
+            touched += pages[length // S: cdiv(length + n, S)]
             pos = torch.arange(length, length + n)
             page_ids.append(torch.tensor(pages, dtype=torch.int64)[pos // S])
             offsets.append(pos % S)
@@ -141,7 +142,7 @@ class PagedKVCache:
         The page table is then fixed until the sequences are freed: the decode runtime's static step
         writes each new token into a page reserved here and `advance()` only counts it."""
         S = self.page_size
-        need = sum(max(0, -(-total_tokens // S) - len(self._pages[self._known(s)])) for s in seq_ids)
+        need = sum(max(0, cdiv(total_tokens, S) - len(self._pages[self._known(s)])) for s in seq_ids)
         if need > len(self._free):
             raise CacheFullError(f"out of KV pages: reserving {total_tokens} tokens for {len(seq_ids)} sequences "
                                  f"needs {need} new pages but {len(self._free)} of {self.num_pages} are free; "

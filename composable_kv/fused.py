@@ -23,6 +23,7 @@ import torch
 from .kernels.page_select import triton as select_tk
 from .kernels.paged_decode import triton as decode_tk
 from .stages import ScoringSelector
+from .ints import cdiv
 
 _BUILTIN_SELECTORS = {"sink_window", "quest", "topk", "key_shadow"}
 _BUILTIN_TERMINALS = {"attend", "art"}
@@ -76,7 +77,7 @@ def make_spec(pipeline) -> FusedSpec:
     for s in sels:
         if s.name == "sink_window":
             forcing = True
-            max_forced += -(-s.sink_tokens // ps) + -(-s.window_tokens // ps) + 1
+            max_forced += cdiv(s.sink_tokens, ps) + cdiv(s.window_tokens, ps) + 1
     extra = {"shadow_bits": shadow.bits, "shadow_budget_tokens": shadow.budget_tokens} if shadow else {}
     if firsts:
         sc = firsts[0]
@@ -98,7 +99,7 @@ def default_num_splits(cache, plan) -> int:
     work = plan.batch_size * cache.num_kv_heads
     if work >= sms:
         return 1
-    splits = -(-2 * sms // work)
+    splits = cdiv(2 * sms, work)
     max_by_pages = max(1, plan.max_pages // 16)  # at least ~16 pages per split
     return int(max(1, min(splits, max_by_pages, 32)))
 
@@ -139,7 +140,7 @@ def run_layer(pipeline, ctx):
                                                   rule=rule if kind else None, tail_lse=tail, num_splits=S,
                                                   out_dtype=q.dtype)
         return DecodeResult(out, pages, tau)
-    budget_pages = -(-sp.budget_tokens // plan.page_size) if sp.select else 0
+    budget_pages = cdiv(sp.budget_tokens, plan.page_size) if sp.select else 0
     if sp.score == 2:
         a = b = c.k[layer]
     elif sp.score == 1:
@@ -162,13 +163,13 @@ def _shadow_launches(sp, q, c, layer, plan, sm_scale, certified):
     from .kernels.key_shadow import triton as shadow_tk
     cand_order = cand_count = None
     if sp.select:
-        budget1 = -(-sp.budget_tokens // plan.page_size)
+        budget1 = cdiv(sp.budget_tokens, plan.page_size)
         a, b = (c.key_min[layer], c.key_max[layer]) if sp.score == 1 else (c.k[layer], c.k[layer])
         cand_order, cand_count, _ = select_tk.score_select(
             q, a, b, plan.page_table, plan.seq_lens, plan.forced, num_kv_heads=c.num_kv_heads,
             page_size=plan.page_size, sm_scale=sm_scale, score=sp.score, select=True, budget_pages=budget1,
             forced_only=False, certified=False, num_splits=1, max_kept=max(budget1, sp.max_forced_pages))
-    budget = -(-sp.shadow_budget_tokens // plan.page_size)
+    budget = cdiv(sp.shadow_budget_tokens, plan.page_size)
     bits = sp.shadow_bits
     return shadow_tk.shadow_select(
         q, c.shadow_codes[bits][layer], c.shadow_step[bits][layer], c.key_min[layer], plan.page_table,

@@ -24,6 +24,7 @@ from .kernels.page_score import reference as score_ref
 from .kernels.page_select import reference as select_ref
 from .kernels.paged_decode import reference as decode_ref
 from .kernels.paged_decode.reference import StopRule
+from .ints import cdiv
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -240,7 +241,7 @@ class DecodePipeline:
         P may exceed every request's page count (pages reserved ahead); pages past a request's length
         are not valid and never read."""
         S = self.page_size
-        num_pages = (seq_lens + S - 1) // S
+        num_pages = cdiv(seq_lens, S)
         P = page_table.shape[1]
         pos = torch.arange(P, device=page_table.device)
         valid = pos[None] < num_pages[:, None]

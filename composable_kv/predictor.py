@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .ints import cdiv
+
 WEIGHTS_NAME = "attention_predictor.pt"
 _LOADED: dict[tuple, "PredictorCNN"] = {}
 
@@ -64,7 +66,7 @@ def prefill_page_mass(q: torch.Tensor, k: torch.Tensor, page_size: int, sm_scale
     logits = (qh @ k.float().transpose(1, 2)).view(Hq, h, T) * sm_scale  # [Hq, h, T]
     causal = torch.arange(T, device=q.device)[None] > torch.arange(T - h, T, device=q.device)[:, None]
     probs = logits.masked_fill(causal, float("-inf")).softmax(-1)
-    P = -(-T // page_size)
+    P = cdiv(T, page_size)
     probs = torch.nn.functional.pad(probs, (0, P * page_size - T))
     return probs.view(Hq, h, P, page_size).sum(-1)
 

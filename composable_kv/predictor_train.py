@@ -33,6 +33,7 @@ import torch
 
 from .assets import MODEL_HELP
 from .predictor import PredictorCNN, default_weights_path, features, save_weights
+from .ints import cdiv
 
 PAGE = 16
 
@@ -43,7 +44,7 @@ def page_masses(q, k, sm_scale: float, first_pos: int, page: int = PAGE) -> torc
     NQ, Hq, D = q.shape
     Hkv, T, _ = k.shape
     G = Hq // Hkv
-    P = -(-T // page)
+    P = cdiv(T, page)
     out = torch.zeros(NQ, Hkv, P)
     kf = k.float()
     for i0 in range(0, NQ, 64):
@@ -63,7 +64,7 @@ def quest_page_bound(q, k, sm_scale: float, first_pos: int, page: int = PAGE) ->
     NQ, Hq, D = q.shape
     Hkv, T, _ = k.shape
     G = Hq // Hkv
-    P = -(-T // page)
+    P = cdiv(T, page)
     kp = torch.nn.functional.pad(k.float(), (0, 0, 0, P * page - T)).view(Hkv, P, page, D)
     kmin, kmax = kp.amin(2), kp.amax(2)  # [Hkv, P, D] (full pages; the partial one fixed below)
     out = torch.full((NQ, Hkv, P), float("-inf"))
@@ -303,7 +304,7 @@ def _cmd_train_predictor(args) -> int:
         data_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save((tr, te), data_path)
     t1 = time.time()
-    sp, rp = -(-args.sink_tokens // PAGE), -(-args.recent_tokens // PAGE)
+    sp, rp = cdiv(args.sink_tokens, PAGE), cdiv(args.recent_tokens, PAGE)
     if args.recall_only:
         from .predictor import load_weights
         model = load_weights(out)

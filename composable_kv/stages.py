@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .ints import cdiv
+
 if TYPE_CHECKING:
     from .pipeline import LayerContext, SelectionState, StepPlan
 
@@ -78,7 +80,7 @@ class ScoringSelector(SelectorStage):
         raise NotImplementedError(f"stage {self.name!r} must implement score(ctx) -> [B, Hkv, P]")
 
     def budget_pages(self, page_size: int) -> int:
-        return -(-self.budget_tokens // page_size)
+        return cdiv(self.budget_tokens, page_size)
 
     def apply(self, ctx, state) -> None:
         scores = self.score(ctx)

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from .assets import MODEL_HELP
+from .ints import cdiv
 
 DEFAULT_LAYERS = (2, 11, 20, 29)
 DEFAULT_TOKENS = 8192
@@ -209,7 +210,7 @@ def expand_context(k: torch.Tensor, v: torch.Tensor, ctx: int, inv_freq) -> tupl
     T = k.shape[-2]
     if ctx <= T:
         return k[..., T - ctx:, :], v[..., T - ctx:, :]
-    n = -(-ctx // T)
+    n = cdiv(ctx, T)
     ks = [rope_shift(k, -(n - 1 - c) * T, inv_freq) for c in range(n)]
     kk = torch.cat(ks, dim=-2)[..., -ctx:, :]
     vv = torch.cat([v] * n, dim=-2)[..., -ctx:, :]

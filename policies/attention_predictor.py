@@ -6,6 +6,7 @@ import weakref
 
 from composable_kv.predictor import PageHistory, features, load_weights, prefill_page_mass
 from composable_kv.stages import ScoringSelector, param, register_stage
+from composable_kv.ints import cdiv
 
 
 @register_stage
@@ -48,7 +49,7 @@ class AttentionPredictor(ScoringSelector):
     def summary_bytes_per_page(self, cache) -> int:
         """The CNN reads H fp32 history values per page and KV head (per query head: G times that,
         which the cache alone cannot tell; this counts one), every run_every steps."""
-        return -(-self.history_steps * 4 // self.run_every)
+        return cdiv(self.history_steps * 4, self.run_every)
 
     def plan_forced(self, plan):
         S = plan.page_size

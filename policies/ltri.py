@@ -29,6 +29,7 @@ import torch
 from composable_kv import spans as sp
 from composable_kv.kernels.span_score import reference as span_ref
 from composable_kv.stages import ScoringSelector, param, register_stage
+from composable_kv.ints import cdiv
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Ltri(ScoringSelector):
             self._seqs.clear()
 
     def _sink_pages(self, page_size: int) -> int:
-        return -(-self.sink_tokens // page_size)
+        return cdiv(self.sink_tokens, page_size)
 
     def _build(self, q, k, page_size, end_page, sm_scale, dtype):
         return sp.build_index(q, k, page_size=page_size, sink_pages=self._sink_pages(page_size),
