@@ -4,7 +4,7 @@
 
 Dense decode vs FlashInfer's BatchDecodeWithPagedKVCacheWrapper (when importable), with a sweep of
 BLOCK pages / warps / stages / splits; Quest score+select vs the summary bytes at HBM speed; Quest-ART
-decode. Random K/V: ART's stop does not fire meaningfully here (see DESIGN.md), only its cost is timed.
+decode. Random K/V: ART's stop does not fire meaningfully on random keys (nearly flat attention), only its cost is timed.
 """
 import argparse
 import csv

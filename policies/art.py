@@ -57,7 +57,7 @@ class Art(TerminalStage):
 
     @staticmethod
     def error_bound(tau_bound, value_norm_max, out_norm):
-        """||o - o_S|| <= tau * (max ||v|| + ||o_S||) (DESIGN.md's certified stop)."""
+        """||o - o_S|| <= tau * (max ||v|| + ||o_S||) (the certified stop, kernels/paged_decode/README.md)."""
         return tau_bound * (value_norm_max + out_norm)
 
 

@@ -6,7 +6,7 @@ import torch
 import composable_kv as ckv
 from composable_kv.admission import GatedPipeline
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = pytest.mark.gpu
 
 STACKS = {
     "attend": [{"stage": "attend"}],

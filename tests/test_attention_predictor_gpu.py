@@ -3,7 +3,7 @@ attention_predictor stage compiled on CUDA equal to its reference path."""
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available():
     from page_mass_checks import check_dense_page_mass, check_page_mass

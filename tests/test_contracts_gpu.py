@@ -3,7 +3,7 @@ on with validate=True / CKV_VALIDATE=1."""
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = pytest.mark.gpu
 
 import composable_kv as ckv  # noqa: E402
 

@@ -158,7 +158,6 @@ def test_fused_step_equals_modules(family, policy, path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
 def test_fused_graph_bf16_agreement():
     """bf16 on the GPU, teacher-forced on the same tokens: the fused graph step's logits against the modules'.
 

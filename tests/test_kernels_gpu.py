@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available():
     from kernel_checks import (check_decode, check_pipeline, check_score_splits, check_scores, check_select,

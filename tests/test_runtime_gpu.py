@@ -10,8 +10,6 @@ import composable_kv as ckv  # noqa: E402
 from composable_kv import hf  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
 
 STACKS = {
     "dense": {"page_size": 16, "stages": [{"stage": "attend"}]},
