@@ -235,8 +235,8 @@ def evaluation_section(results: dict[int, dict], plots: dict[int, str]) -> str:
     seconds = sum(d["meta"].get("seconds", 0) for d in results.values())
     n = {r["samples"] for d in results.values() for r in d["rows"]}
     lines = [BEGIN, "",
-             f"## At scale: {first['model']} on {first['device_name']}, {len(results)} contexts, "
-             f"n = {'/'.join(map(str, sorted(n)))} per cell",
+             f"## At scale: {first['model']} on {first['device_name']}, contexts "
+             f"{', '.join(map(str, results))}, n = {'/'.join(map(str, sorted(n)))} per cell",
              "",
              "Tasks in the model's chat template (answers scored by RULER's string-match recall; "
              "`common_words` as whole words); each cell is the mean score with its Wilson 95% interval "
