@@ -6,9 +6,11 @@ n prompts per (task, context) cell, with Wilson 95% intervals; made for the GPU 
 
 ``run`` evaluates through ``evaluate.run_eval``: prompts in the model's chat template, batched, one
 dense prefill per batch replayed by every policy (``hf.PrefillCache``). It writes
-``<out>/scale-<ctx>.json`` and rewrites it after every (task, policy) row, so a run stopped by a time
-limit keeps the rows it finished. Trained weights of the learned stages are checked before anything
-runs. ``report`` reads any number of such files and writes (1) the generated section at the top of
+``<out>/scale-<ctx>-<time>.json`` and rewrites it after every (task, policy) row, so a run stopped by a
+time limit keeps the rows it finished (the missing ones can run in another call). Trained weights of
+the learned stages are checked before anything runs. ``report`` reads any number of such files, merges
+those of one context (a (policy, task) row may come from one file only) and writes (1) the generated
+section at the top of
 EVALUATION.md, between the markers below, one table per context, and (2) one Pareto plot per
 context: the mean accuracy over the tasks against the KV MB read per token, labels never overlapping.
 """
@@ -117,7 +119,7 @@ def _run_command(args) -> int:
         meta["commit"] = os.environ.get("CKV_COMMIT") or meta["commit"]  # a device copy's .git can be stale
         meta.update(depths=list(args.depths), samples_per_depth=args.samples_per_depth,
                     batch_size=args.batch_size, prompt_format="chat")
-        out_file = out_dir / f"scale-{ctx}.json"
+        out_file = out_dir / f"scale-{ctx}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         rows = run_scale(model, tok, policies, ctx, out_file, tasks=tasks, depths=args.depths,
                          samples_per_depth=args.samples_per_depth, batch_size=args.batch_size, essays=essays,
                          meta=meta, progress=not args.quiet)
@@ -130,14 +132,21 @@ def _run_command(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def load_results(paths: Sequence[str | Path]) -> dict[int, dict]:
-    """{ctx: {"meta": ..., "rows": [row dicts]}} from scale-*.json files (one context each)."""
+    """{ctx: {"metas": [each file's meta], "rows": [row dicts]}} from scale-*.json files, merged per context."""
     out: dict[int, dict] = {}
+    where: dict[tuple, str] = {}  # (ctx, policy, task) -> file
     for path in paths:
         doc = json.loads(Path(path).read_text())
         ctx = int(doc["meta"]["ctx"])
-        if ctx in out:
-            raise ValueError(f"two result files for ctx {ctx}: {out[ctx]['path']} and {path}")
-        out[ctx] = {**doc, "path": str(path)}
+        cell = out.setdefault(ctx, {"metas": [], "rows": []})
+        cell["metas"].append(doc["meta"])
+        for r in doc["rows"]:
+            key = (ctx, r["policy"], r["task"])
+            if key in where:
+                raise ValueError(f"{r['policy']} on {r['task']} at {ctx} is in both {where[key]} and {path}; "
+                                 "keep one of the files.")
+            where[key] = str(path)
+            cell["rows"].append(r)
     return dict(sorted(out.items()))
 
 
@@ -229,10 +238,11 @@ def pareto_plot(rows: Sequence[dict], ctx: int, path: Path, model: str) -> str |
 
 def evaluation_section(results: dict[int, dict], plots: dict[int, str]) -> str:
     """The generated part of EVALUATION.md: what ran, then per context the table and the plot, then the targets."""
-    first = next(iter(results.values()))["meta"]
+    metas = [m for d in results.values() for m in d["metas"]]
+    first = metas[0]
     tasks = [t for t in SCALE_TASKS if any(r["task"] == t for d in results.values() for r in d["rows"])]
     tasks += sorted({r["task"] for d in results.values() for r in d["rows"]} - set(tasks))
-    seconds = sum(d["meta"].get("seconds", 0) for d in results.values())
+    seconds = sum(m.get("seconds", 0) for m in metas)
     n = {r["samples"] for d in results.values() for r in d["rows"]}
     lines = [BEGIN, "",
              f"## At scale: {first['model']} on {first['device_name']}, contexts "
@@ -244,14 +254,15 @@ def evaluation_section(results: dict[int, dict], plots: dict[int, str]) -> str:
              "`mean` averages the tasks; KV MB/token and % KV read (of a dense read of the same pages) "
              "average them too. Every policy replays the same dense prefills.",
              "",
-             f"Commit {', '.join(sorted({str(d['meta']['commit']) for d in results.values()}))}, "
+             f"Commit {', '.join(sorted({str(m['commit']) for m in metas}))}, "
              f"torch {first['torch']}, transformers {first['transformers']}, {seconds / 60:.1f} min of "
              "evaluation (model load and uploads excluded). Commands:",
              "", "```"]
-    lines += [d["meta"]["command"] for d in results.values()]
+    lines += list(dict.fromkeys(m["command"] for m in metas))
     lines += ["```", ""]
     for ctx, d in results.items():
-        lines += [f"### {ctx} tokens ({d['meta'].get('seconds', 0) / 60:.1f} min)", "",
+        minutes = sum(m.get("seconds", 0) for m in d["metas"]) / 60
+        lines += [f"### {ctx} tokens ({minutes:.1f} min)", "",
                   context_table(d["rows"], tasks), ""]
         if ctx in plots:
             lines += [f"![accuracy against KV bytes at {ctx} tokens]({plots[ctx]})", ""]
@@ -283,7 +294,7 @@ def _report_command(args) -> int:
     plots = {}
     for ctx, d in results.items():
         png = plot_dir / f"pareto-{ctx}.png"
-        note = pareto_plot(d["rows"], ctx, png, d["meta"]["model"])
+        note = pareto_plot(d["rows"], ctx, png, d["metas"][0]["model"])
         if note:
             print(note, file=sys.stderr)
         if png.exists():
@@ -305,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(prog="python -m composable_kv.eval_scale", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="evaluate policies x tasks at each context; writes <out>/scale-<ctx>.json")
+    p = sub.add_parser("run", help="evaluate policies x tasks at each context; writes <out>/scale-<ctx>-<time>.json")
     p.add_argument("--model", metavar="NAME|PATH", default="qwen2.5-coder-0.5b", help=MODEL_HELP)
     p.add_argument("--ctx", action="append", type=positive_int, default=None,
                    help=f"context (repeat; default {', '.join(map(str, SCALE_CTXS))})")

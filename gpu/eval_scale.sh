@@ -19,8 +19,9 @@
 #                                    carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"]
 #                                    command: CKV_COMMIT=<commit> bash gpu/eval_scale.sh run 4096
 #     then the same with 8192, 16384 and 32768. The first joins the parts and checks the sha256. Each writes
-#     $OUT/scale-<ctx>.json, rewritten after every (task, policy) row: a call stopped by its time limit keeps the
-#     rows it finished (run the rest with EVAL_SCALE_ARGS="--task ... --policy ..." and merge by hand).
+#     $OUT/scale-<ctx>-<time>.json, rewritten after every (task, policy) row: a call stopped by its time limit keeps
+#     the rows it finished; run the missing ones in another call (EVAL_SCALE_ARGS="--task ... --policy ...");
+#     report merges the files of one context.
 #  3. Here: bash gpu/eval_scale.sh report <files_at>/scale-*.json
 #     copies the files to benchmarks/eval_scale/ and regenerates EVALUATION.md's GPU section (first, between
 #     markers) and benchmarks/eval_scale/pareto-<ctx>.png.
@@ -64,7 +65,7 @@ for path, cmd in missing:
     print(f"missing {path}: run `CKV_CACHE_DIR={assets.cache_dir()} {cmd}`", file=sys.stderr)
 sys.exit(1 if missing else 0)
 EOF
-  tar czf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR" tokenizers PaulGrahamEssays predictor write_gate
+  tar czf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR" tokenizers PaulGrahamEssays predictor/attention_predictor.pt write_gate
   ls -la .devsite/eval-scale-cache.tgz .devsite/wheels ".devsite/$NAME.parts"
 }
 
@@ -101,7 +102,7 @@ report() {
   [ $# -ge 1 ] || { echo "usage: bash gpu/eval_scale.sh report scale-*.json" >&2; exit 2; }
   mkdir -p "$RESULTS"
   for f in "$@"; do
-    [ "$(realpath "$f")" = "$(realpath "$RESULTS/$(basename "$f")")" ] || cp "$f" "$RESULTS/"
+    [ "$(realpath "$f")" = "$(realpath -m "$RESULTS/$(basename "$f")")" ] || cp "$f" "$RESULTS/"
   done
   python -m composable_kv.eval_scale report "$RESULTS"/scale-*.json --evaluation "$EVALUATION" --plots "$RESULTS"
 }

@@ -57,11 +57,11 @@ def test_tiny_scale_run_and_report(model, tmp_path):
             "model": "tiny", "commit": "test", "torch": torch.__version__, "transformers": "x",
             "depths": [0.2, 0.8], "samples_per_depth": 1}
     for ctx in (768, 1024):
-        rows = eval_scale.run_scale(model, CharTokenizer(), _policies(), ctx, tmp_path / f"scale-{ctx}.json",
+        rows = eval_scale.run_scale(model, CharTokenizer(), _policies(), ctx, tmp_path / f"scale-{ctx}-x.json",
                                     tasks=tasks, depths=(0.2, 0.8), samples_per_depth=1, batch_size=2,
                                     essays=ESSAYS, meta=meta, progress=False)
         assert [(r.policy, r.task) for r in rows] == [(p, t) for t in tasks for p in ("dense", "quest-art")]
-        saved = json.loads((tmp_path / f"scale-{ctx}.json").read_text())
+        saved = json.loads((tmp_path / f"scale-{ctx}-x.json").read_text())
         assert len(saved["rows"]) == 2 and saved["meta"]["ctx"] == ctx
         for r in saved["rows"]:
             assert r["samples"] == 2 and len(r["outputs"]) == 2 and 0.0 <= r["accuracy"] <= 1.0
@@ -70,7 +70,7 @@ def test_tiny_scale_run_and_report(model, tmp_path):
 
     evaluation = tmp_path / "EVALUATION.md"
     evaluation.write_text("# Evaluation\n\nHand-written CPU tables stay below.\n")
-    files = [str(tmp_path / "scale-768.json"), str(tmp_path / "scale-1024.json")]
+    files = [str(tmp_path / "scale-768-x.json"), str(tmp_path / "scale-1024-x.json")]
     for _ in range(2):  # a second report replaces the generated section instead of adding one
         assert eval_scale.main(["report", *files, "--evaluation", str(evaluation),
                                 "--plots", str(tmp_path / "plots")]) == 0
@@ -150,10 +150,11 @@ def test_gpu_script_runs_cpu_sized(tmp_path):
     run = subprocess.run(["bash", "gpu/eval_scale.sh", "run", "768"], env=env, capture_output=True, text=True,
                          cwd=eval_scale.REPO, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    saved = json.loads((tmp_path / "out" / "scale-768.json").read_text())
+    (result,) = (tmp_path / "out").glob("scale-768-*.json")
+    saved = json.loads(result.read_text())
     assert [(r["policy"], r["task"], r["samples"]) for r in saved["rows"]] == [("dense", "passkey", 2),
                                                                               ("quest", "passkey", 2)]
-    report = subprocess.run(["bash", "gpu/eval_scale.sh", "report", str(tmp_path / "out" / "scale-768.json")],
+    report = subprocess.run(["bash", "gpu/eval_scale.sh", "report", str(result)],
                             env=env, capture_output=True, text=True, cwd=eval_scale.REPO, timeout=600)
     assert report.returncode == 0, report.stderr[-2000:]
     assert "### 768 tokens" in (tmp_path / "EVALUATION.md").read_text()
@@ -161,3 +162,17 @@ def test_gpu_script_runs_cpu_sized(tmp_path):
     bad = subprocess.run(["bash", "gpu/eval_scale.sh", "nonsense"], capture_output=True, text=True,
                          cwd=eval_scale.REPO)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_report_merges_the_files_of_one_context(tmp_path):
+    def doc(rows, seconds):
+        meta = {"command": f"run {seconds}", "ctx": 4096, "model": "m", "commit": "c", "seconds": seconds}
+        return {"meta": meta, "rows": [{"policy": p, "task": t} for p, t in rows]}
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(doc([("dense", "passkey"), ("quest", "passkey")], 60)))
+    b.write_text(json.dumps(doc([("ltri", "passkey")], 30)))
+    c.write_text(json.dumps(doc([("quest", "passkey")], 10)))
+    merged = eval_scale.load_results([a, b])[4096]
+    assert [r["policy"] for r in merged["rows"]] == ["dense", "quest", "ltri"] and len(merged["metas"]) == 2
+    with pytest.raises(ValueError, match="quest on passkey at 4096 is in both"):
+        eval_scale.load_results([a, c])
