@@ -353,7 +353,7 @@ class GatedPipeline:
         self.dense = DecodePipeline(dense_cfg, backend=pipeline.requested_backend)
         self.required_summaries = self.sparse.required_summaries
         self.selectors = self.sparse.selectors
-        observers = [s.name for s in self.selectors if hasattr(s, "observe_prefill")]
+        observers = [s.name for s in self.selectors if s.observes_prefill]
         if observers:
             raise ValueError(f"policy {self.name!r}: admission stage {stage.name!r} does not stack with selectors "
                              f"that index the prefill ({observers}) yet; their per-sequence state would need "

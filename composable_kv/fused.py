@@ -22,33 +22,23 @@ import torch
 
 from .kernels.page_select import triton as select_tk
 from .kernels.paged_decode import triton as decode_tk
-from .stages import ScoringSelector
 from .ints import cdiv
+from .stages import ScoreKind
 
-_BUILTIN_SELECTORS = {"sink_window", "quest", "topk", "key_shadow"}
-_BUILTIN_TERMINALS = {"attend", "art"}
+KNOWN_STOPS = (None, "stability", "certified")  # the stop kinds paged_decode implements
 
 
 @dataclass(frozen=True)
 class FusedSpec:
     fused: bool            # the whole layer runs in the fused kernels
     reason: str            # why not, when not fused
-    score: int = 0         # 0 none (natural order), 1 box bound, 2 exact page max
+    score: ScoreKind = ScoreKind.NONE  # what score_select computes
     select: bool = False   # a scorer narrows to a budget
     budget_tokens: int = 0
     forced_only: bool = False  # unscored, a forcing stage ran: only forced pages are kept
     max_forced_pages: int = 1  # static bound on the forced pages per request (sizes the sort)
-    shadow_bits: int = 0   # a key_shadow stage re-ranks last (8 or 4), 0 if none
+    shadow_bits: int = 0   # a key-shadow re-ranker runs last (8 or 4), 0 if none
     shadow_budget_tokens: int = 0
-
-
-def _is_builtin(stage) -> bool:
-    from .stages import get_stage_class
-    try:
-        return type(stage) is get_stage_class(stage.name) and type(stage).__module__.startswith(
-            "composable_kv.policies")
-    except KeyError:
-        return False
 
 
 def spec(pipeline) -> FusedSpec:
@@ -56,38 +46,35 @@ def spec(pipeline) -> FusedSpec:
 
 
 def make_spec(pipeline) -> FusedSpec:
-    sels = pipeline.selectors
-    term = pipeline.terminal
-    for s in sels:
-        if not (getattr(s, "fusable", False) and s.name in _BUILTIN_SELECTORS and _is_builtin(s)):
-            return FusedSpec(False, f"selector {s.name!r} is not a fusable built-in")
-    if term.name not in _BUILTIN_TERMINALS or not _is_builtin(term):
-        return FusedSpec(False, f"terminal {term.name!r} is not a built-in")
-    scorers = [s for s in sels if isinstance(s, ScoringSelector)]
-    if getattr(term, "order", "score") == "natural" and (scorers or pipeline.needs_box_bound):
-        return FusedSpec(False, "art order: natural with scores or bounds (score_select orders best-first)")
-    shadow = scorers[-1] if scorers and scorers[-1].name == "key_shadow" else None
-    firsts = scorers[:-1] if shadow is not None else scorers
-    if len(firsts) > 1 or any(s.name == "key_shadow" for s in firsts):
-        return FusedSpec(False, "more than one scoring stage (fused: one of quest/topk, then optionally "
-                                "key_shadow)")
+    """Assemble the selectors' fused parts (Stage.fused_part) into one launch plan, or say why not."""
     ps = pipeline.page_size
-    max_forced = 1  # the last page
-    forcing = False
-    for s in sels:
-        if s.name == "sink_window":
-            forcing = True
-            max_forced += cdiv(s.sink_tokens, ps) + cdiv(s.window_tokens, ps) + 1
-    extra = {"shadow_bits": shadow.bits, "shadow_budget_tokens": shadow.budget_tokens} if shadow else {}
-    if firsts:
-        sc = firsts[0]
-        return FusedSpec(True, "", score=1 if sc.name == "quest" else 2, select=True,
-                         budget_tokens=sc.budget_tokens, forced_only=forcing, max_forced_pages=max_forced, **extra)
+    parts = []
+    for s in pipeline.selectors:
+        part = s.fused_part(ps)
+        if part is None:
+            return FusedSpec(False, f"selector {s.name!r} has no fused part (it runs as Python)")
+        parts.append(part)
+    rule = pipeline.stop_rule
+    if rule.kind not in KNOWN_STOPS:
+        return FusedSpec(False, f"stop rule {rule.kind!r} is not one the Triton decode implements")
+    scoring = [p for p in parts if p.score is not ScoreKind.NONE or p.rerank_bits]
+    if pipeline.terminal.natural_order and (scoring or pipeline.needs_box_bound):
+        return FusedSpec(False, "natural read order with scores or bounds (score_select orders best-first)")
+    shadow = scoring[-1] if scoring and scoring[-1].rerank_bits else None
+    firsts = scoring[:-1] if shadow is not None else scoring
+    if len(firsts) > 1 or any(p.rerank_bits for p in firsts):
+        return FusedSpec(False, "more than one scoring stage (fused: one scorer, then optionally a key shadow)")
+    forcing = any(p.forced_pages for p in parts)
+    max_forced = 1 + sum(p.forced_pages for p in parts)  # the last page, plus what the forcing stages force
+    common = dict(forced_only=forcing, max_forced_pages=max_forced)
     if shadow is not None:
-        return FusedSpec(True, "", score=0, select=False, forced_only=forcing, max_forced_pages=max_forced,
-                         **extra)
-    return FusedSpec(True, "", score=1 if pipeline.needs_box_bound else 0, select=False,
-                     forced_only=forcing, max_forced_pages=max_forced)
+        common |= dict(shadow_bits=shadow.rerank_bits, shadow_budget_tokens=shadow.budget_tokens)
+    if firsts:
+        return FusedSpec(True, "", score=firsts[0].score, select=True, budget_tokens=firsts[0].budget_tokens,
+                         **common)
+    if shadow is not None:
+        return FusedSpec(True, "", **common)
+    return FusedSpec(True, "", score=ScoreKind.BOX if pipeline.needs_box_bound else ScoreKind.NONE, **common)
 
 
 def default_num_splits(cache, plan) -> int:
@@ -110,7 +97,7 @@ def _rule_for(pipeline, layer):
 
 def _generic_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale, rule, tail_lse,
                     num_splits, page_mass=False):
-    rule = rule if getattr(rule, "kind", None) else None
+    rule = rule if rule is not None and rule.kind else None
     return decode_tk.paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, sm_scale=sm_scale,
                                   rule=rule, tail_lse=tail_lse, num_splits=num_splits, page_mass=page_mass)
 
@@ -131,7 +118,7 @@ def run_layer(pipeline, ctx):
     if not sp.fused:
         return pipeline.run_generic(ctx, _generic_decode)
     rule = pipeline.stop_rule
-    kind = getattr(rule, "kind", None)
+    kind = rule.kind
     certified = kind == "certified"
     if sp.shadow_bits:
         order, count, tail = _shadow_launches(sp, q, c, layer, plan, ctx.sm_scale, certified)
@@ -141,15 +128,15 @@ def run_layer(pipeline, ctx):
                                                   out_dtype=q.dtype)
         return DecodeResult(out, pages, tau)
     budget_pages = cdiv(sp.budget_tokens, plan.page_size) if sp.select else 0
-    if sp.score == 2:
+    if sp.score is ScoreKind.EXACT:
         a = b = c.k[layer]
-    elif sp.score == 1:
+    elif sp.score is ScoreKind.BOX:
         a, b = c.key_min[layer], c.key_max[layer]
     else:
         a = b = None
     order, count, tail = select_tk.score_select(
         q, a, b, plan.page_table, plan.seq_lens, plan.forced, num_kv_heads=c.num_kv_heads,
-        page_size=plan.page_size, sm_scale=ctx.sm_scale, score=sp.score, select=sp.select,
+        page_size=plan.page_size, sm_scale=ctx.sm_scale, score=int(sp.score), select=sp.select,
         budget_pages=budget_pages, forced_only=sp.forced_only and plan.any_forcing, certified=certified,
         num_splits=S, max_kept=max(budget_pages, sp.max_forced_pages))
     out, pages, tau = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
@@ -164,10 +151,10 @@ def _shadow_launches(sp, q, c, layer, plan, sm_scale, certified):
     cand_order = cand_count = None
     if sp.select:
         budget1 = cdiv(sp.budget_tokens, plan.page_size)
-        a, b = (c.key_min[layer], c.key_max[layer]) if sp.score == 1 else (c.k[layer], c.k[layer])
+        a, b = (c.key_min[layer], c.key_max[layer]) if sp.score is ScoreKind.BOX else (c.k[layer], c.k[layer])
         cand_order, cand_count, _ = select_tk.score_select(
             q, a, b, plan.page_table, plan.seq_lens, plan.forced, num_kv_heads=c.num_kv_heads,
-            page_size=plan.page_size, sm_scale=sm_scale, score=sp.score, select=True, budget_pages=budget1,
+            page_size=plan.page_size, sm_scale=sm_scale, score=int(sp.score), select=True, budget_pages=budget1,
             forced_only=False, certified=False, num_splits=1, max_kept=max(budget1, sp.max_forced_pages))
     budget = cdiv(sp.shadow_budget_tokens, plan.page_size)
     bits = sp.shadow_bits
@@ -184,7 +171,7 @@ def describe(pipeline) -> list[str]:
     lines = []
     dense = sorted(pipeline.dense_layers)
     decode = "paged_decode (online softmax over the page list; split-KV strided) + merge when num_splits > 1"
-    if not pipeline.selectors and pipeline.terminal.name == "attend":
+    if pipeline.reads_everything:
         return ["path: triton fused, dense: every layer launches " + decode]
     if dense:
         lines.append(f"dense layers {dense}: " + decode + " in natural page order")
@@ -192,8 +179,9 @@ def describe(pipeline) -> list[str]:
         lines.append(f"path: triton generic ({sp.reason}): Python selectors (pipeline.select, torch ops) "
                      f"then the Triton {decode}")
         return lines
-    what = {0: "no scores (kept pages in natural order)", 1: "Quest box bound from key_min/key_max",
-            2: "exact page max q.k (reads every key)"}[sp.score]
+    what = {ScoreKind.NONE: "no scores (kept pages in natural order)",
+            ScoreKind.BOX: "Quest box bound from key_min/key_max",
+            ScoreKind.EXACT: "exact page max q.k (reads every key)"}[sp.score]
     sel = (f"keep forced + top pages under {sp.budget_tokens} tokens" if sp.select else
            "keep forced pages only" if sp.forced_only else "keep every page")
     extra = ", strided tail LSE of the bounds" if rule.kind == "certified" else ""
@@ -201,7 +189,7 @@ def describe(pipeline) -> list[str]:
             "certified": f"certified stop (delta={rule.delta}) every {rule.chunk_pages} pages"}[rule.kind]
     if rule.kind and rule.acc_bf16:
         stop += ", running output rounded to bf16 after every chunk"
-    if pipeline.terminal.name == "attend":
+    if rule.kind is None:
         stop = "no stop"
     if sp.shadow_bits:
         shadow = (f"int{sp.shadow_bits} key shadow bound (q.k^ + |q|.step/2, max over tokens and group); keep "

@@ -287,9 +287,8 @@ class PolicySession:
         page = self.pipeline.page_size
         pages_per_seq = math.ceil(max_total_tokens / page) + 1
         if self.pipeline.admission is not None:  # an admission stage: gated head-major cache (composable_kv.admission)
-            from .admission import gated_session
-            self.pipeline, self.cache = gated_session(self.pipeline, model, self.shape, batch_size * pages_per_seq,
-                                                      self.dtype, self.device)
+            self.pipeline, self.cache = self.pipeline.admission.build_session(
+                self.pipeline, model, self.shape, batch_size * pages_per_seq, self.dtype, self.device)
         else:
             self.cache = ckv.PagedKVCache(
                 num_layers=self.shape.num_layers, num_kv_heads=self.shape.num_kv_heads,
@@ -525,7 +524,7 @@ class PolicySession:
 
     def _prefill_observers(self) -> list:
         """Selectors that build per-sequence state from the prefill's q/k (e.g. ltri's span index)."""
-        return [s for s in self.pipeline.selectors if hasattr(s, "observe_prefill")]
+        return [s for s in self.pipeline.selectors if s.observes_prefill]
 
     def _decode_attention(self, layer: int, q: torch.Tensor, scaling: float | None,
                           sliding_window: int | None) -> torch.Tensor:

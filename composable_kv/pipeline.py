@@ -154,16 +154,16 @@ class DecodePipeline:
 
     @property
     def stop_rule(self) -> StopRule:
-        return self.terminal.stop_rule() if hasattr(self.terminal, "stop_rule") else StopRule()
+        return self.terminal.stop_rule()
 
     @property
     def needs_box_bound(self) -> bool:
-        """ART needs an order or a sound bound that no selector provides."""
-        if self.terminal.name != "art":
+        """A terminal that stops early needs an order or a sound bound that no selector provides."""
+        if self.stop_rule.kind is None:
             return False
         scorers = [s for s in self.selectors if isinstance(s, ScoringSelector)]
-        if not scorers:  # the box bound orders the pages, unless ART reads them in natural order
-            return self.stop_rule.kind == "certified" or getattr(self.terminal, "order", "score") != "natural"
+        if not scorers:  # the box bound orders the pages, unless the terminal reads them in natural order
+            return self.stop_rule.kind == "certified" or not self.terminal.natural_order
         return self.stop_rule.kind == "certified" and not scorers[-1].score_is_bound
 
     @property
@@ -176,7 +176,12 @@ class DecodePipeline:
         return frozenset(need)
 
     def is_dense_layer(self, layer: int) -> bool:
-        return layer in self.dense_layers or (not self.selectors and self.terminal.name == "attend")
+        return layer in self.dense_layers or self.reads_everything
+
+    @property
+    def reads_everything(self) -> bool:
+        """No selector and no early stop: every layer is a dense read."""
+        return not self.selectors and self.stop_rule.kind is None
 
     def backend_for(self, device: torch.device) -> str:
         if self.requested_backend != "auto":
@@ -284,7 +289,7 @@ class DecodePipeline:
         ctx = LayerContext(q, cache, layer, plan, sm_scale, self.stage_state)
         if self.backend_for(q.device) == "triton":
             from . import fused
-            if any(_covers(s, plan) for s in self.selectors):  # the fused kernels would score: go generic
+            if any(s.covers(plan) for s in self.selectors):  # the fused kernels would score: go generic
                 return self.run_generic(ctx, fused._generic_decode)
             return fused.run_layer(self, ctx)
         return self.run_generic(ctx, decode_ref.paged_decode)
@@ -320,7 +325,7 @@ class DecodePipeline:
         keep = state.kept()
         box = ctx.quest_bound() if self.needs_box_bound else None
         order_key = state.order_key if state.scored else box
-        if order_key is None or getattr(self.terminal, "order", "score") == "natural":  # natural order
+        if order_key is None or self.terminal.natural_order:  # natural order
             order_key = -torch.arange(P, device=ctx.q.device, dtype=torch.float32).expand(B, Hkv, P)
         bounds = state.bounds if state.bounds is not None else box
         order, count = select_ref.select_pages(order_key.masked_fill(~keep, float("-inf")),
@@ -340,15 +345,14 @@ class DecodePipeline:
             tokens = select_ref.page_token_counts(order, ctx.plan.seq_lens, ctx.page_size)
             tail = select_ref.strided_tail_lse(bounds_in_order, tokens, count, ctx.plan.num_splits)
         c = ctx.cache
-        observers = [] if self.is_dense_layer(ctx.layer) else [
-            s for s in self.selectors if getattr(s, "observes_page_mass", False)]
+        observers = [] if self.is_dense_layer(ctx.layer) else [s for s in self.selectors if s.observes_page_mass]
         res = decode_fn(ctx.q, c.k[ctx.layer], c.v[ctx.layer], ctx.plan.page_table, ctx.plan.seq_lens,
                         order, count, sm_scale=ctx.sm_scale, rule=rule, tail_lse=tail,
                         num_splits=ctx.plan.num_splits, **({"page_mass": True} if observers else {}))
         if observers:  # the decode's page-mass side output: softmax mass per page, 0 where not read
             mass = torch.nan_to_num((res.page_lse - res.lse[..., None]).exp(), nan=0.0)  # [B, Hq, P]
             for s in observers:
-                s.observe(ctx, mass)
+                s.observe_page_mass(ctx, mass)
         return DecodeResult(res.out.to(ctx.q.dtype), res.pages_read, res.tau_bound)
 
     # -- accounting ---------------------------------------------------------------------------
@@ -371,22 +375,16 @@ class DecodePipeline:
         scored = torch.zeros_like(pages)  # [B] summary bytes per KV head
         n_forced = plan.forced.sum(-1).to(torch.float64)
         for s in self.selectors:
-            if _covers(s, plan):  # keeps every page without reading a summary
+            if s.covers(plan):  # keeps every page without reading a summary
                 continue
             # a re-ranker (key_shadow) reads its summary only for the pages the previous scorer kept
-            in_play = pages if getattr(s, "scores_kept_only", False) else plan.num_pages.to(torch.float64)
+            in_play = pages if s.scores_kept_only else plan.num_pages.to(torch.float64)
             scored += in_play * s.summary_bytes_per_page(cache)
             if isinstance(s, ScoringSelector):
                 pages = torch.minimum(pages, n_forced.clamp(min=s.budget_pages(cache.page_size)))
         if self.needs_box_bound:
             scored += plan.num_pages.to(torch.float64) * 2 * cache.head_dim * cache.dtype.itemsize
         return scored * cache.num_kv_heads
-
-
-def _covers(stage, plan: StepPlan) -> bool:
-    """The stage (Quest) keeps every page of this step's table unscored, its budget holding them all."""
-    covers = getattr(stage, "covers", None)
-    return covers is not None and covers(plan)
 
 
 def compile(policy, backend: str = "auto", validate: bool | None = None) -> DecodePipeline:

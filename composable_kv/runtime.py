@@ -41,7 +41,8 @@ def choose_decode_path(requested: str, pipeline, device: torch.device) -> tuple[
         raise DecodePathError(f"decode_path: expected one of {list(DECODE_PATHS)}, got {requested!r}")
     host_only = ([f"admission stage {pipeline.admission.name!r} (host-planned head-major cache)"]
                  if pipeline.admission is not None else [])
-    host_only += [f"stage {name!r} syncs with the host" for name in pipeline.host_synced_stages]
+    host_only += [f"stage {name!r} syncs with the host" for name in pipeline.host_synced_stages
+                  if pipeline.admission is None or name != pipeline.admission.name]
     if requested in ("graph", "device") and host_only:
         raise DecodePathError(f"decode_path={requested!r} cannot run policy {pipeline.name!r}: "
                               f"{'; '.join(host_only)}; use decode_path='host' (or 'auto')")

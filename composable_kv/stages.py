@@ -2,14 +2,20 @@
 
 A stage is a dataclass registered by name. Three kinds:
   * an admission stage (optional, first) decides what is written: which tokens a (request, KV head)
-    keeps at all (composable_kv.admission runs it on the write path);
+    keeps at all; it supplies its own cache and pipeline wrapper (`AdmissionStage.build_session`);
   * selectors force pages (sink, window) or score pages and keep the best under a budget;
-  * the terminal stage reads the chosen pages (`attend` reads all, `art` stops early).
+  * the terminal stage reads the chosen pages; its `stop_rule()` says whether and how it stops early.
 A new selector subclasses `ScoringSelector` and writes only `score()`.
+
+Every hook a stage may take part in is declared here with a no-op default, and core code calls the
+hooks, never a stage's name: observing the prefill's q/k, observing the decode's page mass, the
+summaries it reads and their bytes, whether it can be captured in a CUDA graph (`graph_support`), and,
+for a stage the Triton path implements, its part of the fused launch (`fused_part`).
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,7 +24,35 @@ import torch
 from .ints import cdiv
 
 if TYPE_CHECKING:
+    from .kernels.paged_decode.reference import StopRule
     from .pipeline import LayerContext, SelectionState, StepPlan
+
+
+class GraphSupport(str, enum.Enum):
+    """Whether a stage's per-layer work can be captured in the decode step's CUDA graph."""
+    ALWAYS = "always"  # device ops only, fixed shapes
+    NEVER = "never"    # syncs with the host every layer: the session runs it on the host path
+
+
+class ScoreKind(enum.IntEnum):
+    """What the fused score_select kernel computes per page (kernels/page_select/triton.py SCORE)."""
+    NONE = 0   # no scores: kept pages in natural order
+    BOX = 1    # Quest's box bound from key_min / key_max
+    EXACT = 2  # the exact page max of q.k (reads every key)
+
+
+@dataclass(frozen=True)
+class FusedPart:
+    """A selector's part of the fused Triton launch; composable_kv.fused assembles a stack's parts."""
+    forced_pages: int = 0          # a forcing stage: at most this many pages forced per request
+    score: ScoreKind = ScoreKind.NONE  # a scorer: what score_select computes
+    budget_tokens: int = 0         # a scorer or re-ranker: tokens kept per (request, KV head)
+    rerank_bits: int = 0           # a re-ranker of the kept pages by an int8/int4 key shadow (8 or 4)
+
+
+def _inherits(stage, base: type, *methods: str) -> bool:
+    """`stage` runs `base`'s own code for `methods` (a subclass that overrides one is not fusable as base)."""
+    return all(getattr(type(stage), m) is getattr(base, m) for m in methods)
 
 
 
@@ -37,17 +71,38 @@ class Stage:
     kind: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    graph_safe: ClassVar[bool] = True  # False: the stage syncs with the host per layer (no CUDA-graph capture)
+    graph_support: ClassVar[GraphSupport] = GraphSupport.ALWAYS
 
     def check(self) -> None:
         """Cross-field checks; raise ValueError("<field>: <message>") to refuse."""
 
     def required_summaries(self) -> frozenset[str]:
+        """Page summaries it reads (composable_kv.summaries); the cache keeps exactly these."""
         return frozenset()
 
     def summary_bytes_per_page(self, cache) -> int:
         """Bytes this stage reads per (page, KV head) besides the K/V pages the terminal reads."""
         return 0
+
+    def observe_prefill(self, cache, seq_ids: list[int], layer: int, query: torch.Tensor, key: torch.Tensor,
+                        valid: torch.Tensor, sm_scale: float | None) -> None:
+        """Prefill of sequences `seq_ids`, one layer: query [g, Hq, T, D], key [g, Hkv, T, D] post-RoPE,
+        valid [g, T] bool. For stages that build per-sequence state from the prompt."""
+
+    def observe_page_mass(self, ctx: "LayerContext", mass: torch.Tensor) -> None:
+        """After a decode of a sparse layer: softmax mass per page [B, Hq, P] (0 where not read)."""
+
+    @property
+    def observes_prefill(self) -> bool:
+        return type(self).observe_prefill is not Stage.observe_prefill
+
+    @property
+    def observes_page_mass(self) -> bool:
+        return type(self).observe_page_mass is not Stage.observe_page_mass
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.graph_support is GraphSupport.ALWAYS
 
     @classmethod
     def params(cls) -> list[dataclasses.Field]:
@@ -58,7 +113,15 @@ class SelectorStage(Stage):
     """Base of selectors. Override `plan_forced` (position-based, once per step) and/or `apply`."""
 
     kind: ClassVar[str] = "selector"
-    fusable: ClassVar[bool] = False  # True only for built-ins that the Triton pipeline fuses
+    scores_kept_only: ClassVar[bool] = False  # reads its summary only for the pages the previous scorer kept
+
+    def fused_part(self, page_size: int) -> FusedPart | None:
+        """Its part of the fused Triton launch, or None: it runs as Python (pipeline.select)."""
+        return None
+
+    def covers(self, plan: "StepPlan") -> bool:
+        """It keeps every page of this step's table without reading a summary (its budget holds them all)."""
+        return False
 
     def plan_forced(self, plan: "StepPlan") -> torch.Tensor | None:
         """Pages forced from positions alone, shared by all layers and heads: [B, P] bool or None."""
@@ -94,11 +157,29 @@ class ScoringSelector(SelectorStage):
 class TerminalStage(Stage):
     kind: ClassVar[str] = "terminal"
 
+    def stop_rule(self) -> "StopRule":
+        """How the decode stops early (the kernels implement the kinds); the default reads every kept page."""
+        from .kernels.paged_decode.reference import StopRule
+        return StopRule()
+
+    @property
+    def natural_order(self) -> bool:
+        """Read the kept pages in page order instead of best-first."""
+        return False
+
 
 class AdmissionStage(Stage):
     """Base of admission stages: they lead a stack and act on the write path, not on the read."""
 
     kind: ClassVar[str] = "admission"
+    graph_support: ClassVar[GraphSupport] = GraphSupport.NEVER  # plans its head-major cache on the host
+
+    def build_session(self, pipeline, model, shape, num_pages: int, dtype, device):
+        """(pipeline, cache) for hf.PolicySession: the stage's own cache and the pipeline wrapper over it."""
+        raise NotImplementedError(f"admission stage {self.name!r} must implement build_session()")
+
+    def describe(self) -> str:
+        return self.name
 
 
 _REGISTRY: dict[str, type[Stage]] = {}

@@ -50,6 +50,10 @@ class Art(TerminalStage):
     def required_summaries(self):
         return frozenset({VALUE_NORM}) if self.stop == "certified" else frozenset()
 
+    @property
+    def natural_order(self) -> bool:
+        return self.order == "natural"
+
     def stop_rule(self) -> StopRule:
         return StopRule(kind=self.stop, chunk_pages=self.chunk_pages, scale_tol=self.scale_tol,
                         direction_tol=self.direction_tol, patience=self.patience, delta=self.delta,

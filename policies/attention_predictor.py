@@ -5,7 +5,7 @@ import torch
 import weakref
 
 from composable_kv.predictor import PageHistory, features, load_weights, prefill_page_mass
-from composable_kv.stages import ScoringSelector, param, register_stage
+from composable_kv.stages import GraphSupport, ScoringSelector, param, register_stage
 from composable_kv.ints import cdiv
 
 
@@ -30,7 +30,7 @@ class AttentionPredictor(ScoringSelector):
     """
 
     name = "attention_predictor"
-    graph_safe = False  # the CNN history and calibration schedule live on the host
+    graph_support = GraphSupport.NEVER  # the CNN history and calibration schedule live on the host
     paper = ("AttentionPredictor: Temporal Pattern Matters for Efficient LLM Inference "
              "(Yang et al., 2025; arXiv 2502.04077)")
     summary = "top pages by a CNN over the history of page attention (trained: ckv train-predictor)"
@@ -44,7 +44,6 @@ class AttentionPredictor(ScoringSelector):
     recent_tokens: int = param(64, "most recent tokens always read", min=0)
     weights: str = param("", "CNN weights file; empty: the `ckv train-predictor` default in the user cache")
 
-    observes_page_mass = True  # the pipeline asks the decode for the page-mass side output
 
     def summary_bytes_per_page(self, cache) -> int:
         """The CNN reads H fp32 history values per page and KV head (per query head: G times that,
@@ -143,7 +142,7 @@ class AttentionPredictor(ScoringSelector):
             state.forced = state.forced | (calibrate.to(state.forced.device)[:, None, None] & state.valid)
         super().apply(ctx, state)
 
-    def observe(self, ctx, page_mass: torch.Tensor) -> None:
+    def observe_page_mass(self, ctx, page_mass: torch.Tensor) -> None:
         """After the decode: page_mass [B, Hq, P] (softmax mass per page, 0 where not read)."""
         hist, rows = self._rows(ctx)
         if self.per_kv_head:

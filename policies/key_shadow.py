@@ -1,7 +1,7 @@
 from dataclasses import dataclass
 
 from composable_kv.kernels.key_shadow import reference as shadow_ref
-from composable_kv.stages import ScoringSelector, param, register_stage
+from composable_kv.stages import FusedPart, ScoringSelector, _inherits, param, register_stage
 from composable_kv.summaries import KEY_MINMAX, KEY_SHADOW, SUMMARIES
 
 
@@ -18,7 +18,6 @@ class KeyShadow(ScoringSelector):
              "Twilight (Lin et al., 2025); the per-page sound shadow bound is composable-kv's")
     summary = "re-rank pages by an int8/int4 per-token key copy (sound bound; reads the copy)"
     score_is_bound = True
-    fusable = True
     scores_kept_only = True  # reads the shadow only for the pages the previous scorer kept (kv_bytes_read)
 
     bits: int = param(8, "bits per key channel in the shadow copy", choices=(8, 4))
@@ -34,6 +33,11 @@ class KeyShadow(ScoringSelector):
     def summary_bytes_per_page(self, cache) -> int:
         """Per scored page (only those the previous scorer kept): codes, per-channel step, zero point."""
         return SUMMARIES[self.summary_name].bytes_per_page(cache)
+
+    def fused_part(self, page_size: int) -> FusedPart | None:
+        if not _inherits(self, KeyShadow, "score", "apply", "plan_forced"):
+            return None
+        return FusedPart(rerank_bits=self.bits, budget_tokens=self.budget_tokens)
 
     def score(self, ctx):
         c = ctx.cache

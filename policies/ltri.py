@@ -28,7 +28,7 @@ import torch
 
 from composable_kv import spans as sp
 from composable_kv.kernels.span_score import reference as span_ref
-from composable_kv.stages import ScoringSelector, param, register_stage
+from composable_kv.stages import GraphSupport, ScoringSelector, param, register_stage
 from composable_kv.ints import cdiv
 
 
@@ -45,7 +45,7 @@ class Ltri(ScoringSelector):
     query by representative keys with voting across heads, expanded to pages under the budget."""
 
     name = "ltri"
-    graph_safe = False  # span tables are padded and ranked on the host per layer
+    graph_support = GraphSupport.NEVER  # span tables are padded and ranked on the host per layer
     paper = ("Ltri-LLM: Streaming Long Context Inference for LLMs with Training-Free Dynamic Triangular "
              "Attention Pattern (Tang et al., arXiv 2412.04757, 2024)")
     summary = "top semantic spans (triangle boundaries + NMS) by representative keys, voting across heads"

@@ -1,6 +1,6 @@
 from dataclasses import dataclass
 
-from composable_kv.stages import ScoringSelector, register_stage
+from composable_kv.stages import FusedPart, ScoringSelector, ScoreKind, _inherits, register_stage
 from composable_kv.summaries import KEY_MINMAX, SUMMARIES
 
 
@@ -19,7 +19,11 @@ class Quest(ScoringSelector):
     paper = "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (Tang et al., ICML 2024)"
     summary = "top pages by the key min/max box bound on q.k"
     score_is_bound = True
-    fusable = True
+
+    def fused_part(self, page_size: int) -> FusedPart | None:
+        if not _inherits(self, Quest, "score", "apply", "plan_forced", "covers"):
+            return None
+        return FusedPart(score=ScoreKind.BOX, budget_tokens=self.budget_tokens)
 
     def required_summaries(self):
         return frozenset({KEY_MINMAX})

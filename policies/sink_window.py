@@ -2,7 +2,8 @@ from dataclasses import dataclass
 
 import torch
 
-from composable_kv.stages import SelectorStage, param, register_stage
+from composable_kv.ints import cdiv
+from composable_kv.stages import FusedPart, SelectorStage, _inherits, param, register_stage
 
 
 @register_stage
@@ -17,10 +18,13 @@ class SinkWindow(SelectorStage):
     name = "sink_window"
     paper = "StreamingLLM: Efficient Streaming Language Models with Attention Sinks (Xiao et al., 2023)"
     summary = "force the sink pages and the recent-window pages"
-    fusable = True
-
     sink_tokens: int = param(64, "leading tokens always read (attention sinks)", min=0)
     window_tokens: int = param(256, "most recent tokens always read", min=0)
+
+    def fused_part(self, page_size: int) -> FusedPart | None:
+        if not _inherits(self, SinkWindow, "plan_forced", "apply"):
+            return None
+        return FusedPart(forced_pages=cdiv(self.sink_tokens, page_size) + cdiv(self.window_tokens, page_size) + 1)
 
     def plan_forced(self, plan) -> torch.Tensor:
         S = plan.page_size

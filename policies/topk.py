@@ -1,7 +1,7 @@
 from dataclasses import dataclass
 
 from composable_kv.kernels.page_score import reference as score_ref
-from composable_kv.stages import ScoringSelector, register_stage
+from composable_kv.stages import FusedPart, ScoringSelector, ScoreKind, _inherits, register_stage
 
 
 @register_stage
@@ -14,7 +14,11 @@ class TopK(ScoringSelector):
     paper = "oracle (exact page max q.k); the upper reference in Quest (Tang et al., 2024)"
     summary = "top pages by the exact max q.k (reads all keys; an oracle)"
     score_is_bound = True
-    fusable = True
+
+    def fused_part(self, page_size: int) -> FusedPart | None:
+        if not _inherits(self, TopK, "score", "apply", "plan_forced"):
+            return None
+        return FusedPart(score=ScoreKind.EXACT, budget_tokens=self.budget_tokens)
 
     def summary_bytes_per_page(self, cache) -> int:
         return cache.page_size * cache.head_dim * cache.dtype.itemsize

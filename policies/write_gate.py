@@ -31,6 +31,10 @@ class WriteGate(AdmissionStage):
                 f"head-major gated cache (one page list per layer x request x KV head, read with Hkv=1), "
                 f"window pages forced before the first scorer")
 
+    def build_session(self, pipeline, model, shape, num_pages: int, dtype, device):
+        from composable_kv.admission import gated_session
+        return gated_session(pipeline, model, shape, num_pages, dtype, device)
+
     def weights_path(self, model_name: str | None = None) -> Path:
         if self.weights:
             return Path(self.weights).expanduser()

@@ -74,3 +74,31 @@ def test_score_with_wrong_shape_is_named():
     pipe.plan(cache, ids)
     with pytest.raises(ValueError, match=r"bad_shape_test.*score\(\) returned shape \(1,\)"):
         pipe.run(torch.randn(1, 2, 16), cache, 0)
+
+
+def test_stage_protocol_hooks_are_declared_not_discovered():
+    """Core reads declared hooks: fused parts, prefill / page-mass observers, graph support, stop rules."""
+    from dataclasses import dataclass
+
+    from composable_kv.policies.quest import Quest
+    from composable_kv.stages import GraphSupport, ScoreKind, register_stage, registered_stages
+
+    @register_stage
+    @dataclass
+    class HalfQuest(Quest):
+        name = "half_quest_protocol_test"
+
+        def score(self, ctx):
+            return super().score(ctx) * 0.5
+
+    mine = ckv.compile({"stages": [{"stage": "half_quest_protocol_test", "budget_tokens": 32}, {"stage": "art"}]})
+    assert mine.selectors[0].fused_part(16) is None  # overrides score(): Quest's kernel would be wrong for it
+    assert not mine.fused_spec.fused and "has no fused part" in mine.fused_spec.reason
+    plain = ckv.compile({"stages": [{"stage": "quest", "budget_tokens": 32}, {"stage": "art"}]})
+    assert plain.fused_spec.fused and plain.fused_spec.score is ScoreKind.BOX
+    stages = registered_stages()
+    assert {n for n, c in stages.items() if c.observe_prefill is not stages["quest"].observe_prefill} >= \
+        {"ltri", "attention_predictor", "snapkv"}
+    assert stages["attention_predictor"]().observes_page_mass and not stages["quest"]().observes_page_mass
+    assert stages["ltri"].graph_support is GraphSupport.NEVER and stages["quest"].graph_support is GraphSupport.ALWAYS
+    assert stages["attend"]().stop_rule().kind is None and stages["art"]().stop_rule().kind == "certified"

@@ -10,7 +10,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.mark.parametrize("name,safe", [("quest_art", True), ("sink_window_quest_shadow_art", True),
-                                       ("dense", True), ("ltri_art", False), ("attention_predictor_art", False)])
+                                       ("dense", True), ("ltri_art", False), ("attention_predictor_art", False),
+                                       ("write_gate_quest_art", False)])
 def test_graph_safety_is_declared(name, safe):
     pipe = ckv.compile(CONFIGS / f"{name}.yaml")
     assert pipe.graph_safe is safe
@@ -18,4 +19,4 @@ def test_graph_safety_is_declared(name, safe):
     assert ("CUDA graphs: capturable" in text) is safe
     assert ("CUDA graphs: not capturable" in text) is (not safe)
     if not safe:
-        assert pipe.host_synced_stages == [pipe.selectors[0].name]
+        assert pipe.host_synced_stages == [pipe.config.stages[0].name]
