@@ -70,25 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.set_defaults(func=_cmd_describe)
-    _add_optional(sub, "eval_cli", ("add_eval_parser", "add_demo_parser"))
-    _add_optional(sub, "bench", ("add_bench_parser",))
-    _add_optional(sub, "traces", ("add_trace_parser",))
-    _add_optional(sub, "predictor_train", ("add_train_predictor_parser",))
-    _add_optional(sub, "gate_train", ("add_train_gate_parser",))
+    from . import bench, eval_cli, traces
+    from .policies.attention_predictor import train as predictor_train
+    from .policies.write_gate import train as gate_train
+    eval_cli.add_eval_parser(sub)
+    eval_cli.add_demo_parser(sub)
+    bench.add_bench_parser(sub)
+    traces.add_trace_parser(sub)
+    predictor_train.add_train_predictor_parser(sub)
+    gate_train.add_train_gate_parser(sub)
     return parser
-
-
-def _add_optional(sub, module: str, hooks: tuple[str, ...]) -> None:
-    import importlib
-    mod = importlib.import_module(f"composable_kv.{module}") if _has_module(module) else None
-    for hook in hooks:
-        if mod is not None and hasattr(mod, hook):
-            getattr(mod, hook)(sub)
-
-
-def _has_module(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(f"composable_kv.{module}") is not None
 
 
 def main(argv: list[str] | None = None) -> int:

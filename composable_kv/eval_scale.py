@@ -52,9 +52,9 @@ def shipped_configs() -> list[str]:
 
 def check_learned_weights(model, pipelines) -> None:
     """The learned stages need trained weights for this model: refuse to start without them."""
-    from .admission import model_tag
+    from .policies.write_gate.admission import model_tag
     from .errors import CkvError
-    from .predictor import default_weights_path
+    from .policies.attention_predictor.predictor import default_weights_path
 
     for pipe in pipelines:
         for stage in pipe.config.stages:

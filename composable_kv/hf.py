@@ -286,7 +286,7 @@ class PolicySession:
                              "Pass a dense policy (configs/dense.yaml)")
         page = self.pipeline.page_size
         pages_per_seq = math.ceil(max_total_tokens / page) + 1
-        if self.pipeline.admission is not None:  # an admission stage: gated head-major cache (composable_kv.admission)
+        if self.pipeline.admission is not None:  # an admission stage: gated head-major cache (policies/write_gate/admission.py)
             self.pipeline, self.cache = self.pipeline.admission.build_session(
                 self.pipeline, model, self.shape, batch_size * pages_per_seq, self.dtype, self.device)
         else:

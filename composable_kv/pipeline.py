@@ -137,7 +137,7 @@ class DecodePipeline:
         self.page_size = config.page_size
         self.dense_layers = frozenset(config.dense_layers)
         self.selectors: list[SelectorStage] = [s for s in config.stages if s.kind == "selector"]
-        # An admission stage (write path) needs a GatedKVCache; composable_kv.admission runs it.
+        # An admission stage (write path) needs a GatedKVCache; policies/write_gate/admission.py runs it.
         self.admission = next((s for s in config.stages if s.kind == "admission"), None)
         self.terminal = config.stages[-1]
         self.requested_backend = backend
@@ -221,7 +221,7 @@ class DecodePipeline:
         """Once per decode step (after `cache.reserve`): page tables and forced pages for all layers."""
         if self.admission is not None:
             raise TensorContractError(f"policy {self.name!r} leads with the admission stage "
-                                      f"{self.admission.name!r}: decode it through composable_kv.admission "
+                                      f"{self.admission.name!r}: decode it through policies/write_gate/admission.py "
                                       f"(GatedPipeline over a GatedKVCache), not a plain PagedKVCache")
         if not isinstance(cache, PagedKVCache):
             raise TensorContractError(f"plan: cache expected a PagedKVCache, got {type(cache).__name__}")

@@ -50,8 +50,8 @@ prepare() {
 import sys
 from types import SimpleNamespace
 from composable_kv import assets
-from composable_kv.admission import model_tag
-from composable_kv.predictor import default_weights_path
+from composable_kv.policies.write_gate.admission import model_tag
+from composable_kv.policies.attention_predictor.predictor import default_weights_path
 assets.load_tokenizer("qwen2.5-coder-0.5b")  # converted once, saved under $CKV_CACHE_DIR/tokenizers
 assets.load_essays()
 from transformers import AutoConfig

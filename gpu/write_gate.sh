@@ -14,5 +14,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.csv" || true
 git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
 python -m pytest -q -m gpu tests/test_admission_gpu.py "tests/test_kernels_gpu.py" -k "admission or write_gate" \
   2>&1 | tee "$OUT/tests.log"
-python -m composable_kv.admission_bench --batch 64 --context 8192 --admit 0.25,0.5 --iters 30 --out "$OUT" \
+python benchmarks/write_gate_cost.py --batch 64 --context 8192 --admit 0.25,0.5 --iters 30 --out "$OUT" \
   2>&1 | tee "$OUT/bench.log"

@@ -33,7 +33,7 @@ def predictor_weights(tmp_path_factory):
     if os.environ.get("CKV_PREDICTOR_WEIGHTS"):
         yield
         return
-    from composable_kv.predictor import PredictorCNN, save_weights
+    from composable_kv.policies.attention_predictor.predictor import PredictorCNN, save_weights
     with torch.random.fork_rng():
         torch.manual_seed(0)
         path = save_weights(PredictorCNN(), tmp_path_factory.mktemp("predictor") / "untrained.pt")

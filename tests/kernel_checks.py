@@ -133,8 +133,8 @@ def check_pipeline(policy, lens, *, group=2, head_dim=64, num_layers=3, num_spli
                    dtype=torch.float32, q_scale=1.0, seed=0, tol=2e-4):
     """Fused Triton path == generic reference path, every layer (dense layers included)."""
     ref = ckv.compile(policy, backend="reference")
-    if ref.admission is not None:  # an admission stack: check its read path (composable_kv.admission)
-        from composable_kv.admission import GatedPipeline
+    if ref.admission is not None:  # an admission stack: check its read path (policies/write_gate/admission.py)
+        from composable_kv.policies.write_gate.admission import GatedPipeline
         policy = GatedPipeline(ref).sparse.config
         ref = ckv.compile(policy, backend="reference")
     tri = ckv.compile(policy, backend="triton")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import composable_kv as ckv
-from composable_kv.admission import GatedKVCache, GatedPipeline, unrope, rotate_half
+from composable_kv.policies.write_gate.admission import GatedKVCache, GatedPipeline, unrope, rotate_half
 from composable_kv.errors import ConfigError
 
 pytestmark = pytest.mark.cpu

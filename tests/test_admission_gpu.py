@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import composable_kv as ckv
-from composable_kv.admission import GatedPipeline
+from composable_kv.policies.write_gate.admission import GatedPipeline
 
 pytestmark = pytest.mark.gpu
 

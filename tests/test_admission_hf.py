@@ -7,7 +7,8 @@ pytest.importorskip("transformers")
 from helpers import tiny_llama  # noqa: E402
 
 import composable_kv as ckv  # noqa: E402
-from composable_kv import gate_train, hf  # noqa: E402
+from composable_kv import hf  # noqa: E402
+from composable_kv.policies.write_gate import train as gate_train  # noqa: E402
 from composable_kv.policies.write_gate import GateMLP  # noqa: E402
 
 pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_torch_thread")]

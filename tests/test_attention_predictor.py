@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import composable_kv as ckv
-from composable_kv import predictor_train as T
-from composable_kv.predictor import PageHistory, PredictorCNN, load_weights, prefill_page_mass, save_weights
+from composable_kv.policies.attention_predictor import train as T
+from composable_kv.policies.attention_predictor.predictor import PageHistory, PredictorCNN, load_weights, prefill_page_mass, save_weights
 from composable_kv.traces import Trace
 
 from helpers import build_cache

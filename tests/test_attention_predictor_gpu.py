@@ -45,7 +45,7 @@ def no_tf32():
 
 def test_stage_cuda_equals_reference(tmp_path, no_tf32):
     import composable_kv as ckv
-    from composable_kv.predictor import PredictorCNN, save_weights
+    from composable_kv.policies.attention_predictor.predictor import PredictorCNN, save_weights
     from helpers import build_cache
     torch.manual_seed(0)
     w = str(save_weights(PredictorCNN(), tmp_path / "w.pt"))

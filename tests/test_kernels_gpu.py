@@ -81,8 +81,8 @@ def test_pipeline_configs_gpu(config, num_splits):
 
 def _setup(config, lens=(100, 3000, 5000), group=4, head_dim=128, dtype=torch.bfloat16):
     pipe = ckv.compile(config, backend="triton")
-    if pipe.admission is not None:  # an admission stack: its read path (composable_kv.admission)
-        from composable_kv.admission import GatedPipeline
+    if pipe.admission is not None:  # an admission stack: its read path (policies/write_gate/admission.py)
+        from composable_kv.policies.write_gate.admission import GatedPipeline
         pipe = GatedPipeline(pipe).sparse
     need = pipe.required_summaries
     cache, ids, _, _ = build_cache(list(lens), num_layers=3, head_dim=head_dim, summaries=need, dtype=dtype,

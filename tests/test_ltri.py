@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import composable_kv as ckv
-from composable_kv import spans as sp
+from composable_kv.policies.ltri import spans as sp
 from composable_kv.kernels.span_score import reference as span_ref
 
 from helpers import build_cache, dense_attention

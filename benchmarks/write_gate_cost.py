@@ -1,6 +1,6 @@
 """Decode speed of the write-gated cache vs dense on one attention layer (GPU).
 
-    python -m composable_kv.admission_bench --batch 64 --context 8192 --out DIR
+    python benchmarks/write_gate_cost.py --batch 64 --context 8192 --out DIR
 
 Random K/V and queries with Llama-8B attention shapes (32 query / 8 KV heads of 128, bf16, pages of
 16) and random gates that admit a share `--admit` of the tokens leaving the 256-token window. Per
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-import composable_kv as ckv
-from .admission import GatedPipeline
-from .ints import cdiv
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import composable_kv as ckv  # noqa: E402
+from composable_kv.ints import cdiv  # noqa: E402
+from composable_kv.policies.write_gate.admission import GatedPipeline  # noqa: E402
 
 
 def _time_gpu(fn, iters: int, warmup: int = 5) -> float:
@@ -126,7 +128,7 @@ def table(rows, args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m composable_kv.admission_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python benchmarks/write_gate_cost.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=8192)

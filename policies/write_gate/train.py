@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .admission import model_rope, model_tag, unrope
-from .assets import MODEL_HELP
+from composable_kv.policies.write_gate.admission import model_rope, model_tag, unrope
+from composable_kv.assets import MODEL_HELP
 
 CAPTURE_IMPL = "ckv_gate_capture"
 
@@ -202,8 +202,8 @@ def _labelled_mask(seqs, spans, labelled_len) -> torch.Tensor:
 
 
 def run_train_gate(args) -> int:
-    from . import assets
-    from .policies.write_gate import GateMLP
+    from composable_kv import assets
+    from composable_kv.policies.write_gate import GateMLP
 
     if args.threads:
         torch.set_num_threads(args.threads)

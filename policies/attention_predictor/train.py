@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from .assets import MODEL_HELP
-from .predictor import PredictorCNN, default_weights_path, features, save_weights
-from .ints import cdiv
+from composable_kv.assets import MODEL_HELP
+from composable_kv.policies.attention_predictor.predictor import PredictorCNN, default_weights_path, features, save_weights
+from composable_kv.ints import cdiv
 
 PAGE = 16
 
@@ -105,7 +105,7 @@ def keep_top(score, n_pages: int, forced, budget_pages: int) -> torch.Tensor:
 
 def capture_masses(*, tokens: int, steps: int, layers, essays: Path | None, model=None, quiet=False):
     """{'mass': [NL, NQ, Hkv, P], 'quest': [NL, NQ, Hkv, P], 'first_pos': int} from one capture."""
-    from . import traces
+    from composable_kv import traces
     with tempfile.TemporaryDirectory() as d:
         path = traces.capture(Path(d) / "t.pt", tokens=tokens, layers=layers, num_queries=steps,
                               model=model, essays=essays, quiet=quiet)
@@ -119,7 +119,7 @@ def capture_masses(*, tokens: int, steps: int, layers, essays: Path | None, mode
 
 def essay_halves(essays: str | None) -> tuple[Path, Path]:
     """Two temporary folders of symlinks: the first and the second half of the essays by file name."""
-    from . import assets
+    from composable_kv import assets
     folder = assets.essays_dir(essays)
     files = sorted(folder.glob("*.txt"))
     half = len(files) // 2
@@ -306,7 +306,7 @@ def _cmd_train_predictor(args) -> int:
     t1 = time.time()
     sp, rp = cdiv(args.sink_tokens, PAGE), cdiv(args.recent_tokens, PAGE)
     if args.recall_only:
-        from .predictor import load_weights
+        from composable_kv.policies.attention_predictor.predictor import load_weights
         model = load_weights(out)
     else:
         x, y, m = make_samples(tr["mass"], tr["first_pos"], history=args.history, crop_pages=args.crop_pages,

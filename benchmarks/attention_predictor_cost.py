@@ -1,6 +1,6 @@
 """The AttentionPredictor's cost per decode step, and the page-mass side output's cost in the decode.
 
-    python -m composable_kv.predictor_bench [--device cpu|cuda] [--quick] [--out rows.csv]
+    python benchmarks/attention_predictor_cost.py [--device cpu|cuda] [--quick] [--out rows.csv]
 
 Rows (CSV + a markdown table on stdout):
   cnn          the CNN alone on one layer's history: B x heads rows of [H, P] (per KV head or per query
@@ -17,10 +17,13 @@ import argparse
 import csv
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from .predictor import PredictorCNN, features
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from composable_kv.policies.attention_predictor.predictor import PredictorCNN, features  # noqa: E402
 
 SHAPES = {"smollm2-135m": (9, 3, 64, 28), "llama-8b": (32, 8, 128, 30)}  # Hq, Hkv, D, predictor layers
 
@@ -102,7 +105,7 @@ def stage_rows(device, shape, B, ctx, backend, budget=1024):
 
 
 def side_output_rows(device, shape, B, ctx):
-    from .kernels.paged_decode import triton as decode_tk
+    from composable_kv.kernels.paged_decode import triton as decode_tk
     Hq, Hkv, D, L = SHAPES[shape]
     P = ctx // 16
     g = torch.Generator(device=device).manual_seed(0)
@@ -126,7 +129,7 @@ def side_output_rows(device, shape, B, ctx):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m composable_kv.predictor_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python benchmarks/attention_predictor_cost.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a few shapes only (CPU)")
@@ -167,7 +170,7 @@ def _install_random_weights():
     """`weights: "@random"` loads an untrained CNN (timing only): same cost as trained weights."""
     import os
     import tempfile
-    from . import predictor
+    from composable_kv.policies.attention_predictor import predictor
     path = os.path.join(tempfile.mkdtemp(prefix="ckv-ap-"), "random.pt")
     torch.manual_seed(0)
     predictor.save_weights(PredictorCNN(), path)

@@ -34,12 +34,12 @@ from typing import Callable
 
 import torch
 
-from .cache import AppendSlots, PagedKVCache
-from .config import PolicyConfig
-from .errors import TensorContractError
-from .pipeline import DecodePipeline, DecodeResult
-from .stages import ScoringSelector, get_stage_class
-from .ints import cdiv
+from composable_kv.cache import AppendSlots, PagedKVCache
+from composable_kv.config import PolicyConfig
+from composable_kv.errors import TensorContractError
+from composable_kv.pipeline import DecodePipeline, DecodeResult
+from composable_kv.stages import ScoringSelector, get_stage_class
+from composable_kv.ints import cdiv
 
 GateFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, k_pre, k_post) [T,H,D] -> g [T,H]
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # positions [T] -> cos, sin [T, D]
@@ -422,7 +422,7 @@ def gated_session(pipeline: DecodePipeline, model, shape, num_pages: int, dtype,
 
     `num_pages` is the dense cache's page count (pages of Hkv heads); the pool gets as many (page, head)
     units per layer, so no admission pattern can run out of pages."""
-    from .policies.write_gate import GateMLP
+    from composable_kv.policies.write_gate import GateMLP
 
     gp = GatedPipeline(pipeline)
     gate = GateMLP.load(gp.stage.weights_path(model_tag(model)), num_layers=shape.num_layers,

@@ -1,6 +1,6 @@
 """Ltri-LLM span retrieval as a selector: spans found at prefill, retrieved per decode query.
 
-Our choices (the paper gives no exact formulas; see also composable_kv/spans.py):
+Our choices (the paper gives no exact formulas; see also policies/ltri/spans.py):
   * Boundaries come from a page-pooled attention proxy (page-mean q . page-mean k, per query head,
     averaged over the layer's heads), a triangle score T(b) = mean_{i in [b, b+w)} (mass of row i
     on [b, i]) - (mass on the w pages before b), and 1-D NMS (radius `nms_pages`; a peak must exceed
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from composable_kv import spans as sp
+from composable_kv.policies.ltri import spans as sp
 from composable_kv.kernels.span_score import reference as span_ref
 from composable_kv.stages import GraphSupport, ScoringSelector, param, register_stage
 from composable_kv.ints import cdiv

@@ -4,7 +4,7 @@ import torch
 
 import weakref
 
-from composable_kv.predictor import PageHistory, features, load_weights, prefill_page_mass
+from composable_kv.policies.attention_predictor.predictor import PageHistory, features, load_weights, prefill_page_mass
 from composable_kv.stages import GraphSupport, ScoringSelector, param, register_stage
 from composable_kv.ints import cdiv
 
@@ -25,7 +25,7 @@ class AttentionPredictor(ScoringSelector):
     one CNN row per KV head instead of per query head), fewer history_steps, run_every > 1 (reuse the
     last prediction in between).
 
-    The history is per pipeline, per cache, per layer and per sequence (composable_kv.predictor.
+    The history is per pipeline, per cache, per layer and per sequence (policies/attention_predictor/predictor.py:
     PageHistory); rows of finished sequences are freed when the cache no longer holds them.
     """
 

@@ -14,7 +14,7 @@ class WriteGate(AdmissionStage):
     tokens (always read); when it leaves the window it is admitted to the global pages of its
     (request, KV head) only if g > `threshold`, else dropped for that head. Dense layers keep every
     token. The selectors and the terminal stage then read window + admitted pages
-    (composable_kv.admission)."""
+    (policies/write_gate/admission.py)."""
 
     name = "write_gate"
     paper = ("Learning What to Write: Write-Gated KV for Efficient Long-Context Inference "
@@ -32,7 +32,7 @@ class WriteGate(AdmissionStage):
                 f"window pages forced before the first scorer")
 
     def build_session(self, pipeline, model, shape, num_pages: int, dtype, device):
-        from composable_kv.admission import gated_session
+        from composable_kv.policies.write_gate.admission import gated_session
         return gated_session(pipeline, model, shape, num_pages, dtype, device)
 
     def weights_path(self, model_name: str | None = None) -> Path:

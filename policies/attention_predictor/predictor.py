@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .ints import cdiv
+from composable_kv.ints import cdiv
 
 WEIGHTS_NAME = "attention_predictor.pt"
 _LOADED: dict[tuple, "PredictorCNN"] = {}
@@ -24,7 +24,7 @@ def default_weights_path() -> Path:
     $CKV_PREDICTOR_WEIGHTS overrides it."""
     if os.environ.get("CKV_PREDICTOR_WEIGHTS"):
         return Path(os.environ["CKV_PREDICTOR_WEIGHTS"]).expanduser()
-    from .assets import cache_dir
+    from composable_kv.assets import cache_dir
     return cache_dir() / "predictor" / WEIGHTS_NAME
 
 
