@@ -15,8 +15,10 @@ query, written after the prefill). Then, per setting (what is kept and in which 
 
 the kept set and order come from the project's own `pipeline.select`, and every stop rule runs through
 the reference decode (`kernels/paged_decode/reference.py`, the implementation's semantics), certified
-stops with the box bound, with tighter sound bounds (ball: `q.c + |q| r`; min of box and ball) and with
-the exact page max (an oracle bound that reads every key). The oracle stop is the earliest check at
+stops with the box bound, with other sound bounds (ball: `q.c + |q| r`; min of box and ball; pca16: a
+box over the top 16 principal directions of the prompt's keys per KV head plus `|q_perp|` times the
+page's largest residual norm; shadow8: the int8 key shadow, kernels/key_shadow) and with the exact page
+max (an oracle bound that reads every key). The oracle stop is the earliest check at
 which the true unread mass of the kept pages is <= delta for every query head of the group: the best any
 stop can do in that order. Exact masses and the dense output come from the full softmax (fp64).
 
@@ -52,9 +54,11 @@ PAGE = 16
 CHUNK = 4  # pages between two checks (the configs' chunk_pages)
 PAPER = dict(scale_tol=1e-7, direction_tol=1e-3, patience=5)
 DELTAS = (0.01, 0.05, 0.2)
-BOUNDS = ("box", "ball", "min", "exact")
+PCA_RANK = 16
+SOUND = ("box", "ball", "min", "pca16", "shadow8")  # the sound page bounds compared (besides the exact max)
 BYTES_NOTE = {  # per (page, KV head), bf16 cache: what the certified stop reads besides K/V
     "box": lambda D: 2 * D * 2, "ball": lambda D: D * 2 + 4, "min": lambda D: 3 * D * 2 + 4,
+    "pca16": lambda D: 2 * PCA_RANK * 2 + 4, "shadow8": lambda D: PAGE * D + 2 * D * 2,
     "exact": lambda D: PAGE * D * 2}
 
 
@@ -65,6 +69,8 @@ def rules():
         out.append((f"cert-box {d}", StopRule("certified", CHUNK, delta=d), "box", None))
     for d in (0.05, 0.2):
         out.append((f"cert-min {d}", StopRule("certified", CHUNK, delta=d), "min", None))
+    out.append(("cert-pca16 0.05", StopRule("certified", CHUNK, delta=0.05), "pca16", None))
+    out.append(("cert-shadow8 0.05", StopRule("certified", CHUNK, delta=0.05), "shadow8", None))
     out.append(("cert-exact 0.05", StopRule("certified", CHUNK, delta=0.05), "exact", None))
     out.append(("stab-paper fp32", StopRule("stability", CHUNK, **PAPER), None, None))
     out.append(("stab-paper bf16", StopRule("stability", CHUNK, acc_bf16=True, **PAPER), None, None))
@@ -141,7 +147,8 @@ def layer_cache(k, v, q_window, args, snap_stages, sm_scale):
     NQ, ctx = args.queries, args.ctx
     pages = sum(-(-(ctx + b + 1) // PAGE) for b in range(NQ)) + 1
     cache = ckv.PagedKVCache(1, Hkv, D, pages, page_size=PAGE, dtype=getattr(torch, args.cache_dtype),
-                             device=args.device, summaries=frozenset({"key_minmax", "value_norm"}), validate=False)
+                             device=args.device, summaries=frozenset({"key_minmax", "value_norm", "key_shadow_int8"}),
+                             validate=False)
     kk, vv = k.transpose(0, 1)[None].to(cache.dtype), v.transpose(0, 1)[None].to(cache.dtype)  # [1, T, Hkv, D]
     q_prompt = torch.zeros(1, q_window.shape[0], ctx, D, device=args.device)
     q_prompt[0, :, ctx - args.snap_window:] = q_window[:, :args.snap_window].float()  # only these vote
@@ -156,7 +163,17 @@ def layer_cache(k, v, q_window, args, snap_stages, sm_scale):
     return cache, sids
 
 
-def page_bounds(qd, cache, plan, sm_scale):
+def pca_basis(k_prompt, rank):
+    """Per KV head, the prompt keys' mean and top `rank` principal directions: k_prompt [Hkv, T, D] ->
+    (mu [Hkv, D], U [Hkv, D, rank]) fp32."""
+    k = k_prompt.float()
+    mu = k.mean(1)
+    x = k - mu[:, None]
+    _, vecs = torch.linalg.eigh(x.transpose(1, 2) @ x)  # ascending eigenvalues
+    return mu, vecs[..., -rank:].contiguous()
+
+
+def page_bounds(qd, cache, plan, sm_scale, basis):
     """Per (query, KV head, page), max over the group: the bounds, the true page max and the dense page masses.
 
     qd [B, Hq, D] -> dict of [B, Hkv, P] fp32 (box, ball, min, exact; -inf past a request's pages),
@@ -189,10 +206,25 @@ def page_bounds(qd, cache, plan, sm_scale):
     ball_g = torch.einsum("bhgd,bphd->bhgp", qg, cen) + qg.norm(dim=-1)[..., None] * rad.transpose(1, 2)[:, :, None]
     box_g, ball_g = box_g * sm_scale, ball_g * sm_scale
     valid = plan.valid[:, None]  # [B, 1, P]
+    mu, U = basis  # [Hkv, D], [Hkv, D, r]: a = U^T (k - mu), e = k - mu - U a
+    a = torch.einsum("bphsd,hdr->bphsr", k - mu[None, None, :, None], U)
+    e = (k - mu[None, None, :, None] - torch.einsum("bphsr,hdr->bphsd", a, U)).norm(dim=-1)  # [B, P, Hkv, S]
+    m = real[:, :, None, :, None]
+    amin = a.masked_fill(~m, float("inf")).amin(3).transpose(1, 2)  # [B, Hkv, P, r]
+    amax = a.masked_fill(~m, float("-inf")).amax(3).transpose(1, 2)
+    emax = (e * real[:, :, None]).amax(-1).transpose(1, 2)  # [B, Hkv, P]
+    qt = torch.einsum("bhgd,hdr->bhgr", qg, U)  # [B, Hkv, G, r]
+    q_perp = (qg - torch.einsum("bhgr,hdr->bhgd", qt, U)).norm(dim=-1)  # [B, Hkv, G]
+    pca_g = (torch.einsum("bhgd,hd->bhg", qg, mu)[..., None]
+             + torch.maximum(qt[:, :, :, None] * amin[:, :, None], qt[:, :, :, None] * amax[:, :, None]).sum(-1)
+             + q_perp[..., None] * emax[:, :, None]) * sm_scale  # [B, Hkv, G, P]
+    from composable_kv.kernels.key_shadow import reference as shadow_ref
+    shadow = shadow_ref.shadow_scores(qd, cache.shadow_codes[8][0], cache.shadow_step[8][0], cache.key_min[0],
+                                      plan.page_table, plan.seq_lens, sm_scale, 8)
     out = {"box": box_g.amax(2), "ball": ball_g.amax(2), "min": torch.minimum(box_g, ball_g).amax(2),
-           "exact": exact_g.amax(2)}
+           "pca16": pca_g.amax(2), "shadow8": shadow, "exact": exact_g.amax(2)}
     out = {key: val.masked_fill(~valid, float("-inf")) for key, val in out.items()}
-    for key in ("box", "ball", "min"):  # soundness: every bound >= the true page max (fp32 rounding aside)
+    for key in SOUND:  # soundness: every bound >= the true page max (fp32 rounding aside)
         gap = (out[key] - out["exact"])[valid.expand_as(out[key])]
         if gap.numel() and float(gap.min()) < -1e-3:
             raise AssertionError(f"{key} bound below the true page max by {-float(gap.min()):.2e}")
@@ -274,7 +306,7 @@ def run_layer(layer, k, v, q, args, sm_scale, pipes):
     Hkv = cache.num_kv_heads
     G = Hq // Hkv
     plan = next(iter(pipes.values())).plan(cache, sids)  # every setting has the same page table
-    bounds, mass, out_dense, lse = page_bounds(qd, cache, plan, sm_scale)
+    bounds, mass, out_dense, lse = page_bounds(qd, cache, plan, sm_scale, pca_basis(k[:, :args.ctx], PCA_RANK))
     slack = bound_slack(bounds, plan, layer, Hkv)
     dense_n = out_dense.norm(dim=-1)
     rows, checks = [], []
@@ -330,12 +362,12 @@ def run_layer(layer, k, v, q, args, sm_scale, pipes):
 
 
 def bound_slack(bounds, plan, layer, Hkv):
-    """Per KV head: quantiles over (query, page) of bound - true page max (nats), for box, ball, min."""
+    """Per KV head: quantiles over (query, page) of bound - true page max (nats), for each sound bound."""
     valid = plan.valid[:, None].expand_as(bounds["exact"])
     out = []
     for h in range(Hkv):
         row = {"layer": layer, "head": h}
-        for key in ("box", "ball", "min"):
+        for key in SOUND:
             gap = (bounds[key] - bounds["exact"])[:, h][valid[:, h]].float()
             q = torch.quantile(gap, torch.tensor([0.1, 0.5, 0.9], device=gap.device)).tolist()
             row.update({f"{key}_p10": q[0], f"{key}_med": q[1], f"{key}_p90": q[2]})
@@ -345,14 +377,14 @@ def bound_slack(bounds, plan, layer, Hkv):
 
 def tail_slack(slack, sname, bounds, order, count, tokens, mass_order, kept_mass, lse):
     """At the oracle-0.05 point of this order: LSE_R(U_b + log n_b) - max_g log sum_{t in R} e^{s_gt} (nats),
-    the factor e^slack by which the certificate overstates the unread mass, for box, ball and min."""
+    the factor e^slack by which the certificate overstates the unread mass, for each sound bound."""
     stop = oracle_pages(mass_order, kept_mass, count, 0.05)  # [B, Hkv]
     slot = torch.arange(order.shape[-1], device=order.device)
     rest = (slot >= stop[..., None]) & (slot < count[..., None])  # [B, Hkv, N] unread at that point
     unread = (mass_order * rest[:, :, None]).sum(-1)  # [B, Hkv, G] dense-normalised
     true_tail = (unread.clamp(min=1e-300).log() + lse).amax(-1).float()  # log sum_R e^s, max over the group
     has = rest.any(-1)
-    for key in ("box", "ball", "min"):
+    for key in SOUND:
         terms = bounds[key].gather(-1, order.long().clamp(min=0)) + tokens.float().clamp(min=1).log()
         T = torch.logsumexp(terms.masked_fill(~rest, float("-inf")), -1)  # [B, Hkv]
         for h, row in enumerate(slack):
@@ -429,20 +461,20 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
         lines.append("")
     lines += ["## Bound slack (nats): bound - true page max, over (query, page); tail slack at the oracle-0.05 point",
               "", "Bytes per (page, KV head) besides K/V (" + ", ".join(
-                  f"{b} {BYTES_NOTE[b](meta['head_dim'])} B" for b in BOUNDS) +
+                  f"{b} {BYTES_NOTE[b](meta['head_dim'])} B" for b in (*SOUND, "exact")) +
               f"; K+V of a page: {2 * PAGE * meta['head_dim'] * 2} B). Tail slack: "
               "LSE_R(U + log n) - log sum_R e^s, i.e. the certificate overstates the unread mass by e^slack.", "",
-              "| layer.head | box p10/med/p90 | ball p10/med/p90 | min p10/med/p90 | tail box (dense_box / quest) | tail min (dense_box / quest) |",
-              "|---|---|---|---|---|---|"]
+              "| layer.head | " + " | ".join(f"{b} p10/med/p90" for b in SOUND) +
+              " | tail box (dense_box / quest) | tail shadow8 (dense_box / quest) |",
+              "|---|" + "---|" * (len(SOUND) + 2)]
     for s in slack:
         f = lambda k: "/".join(f"{s[f'{k}_{q}']:.1f}" for q in ("p10", "med", "p90"))  # noqa: E731
-        lines.append(f"| {s['layer']}.{s['head']} | {f('box')} | {f('ball')} | {f('min')} | "
-                     f"{s.get('tail_box_dense_box', float('nan')):.1f} / {s.get('tail_box_quest', float('nan')):.1f} | "
-                     f"{s.get('tail_min_dense_box', float('nan')):.1f} / {s.get('tail_min_quest', float('nan')):.1f} |")
+        t = lambda k: " / ".join(f"{s.get(f'tail_{k}_{n}', float('nan')):.1f}" for n in ("dense_box", "quest"))  # noqa: E731
+        lines.append(f"| {s['layer']}.{s['head']} | " + " | ".join(f(b) for b in SOUND) + f" | {t('box')} | {t('shadow8')} |")
     S = [s for s in slack if s["layer"] in sparse_layers]
     lines += ["", "| bound | bytes / page / KV head | median slack (mean over sparse layer.heads) | tail slack dense_box | tail slack quest |",
               "|---|---:|---:|---:|---:|"]
-    for b in ("box", "ball", "min"):
+    for b in SOUND:
         lines.append(f"| {b} | {BYTES_NOTE[b](meta['head_dim'])} | {mean([s[f'{b}_med'] for s in S]):.2f} | "
                      f"{mean([s.get(f'tail_{b}_dense_box', float('nan')) for s in S]):.2f} | "
                      f"{mean([s.get(f'tail_{b}_quest', float('nan')) for s in S]):.2f} |")
@@ -465,13 +497,13 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
                          " | ".join(f"{p / t:.2f} ({t})" if t else "-" for t, p in bins) + " |")
     lines += ["", "## Per layer and KV head (dense_box and quest; read / tau)", "",
               "| layer.head | " + " | ".join(f"{s}: {r}" for s in ("dense_box", "quest") for r in
-                                            ("cert-box 0.05", "cert-min 0.05", "stab-paper bf16", "oracle 0.05")) + " |",
+                                            ("cert-box 0.05", "cert-shadow8 0.05", "stab-paper bf16", "oracle 0.05")) + " |",
               "|---|" + "---|" * 8]
     idx = {(r["setting"], r["rule"], r["layer"], r["head"]): r for r in rows}
     for s in slack:
         cells = []
         for sn in ("dense_box", "quest"):
-            for rn in ("cert-box 0.05", "cert-min 0.05", "stab-paper bf16", "oracle 0.05"):
+            for rn in ("cert-box 0.05", "cert-shadow8 0.05", "stab-paper bf16", "oracle 0.05"):
                 r = idx[(sn, rn, s["layer"], s["head"])]
                 cells.append(f"{r['read_frac']:.2f} / {r['tau_true_mean']:.3f}")
         lines.append(f"| {s['layer']}.{s['head']} | " + " | ".join(cells) + " |")
@@ -496,7 +528,7 @@ def plot(path, meta, rows, slack, sparse_layers):
     layers = sorted({s["layer"] for s in slack})
     fig, ax = plt.subplots(2, 2, figsize=(13, 9))
     a = ax[0, 0]
-    for key, c in (("box", "C0"), ("ball", "C1"), ("min", "C2")):
+    for key, c in (("box", "C0"), ("ball", "C1"), ("min", "C2"), ("pca16", "C5"), ("shadow8", "C3")):
         a.plot(layers, [mean([s[f"{key}_med"] for s in slack if s["layer"] == L]) for L in layers], c, marker="o",
                ms=3, label=f"{key} ({BYTES_NOTE[key](meta['head_dim'])} B/page)")
         a.plot(layers, [mean([s.get(f"tail_{key}_quest", float("nan")) for s in slack if s["layer"] == L])
@@ -505,7 +537,8 @@ def plot(path, meta, rows, slack, sparse_layers):
     a.legend(fontsize=8)
     by = summarize(rows, "read_frac", ("setting", "rule", "layer"))
     a = ax[0, 1]
-    for rn, c in (("cert-box 0.05", "C0"), ("cert-min 0.05", "C2"), ("cert-exact 0.05", "C3"), ("oracle 0.05", "k")):
+    for rn, c in (("cert-box 0.05", "C0"), ("cert-min 0.05", "C2"), ("cert-pca16 0.05", "C5"),
+                  ("cert-shadow8 0.05", "C3"), ("cert-exact 0.05", "C7"), ("oracle 0.05", "k")):
         a.plot(layers, [by[("quest", rn, L)] for L in layers], c, marker="o", ms=3, label=rn)
     a.set(xlabel="layer", ylabel="pages read / kept", title=f"quest {meta['budget']}: certified stops vs the oracle",
           ylim=(0, 1.05))

@@ -70,12 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.set_defaults(func=_cmd_describe)
-    from . import bench, eval_cli, traces
+    from . import eval_cli, traces
     from .policies.attention_predictor import train as predictor_train
     from .policies.write_gate import train as gate_train
     eval_cli.add_eval_parser(sub)
     eval_cli.add_demo_parser(sub)
-    bench.add_bench_parser(sub)
     traces.add_trace_parser(sub)
     predictor_train.add_train_predictor_parser(sub)
     gate_train.add_train_gate_parser(sub)

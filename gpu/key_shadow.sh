@@ -4,7 +4,7 @@
 #  1. GPU tests: the shadow kernels vs their references (compiled, fp32 and bf16, GQA 1-8, d 64/128, int8/int4),
 #     shadow_select vs reference selection, fused == generic for shadow stacks, and the configs loops of
 #     tests/test_kernels_gpu.py restricted to the shadow config (fused == generic, CUDA graph, <= 4 launches).
-#  2. Benchmark (ckv bench): Llama-3-8B shapes (32 q / 8 KV heads, d128), bf16, page 16, batch 64, 32k
+#  2. Benchmark (benchmarks/layer_bench.py): Llama-3-8B shapes (32 q / 8 KV heads, d128), bf16, page 16, batch 64, 32k
 #     context, real K/V from .devsite/traces/smollm2-135m-essays-8k.pt; FlashInfer dense, our quest, quest+art
 #     (budgets 512/1024/2048) and quest -> key shadow -> art (int8 with 4x Quest candidates: ckv_swqsa;
 #     int4 with 2x: ckv_swqsa4) in the same run. Target 5 in the .md compares each shadow row with the

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from composable_kv import bench, traces
-from composable_kv.bench import Case, Row
+import layer_bench as bench  # benchmarks/ is on the test path (pyproject.toml)
+from composable_kv import traces
+from layer_bench import Case, Row
 
 pytestmark = pytest.mark.cpu
 

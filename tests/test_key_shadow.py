@@ -143,7 +143,7 @@ def test_shadow_select_kernel(budget, n_cand, num_splits):
 
 @pytest.mark.cpu
 def test_bench_shadow_providers_policies():
-    from composable_kv import bench
+    import layer_bench as bench
     for prov, bits, mult in (("ckv_swqsa", 8, 4), ("ckv_swqsa4", 4, 2)):
         pipe = bench._policy(prov, 512)
         quest, shadow = pipe.selectors[1], pipe.selectors[2]
@@ -154,7 +154,7 @@ def test_bench_shadow_providers_policies():
 
 @pytest.mark.cpu
 def test_bench_shadow_target_lines():
-    from composable_kv.bench import Row, shadow_target
+    from layer_bench import Row, shadow_target
     base = dict(shape="llama3-8b", hq=32, hkv=8, head_dim=128, batch=64, ctx=32768)
     rows = [Row(**base, provider="ckv_quest_art", budget=2048, ms=1.0, bytes_read=100.0, rel_err_vs_dense=0.05),
             Row(**base, provider="ckv_quest_art", budget=1024, ms=0.6, bytes_read=60.0, rel_err_vs_dense=0.09),
@@ -171,8 +171,9 @@ def test_bench_shadow_target_lines():
 def test_bench_case_runs_the_shadow_providers(monkeypatch):
     """The bench's cache (summaries filled in bulk, not by appends) drives the fused shadow stack like the
     reference path does."""
-    from composable_kv import bench, traces
-    from composable_kv.bench import Case
+    import layer_bench as bench
+    from composable_kv import traces
+    from layer_bench import Case
     trace = traces.Trace.synthetic(layers=4, kv_heads=3, group=3, tokens=128, head_dim=64, num_queries=4)
     monkeypatch.setitem(bench.SHAPES, "tiny", (8, 2, 64))
     data = bench.CaseData(trace, Case("tiny", 2, 1024, ("ckv_quest_art", "ckv_swqsa", "ckv_swqsa4")), DEV)

@@ -298,7 +298,7 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     select: keep forced + the best pages under budget_pages by the score; else keep the forced pages
     (forced_only) or every page, ordered by the score. forced [B, P] bool.
     max_kept: a static upper bound on the kept pages per (request, KV head) (sizes the sort).
-    block_s / num_warps / num_stages: launch tuning (kernels/bench_triton.py sweeps them).
+    block_s / num_warps / num_stages: launch tuning (benchmarks/kernel_sweep.py sweeps them).
     score_splits: programs per (request, KV head) that score slices of the pages (None: enough to give the
     GPU's SMs about 4 programs each; 1 on CPU). The last slice to finish selects, in the same launch.
     Returns (order [B, Hkv, P] int32, count [B, Hkv] int32, tail [B, Hkv, P] fp32 or None).
@@ -321,7 +321,7 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     exact = score == 2
     KP = _pow2(math.ceil(min(P, SB) / num_splits)) if certified else 1  # count <= SB
     SP = _pow2(num_splits) if certified else 1
-    # H100 sweep (kernels/bench_triton.py, bf16 Llama shapes): 128 pages of box summaries per block (64 KB of
+    # H100 sweep (benchmarks/kernel_sweep.py, bf16 Llama shapes): 128 pages of box summaries per block (64 KB of
     # key min+max), 4 warps; 8 warps and 3 stages past 2048 pages. fp32 summaries keep the tile at 64 KB.
     elt = a.element_size() if score else 4
     BLOCK_S = block_s or (16 if exact else max(16, min(128, 32768 // (_pow2(D, 16) * elt))))

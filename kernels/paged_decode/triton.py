@@ -267,7 +267,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     chunk = int(rule.chunk_pages) if R else 0
     is_cuda = dev.type == "cuda"
     if block_pages is None:
-        # H100 sweep (kernels/bench_triton.py): 256 tokens per block without splits, 64 with splits
+        # H100 sweep (benchmarks/kernel_sweep.py): 256 tokens per block without splits, 64 with splits
         tokens = (256 if S == 1 and not R else 128 if S == 1 else 64) if is_cuda else 64
         # a K tile of at most 64 KB: fp32 at head_dim 128 with 256 tokens failed every S=1 GPU test
         tokens = min(tokens, max(PAGE, 65536 // (DP * k_cache.element_size())))

@@ -1,4 +1,4 @@
-"""`ckv bench`: decode-attention benchmark on real K/V traces (one attention layer, one decode step).
+"""The per-layer decode-attention benchmark (`python benchmarks/layer_bench.py`) on real K/V traces (one attention layer, one decode step).
 
 Providers (each row times one layer's decode for the whole batch):
   fi_dense        FlashInfer BatchDecodeWithPagedKVCacheWrapper, HND layout, page 16 (the baseline)
@@ -40,7 +40,9 @@ from pathlib import Path
 
 import torch
 
-from .ints import cdiv
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from composable_kv.ints import cdiv  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {
@@ -440,7 +442,7 @@ class Timing:
 
 
 def _graph_ms(fn, warmup_ms: int, rep_ms: int) -> float:
-    from .cuda_graphs import capture
+    from composable_kv.cuda_graphs import capture
     graph, _ = capture(lambda: [fn() for _ in range(GRAPH_CALLS)])
     return _bench(graph.replay, warmup_ms, rep_ms) / GRAPH_CALLS
 
@@ -454,7 +456,7 @@ def _best(t: Timing) -> float:
 def measure(fn, opts, graph_fn=None) -> Timing:
     """Eager time, host time and CUDA-graph replay time of fn (graph_fn: the callable to capture, when it
     must differ, e.g. FlashInfer's CUDA-graph wrapper). A failed capture leaves graph_ms nan and says why."""
-    from .cuda_graphs import host_us
+    from composable_kv.cuda_graphs import host_us
     t = Timing(_bench(fn, opts.warmup_ms, opts.rep_ms), host_us=host_us(fn))
     try:
         t.graph_ms = _graph_ms(graph_fn or fn, opts.warmup_ms, opts.rep_ms)
@@ -470,7 +472,7 @@ def _rel(a, b) -> float:
 
 def _policy(provider: str, budget: int):
     import yaml
-    from .pipeline import compile
+    from composable_kv.pipeline import compile
     data = yaml.safe_load((REPO / POLICY_FILES[provider]).read_text())
     data["dense_layers"] = []
     bits, mult = SHADOW_PROVIDERS.get(provider, (0, 1))
@@ -486,9 +488,9 @@ class CaseData:
     """One (shape, batch, ctx): the paged cache (with summaries), page tables, q, fp32 dense reference."""
 
     def __init__(self, trace, case: Case, device):
-        from .cache import PagedKVCache
-        from .summaries import KEY_MINMAX, KEY_SHADOW, VALUE_NORM
-        from .traces import TraceReplayer
+        from composable_kv.cache import PagedKVCache
+        from composable_kv.summaries import KEY_MINMAX, KEY_SHADOW, VALUE_NORM
+        from composable_kv.traces import TraceReplayer
         hq, hkv, d = SHAPES[case.shape]
         B, L = case.batch, case.ctx
         P = L // PAGE_SIZE
@@ -684,19 +686,19 @@ def quest_select_fn(pipe, data):
     Prefers the fused module's selection (`fused.select_pages(pipe, ctx)`), then the fused Triton
     score+select kernel (kernels/page_select/triton.py `score_select`, one launch), else the
     pipeline's generic selection (torch ops on the GPU)."""
-    from .pipeline import LayerContext
+    from composable_kv.pipeline import LayerContext
     has_fused = importlib.util.find_spec("composable_kv.fused") is not None
     plan = pipe.plan(data.cache, data.seq_ids, num_splits=None if has_fused else 1)
     ctx = LayerContext(data.q, data.cache, 0, plan, data.sm_scale)
     if has_fused:
-        from . import fused as fused_mod
+        from composable_kv import fused as fused_mod
         sel = getattr(fused_mod, "select_pages", None)
         if sel is not None:
             return (lambda: tuple(sel(pipe, ctx))[:2]), "fused.select_pages"
     quest = [s for s in pipe.selectors if s.name == "quest"][0]
     nsel = quest.budget_pages(pipe.page_size)
     try:
-        from .kernels.page_select.triton import score_select
+        from composable_kv.kernels.page_select.triton import score_select
         c = data.cache
         forced = plan.forced.contiguous()
 
@@ -850,9 +852,9 @@ def run_bench(args) -> int:
         print(f"wrote {args.out_md} from {src} ({len(rows)} rows)")
         return 0
     if not torch.cuda.is_available():
-        print("error: ckv bench needs a CUDA GPU (FlashInfer and the fused path run there)", file=sys.stderr)
+        print("error: benchmarks/layer_bench.py needs a CUDA GPU (FlashInfer and the fused path run there)", file=sys.stderr)
         return 2
-    from .traces import DEFAULT_TRACE_PATH, load_trace
+    from composable_kv.traces import DEFAULT_TRACE_PATH, load_trace
     trace_path = Path(args.trace) if args.trace else REPO / DEFAULT_TRACE_PATH
     try:
         trace = load_trace(trace_path, device="cuda")
@@ -875,7 +877,7 @@ def run_bench(args) -> int:
         "trace": f"{trace_path.name}: {trace.meta.get('model', '?')}, {trace.tokens} tokens, "
                  f"layers {trace.meta.get('layers', '?')}",
     }
-    log(f"ckv bench on {meta['gpu']} (commit {meta['commit']}), {len(grid)} cases, "
+    log(f"layer_bench on {meta['gpu']} (commit {meta['commit']}), {len(grid)} cases, "
         f"memory limit {limit / 2 ** 30:.1f} GiB")
     rows: list[Row] = []
     for case in grid:
@@ -901,14 +903,9 @@ def run_bench(args) -> int:
 
 
 def _command_line() -> str:
-    argv = list(sys.argv)
-    prog = "ckv" if argv and Path(argv[0]).name == "ckv" else "python -m composable_kv.bench"
-    rest = argv[1:]
-    if prog == "ckv" and rest[:1] == ["bench"]:
-        rest = rest[1:]
+    rest = sys.argv[1:]
     env = " ".join(f"{k}={os.environ[k]}" for k in ("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS",) if k in os.environ)
-    return (env + " " if env else "") + (prog + " bench" if prog == "ckv" else prog) + \
-        (" " + " ".join(rest) if rest else "")
+    return (env + " " if env else "") + "python benchmarks/layer_bench.py" + (" " + " ".join(rest) if rest else "")
 
 
 def _version(mod):
@@ -919,7 +916,7 @@ def _version(mod):
 
 
 if __name__ == "__main__":
-    _p = argparse.ArgumentParser(prog="python -m composable_kv.bench")
+    _p = argparse.ArgumentParser(prog="python benchmarks/layer_bench.py")
     _sub = _p.add_subparsers(dest="command", required=True)
     add_bench_parser(_sub)
     _a = _p.parse_args(["bench"] + sys.argv[1:])

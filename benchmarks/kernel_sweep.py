@@ -1,6 +1,6 @@
 """Kernel timings on the GPU (Llama-8B shapes: 32 q heads, 8 KV heads, D=128, bf16, page 16).
 
-    python -m composable_kv.kernels.bench_triton [--quick] [--out rows.csv]
+    python benchmarks/kernel_sweep.py [--quick] [--out rows.csv]
 
 Dense decode vs FlashInfer's BatchDecodeWithPagedKVCacheWrapper (when importable), with a sweep of
 BLOCK pages / warps / stages / splits; Quest score+select vs the summary bytes at HBM speed; Quest-ART
@@ -11,12 +11,16 @@ import csv
 import itertools
 import sys
 
+from pathlib import Path
+
 import torch
 import triton
 
-from composable_kv.cuda_graphs import host_us as _host_us
-from composable_kv.kernels.page_select import triton as select_tk
-from composable_kv.kernels.paged_decode import triton as decode_tk
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from composable_kv.cuda_graphs import host_us as _host_us  # noqa: E402
+from composable_kv.kernels.page_select import triton as select_tk  # noqa: E402
+from composable_kv.kernels.paged_decode import triton as decode_tk  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
