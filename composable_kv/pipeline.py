@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -23,16 +22,13 @@ from .summaries import KEY_MINMAX
 from .kernels.page_score import reference as score_ref
 from .kernels.page_select import reference as select_ref
 from .kernels.paged_decode import reference as decode_ref
-from .kernels.paged_decode.reference import StopRule
+from .kernels.paged_decode.reference import DecodeOut, StopRule
 from .ints import cdiv
 
 BACKENDS = ("auto", "reference", "triton")
 
 
-class DecodeResult(NamedTuple):
-    out: torch.Tensor         # [B, Hq, D], q's dtype
-    pages_read: torch.Tensor  # [B, Hkv] int32
-    tau_bound: torch.Tensor | None = None  # [B, Hq] certified bound on the unread softmax mass
+DecodeResult = DecodeOut  # pipeline.run's output: out [B, Hq, D] in q's dtype, pages_read [B, Hkv], tau_bound
 
 
 @dataclass

@@ -26,9 +26,11 @@ class StopRule:
 
 @dataclass
 class DecodeOut:
-    out: torch.Tensor          # [B, Hq, D] fp32
+    """The one decode-output type: the kernels return it (out fp32) and so does pipeline.run (out in q's
+    dtype; exported as composable_kv.DecodeResult)."""
+    out: torch.Tensor          # [B, Hq, D]
     pages_read: torch.Tensor   # [B, Hkv] int32
-    tau_bound: torch.Tensor | None  # [B, Hq] certified upper bound on the unread mass (certified only)
+    tau_bound: torch.Tensor | None = None  # [B, Hq] certified upper bound on the unread mass (certified only)
     page_lse: torch.Tensor | None = None  # [B, Hq, P] log of each page's unnormalised mass; -inf if not read
     lse: torch.Tensor | None = None       # [B, Hq] log of the total mass read (m + log l after the merge)
 
