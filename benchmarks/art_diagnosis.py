@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 import composable_kv as ckv  # noqa: E402
 from composable_kv.kernels.page_select import reference as select_ref  # noqa: E402
 from composable_kv.kernels.paged_decode import reference as decode_ref  # noqa: E402
-from composable_kv.kernels.paged_decode.reference import StopRule  # noqa: E402
+from composable_kv.stages import StopRule  # noqa: E402
 from composable_kv.pipeline import LayerContext  # noqa: E402
 
 PAGE = 16

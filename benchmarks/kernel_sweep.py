@@ -193,7 +193,7 @@ def main(argv=None):
             del q, k, v, table, kmin, kmax
             torch.cuda.empty_cache()
     if "quest_decode" in parts:
-        from composable_kv.kernels.paged_decode.reference import StopRule
+        from composable_kv.stages import StopRule
         B, ctx = 64, 32768
         q, k, v, table, lens, kmin, kmax = make(B, ctx)
         P = ctx // PAGE

@@ -17,12 +17,12 @@ from .cache import PagedKVCache
 from .config import PolicyConfig, load_policy
 from .contracts import check_finite, check_int, check_seq_ids, check_sm_scale, check_tensor, value_checks_on
 from .errors import TensorContractError
-from .stages import ScoringSelector, SelectorStage
+from .stages import ScoringSelector, SelectorStage, StopRule
 from .summaries import KEY_MINMAX
 from .kernels.page_score import reference as score_ref
 from .kernels.page_select import reference as select_ref
 from .kernels.paged_decode import reference as decode_ref
-from .kernels.paged_decode.reference import DecodeOut, StopRule
+from .kernels.paged_decode.reference import DecodeOut
 from .ints import cdiv
 
 BACKENDS = ("auto", "reference", "triton")

@@ -24,11 +24,18 @@ import torch
 from .ints import cdiv
 
 if TYPE_CHECKING:
-    from .kernels.paged_decode.reference import StopRule
     from .pipeline import LayerContext, SelectionState, StepPlan
 
 
-class GraphSupport(str, enum.Enum):
+class _StrEnum(str, enum.Enum):
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class GraphSupport(_StrEnum):
     """Whether a stage's per-layer work can be captured in the decode step's CUDA graph."""
     ALWAYS = "always"  # device ops only, fixed shapes
     NEVER = "never"    # syncs with the host every layer: the session runs it on the host path
@@ -39,6 +46,28 @@ class ScoreKind(enum.IntEnum):
     NONE = 0   # no scores: kept pages in natural order
     BOX = 1    # Quest's box bound from key_min / key_max
     EXACT = 2  # the exact page max of q.k (reads every key)
+
+
+class StopKind(_StrEnum):
+    """How a terminal stage stops early (the decode kernels implement these; None reads every kept page)."""
+    STABILITY = "stability"  # the ART paper's heuristic: the running output stopped changing
+    CERTIFIED = "certified"  # sound: the unread softmax mass is provably <= delta
+
+
+@dataclass
+class StopRule:
+    """A terminal stage's stop, as the decode kernels read it (they take any object with these fields)."""
+    kind: StopKind | None = None     # None: read every kept page
+    chunk_pages: int = 4             # pages read between two checks
+    scale_tol: float = 1e-7          # stability: relative change of ||o||
+    direction_tol: float = 1e-3      # stability: 1 - cos(o_t, o_{t-1})
+    patience: int = 5                # stability: stable checks in a row before stopping
+    delta: float = 0.01              # certified: bound on the softmax mass not read
+    acc_bf16: bool = False           # the running output acc/l is rounded to bf16 after every chunk
+
+    def __post_init__(self):
+        if self.kind is not None:
+            self.kind = StopKind(self.kind)
 
 
 @dataclass(frozen=True)
@@ -157,9 +186,8 @@ class ScoringSelector(SelectorStage):
 class TerminalStage(Stage):
     kind: ClassVar[str] = "terminal"
 
-    def stop_rule(self) -> "StopRule":
+    def stop_rule(self) -> StopRule:
         """How the decode stops early (the kernels implement the kinds); the default reads every kept page."""
-        from .kernels.paged_decode.reference import StopRule
         return StopRule()
 
     @property

@@ -1,8 +1,7 @@
 
 from dataclasses import dataclass
 
-from composable_kv.kernels.paged_decode.reference import StopRule
-from composable_kv.stages import TerminalStage, param, register_stage
+from composable_kv.stages import StopRule, TerminalStage, param, register_stage
 from composable_kv.summaries import VALUE_NORM
 
 

@@ -10,7 +10,7 @@ from composable_kv.kernels.page_select import reference as select_ref
 from composable_kv.kernels.page_select import triton as select_tk
 from composable_kv.kernels.paged_decode import reference as decode_ref
 from composable_kv.kernels.paged_decode import triton as decode_tk
-from composable_kv.kernels.paged_decode.reference import StopRule
+from composable_kv.stages import StopRule
 
 from helpers import build_cache
 

@@ -7,7 +7,7 @@ import torch
 
 import composable_kv as ckv
 from composable_kv.kernels.paged_decode import reference as decode_ref
-from composable_kv.kernels.paged_decode.reference import StopRule
+from composable_kv.stages import StopRule
 
 from helpers import build_cache
 from kernel_checks import check_pipeline, decode_inputs

@@ -27,7 +27,7 @@ from composable_kv.kernels.page_select import reference as select_ref  # noqa: E
 from composable_kv.kernels.page_select import triton as select_tk  # noqa: E402
 from composable_kv.kernels.paged_decode import reference as decode_ref  # noqa: E402
 from composable_kv.kernels.paged_decode import triton as decode_tk  # noqa: E402
-from composable_kv.kernels.paged_decode.reference import StopRule  # noqa: E402
+from composable_kv.stages import StopRule  # noqa: E402
 
 from kernel_checks import check_select, check_tail, close  # noqa: E402
 

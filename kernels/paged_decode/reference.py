@@ -14,17 +14,6 @@ NEG_INF = float("-inf")
 
 
 @dataclass
-class StopRule:
-    kind: str | None = None          # None (read all) | "stability" | "certified"
-    chunk_pages: int = 4             # pages read between two checks
-    scale_tol: float = 1e-7          # stability: relative change of ||o||
-    direction_tol: float = 1e-3      # stability: 1 - cos(o_t, o_{t-1})
-    patience: int = 5                # stability: stable checks in a row before stopping
-    delta: float = 0.01              # certified: bound on the softmax mass not read
-    acc_bf16: bool = False           # the running output acc/l is rounded to bf16 after every chunk
-
-
-@dataclass
 class DecodeOut:
     """The one decode-output type: the kernels return it (out fp32) and so does pipeline.run (out in q's
     dtype; exported as composable_kv.DecodeResult)."""
@@ -36,7 +25,7 @@ class DecodeOut:
 
 
 def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
-                 rule: StopRule = StopRule(), tail_lse=None, num_splits: int = 1,
+                 rule=None, tail_lse=None, num_splits: int = 1,
                  page_mass: bool = False) -> DecodeOut:
     """q [B, Hq, D]; k_cache/v_cache [num_pages_total, Hkv, S, D]; page_table [B, P] physical ids;
     seq_lens [B]; order [B, Hkv, N] positions into page_table (-1 pad); count [B, Hkv].
@@ -51,8 +40,9 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
     S = num_splits
     N = order.shape[-1]
     n_per = max(1, math.ceil(N / S))
-    C = rule.chunk_pages if rule.kind else n_per
-    if rule.kind == "certified" and tail_lse is None:
+    kind = rule.kind if rule is not None else None  # rule: the stop-rule fields (composable_kv.stages.StopRule)
+    C = rule.chunk_pages if kind else n_per
+    if kind == "certified" and tail_lse is None:
         raise ValueError("certified stop needs tail_lse (page_select.strided_tail_lse)")
 
     def split_view(x, fill):  # [B, Hkv, N] -> [B, Hkv, S, n_per]
@@ -105,7 +95,7 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
         acc = acc * alpha[..., None] + torch.einsum("bhsgcp,bhscpd->bhsgd", w, v)
         m = m_new
         o = acc / l.clamp(min=1e-30)[..., None]  # [B, Hkv, S, G, D] the running output
-        if rule.kind and rule.acc_bf16:  # kept in bf16 between chunks, as a bf16 accumulator would
+        if kind and rule.acc_bf16:  # kept in bf16 between chunks, as a bf16 accumulator would
             o = o.to(torch.bfloat16).float()
             acc = o * l[..., None]
         if page_mass:
@@ -119,7 +109,7 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
 
         more = pos_s[..., c0 + C:] >= 0 if c0 + C < n_per else torch.zeros_like(live[..., :1])
         has_more = more.any(-1) & active
-        if rule.kind == "stability":
+        if kind == "stability":
             on, pn = o.norm(dim=-1), prev_o.norm(dim=-1)
             d_mag = (on - pn).abs() / pn.clamp(min=1e-30)
             cos = (o * prev_o).sum(-1) / (on * pn).clamp(min=1e-30)
@@ -128,7 +118,7 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
             stable_run = torch.where(read_now, torch.where(stable, stable_run + 1, 0), stable_run)
             prev_o = torch.where(read_now[..., None, None], o, prev_o)
             active = active & ~(has_more & (stable_run >= rule.patience))
-        elif rule.kind == "certified":
+        elif kind == "certified":
             nxt = tail_s[..., c0 + C] if c0 + C < n_per else torch.full_like(m[..., 0], NEG_INF)
             log_z = m + torch.log(l.clamp(min=1e-30))  # [B, Hkv, S, G]
             certified = (nxt[..., None] - log_z <= math.log(rule.delta / (1 - rule.delta))).all(-1)
@@ -137,7 +127,7 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
             active = active & ~stop
         active = active & has_more
 
-    res = _merge_splits(m, l, acc, pages_read, rem if rule.kind == "certified" else None, B, Hq, D)
+    res = _merge_splits(m, l, acc, pages_read, rem if kind == "certified" else None, B, Hq, D)
     if page_mass:
         res.page_lse = page_lse[..., :P].reshape(B, Hq, P)
         res.lse = torch.logsumexp(m + torch.log(l), dim=2).reshape(B, Hq)

@@ -258,7 +258,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     G = Hq // Hkv
     GP, DP = _pow2(G, 16), _pow2(D, 16)
     dev = q.device
-    kind = getattr(rule, "kind", None) if rule is not None else None
+    kind = rule.kind if rule is not None else None
     R = RULES[kind]
     S = max(1, int(num_splits))
     if R == 2 and tail_lse is None:
