@@ -2,7 +2,6 @@
 from dataclasses import dataclass
 
 from composable_kv.stages import StopRule, TerminalStage, param, register_stage
-from composable_kv.summaries import VALUE_NORM
 
 
 @register_stage
@@ -46,9 +45,6 @@ class Art(TerminalStage):
         if self.chunk_pages & (self.chunk_pages - 1):
             raise ValueError(f"chunk_pages: expected a power of two (1, 2, 4, ... 64), got {self.chunk_pages}")
 
-    def required_summaries(self):
-        return frozenset({VALUE_NORM}) if self.stop == "certified" else frozenset()
-
     @property
     def natural_order(self) -> bool:
         return self.order == "natural"
@@ -60,7 +56,9 @@ class Art(TerminalStage):
 
     @staticmethod
     def error_bound(tau_bound, value_norm_max, out_norm):
-        """||o - o_S|| <= tau * (max ||v|| + ||o_S||) (the certified stop, kernels/paged_decode/README.md)."""
+        """||o - o_S|| <= tau * (max ||v|| + ||o_S||) (the certified stop, kernels/paged_decode/README.md).
+
+        max ||v||: from a cache built with the value_norm summary (no stage reads it, so none keeps it)."""
         return tau_bound * (value_norm_max + out_norm)
 
 

@@ -50,7 +50,7 @@ def test_good_policy_round_trip(tmp_path):
     assert [s.name for s in pipe.config.stages] == ["sink_window", "quest", "art"]
     assert pipe.config.stages[1].budget_tokens == 2048
     assert pipe.dense_layers == {0, 1}
-    assert pipe.required_summaries == {"key_minmax", "value_norm"}
+    assert pipe.required_summaries == {"key_minmax"}  # value_norm is read by no stage: not kept
 
 
 def test_dict_policy_equals_file(tmp_path):
