@@ -9,6 +9,7 @@ objects; their tensors are attributes of the cache (`key_min`, `key_max`, `value
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,7 @@ class PagedKVCache:
         self._pages: dict[int, list[int]] = {}
         self._len: dict[int, int] = {}
         self._next_id = 0
+        self._stage_states: dict[int, tuple] = {}  # id(stage) -> (weakref to the stage, its StageState)
 
     # -- bookkeeping ------------------------------------------------------------------------------
     @property
@@ -98,9 +100,20 @@ class PagedKVCache:
         return sid
 
     def free(self, seq_id: int) -> None:
-        """Finish a sequence; its pages go back to the pool."""
+        """Finish a sequence; its pages go back to the pool and the stages' states forget it."""
         self._free.extend(reversed(self._pages.pop(self._known(seq_id))))
         del self._len[seq_id]
+        for _, state in self._stage_states.values():
+            if state is not None:
+                state.free_sequence(seq_id)
+
+    def stage_state(self, stage):
+        """`stage`'s run-time state for this cache (Stage.new_state), made on first use."""
+        entry = self._stage_states.get(id(stage))
+        if entry is None or entry[0]() is not stage:  # an id is reused only after its stage is gone
+            entry = (weakref.ref(stage), stage.new_state(self))
+            self._stage_states[id(stage)] = entry
+        return entry[1]
 
     def reserve(self, seq_ids: list[int], counts: list[int]) -> AppendSlots:
         """Make room for counts[i] new tokens of seq_ids[i] (all layers); all or nothing."""

@@ -61,7 +61,6 @@ class LayerContext:
     layer: int
     plan: StepPlan
     sm_scale: float
-    state: dict | None = None  # the pipeline's state across decode steps, for stages that keep one
 
     batch_size = property(lambda self: self.q.shape[0])
     num_q_heads = property(lambda self: self.q.shape[1])
@@ -139,7 +138,6 @@ class DecodePipeline:
         self.requested_backend = backend
         self.validate = validate  # NaN/Inf check of q: None = on for CPU q or the reference backend
         self._plan: StepPlan | None = None
-        self.stage_state: dict = {}  # stages' state across decode steps (e.g. attention_predictor's history)
 
     # -- static facts -------------------------------------------------------------------------
     @functools.cached_property
@@ -282,7 +280,7 @@ class DecodePipeline:
             raise RuntimeError(f"policy {self.name!r} cannot be captured in a CUDA graph: stages "
                                f"{self.host_synced_stages} sync with the host every layer; run it eagerly")
         sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else check_sm_scale("run", sm_scale)
-        ctx = LayerContext(q, cache, layer, plan, sm_scale, self.stage_state)
+        ctx = LayerContext(q, cache, layer, plan, sm_scale)
         if self.backend_for(q.device) == "triton":
             from . import fused
             if any(s.covers(plan) for s in self.selectors):  # the fused kernels would score: go generic

@@ -79,6 +79,14 @@ class FusedPart:
     rerank_bits: int = 0           # a re-ranker of the kept pages by an int8/int4 key shadow (8 or 4)
 
 
+class StageState:
+    """A stage's run-time state for one cache (`Stage.new_state`): the cache holds it, so it lives and dies
+    with the cache, and `cache.free(seq_id)` calls `free_sequence` so per-sequence rows go with it."""
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Forget `seq_id` (its pages went back to the pool)."""
+
+
 def _inherits(stage, base: type, *methods: str) -> bool:
     """`stage` runs `base`'s own code for `methods` (a subclass that overrides one is not fusable as base)."""
     return all(getattr(type(stage), m) is getattr(base, m) for m in methods)
@@ -112,6 +120,10 @@ class Stage:
     def summary_bytes_per_page(self, cache) -> int:
         """Bytes this stage reads per (page, KV head) besides the K/V pages the terminal reads."""
         return 0
+
+    def new_state(self, cache) -> StageState | None:
+        """Run-time state for one cache, made on first use (`cache.stage_state(stage)`); None keeps none."""
+        return None
 
     def observe_prefill(self, cache, seq_ids: list[int], layer: int, query: torch.Tensor, key: torch.Tensor,
                         valid: torch.Tensor, sm_scale: float | None) -> None:

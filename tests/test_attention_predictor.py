@@ -49,8 +49,8 @@ def decode_steps(pipe, cache, ids, steps, *, layers=2, seed=1, group=2, on_step=
 
 
 def history_of(pipe, cache, layer):
-    (stage_state,) = pipe.stage_state.values()
-    return stage_state[(id(cache), layer)][0]
+    (stage,) = pipe.selectors
+    return cache.stage_state(stage).history[layer]
 
 
 # -- the ring buffer ----------------------------------------------------------------------------

@@ -155,3 +155,26 @@ def test_summaries_are_resolved_with_their_dependencies():
         ckv.PagedKVCache(1, H, D, 4, page_size=S, summaries={"box"})
     with pytest.raises(ValueError, match="head_dim must be even"):
         ckv.PagedKVCache(1, H, 7, 4, page_size=S, summaries={"key_shadow_int4"})
+
+
+def test_stage_state_lives_with_the_cache_and_forgets_freed_sequences():
+    from composable_kv.stages import StageState
+
+    class Rows(StageState):
+        def __init__(self):
+            self.freed = []
+
+        def free_sequence(self, seq_id):
+            self.freed.append(seq_id)
+
+    class Stage:
+        def new_state(self, cache):
+            return Rows()
+
+    c, stage = new_cache(), Stage()
+    a, b = c.add_sequence(), c.add_sequence()
+    state = c.stage_state(stage)
+    assert c.stage_state(stage) is state  # made once per (cache, stage)
+    c.free(a)
+    assert state.freed == [a]
+    assert new_cache().stage_state(stage) is not state  # another cache, another state

@@ -203,7 +203,7 @@ def test_budget_forced_pages_and_whole_spans_first(vote):
     st = pipe.selectors[0]
     for b, (sid, n) in enumerate(zip(ids, [1, 17, 63, 111, 300])):
         pages = -(-n // 16)
-        idx = st.span_index(sid, 0)
+        idx = st.span_index(cache, sid, 0)
         forced = {0, *range(idx.covered, pages)}
         for h in range(2):
             got = order[b, h, :count[b, h]].tolist()
@@ -246,12 +246,12 @@ def test_decode_tokens_close_spans_and_stay_forced():
         cache.append(ids, [1], torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16))
         pipe.plan(cache, ids)
         pipe.run(q, cache, 0)
-        covered.append(st.span_index(ids[0], 0).covered)
+        covered.append(st.span_index(cache, ids[0], 0).covered)
     first = 101 // 16  # pages full at first sight
     for step, c in enumerate(covered):
         full = (101 + step) // 16
         assert c == first + 2 * ((full - first) // 2)
-    idx = st.span_index(ids[0], 0)
+    idx = st.span_index(cache, ids[0], 0)
     assert idx.reps.shape[1] == idx.num_spans and torch.equal(idx.starts[1:], idx.ends[:-1])
 
 
@@ -260,7 +260,7 @@ def test_kv_bytes_count_rep_keys():
     pipe, cache, ids, q, *_ = run(ltri_policy(64, reps_per_span=3), [111, 300])
     res = pipe.run(q, cache, 0)
     st = pipe.selectors[0]
-    spans = torch.tensor([st.span_index(s, 0).num_spans for s in ids], dtype=torch.float64)
+    spans = torch.tensor([st.span_index(cache, s, 0).num_spans for s in ids], dtype=torch.float64)
     kv = res.pages_read.sum(-1).double() * 2 * 16 * 32 * 4
     reps = spans * 2 * 3 * 32 * 4  # Hkv * R * D * fp32
     torch.testing.assert_close(pipe.kv_bytes_read(res, cache, 0), kv + reps)
@@ -304,7 +304,7 @@ def test_hf_prefill_builds_spans_and_decodes():
         st = small.selectors[0]
         sess = hf.PolicySession(model, small, max_total_tokens=160, batch_size=2)
         sess.prefill(prompts)
-        built = {(sid, layer): st.span_index(sid, layer) for sid in sess.seq_ids for layer in (0, 1, 2)}
+        built = {(sid, layer): st.span_index(sess.cache, sid, layer) for sid in sess.seq_ids for layer in (0, 1, 2)}
         for _ in range(4):
             sess.decode([5, 7])
         sess.close()

@@ -2,10 +2,9 @@ from dataclasses import dataclass
 
 import torch
 
-import weakref
 
 from composable_kv.policies.attention_predictor.predictor import PageHistory, features, load_weights, prefill_page_mass
-from composable_kv.stages import GraphSupport, ScoringSelector, param, register_stage
+from composable_kv.stages import GraphSupport, ScoringSelector, StageState, param, register_stage
 from composable_kv.ints import cdiv
 
 
@@ -57,17 +56,17 @@ class AttentionPredictor(ScoringSelector):
         return ((pos * S < self.sink_tokens) | ((pos + 1) * S > start)) & plan.valid  # [B, P]
 
     # -- state -----------------------------------------------------------------------------------
+    def new_state(self, cache) -> "_PredictorState":
+        return _PredictorState()
+
     def _history(self, ctx) -> tuple[PageHistory, torch.Tensor]:
-        state = ctx.state if getattr(ctx, "state", None) is not None else self.__dict__.setdefault("_state", {})
-        per_cache = state.setdefault(id(self), {})
-        key = (id(ctx.cache), ctx.layer)
-        hist, ref = per_cache.get(key, (None, None))
-        if hist is None or ref() is not ctx.cache:  # a new cache (an id can be reused after GC)
+        state = ctx.cache.stage_state(self)
+        hist = state.history.get(ctx.layer)
+        if hist is None:
             heads = ctx.num_kv_heads if self.per_kv_head else ctx.num_q_heads
-            hist, ref = PageHistory(heads, self.history_steps, ctx.q.device), weakref.ref(ctx.cache)
-            per_cache[key] = (hist, ref)
+            hist = state.history[ctx.layer] = PageHistory(heads, self.history_steps, ctx.q.device)
         rows = hist.rows(ctx.plan.seq_ids, ctx.plan.seq_lens.tolist(), ctx.cache.sequences())
-        pending = self._prefill_masses(ctx.cache)
+        pending = state.pending
         if pending:
             for sid, r in zip(ctx.plan.seq_ids, rows.tolist()):
                 mass = pending.pop((sid, ctx.layer), None)
@@ -75,22 +74,11 @@ class AttentionPredictor(ScoringSelector):
                     hist.seed(r, mass)
         return hist, rows
 
-    def _prefill_masses(self, cache) -> dict:
-        """(seq id, layer) -> [Hh, h, P] pooled prefill attention not yet moved into a history row."""
-        ref, pending = self.__dict__.get("_prefill", (None, None))
-        if ref is None or ref() is not cache:
-            ref, pending = weakref.ref(cache), {}
-            self._prefill = (ref, pending)
-        return pending
-
     def observe_prefill(self, cache, seq_ids, layer, query, key, valid, sm_scale) -> None:
         """Called per layer during a dense prefill (composable_kv.hf): query [B, Hq, T, D], key
         [B, Hkv, T, D] post-RoPE, valid [B, T] bool (None: all real). Keeps each sequence's last
         `history_steps` queries' attention pooled per page, for its history row at its first decode."""
-        pending = self._prefill_masses(cache)
-        live = set(cache.sequences())
-        for stale in [k for k in pending if k[0] not in live]:
-            del pending[stale]
+        pending = cache.stage_state(self).pending
         sm_scale = query.shape[-1] ** -0.5 if sm_scale is None else sm_scale
         Hkv = key.shape[1]
         with torch.no_grad():
@@ -104,11 +92,12 @@ class AttentionPredictor(ScoringSelector):
                 pending[(sid, layer)] = mass
 
     def _rows(self, ctx):
-        cached = getattr(ctx, "_predictor_rows", None)
-        if cached is None or cached[0] is not self:
-            cached = (self, *self._history(ctx))
-            ctx._predictor_rows = cached
-        return cached[1], cached[2]
+        """This layer's history and the step's rows, looked up once per layer and step (score, apply and
+        observe_page_mass all ask)."""
+        state = ctx.cache.stage_state(self)
+        if state.rows_of is not ctx:
+            state.rows_of, state.rows = ctx, self._history(ctx)
+        return state.rows
 
     # -- selection ---------------------------------------------------------------------------------
     def score(self, ctx):
@@ -149,4 +138,19 @@ class AttentionPredictor(ScoringSelector):
             B, Hq, P = page_mass.shape
             page_mass = page_mass.view(B, ctx.num_kv_heads, Hq // ctx.num_kv_heads, P).mean(2)
         hist.push(rows, page_mass)
-        ctx._predictor_rows = None
+        ctx.cache.stage_state(self).rows_of = None
+
+
+class _PredictorState(StageState):
+    """One cache's predictor state: a history ring buffer per layer, the prefill's pooled attention waiting
+    for each sequence's first decode, and the rows looked up for the layer being decoded."""
+
+    def __init__(self):
+        self.history: dict[int, PageHistory] = {}  # layer -> rows of (sequence, head) history
+        self.pending: dict[tuple[int, int], torch.Tensor] = {}  # (seq id, layer) -> [Hh, h, P]
+        self.rows_of = None  # the LayerContext the cached rows belong to
+        self.rows = None
+
+    def free_sequence(self, seq_id: int) -> None:
+        for key in [k for k in self.pending if k[0] == seq_id]:
+            del self.pending[key]

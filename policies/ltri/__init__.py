@@ -21,14 +21,13 @@ Our choices (the paper gives no exact formulas; see also policies/ltri/spans.py)
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from composable_kv.policies.ltri import spans as sp
 from composable_kv.kernels.span_score import reference as span_ref
-from composable_kv.stages import GraphSupport, ScoringSelector, param, register_stage
+from composable_kv.stages import GraphSupport, ScoringSelector, StageState, param, register_stage
 from composable_kv.ints import cdiv
 
 
@@ -60,16 +59,10 @@ class Ltri(ScoringSelector):
     sink_tokens: int = param(16, "leading tokens always read and never in a span", min=0)
     vote: str = param("group", "who votes on a KV head's spans", choices=("group", "layer"))
 
-    def __post_init__(self):
-        self._cache_ref = None
-        self._seqs: dict[int, _SeqSpans] = {}
-        self._last = None  # (num_spans [B], num_pages [B]) of the last scored layer, for byte accounting
+    def new_state(self, cache) -> "_LtriState":
+        return _LtriState()
 
     # -- per-sequence span index ----------------------------------------------------------------
-    def _bind(self, cache) -> None:
-        if self._cache_ref is None or self._cache_ref() is not cache:
-            self._cache_ref = weakref.ref(cache)
-            self._seqs.clear()
 
     def _sink_pages(self, page_size: int) -> int:
         return cdiv(self.sink_tokens, page_size)
@@ -84,7 +77,7 @@ class Ltri(ScoringSelector):
     def observe_prefill(self, cache, seq_ids, layer, query, key, valid, sm_scale) -> None:
         """Called per layer during a dense prefill: query [B, Hq, T, D], key [B, Hkv, T, D] post-RoPE,
         valid [B, T] bool (real tokens; None: all). Builds each sequence's spans for this layer."""
-        self._bind(cache)
+        seqs = cache.stage_state(self).seqs
         S = cache.page_size
         sm_scale = query.shape[-1] ** -0.5 if sm_scale is None else sm_scale
         for b, sid in enumerate(seq_ids):
@@ -92,14 +85,15 @@ class Ltri(ScoringSelector):
             if valid is not None:
                 q, k = q[:, valid[b]], k[:, valid[b]]
             full = k.shape[1] // S
-            st = self._seqs.setdefault(sid, _SeqSpans(base=max(full, self._sink_pages(S))))
+            st = seqs.setdefault(sid, _SeqSpans(base=max(full, self._sink_pages(S))))
             st.layers[layer] = self._build(q, k, S, full, sm_scale, cache.dtype)
 
     def _index(self, cache, sid: int, layer: int, seq_len: int):
         S = cache.page_size
-        st = self._seqs.get(sid)
+        seqs = cache.stage_state(self).seqs
+        st = seqs.get(sid)
         if st is None:  # never observed: the cache's keys stand in for the prompt's queries
-            st = self._seqs[sid] = _SeqSpans(base=max(seq_len // S, self._sink_pages(S)))
+            st = seqs[sid] = _SeqSpans(base=max(seq_len // S, self._sink_pages(S)))
         idx = st.layers.get(layer)
         if idx is None:
             k = cache.gather(layer, sid)[0].transpose(0, 1)  # [Hkv, T, D]
@@ -115,19 +109,15 @@ class Ltri(ScoringSelector):
             idx.extend(starts, ends, reps)
         return idx
 
-    def span_index(self, sid: int, layer: int):
-        """The SpanIndex of a sequence and layer, or None (for inspection and tests)."""
-        st = self._seqs.get(sid)
+    def span_index(self, cache, sid: int, layer: int):
+        """The SpanIndex of a sequence and layer in `cache`, or None (for inspection and tests)."""
+        st = cache.stage_state(self).seqs.get(sid)
         return None if st is None else st.layers.get(layer)
 
     def _batch(self, ctx):
         """Padded span tables of the step: reps [B, Hkv, NS, R, D], num_spans [B], span_of_page [B, P]
         (-1 outside spans), forced [B, P] (sink pages and the open decode span)."""
         c, plan = ctx.cache, ctx.plan
-        self._bind(c)
-        live = set(c.sequences())
-        for sid in [s for s in self._seqs if s not in live]:
-            del self._seqs[sid]
         lens = plan.seq_lens.tolist()
         idxs = [self._index(c, sid, ctx.layer, n) for sid, n in zip(plan.seq_ids, lens)]
         B, P, dev = len(idxs), plan.max_pages, c.device
@@ -189,7 +179,7 @@ class Ltri(ScoringSelector):
     def apply(self, ctx, state) -> None:
         reps, num_spans, span_of_page, forced = self._batch(ctx)
         state.forced |= forced[:, None, :] & state.valid
-        self._last = (num_spans, ctx.plan.num_pages)
+        ctx.cache.stage_state(self).last = (num_spans, ctx.plan.num_pages)
         budget = self.budget_pages(ctx.page_size)
         scores = self.span_scores(ctx.q, reps, num_spans, ctx.sm_scale)  # [B, Hq, NS]
         keys = self.span_keys(scores, span_of_page, state.forced & state.valid, budget)
@@ -200,11 +190,23 @@ class Ltri(ScoringSelector):
         """Representative-key bytes of the layer scored last, per KV head, spread over the request's
         pages ([B] float64, as `kv_bytes_read` multiplies by pages and KV heads; it runs per layer
         right after `run`, so the figure is that layer's exact R * D * elt * num_spans)."""
-        if self._last is None:
+        last = cache.stage_state(self).last
+        if last is None:
             return 0
-        num_spans, num_pages = self._last
+        num_spans, num_pages = last
         per_span = self.reps_per_span * cache.head_dim * cache.dtype.itemsize
         return num_spans.to(torch.float64) * per_span / num_pages.to(torch.float64).clamp(min=1)
+
+
+class _LtriState(StageState):
+    """One cache's span indexes: sequence -> its spans per layer, and the last scored layer's span counts."""
+
+    def __init__(self):
+        self.seqs: dict[int, _SeqSpans] = {}
+        self.last = None  # (num_spans [B], num_pages [B]) of the last scored layer, for byte accounting
+
+    def free_sequence(self, seq_id: int) -> None:
+        self.seqs.pop(seq_id, None)
 
 
 _FORCE_TRITON = False  # tests set this to run the Triton span scorer under TRITON_INTERPRET on CPU
