@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.set_defaults(func=_cmd_describe)
-    from . import eval_cli, traces
+    from . import traces
+    from .eval import cli as eval_cli
     from .policies.attention_predictor import train as predictor_train
     from .policies.write_gate import train as gate_train
     eval_cli.add_eval_parser(sub)

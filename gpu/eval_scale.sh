@@ -2,7 +2,7 @@
 # The evaluation at scale (issue 15): every configs/*.yaml x passkey, niah_single, niah_multikey, niah_multivalue,
 # niah_multiquery, variable_tracking, common_words at 4k / 8k / 16k / 32k tokens, 50 prompts per cell (5 depths x 10),
 # in the model's chat template, batched, one dense prefill replayed by every policy; on Qwen2.5-Coder-0.5B-Instruct
-# (32k context) through `python -m composable_kv.eval_scale`. FlashInfer is not needed.
+# (32k context) through `python -m composable_kv.eval.scale`. FlashInfer is not needed.
 #
 # The GPU machine has no network and one call carries at most 64 MiB, so the model travels in parts, one call each,
 # to the same warm machine (../shared/GPU.md); a machine given back in between starts bare: begin again.
@@ -97,7 +97,7 @@ run() {
   ctxs=()
   for c in "$@"; do ctxs+=(--ctx "$c"); done
   # shellcheck disable=SC2086  # EVAL_SCALE_ARGS is a list of flags
-  python -m composable_kv.eval_scale run --model "$MODEL" "${ctxs[@]}" --out "$OUT" ${EVAL_SCALE_ARGS:-} \
+  python -m composable_kv.eval.scale run --model "$MODEL" "${ctxs[@]}" --out "$OUT" ${EVAL_SCALE_ARGS:-} \
     2>&1 | tee "$OUT/eval_scale_${1}.log"
 }
 
@@ -107,7 +107,7 @@ report() {
   for f in "$@"; do
     [ "$(realpath "$f")" = "$(realpath -m "$RESULTS/$(basename "$f")")" ] || cp "$f" "$RESULTS/"
   done
-  python -m composable_kv.eval_scale report "$RESULTS"/scale-*.json --evaluation "$EVALUATION" --plots "$RESULTS"
+  python -m composable_kv.eval.scale report "$RESULTS"/scale-*.json --evaluation "$EVALUATION" --plots "$RESULTS"
 }
 
 case "${1:-}" in

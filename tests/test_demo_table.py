@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from composable_kv.eval_cli import demo_table
+from composable_kv.eval.cli import demo_table
 
 TASKS = ["passkey", "niah_single"]
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from composable_kv import cli, eval_cli
+from composable_kv import cli
+from composable_kv.eval import cli as eval_cli
 
 pytestmark = pytest.mark.cpu
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from composable_kv import evaluate
+from composable_kv.eval import evaluate
 
 pytestmark = pytest.mark.cpu
 

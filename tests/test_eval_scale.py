@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import composable_kv as ckv
-from composable_kv import eval_scale
+from composable_kv.eval import scale as eval_scale
 
 pytestmark = pytest.mark.cpu
 
@@ -53,7 +53,7 @@ def _policies():
 
 def test_tiny_scale_run_and_report(model, tmp_path):
     tasks = ("niah_single",)  # one task keeps the test short; the tasks have their own tests
-    meta = {"command": "python -m composable_kv.eval_scale run (test)", "device": "cpu", "device_name": "cpu",
+    meta = {"command": "python -m composable_kv.eval.scale run (test)", "device": "cpu", "device_name": "cpu",
             "model": "tiny", "commit": "test", "torch": torch.__version__, "transformers": "x",
             "depths": [0.2, 0.8], "samples_per_depth": 1}
     for ctx in (768, 1024):
@@ -104,7 +104,7 @@ def test_learned_stages_need_weights(model, tmp_path, monkeypatch):
 
 
 def test_bad_run_flags_exit_2(capsys):
-    assert eval_scale.main.__module__ == "composable_kv.eval_scale"
+    assert eval_scale.main.__module__ == "composable_kv.eval.scale"
     with pytest.raises(SystemExit) as exit_:
         eval_scale.main(["run", "--batch-size", "0"])
     assert exit_.value.code == 2 and "--batch-size" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def depth_list(text: str) -> list[float]:
 
 def prepare_out_dir(out: str | None) -> Path:
     """Create the results folder now, before any long work, and check that it takes files."""
-    from .errors import CkvError
+    from ..errors import CkvError
 
     path = Path(out or "ckv-results")
     if path.exists() and not path.is_dir():
@@ -60,7 +60,7 @@ def prepare_out_dir(out: str | None) -> Path:
 
 
 def _add_model_args(p) -> None:
-    from .assets import MODEL_HELP
+    from ..assets import MODEL_HELP
     from .tasks import PROMPT_FORMATS
 
     p.add_argument("--model", metavar="NAME|PATH", default=None, help=MODEL_HELP)
@@ -130,7 +130,7 @@ def _setup(args):
     """Load model + tokenizer per args; return (model, tokenizer, device, model_name)."""
     import torch
 
-    from . import assets
+    from .. import assets
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,12 +149,13 @@ def _essays_text(args, task_names):
     from .tasks import needs_essays
     if not any(needs_essays(t) for t in task_names):
         return None
-    from .assets import load_essays
+    from ..assets import load_essays
     return load_essays(args.essays)
 
 
 def _check_policies(policies) -> None:
-    from . import evaluate, hf
+    from .. import hf
+    from . import evaluate
     evaluate.check_distinct_names(policies, [hf.compile_policy(p) for p in policies])
 
 
@@ -169,14 +170,14 @@ def _report(rows, args, device, model_name, out_dir: Path, stem: str, sections=(
 
 
 def _fail(exc: Exception) -> int:
-    from .cli import ERROR_PREFIX
+    from ..cli import ERROR_PREFIX
     print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
     return 2
 
 
 def run_eval_command(args) -> int:
     from . import evaluate
-    from .errors import CkvError
+    from ..errors import CkvError
 
     tasks_ = args.task or ["passkey"]
     ctxs = args.ctx or [4096]
@@ -197,12 +198,10 @@ def run_eval_command(args) -> int:
 
 def run_demo_command(args) -> int:
     from . import evaluate
-    from .errors import CkvError
+    from ..errors import CkvError
 
     policies = args.policy or list(DEMO_POLICIES)
     tasks = args.task or list(DEMO_TASKS)
-    root = Path(__file__).resolve().parent.parent
-    policies = [p if Path(p).is_file() or not (root / p).is_file() else str(root / p) for p in policies]
     try:
         _check_policies(policies)
         out_dir = prepare_out_dir(args.out)
@@ -244,7 +243,7 @@ def demo_table(rows, tasks: list[str], ctx: int, model_name: str = "smollm2-135m
 
 def main(argv=None) -> int:
     """`python -m composable_kv.eval_cli demo`: the same as `ckv demo`."""
-    from .cli import main as ckv_main
+    from ..cli import main as ckv_main
     return ckv_main(argv)
 
 

@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import hf, tasks
+from .. import hf
+from . import tasks
 
 __all__ = ["EvalRow", "ProgressBar", "answers_table", "fidelity_metrics", "markdown_table", "run_eval",
            "wilson_interval", "write_results"]
@@ -198,7 +199,7 @@ def run_eval(model, tokenizer, policies: Sequence, task_names: Sequence[str], ct
     pipelines = [hf.compile_policy(p) for p in policies]  # fail fast on a bad policy
     check_distinct_names(policies, pipelines)
     if essays is None and any(tasks.needs_essays(t) for t in task_names):
-        from .assets import load_essays
+        from ..assets import load_essays
         essays = load_essays()
 
     work = []  # (task, ctx, samples or windows)

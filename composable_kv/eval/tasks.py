@@ -367,7 +367,7 @@ def build_samples(task: str, tokenizer, ctx: int, *, depths: Sequence[float] = (
     rng = random.Random(f"{task}-{ctx}-{seed}")
     snapper = _SentenceSnapper(tokenizer)
     if needs_essays(task) and essays is None:
-        from .assets import load_essays
+        from ..assets import load_essays
         essays = load_essays()
     haystack = _ids(tokenizer, essays) if task.startswith("niah") else None
     pool = _word_pool(essays) if task == "common_words" else None
@@ -393,7 +393,7 @@ def fidelity_windows(tokenizer, ctx: int, *, continuation: int = 32, windows: in
     prefill, and the policy's predictions of the next ``continuation`` tokens are scored.
     """
     if essays is None:
-        from .assets import load_essays
+        from ..assets import load_essays
         essays = load_essays()
     ids = _ids(tokenizer, essays)
     n_ctx = ctx - continuation - 1
