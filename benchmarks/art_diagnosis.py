@@ -400,7 +400,8 @@ def stability_stats(sname, rname, layer, dmag, dcos, live, mass_order):
     B, Hkv, G, N = mass_order.shape
     C = dmag.shape[-1]
     pad = C * CHUNK - N
-    chunk_mass = torch.nn.functional.pad(mass_order, (0, max(pad, 0)))[..., :C * CHUNK].view(B, Hkv, G, C, CHUNK).sum(-1)
+    chunk_mass = torch.nn.functional.pad(mass_order, (0, max(pad, 0)))[..., :C * CHUNK]
+    chunk_mass = chunk_mass.view(B, Hkv, G, C, CHUNK).sum(-1)  # [B, Hkv, G, C]
     read_so_far = chunk_mass.cumsum(-1)
     share = (chunk_mass / read_so_far.clamp(min=1e-300)).amax(2).float()  # [B, Hkv, C]
     tol = PAPER if "paper" in rname else {"scale_tol": 1e-3, "direction_tol": 1e-3}
@@ -447,13 +448,15 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
              "*stopped* = share of (layer, head, query) where the rule stopped before the end of the list.", ""]
     names = [r[0] for r in rules()]
     for sname in meta["settings"]:
-        lines += [f"## {sname}", "", "| rule | read | stopped | tau mean | tau max | missed | err vs dense | err vs kept |",
+        lines += [f"## {sname}", "",
+                  "| rule | read | stopped | tau mean | tau max | missed | err vs dense | err vs kept |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for rn in names:
             sel = [r for r in R if r["setting"] == sname and r["rule"] == rn]
             if not sel:
                 continue
-            lines.append(f"| {rn} | {mean([r['read_frac'] for r in sel]):.3f} | {mean([r['stopped'] for r in sel]):.2f} "
+            lines.append(f"| {rn} | {mean([r['read_frac'] for r in sel]):.3f} "
+                         f"| {mean([r['stopped'] for r in sel]):.2f} "
                          f"| {mean([r['tau_true_mean'] for r in sel]):.4f} | {max(r['tau_true_max'] for r in sel):.4f} "
                          f"| {mean([r['missed_vs_dense'] for r in sel]):.4f} "
                          f"| {mean([r.get('err_vs_dense', float('nan')) for r in sel]):.4f} "
@@ -469,10 +472,13 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
               "|---|" + "---|" * (len(SOUND) + 2)]
     for s in slack:
         f = lambda k: "/".join(f"{s[f'{k}_{q}']:.1f}" for q in ("p10", "med", "p90"))  # noqa: E731
-        t = lambda k: " / ".join(f"{s.get(f'tail_{k}_{n}', float('nan')):.1f}" for n in ("dense_box", "quest"))  # noqa: E731
-        lines.append(f"| {s['layer']}.{s['head']} | " + " | ".join(f(b) for b in SOUND) + f" | {t('box')} | {t('shadow8')} |")
+        t = lambda k: " / ".join(f"{s.get(f'tail_{k}_{n}', float('nan')):.1f}"  # noqa: E731
+                                 for n in ("dense_box", "quest"))
+        lines.append(f"| {s['layer']}.{s['head']} | " + " | ".join(f(b) for b in SOUND)
+                     + f" | {t('box')} | {t('shadow8')} |")
     S = [s for s in slack if s["layer"] in sparse_layers]
-    lines += ["", "| bound | bytes / page / KV head | median slack (mean over sparse layer.heads) | tail slack dense_box | tail slack quest |",
+    lines += ["", "| bound | bytes / page / KV head | median slack (mean over sparse layer.heads) "
+              "| tail slack dense_box | tail slack quest |",
               "|---|---:|---:|---:|---:|"]
     for b in SOUND:
         lines.append(f"| {b} | {BYTES_NOTE[b](meta['head_dim'])} | {mean([s[f'{b}_med'] for s in S]):.2f} | "
@@ -480,9 +486,11 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
                      f"{mean([s.get(f'tail_{b}_quest', float('nan')) for s in S]):.2f} |")
     lines += ["", "## Stability checks: why the stop fires or not", "",
               "Every check along the whole kept list (no stop). *scale* / *dir* / *both*: share of checks within the "
-              "tolerance; then the share passing both, by the chunk's share of the mass read so far (max over the group).", "",
+              "tolerance; then the share passing both, by the chunk's share of the mass read so far "
+              "(max over the group).", "",
               "| setting | rule | checks | scale | dir | both | median d_mag | median 1-cos | " +
-              " | ".join(f"<= {hi:g}" if lo == 0 else f"({lo:g}, {hi:g}]" for lo, hi in zip(MASS_BINS[:-1], MASS_BINS[1:])) + " |",
+              " | ".join(f"<= {hi:g}" if lo == 0 else f"({lo:g}, {hi:g}]"
+                         for lo, hi in zip(MASS_BINS[:-1], MASS_BINS[1:])) + " |",
               "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(MASS_BINS) - 1)]
     for sname in meta["settings"]:
         for rn in ("stab-paper fp32", "stab-paper bf16", "stab 1e-3 fp32"):
@@ -493,11 +501,13 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
             bins = [[sum(c["bins"][i][j] for c in sel) for j in (0, 1)] for i in range(len(MASS_BINS) - 1)]
             lines.append(f"| {sname} | {rn} | {n} | {sum(c['pass_scale'] for c in sel) / n:.3f} | "
                          f"{sum(c['pass_dir'] for c in sel) / n:.3f} | {sum(c['pass_both'] for c in sel) / n:.3f} | "
-                         f"{mean([c['dmag_median'] for c in sel]):.1e} | {mean([c['dcos_median'] for c in sel]):.1e} | " +
+                         f"{mean([c['dmag_median'] for c in sel]):.1e} | "
+                         f"{mean([c['dcos_median'] for c in sel]):.1e} | " +
                          " | ".join(f"{p / t:.2f} ({t})" if t else "-" for t, p in bins) + " |")
     lines += ["", "## Per layer and KV head (dense_box and quest; read / tau)", "",
               "| layer.head | " + " | ".join(f"{s}: {r}" for s in ("dense_box", "quest") for r in
-                                            ("cert-box 0.05", "cert-shadow8 0.05", "stab-paper bf16", "oracle 0.05")) + " |",
+                                            ("cert-box 0.05", "cert-shadow8 0.05", "stab-paper bf16",
+                                             "oracle 0.05")) + " |",
               "|---|" + "---|" * 8]
     idx = {(r["setting"], r["rule"], r["layer"], r["head"]): r for r in rows}
     for s in slack:
@@ -533,7 +543,8 @@ def plot(path, meta, rows, slack, sparse_layers):
                ms=3, label=f"{key} ({BYTES_NOTE[key](meta['head_dim'])} B/page)")
         a.plot(layers, [mean([s.get(f"tail_{key}_quest", float("nan")) for s in slack if s["layer"] == L])
                         for L in layers], c, ls="--", lw=1)
-    a.set(xlabel="layer", ylabel="nats", title="bound slack: median page (solid), tail at oracle 0.05 on quest (dashed)")
+    a.set(xlabel="layer", ylabel="nats",
+          title="bound slack: median page (solid), tail at oracle 0.05 on quest (dashed)")
     a.legend(fontsize=8)
     by = summarize(rows, "read_frac", ("setting", "rule", "layer"))
     a = ax[0, 1]
@@ -548,11 +559,13 @@ def plot(path, meta, rows, slack, sparse_layers):
         for rn, ls in (("stab-paper fp32", ":"), ("stab-paper bf16", "-")):
             a.plot(layers, [by[(sn, rn, L)] for L in layers], c, ls=ls, marker="o" if ls == "-" else None, ms=3,
                    label=f"{sn} {rn.split()[-1]}")
-    a.set(xlabel="layer", ylabel="pages read / kept", title="stability stop (paper tolerances): fp32 dotted, bf16 solid",
+    a.set(xlabel="layer", ylabel="pages read / kept",
+          title="stability stop (paper tolerances): fp32 dotted, bf16 solid",
           ylim=(0, 1.05))
     a.legend(fontsize=7, ncol=2)
     a = ax[1, 1]
-    for sn, c in (("dense_natural", "C0"), ("sink_window", "C1"), ("snapkv", "C2"), ("dense_box", "C4"), ("quest", "C3")):
+    for sn, c in (("dense_natural", "C0"), ("sink_window", "C1"), ("snapkv", "C2"), ("dense_box", "C4"),
+                  ("quest", "C3")):
         sel = [r for r in rows if r["setting"] == sn and r["rule"] == "stab-paper bf16" and r["layer"] in sparse_layers]
         a.scatter([r["read_frac"] for r in sel], [max(r["tau_true_mean"], 1e-6) for r in sel], s=10, c=c, label=sn)
     a.set(xlabel="pages read / kept", ylabel="true unread mass of the kept pages", yscale="log",
@@ -610,7 +623,8 @@ def main(argv=None):
         print(f"layer {layer} done ({time.time() - t0:.0f} s)", file=sys.stderr)
     k0 = grabbed[layers[0]][0]
     tag = args.tag or f"{Path(str(args.model or 'smollm2-135m')).name}-{args.ctx}"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
     meta = {"model": model_name, "tag": tag, "ctx": args.ctx, "queries": args.queries, "budget": args.budget,
             "window_tokens": args.window_tokens, "snap_window": args.snap_window, "num_layers": len(layers),
             "num_kv_heads": k0.shape[0], "head_dim": k0.shape[-1], "sm_scale": sm_scale, "device": args.device,

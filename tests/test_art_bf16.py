@@ -13,7 +13,8 @@ from helpers import build_cache
 from kernel_checks import check_pipeline, decode_inputs
 
 INTERPRET_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton = pytest.mark.skipif(not INTERPRET_OK, reason="no CUDA and TRITON_INTERPRET unset (tests/conftest.py sets it)")
+needs_triton = pytest.mark.skipif(not INTERPRET_OK,
+                                  reason="no CUDA and TRITON_INTERPRET unset (tests/conftest.py sets it)")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 PAPER = dict(scale_tol=1e-7, direction_tol=1e-3, patience=5)
 
