@@ -115,6 +115,10 @@ class PagedKVCache:
             self._stage_states[id(stage)] = entry
         return entry[1]
 
+    def adopt_stage_state(self, stage, state) -> None:
+        """Give `stage` this state on this cache (e.g. a reference pipeline reusing another's prefill votes)."""
+        self._stage_states[id(stage)] = (weakref.ref(stage), state)
+
     def reserve(self, seq_ids: list[int], counts: list[int]) -> AppendSlots:
         """Make room for counts[i] new tokens of seq_ids[i] (all layers); all or nothing."""
         if len(seq_ids) != len(counts):

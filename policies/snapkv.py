@@ -23,12 +23,11 @@ are kept together with the window itself; tokens generated later are always kept
 """
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from composable_kv.stages import ScoringSelector, param, register_stage
+from composable_kv.stages import ScoringSelector, StageState, param, register_stage
 
 
 def page_votes(q: torch.Tensor, k: torch.Tensor, page_size: int, sm_scale: float, window: int,
@@ -56,20 +55,24 @@ def page_votes(q: torch.Tensor, k: torch.Tensor, page_size: int, sm_scale: float
     return score
 
 
-@dataclass
-class _Votes:
+class _Votes(StageState):
     """One cache's SnapKV state (device tensors indexed by physical page id)."""
-    scores: list                      # per layer: [num_pages, Hkv] fp32 or None (layer never observed)
-    prompt: torch.Tensor              # [num_pages] bool: holds prompt tokens of an observed sequence
-    pages: dict = field(default_factory=dict)  # seq id -> the physical pages scored at its prefill
 
-    def forget_finished(self, live) -> None:
-        """Reset the pages of sequences that left the cache (they may be handed to a new sequence)."""
-        gone = [sid for sid in self.pages if sid not in live]
-        if not gone:
+    def __init__(self, cache):
+        self.scores: list = [None] * cache.num_layers  # per layer: [num_pages, Hkv] fp32, None if never observed
+        self.prompt = torch.zeros(cache.num_pages, dtype=torch.bool, device=cache.device)  # [num_pages]: prompt pages
+        self.pages: dict[int, list[int]] = {}  # seq id -> the physical pages scored at its prefill
+
+    @property
+    def observed(self) -> bool:
+        return any(s is not None for s in self.scores)
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Reset a finished sequence's pages (they may be handed to a new sequence)."""
+        pages = self.pages.pop(seq_id, None)
+        if not pages:
             return
-        idx = torch.tensor([p for sid in gone for p in self.pages.pop(sid)], dtype=torch.long,
-                           device=self.prompt.device)
+        idx = torch.tensor(pages, dtype=torch.long, device=self.prompt.device)
         self.prompt[idx] = False
         for s in self.scores:
             if s is not None:
@@ -92,24 +95,21 @@ class SnapKV(ScoringSelector):
     pooling: str = param("avg", "per-page pooling of the token votes: avg (vote mass) or max (hottest token)",
                          choices=("avg", "max"))
 
-    def __post_init__(self):
-        self._state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _Votes
+    def new_state(self, cache) -> _Votes:
+        return _Votes(cache)
 
     def summary_bytes_per_page(self, cache) -> int:
         return 4  # one fp32 score per (page, KV head)
 
     def votes(self, cache) -> _Votes | None:
         """This cache's state, or None if no prefill was observed on it (for inspection and tests)."""
-        return self._state.get(cache)
+        st = cache.stage_state(self)
+        return st if st.observed else None
 
     def observe_prefill(self, cache, seq_ids, layer, query, key, valid, sm_scale) -> None:
         """Called per layer during a dense prefill (composable_kv.hf): query [B, Hq, T, D], key
         [B, Hkv, T, D] post-RoPE, valid [B, T] bool (real tokens; None: all). Scores each prompt's pages."""
-        st = self._state.get(cache)
-        if st is None:
-            st = self._state[cache] = _Votes([None] * cache.num_layers,
-                                             torch.zeros(cache.num_pages, dtype=torch.bool, device=cache.device))
-        st.forget_finished(set(cache.sequences()))
+        st = cache.stage_state(self)
         if st.scores[layer] is None:
             st.scores[layer] = torch.full((cache.num_pages, cache.num_kv_heads), float("inf"),
                                           dtype=torch.float32, device=cache.device)
@@ -130,24 +130,17 @@ class SnapKV(ScoringSelector):
                 st.prompt[idx] = True
                 st.pages[sid] = pages
 
-    def _state_for(self, ctx) -> _Votes | None:
-        st = self._state.get(ctx.cache)
-        if st is not None:
-            st.forget_finished(set(ctx.cache.sequences()))  # host bookkeeping only; no device sync
-        return st
-
     def score(self, ctx):
-        st = self._state_for(ctx)
-        scores = None if st is None else st.scores[ctx.layer]
+        scores = ctx.cache.stage_state(self).scores[ctx.layer]
         if scores is None:  # nothing observed: every page counts as written after the prefill
             return torch.full((ctx.batch_size, ctx.num_kv_heads, ctx.max_pages), float("inf"), device=ctx.q.device)
         return scores[ctx.plan.page_table.long()].permute(0, 2, 1)  # [B, Hkv, P]
 
     def apply(self, ctx, state) -> None:
         scores = self.score(ctx)  # [B, Hkv, P]
-        st = self._state.get(ctx.cache)
+        st = ctx.cache.stage_state(self)
         valid = ctx.plan.valid  # [B, P]
-        after = valid if st is None else valid & ~st.prompt[ctx.plan.page_table.long()]  # written after prefill
+        after = valid & ~st.prompt[ctx.plan.page_table.long()]  # [B, P] written after the prefill
         state.forced = state.forced | (torch.isinf(scores) & state.valid)
         budget = self.budget_pages(ctx.page_size) + after.sum(-1).view(-1, 1, 1)  # [B, 1, 1]
         state.narrow(scores, budget, is_bound=False)

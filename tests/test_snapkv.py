@@ -123,7 +123,7 @@ def test_snapkv_art_certified_bound_holds_and_reads_less():
     full = ckv.compile(policy(128), backend="reference")
     # nearly flat attention (small keys): the box bound is tight enough for the stop to fire
     cache, ids, keys, values, _ = observed_cache(pipe, lens, decode_tokens=2, k_scale=0.02)
-    full.selectors[0]._state[cache] = pipe.selectors[0].votes(cache)  # same votes for the attend reference
+    cache.adopt_stage_state(full.selectors[0], pipe.selectors[0].votes(cache))  # same votes for the reference
     q = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(3)) * 4
     pipe.plan(cache, ids)
     full.plan(cache, ids)
@@ -195,8 +195,9 @@ def test_triton_path_equals_reference(terminal):
     tri = ckv.compile(policy(64, terminal), backend="triton")
     cache, ids, *_ = observed_cache(tri, [150, 97], decode_tokens=2, k_scale=0.3, device=dev)
     rc = _cpu_cache(cache) if dev != "cpu" else cache
-    ref.selectors[0]._state[rc] = _Votes([s.cpu() for s in tri.selectors[0].votes(cache).scores],
-                                         tri.selectors[0].votes(cache).prompt.cpu())
+    votes, src = _Votes(rc), tri.selectors[0].votes(cache)
+    votes.scores, votes.prompt = [s.cpu() for s in src.scores], src.prompt.cpu()
+    rc.adopt_stage_state(ref.selectors[0], votes)
     q = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(6)) * 3
     ref.plan(rc, ids)
     tri.plan(cache, ids, num_splits=1)
