@@ -99,10 +99,7 @@ def settings(args):
 
 def capture(args):
     """Dense prefill of ctx + queries essay tokens -> per layer (k, v [Hkv, T, D], q [Hq, W + NQ, D]), scale."""
-    import torch.nn.functional as F
-    from transformers import AttentionInterface
-
-    from composable_kv import assets
+    from composable_kv import assets, traces
 
     dtype = getattr(torch, args.dtype)
     lm, tok = assets.load_model_and_tokenizer(args.model, dtype=dtype, device=args.device)
@@ -114,23 +111,11 @@ def capture(args):
     W = args.snap_window
     grabbed, scale = {}, {}
 
-    def hook(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        li = module.layer_idx  # query [1, Hq, T, D], key/value [1, Hkv, T, D], post-RoPE
+    def grab(li, query, key, value, scaling):  # query [1, Hq, T, D], key/value [1, Hkv, T, D], post-RoPE
         grabbed[li] = (key[0].clone(), value[0].clone(), query[0, :, args.ctx - W:].clone())
         scale[li] = scaling
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                             enable_gqa=key.shape[1] != query.shape[1])
-        return out.transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register("ckv_art_diagnosis", hook)
-    previous = lm.config._attn_implementation
-    lm.set_attn_implementation("ckv_art_diagnosis")
-    try:
-        with torch.inference_mode():
-            lm.model(input_ids=ids.to(args.device), position_ids=torch.arange(T, device=args.device)[None],
-                     use_cache=False)
-    finally:
-        lm.set_attn_implementation(previous)
+    traces.forward_with_hook(lm, ids.to(args.device), grab)
     name = assets.resolve_model_path(args.model).name
     layers = sorted(grabbed)
     sm = scale[layers[0]] or grabbed[layers[0]][0].shape[-1] ** -0.5

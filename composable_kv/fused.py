@@ -23,9 +23,9 @@ import torch
 from .kernels.page_select import triton as select_tk
 from .kernels.paged_decode import triton as decode_tk
 from .ints import cdiv
-from .stages import ScoreKind
+from .stages import ScoreKind, StopKind
 
-KNOWN_STOPS = (None, "stability", "certified")  # the stop kinds paged_decode implements
+KNOWN_STOPS = (None, StopKind.STABILITY, StopKind.CERTIFIED)  # the stop kinds paged_decode implements
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def run_layer(pipeline, ctx):
         return pipeline.run_generic(ctx, _generic_decode)
     rule = pipeline.stop_rule
     kind = rule.kind
-    certified = kind == "certified"
+    certified = kind is StopKind.CERTIFIED
     if sp.shadow_bits:
         order, count, tail = _shadow_launches(sp, q, c, layer, plan, ctx.sm_scale, certified)
         out, pages, tau = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
@@ -184,9 +184,9 @@ def describe(pipeline) -> list[str]:
             ScoreKind.EXACT: "exact page max q.k (reads every key)"}[sp.score]
     sel = (f"keep forced + top pages under {sp.budget_tokens} tokens" if sp.select else
            "keep forced pages only" if sp.forced_only else "keep every page")
-    extra = ", strided tail LSE of the bounds" if rule.kind == "certified" else ""
-    stop = {None: "no stop", "stability": f"stability stop every {rule.chunk_pages} pages",
-            "certified": f"certified stop (delta={rule.delta}) every {rule.chunk_pages} pages"}[rule.kind]
+    extra = ", strided tail LSE of the bounds" if rule.kind is StopKind.CERTIFIED else ""
+    stop = {None: "no stop", StopKind.STABILITY: f"stability stop every {rule.chunk_pages} pages",
+            StopKind.CERTIFIED: f"certified stop (delta={rule.delta}) every {rule.chunk_pages} pages"}[rule.kind]
     if rule.kind and rule.acc_bf16:
         stop += ", running output rounded to bf16 after every chunk"
     if rule.kind is None:

@@ -17,7 +17,7 @@ from .cache import PagedKVCache
 from .config import PolicyConfig, load_policy
 from .contracts import check_finite, check_int, check_seq_ids, check_sm_scale, check_tensor, value_checks_on
 from .errors import TensorContractError
-from .stages import ScoringSelector, SelectorStage, StopRule
+from .stages import ScoringSelector, SelectorStage, StopKind, StopRule
 from .summaries import KEY_MINMAX
 from .kernels.page_score import reference as score_ref
 from .kernels.page_select import reference as select_ref
@@ -157,8 +157,8 @@ class DecodePipeline:
             return False
         scorers = [s for s in self.selectors if isinstance(s, ScoringSelector)]
         if not scorers:  # the box bound orders the pages, unless the terminal reads them in natural order
-            return self.stop_rule.kind == "certified" or not self.terminal.natural_order
-        return self.stop_rule.kind == "certified" and not scorers[-1].score_is_bound
+            return self.stop_rule.kind is StopKind.CERTIFIED or not self.terminal.natural_order
+        return self.stop_rule.kind is StopKind.CERTIFIED and not scorers[-1].score_is_bound
 
     @property
     def required_summaries(self) -> frozenset[str]:
@@ -325,7 +325,7 @@ class DecodePipeline:
         order, count = select_ref.select_pages(order_key.masked_fill(~keep, float("-inf")),
                                                keep, keep, None)
         bounds_in_order = None
-        if self.stop_rule.kind == "certified":
+        if self.stop_rule.kind is StopKind.CERTIFIED:
             if bounds is None:  # the scorer covered every page unscored: no bound, the stop cannot fire
                 bounds = torch.full((B, Hkv, P), float("inf"), device=ctx.q.device)
             bounds_in_order = bounds.gather(-1, order.long().clamp(min=0))
@@ -335,7 +335,7 @@ class DecodePipeline:
         order, count, bounds_in_order = self.select(ctx)
         rule = StopRule() if self.is_dense_layer(ctx.layer) else self.stop_rule
         tail = None
-        if rule.kind == "certified":
+        if rule.kind is StopKind.CERTIFIED:
             tokens = select_ref.page_token_counts(order, ctx.plan.seq_lens, ctx.page_size)
             tail = select_ref.strided_tail_lse(bounds_in_order, tokens, count, ctx.plan.num_splits)
         c = ctx.cache

@@ -67,13 +67,33 @@ __all__ = ["DEFAULT_TRACE_PATH", "Trace", "TraceReplayer", "capture", "load_trac
 # Capture
 # --------------------------------------------------------------------------------------------
 
+def forward_with_hook(lm, ids: torch.Tensor, grab) -> None:
+    """Run ``lm`` over ids [1, T] with exact causal SDPA attention, calling ``grab(layer, query, key, value,
+    scaling)`` in every layer (query [1, Hq, T, D], key/value [1, Hkv, T, D], post-RoPE)."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+
+    def hook(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        grab(module.layer_idx, query, key, value, scaling)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=key.shape[1] != query.shape[1])
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("ckv_capture", hook)
+    previous = lm.config._attn_implementation
+    lm.set_attn_implementation("ckv_capture")
+    try:
+        with torch.inference_mode():
+            lm.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
+                     use_cache=False)
+    finally:
+        lm.set_attn_implementation(previous)
+
+
 def capture(out: str | Path = DEFAULT_TRACE_PATH, *, tokens: int = DEFAULT_TOKENS,
             layers=DEFAULT_LAYERS, num_queries: int = DEFAULT_NUM_QUERIES, model=None, essays=None,
             threads: int | None = None, quiet: bool = False) -> Path:
     """Prefill `tokens` essay tokens through the model on the CPU and save the trace of `layers`."""
-    import torch.nn.functional as F
-    from transformers import AttentionInterface
-
     from . import assets
 
     if threads:
@@ -94,25 +114,13 @@ def capture(out: str | Path = DEFAULT_TRACE_PATH, *, tokens: int = DEFAULT_TOKEN
     grabbed: dict[int, tuple] = {}
     scaling_seen = {}
 
-    def trace_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        # query [B, Hq, T, D], key/value [B, Hkv, T, D] (post-RoPE)
-        li = module.layer_idx
+    def grab(li, query, key, value, scaling):
         if li in layers:
             grabbed[li] = (query[0, :, -num_queries:].transpose(0, 1).to(torch.bfloat16).clone(),
                            key[0].to(torch.bfloat16).clone(), value[0].to(torch.bfloat16).clone())
             scaling_seen[li] = scaling
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                             enable_gqa=key.shape[1] != query.shape[1])
-        return out.transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register("ckv_trace", trace_attention)
-    previous = lm.config._attn_implementation
-    lm.set_attn_implementation("ckv_trace")
-    try:
-        with torch.inference_mode():
-            lm.model(input_ids=ids, position_ids=torch.arange(tokens)[None], use_cache=False)
-    finally:
-        lm.set_attn_implementation(previous)
+    forward_with_hook(lm, ids, grab)
     rotary = lm.model.rotary_emb
     q = torch.stack([grabbed[i][0] for i in layers])  # [NL, NQ, Hq, D]
     k = torch.stack([grabbed[i][1] for i in layers])  # [NL, Hkv, T, D]

@@ -262,3 +262,17 @@ def test_from_csv_rewrites_the_markdown_without_a_gpu(tmp_path):
     assert "NVIDIA H100 80GB HBM3" in text and "hand-written" in text and "| ckv_quest_art |" in text
     args = _parse(["--from-csv", str(tmp_path / "missing.csv")])
     assert args.func(args) == 2
+
+
+def test_forward_with_hook_sees_every_layer_then_restores_attention():
+    """traces.forward_with_hook: exact causal attention, the hook sees each layer's post-RoPE q/k/v."""
+    pytest.importorskip("transformers")
+    from helpers import tiny_llama
+
+    model = tiny_llama(64)
+    ids = torch.randint(1, 96, (1, 20), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    traces.forward_with_hook(model, ids, lambda li, q, k, v, s: seen.__setitem__(li, (q.shape, k.shape, s)))
+    assert sorted(seen) == [0, 1, 2]
+    assert seen[0] == ((1, 4, 20, 16), (1, 2, 20, 16), 16 ** -0.5)
+    assert model.config._attn_implementation != "ckv_capture"  # switched back
