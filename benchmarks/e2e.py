@@ -19,10 +19,6 @@ replay, which costs no prefill: decode timing does not depend on the values, exc
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import composable_kv as ckv  # noqa: E402
+import harness  # noqa: E402  (benchmarks/harness.py: timer, FlashInfer wrapper, report)
+import composable_kv  # noqa: E402,F401  (registers the stages)
 from composable_kv import hf  # noqa: E402
-from composable_kv.ints import cdiv  # noqa: E402
 
 SHAPES = {
     "llama3-8b-shape": dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -148,33 +144,39 @@ class SyntheticPrefill:
 
 
 class FlashInferAttention:
-    """FlashInfer's paged decode in the decode step's graph (``PolicySession(attention=...)``)."""
+    """FlashInfer's paged decode in the decode step's graph (``PolicySession(attention=...)``), through its
+    CUDA-graph wrapper. The session reserves its pages ahead, so the page table is read once; each step
+    re-plans the wrapper on the host (FlashInfer's plan needs the lengths there) from B lengths, and the
+    page indices are gathered on the device."""
 
     def __init__(self, session, tensor_cores: bool):
-        import flashinfer
-        B, dev = len(session.seq_ids), session.device
-        pages = max(len(session.cache.pages(s)) for s in session.seq_ids)
-        self.indptr = torch.zeros(B + 1, dtype=torch.int32, device=dev)
-        self.indices = torch.zeros(B * pages, dtype=torch.int32, device=dev)
-        self.last = torch.zeros(B, dtype=torch.int32, device=dev)
-        self.ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
-        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.ws, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=tensor_cores,
-            paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
-            paged_kv_last_page_len_buffer=self.last)
-        self.shape, self.dtype = session.shape, session.dtype
+        dev = session.device
+        self.table = session.cache.padded_page_table(session.seq_ids)[0].to(dev)  # [B, P] page ids
+        self.cols = torch.arange(self.table.shape[1], device=dev)                    # [P]
+        sh, S = session.shape, session.cache.page_size
+        self.heads = dict(num_q_heads=sh.num_q_heads, num_kv_heads=sh.num_kv_heads, head_dim=sh.head_dim,
+                          page_size=S, dtype=session.dtype)
+        indptr, indices, last = self._plan_inputs(session)
+        self.indptr, self.last = indptr.to(dev), last.to(dev)
+        self.indices = torch.zeros(self.table.numel(), dtype=torch.int32, device=dev)
+        self.indices[:len(indices)] = indices
+        self.wrapper = harness.flashinfer_decode(self.indptr, self.indices, self.last, tensor_cores=tensor_cores,
+                                                 graph=True, **self.heads)
+
+    def _plan_inputs(self, session):
+        """(indptr [B+1] host, indices [sum of pages] device, last page lengths [B] host) for the next step."""
+        S = session.cache.page_size
+        lens = torch.tensor([session.cache.seq_len(s) + 1 for s in session.seq_ids])  # the step's token included
+        counts = (lens + S - 1) // S
+        indptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+        used = self.cols[None, :] < counts.to(self.table.device)[:, None]            # [B, P]
+        return indptr, self.table[used], ((lens - 1) % S + 1).to(torch.int32)
 
     def prepare(self, session) -> None:
-        S = session.cache.page_size
-        lens = [session.cache.seq_len(s) + 1 for s in session.seq_ids]  # the step's new token included
-        counts = [cdiv(n, S) for n in lens]
-        indptr = torch.tensor([0] + counts).cumsum(0).to(torch.int32)
-        indices = torch.tensor([p for s, c in zip(session.seq_ids, counts) for p in session.cache.pages(s)[:c]],
-                               dtype=torch.int32)
-        last = torch.tensor([(n - 1) % S + 1 for n in lens], dtype=torch.int32)
-        sh = self.shape
-        self.wrapper.plan(indptr, indices, last, sh.num_q_heads, sh.num_kv_heads, sh.head_dim, S,
-                          q_data_type=self.dtype, kv_data_type=self.dtype)
+        indptr, indices, last = self._plan_inputs(session)
+        h = self.heads
+        self.wrapper.plan(indptr, indices, last, h["num_q_heads"], h["num_kv_heads"], h["head_dim"], h["page_size"],
+                          q_data_type=h["dtype"], kv_data_type=h["dtype"])
 
     def run(self, q, cache, layer, plan, sm_scale):
         return self.wrapper.run(q, (cache.k[layer], cache.v[layer]))
@@ -300,8 +302,8 @@ def run(args) -> list[Row]:
 
 
 def markdown(rows: list[Row], meta: dict) -> str:
-    out = [f"GPU: {meta['gpu']}; commit {meta['commit']}; copy bandwidth {meta['copy_tbps']:.2f} TB/s; "
-           f"{meta['steps']} decode steps timed after one warm-up/capture step; bf16.", "",
+    out = [f"Copy bandwidth {meta['copy_tbps']:.2f} TB/s; {meta['steps']} decode steps timed after one "
+           "warm-up/capture step; bf16.", "",
            "| model | weights | B | context | provider | path | ms/step | tok/s | floor % | x ckv dense "
            "| KV GB/step | prefill s | peak GB | note |", "|" + "---|" * 14]
     dense = {(r.model, r.batch, r.context): r.ms_per_step for r in rows if r.provider == "ckv dense"}
@@ -348,13 +350,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = run(args)
-    commit = os.environ.get("CKV_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip() or "unknown"
-    meta = dict(gpu=torch.cuda.get_device_name(), commit=commit, torch=torch.__version__, steps=args.steps,
-                copy_tbps=copy_bandwidth(torch.device("cuda")) / 1e12, python=platform.python_version(),
-                command=" ".join(sys.argv))
-    (out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    (out / "e2e.md").write_text(markdown(rows, meta))
+    meta = harness.run_meta(steps=args.steps, copy_tbps=copy_bandwidth(torch.device("cuda")) / 1e12)
+    harness.write_report(out, "e2e", meta, [asdict(r) for r in rows], markdown(rows, meta),
+                         title="End-to-end decode")
     print(markdown(rows, meta))
     return 0
 

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import harness  # noqa: E402
 from composable_kv.cuda_graphs import host_us as _host_us  # noqa: E402
 from composable_kv.kernels.page_select import triton as select_tk  # noqa: E402
 from composable_kv.kernels.paged_decode import triton as decode_tk  # noqa: E402
@@ -39,36 +39,28 @@ def make(B, ctx, dtype=torch.bfloat16, seed=0, hq=HQ, hkv=HKV, d=D):
 
 
 def bench(fn):
-    return triton.testing.do_bench(fn, warmup=10, rep=40) * 1e3  # us
+    return harness.median_ms(fn, warmup_ms=10, rep_ms=40) * 1e3  # us
 
 
 def bench_graph(fn, n=20):
     """us per call of fn replayed from a CUDA graph of n calls (no host launch cost); None if capture fails."""
-    from composable_kv.cuda_graphs import capture
     try:
-        graph, _ = capture(lambda: [fn() for _ in range(n)])
-        return bench(graph.replay) / n
+        return harness.graph_ms(fn, warmup_ms=10, rep_ms=40, calls=n) * 1e3
     except Exception as e:  # noqa: BLE001
         print("graph capture failed:", type(e).__name__, e, file=sys.stderr)
         return None
 
 
 def flashinfer_decode(q, k, v, table, lens, graph=False):
-    try:
-        import flashinfer
-    except Exception as e:  # noqa: BLE001
-        print("flashinfer unavailable:", e, file=sys.stderr)
+    if harness.flashinfer() is None:
+        print("flashinfer unavailable: its rows are left out", file=sys.stderr)
         return None
     B, P = table.shape
-    hq, hkv, d = q.shape[1], k.shape[1], k.shape[-1]
     indptr = torch.arange(0, B * P + 1, P, dtype=torch.int32, device="cuda")
     last = torch.full((B,), PAGE, dtype=torch.int32, device="cuda")
-    idx = table.flatten().contiguous()
-    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    extra = dict(use_cuda_graph=True, paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=idx,
-                 paged_kv_last_page_len_buffer=last) if graph else {}
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "HND", **extra)
-    w.plan(indptr, idx, last, hq, hkv, d, PAGE, data_type=q.dtype, q_data_type=q.dtype)
+    w = harness.flashinfer_decode(indptr, table.flatten().contiguous(), last, num_q_heads=q.shape[1],
+                                  num_kv_heads=k.shape[1], head_dim=k.shape[-1], page_size=PAGE, dtype=q.dtype,
+                                  graph=graph)
     return lambda: w.run(q, (k, v))
 
 

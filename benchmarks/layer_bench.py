@@ -32,16 +32,16 @@ import datetime
 import importlib.util
 import math
 import os
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import harness  # noqa: E402  (benchmarks/harness.py: timer, FlashInfer wrapper, report)
 from composable_kv.ints import cdiv  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -418,19 +418,6 @@ def case_bytes(case: Case) -> int:
 # GPU runner
 # --------------------------------------------------------------------------------------------
 
-def _git_commit() -> str:
-    try:
-        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True)
-        return c.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if c.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _bench(fn, warmup_ms: int, rep_ms: int) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
 @dataclass
@@ -440,11 +427,6 @@ class Timing:
     host_us: float = float("nan")   # host time per eager call (no sync)
     note: str = ""                  # why there is no graph time
 
-
-def _graph_ms(fn, warmup_ms: int, rep_ms: int) -> float:
-    from composable_kv.cuda_graphs import capture
-    graph, _ = capture(lambda: [fn() for _ in range(GRAPH_CALLS)])
-    return _bench(graph.replay, warmup_ms, rep_ms) / GRAPH_CALLS
 
 
 def _best(t: Timing) -> float:
@@ -457,9 +439,9 @@ def measure(fn, opts, graph_fn=None) -> Timing:
     """Eager time, host time and CUDA-graph replay time of fn (graph_fn: the callable to capture, when it
     must differ, e.g. FlashInfer's CUDA-graph wrapper). A failed capture leaves graph_ms nan and says why."""
     from composable_kv.cuda_graphs import host_us
-    t = Timing(_bench(fn, opts.warmup_ms, opts.rep_ms), host_us=host_us(fn))
+    t = Timing(harness.median_ms(fn, opts.warmup_ms, opts.rep_ms), host_us=host_us(fn))
     try:
-        t.graph_ms = _graph_ms(graph_fn or fn, opts.warmup_ms, opts.rep_ms)
+        t.graph_ms = harness.graph_ms(graph_fn or fn, opts.warmup_ms, opts.rep_ms, calls=GRAPH_CALLS)
     except Exception as e:  # noqa: BLE001
         t.note = f"no graph time: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
     return t
@@ -543,23 +525,6 @@ class CaseData:
         return self._ref
 
 
-def _fi_decode_wrapper(fi, ws, indptr, indices, last, hq, hkv, d, sm_scale, graph=False):
-    """A planned BatchDecodeWithPagedKVCacheWrapper (HND, bf16); graph=True: its CUDA-graph variant, whose
-    index buffers are the ones given (they must stay alive and fixed in size)."""
-    extra = dict(use_cuda_graph=True, paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices,
-                 paged_kv_last_page_len_buffer=last) if graph else {}
-    w = fi.BatchDecodeWithPagedKVCacheWrapper(ws, kv_layout="HND", **extra)
-    w.plan(indptr, indices, last, hq, hkv, d, PAGE_SIZE, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
-           sm_scale=sm_scale)
-    return w
-
-
-def _flashinfer():
-    try:
-        import flashinfer
-        return flashinfer
-    except ImportError:
-        return None
 
 
 def run_case(trace, case: Case, device, opts, log) -> list[Row]:
@@ -569,7 +534,7 @@ def run_case(trace, case: Case, device, opts, log) -> list[Row]:
     B, L, P, hq, hkv, d = data.B, data.L, data.P, data.hq, data.hkv, data.d
     base = dict(shape=case.shape, hq=hq, hkv=hkv, head_dim=d, batch=B, ctx=L, dense_pages_per_head=P)
     ref = data.reference()
-    fi_mod = _flashinfer()
+    fi_mod = harness.flashinfer()
     ws = torch.zeros(256 << 20, dtype=torch.uint8, device=device)
     timing = lambda fn, graph_fn=None: measure(fn, opts, graph_fn)  # noqa: E731
     fi = Timing(float("nan"))
@@ -598,10 +563,11 @@ def run_case(trace, case: Case, device, opts, log) -> list[Row]:
     if fi_mod is None:
         log("  fi_dense: flashinfer is not importable; speedups will be empty")
     else:
-        wrapper = _fi_decode_wrapper(fi_mod, ws, data.indptr, data.indices, data.last, hq, hkv, d, data.sm_scale)
+        heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=PAGE_SIZE, dtype=torch.bfloat16,
+                     sm_scale=data.sm_scale)
+        wrapper = harness.flashinfer_decode(data.indptr, data.indices, data.last, workspace=ws, **heads)
         gws = torch.zeros(256 << 20, dtype=torch.uint8, device=device)
-        gwrapper = _fi_decode_wrapper(fi_mod, gws, data.indptr, data.indices, data.last, hq, hkv, d,
-                                      data.sm_scale, graph=True)
+        gwrapper = harness.flashinfer_decode(data.indptr, data.indices, data.last, workspace=gws, graph=True, **heads)
         kv = (data.cache.k[0], data.cache.v[0])
         out = wrapper.run(data.q, kv)
         fi = timing(lambda: wrapper.run(data.q, kv), lambda: gwrapper.run(data.q, kv))
@@ -774,9 +740,11 @@ def _run_fi_quest(fi, data, budget, ws, add, timing, log):
     idx = indices_of(order).contiguous()
     indptr = (torch.arange(B * hkv + 1, device=dev, dtype=torch.int32) * nsel)
     last = torch.full((B * hkv,), PAGE_SIZE, dtype=torch.int32, device=dev)  # ctx is a multiple of 16
-    wrapper = _fi_decode_wrapper(fi, ws, indptr, idx, last, G, 1, d, data.sm_scale)
+    heads = dict(num_q_heads=G, num_kv_heads=1, head_dim=d, page_size=PAGE_SIZE, dtype=torch.bfloat16,
+                 sm_scale=data.sm_scale)
+    wrapper = harness.flashinfer_decode(indptr, idx, last, workspace=ws, **heads)
     gws = torch.zeros_like(ws)
-    gwrapper = _fi_decode_wrapper(fi, gws, indptr, idx, last, G, 1, d, data.sm_scale, graph=True)
+    gwrapper = harness.flashinfer_decode(indptr, idx, last, workspace=gws, graph=True, **heads)
     kv = (data.cache.k[0].view(-1, 1, PAGE_SIZE, d), data.cache.v[0].view(-1, 1, PAGE_SIZE, d))
     qv = data.q.view(B * hkv, G, d)
 
@@ -866,13 +834,13 @@ def run_bench(args) -> int:
     dev = torch.device("cuda", torch.cuda.current_device())  # explicit index: the cache compares devices
     free, total = torch.cuda.mem_get_info()
     limit = args.max_gpu_gib * 2 ** 30 if args.max_gpu_gib else 0.8 * free
-    fi = _flashinfer()
+    fi = harness.flashinfer()
     meta = {
         "gpu": torch.cuda.get_device_name(),
-        "commit": args.commit or os.environ.get("CKV_COMMIT") or _git_commit(),
+        "commit": args.commit or harness.git_commit(),
         "command": _command_line(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__, "triton": _version("triton"),
+        "torch": torch.__version__, "triton": harness.version("triton"),
         "flashinfer": getattr(fi, "__version__", "not installed") if fi else "not installed",
         "trace": f"{trace_path.name}: {trace.meta.get('model', '?')}, {trace.tokens} tokens, "
                  f"layers {trace.meta.get('layers', '?')}",
@@ -907,12 +875,6 @@ def _command_line() -> str:
     env = " ".join(f"{k}={os.environ[k]}" for k in ("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS",) if k in os.environ)
     return (env + " " if env else "") + "python benchmarks/layer_bench.py" + (" " + " ".join(rest) if rest else "")
 
-
-def _version(mod):
-    try:
-        return __import__(mod).__version__
-    except Exception:  # noqa: BLE001
-        return "?"
 
 
 if __name__ == "__main__":

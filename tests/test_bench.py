@@ -276,3 +276,33 @@ def test_forward_with_hook_sees_every_layer_then_restores_attention():
     assert sorted(seen) == [0, 1, 2]
     assert seen[0] == ((1, 4, 20, 16), (1, 2, 20, 16), 16 ** -0.5)
     assert model.config._attn_implementation != "ckv_capture"  # switched back
+
+
+# -- the shared harness (benchmarks/harness.py) ---------------------------------------------------
+
+def test_report_writer_keeps_rows_and_meta(tmp_path, monkeypatch):
+    import json
+
+    import harness
+    monkeypatch.setenv("CKV_COMMIT", "abc1234")
+    meta = harness.run_meta("python benchmarks/x.py --flag", steps=3)
+    assert meta["commit"] == "abc1234" and meta["steps"] == 3 and meta["command"].endswith("--flag")
+    rows = [{"provider": "ckv dense", "tok_s": 12.5}, {"provider": "ckv quest", "tok_s": 20.0}]
+    js, md = harness.write_report(tmp_path / "out", "e2e", meta, rows, "| a |\n|---|\n| 1 |", title="T")
+    saved = json.loads(js.read_text())
+    assert saved["rows"] == rows and saved["meta"]["commit"] == "abc1234"
+    text = md.read_text()
+    assert text.startswith("# T\n") and "- commit: `abc1234`" in text and "`python benchmarks/x.py --flag`" in text
+    assert text.rstrip().endswith("| 1 |")
+
+
+def test_git_commit_without_override_names_head(monkeypatch):
+    import subprocess
+
+    import harness
+    monkeypatch.delenv("CKV_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=harness.REPO, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert harness.git_commit().split("+")[0] == head.stdout.strip()
+

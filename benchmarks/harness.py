@@ -1,0 +1,119 @@
+"""What every benchmark shares: one timer, one FlashInfer decode wrapper, one report writer.
+
+Benchmarks run as scripts (`python benchmarks/<name>.py`), so this folder is on sys.path and they
+`import harness`; tests get it from pyproject's pythonpath.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+GRAPH_CALLS = 20  # calls per captured CUDA graph when timing replays
+
+
+# -- timer ----------------------------------------------------------------------------------------
+
+def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median GPU time of one call of fn, in ms (triton's do_bench: warm-up, L2 flush, CUDA events)."""
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def graph_ms(fn, warmup_ms: int = 25, rep_ms: int = 100, calls: int = GRAPH_CALLS) -> float:
+    """ms per call of fn replayed from one CUDA graph of `calls` calls (no host launch cost).
+    Raises what capture raises: the caller says why there is no graph time."""
+    from composable_kv.cuda_graphs import capture
+    graph, _ = capture(lambda: [fn() for _ in range(calls)])
+    return median_ms(graph.replay, warmup_ms, rep_ms) / calls
+
+
+# -- FlashInfer -----------------------------------------------------------------------------------
+
+def flashinfer():
+    """The flashinfer module, or None when it is not installed (the caller reports the missing rows)."""
+    try:
+        import flashinfer as fi
+        return fi
+    except ImportError:
+        return None
+
+
+def flashinfer_decode(indptr, indices, last_page_len, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                      page_size: int, dtype, sm_scale: float | None = None, tensor_cores: bool = False,
+                      graph: bool = False, workspace: torch.Tensor | None = None):
+    """FlashInfer's BatchDecodeWithPagedKVCacheWrapper over an HND paged cache, planned for these index
+    buffers; `graph=True` makes its CUDA-graph variant, which keeps these very buffers (they must stay alive,
+    fixed in size, and be re-planned in place). Returns the wrapper: `wrapper.run(q, (k_cache, v_cache))`."""
+    import flashinfer as fi
+    ws = workspace if workspace is not None else torch.empty(256 << 20, dtype=torch.uint8, device=indptr.device)
+    extra = dict(use_cuda_graph=True, paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices,
+                 paged_kv_last_page_len_buffer=last_page_len) if graph else {}
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(ws, kv_layout="HND", use_tensor_cores=tensor_cores, **extra)
+    w.plan(indptr, indices, last_page_len, num_q_heads, num_kv_heads, head_dim, page_size,
+           q_data_type=dtype, kv_data_type=dtype, sm_scale=sm_scale)
+    return w
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    """CKV_COMMIT if set (a device machine's checkout may have a stale .git), else HEAD (+dirty)."""
+    if os.environ.get("CKV_COMMIT"):
+        return os.environ["CKV_COMMIT"]
+    try:
+        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    if c.returncode != 0:
+        return "unknown"
+    return c.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 (not installed, or no __version__)
+        return "-"
+
+
+def run_meta(command: str | None = None, **extra) -> dict:
+    """Where and how a benchmark ran: device, commit, versions, date and the command line."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or '?'})"
+    meta = {"gpu": device, "commit": git_commit(), "date": datetime.date.today().isoformat(),
+            "command": command or "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
+            "torch": torch.__version__, "triton": version("triton"), "flashinfer": version("flashinfer"),
+            "python": platform.python_version()}
+    meta.update(extra)
+    return meta
+
+
+def meta_lines(meta: dict) -> list[str]:
+    """The header every committed table carries: GPU, commit, command, versions."""
+    return [f"- GPU: **{meta.get('gpu', '?')}**",
+            f"- commit: `{meta.get('commit', '?')}`",
+            f"- command: `{meta.get('command', '?')}`",
+            f"- date: {meta.get('date', '?')}; torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}, "
+            f"flashinfer {meta.get('flashinfer', '?')}"]
+
+
+def write_report(out_dir: str | Path, stem: str, meta: dict, rows: list[dict], markdown: str,
+                 title: str | None = None) -> tuple[Path, Path]:
+    """`<stem>.json` (meta + rows) and `<stem>.md` (title, meta header, the markdown body) in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / f"{stem}.json", out / f"{stem}.md"
+    js.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    head = [f"# {title}", ""] if title else []
+    md.write_text("\n".join([*head, *meta_lines(meta), "", markdown.rstrip(), ""]))
+    return js, md
+
