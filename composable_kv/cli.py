@@ -5,17 +5,7 @@ import argparse
 import dataclasses
 import sys
 
-from .errors import CkvError
-
-
-ERROR_PREFIX = "ckv: error: "  # every error the command line reports starts with it
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors are one line (no usage dump), exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{ERROR_PREFIX}{message} (see `{self.prog} --help`)\n")
+from .errors import ERROR_PREFIX, CkvError, OneLineParser
 
 
 def _cmd_validate(args) -> int:

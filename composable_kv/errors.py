@@ -1,4 +1,7 @@
 """Errors raised at the public boundary. Each message names the problem and the fix."""
+import argparse
+
+ERROR_PREFIX = "ckv: error: "  # every error a command line reports starts with it
 
 
 class CkvError(Exception):
@@ -28,3 +31,10 @@ class CacheFullError(CkvError, RuntimeError):
 
 class TensorContractError(CkvError, ValueError):
     """A tensor at the public boundary has the wrong dtype, device, shape or layout."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (no usage dump), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{ERROR_PREFIX}{message} (see `{self.prog} --help`)\n")

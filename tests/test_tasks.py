@@ -209,14 +209,14 @@ def test_results_are_written(tmp_path):
 
 
 def test_eval_cli_rejects_a_bad_policy_before_loading_a_model(capsys):
-    from composable_kv.eval import cli as eval_cli
-    assert eval_cli.main(["eval", "--policy", "configs/no_such.yaml", "--quiet"]) == 2
+    from composable_kv import cli
+    assert cli.main(["eval", "--policy", "configs/no_such.yaml", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no_such.yaml" in err and "not found" in err
 
 
 def test_eval_cli_rejects_a_bad_model_path(capsys, tmp_path):
-    from composable_kv.eval import cli as eval_cli
-    code = eval_cli.main(["eval", "--policy", "configs/dense.yaml", "--model", str(tmp_path / "nope"),
+    from composable_kv import cli
+    code = cli.main(["eval", "--policy", "configs/dense.yaml", "--model", str(tmp_path / "nope"),
                           "--quiet", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert code == 2 and "no such file or folder" in capsys.readouterr().err

@@ -170,7 +170,7 @@ def _report(rows, args, device, model_name, out_dir: Path, stem: str, sections=(
 
 
 def _fail(exc: Exception) -> int:
-    from ..cli import ERROR_PREFIX
+    from ..errors import ERROR_PREFIX
     print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
     return 2
 
@@ -240,12 +240,3 @@ def demo_table(rows, tasks: list[str], ctx: int, model_name: str = "smollm2-135m
     lines.append("% KV read and MB/token: teacher-forced decode over the essays (pages + summaries, all layers).")
     return "\n".join(lines)
 
-
-def main(argv=None) -> int:
-    """`python -m composable_kv.eval_cli demo`: the same as `ckv demo`."""
-    from ..cli import main as ckv_main
-    return ckv_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -311,7 +311,7 @@ def _report_command(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..assets import MODEL_HELP
-    from ..cli import OneLineParser
+    from ..errors import OneLineParser
     from .cli import depth_list, positive_int
     from .tasks import RETRIEVAL_TASKS
 
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ..cli import ERROR_PREFIX
+    from ..errors import ERROR_PREFIX
     from ..errors import CkvError
 
     args = build_parser().parse_args(argv)
