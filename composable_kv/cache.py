@@ -172,6 +172,13 @@ class PagedKVCache:
                 pages.append(fresh[-1])
         self._reset_summaries(fresh)
 
+    def decode_slots(self, seq_ids: list[int], page_table: torch.Tensor, positions: torch.Tensor) -> AppendSlots:
+        """Where a decode step's new tokens go, from the step's page table [B, P] and positions [B] (device
+        ops only: the decode runtime calls it inside its graph)."""
+        S = self.page_size
+        page_ids = page_table.gather(1, (positions // S)[:, None].to(torch.int64))[:, 0].long()  # [B]
+        return AppendSlots(list(seq_ids), [1] * len(seq_ids), page_ids, positions % S, page_ids)
+
     def advance(self, seq_ids: list[int], count: int = 1) -> None:
         """Count `count` tokens written on the device into pages reserved ahead (host bookkeeping only)."""
         S = self.page_size
@@ -238,8 +245,13 @@ class PagedKVCache:
         idx = torch.tensor(pages, dtype=torch.int64, device=self.device)
         cnt = torch.tensor(counts, dtype=torch.int64, device=self.device)
         for i in range(0, len(pages), chunk):
-            for s in self._summaries:  # dependencies first: a key shadow quantizes against the new min/max
-                s.rebuild(self, layer, idx[i:i + chunk], cnt[i:i + chunk])
+            self.rebuild_pages(layer, idx[i:i + chunk], cnt[i:i + chunk])
+
+    def rebuild_pages(self, layer: int, pages: torch.Tensor, counts: torch.Tensor) -> None:
+        """Recompute every summary of `pages` [U] (int64, device) from their first `counts` [U] tokens.
+        Device ops only; a page listed twice gets the same values twice."""
+        for s in self._summaries:  # dependencies first: a key shadow quantizes against the new min/max
+            s.rebuild(self, layer, pages, counts)
 
     def append(self, seq_ids: list[int], counts: list[int], k: torch.Tensor, v: torch.Tensor) -> AppendSlots:
         """reserve() plus write() for every layer. k, v: [num_layers, T, Hkv, D]."""

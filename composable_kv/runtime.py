@@ -17,7 +17,7 @@ Paths (``PolicySession.decode_path``), chosen once when the session is built:
   graph  : the device step replayed from a CUDA graph (CUDA, graph-safe stages);
   device : the same step, eager (CPU, or asked for);
   host   : per step, ``cache.reserve`` + ``pipeline.plan`` on the host, then an eager forward: stages that
-           sync with the host (ltri, attention_predictor) and admission stacks (write_gate) run here.
+           sync with the host (ltri, attention_predictor) run here.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import dataclasses
 
 import torch
 
-from .cache import AppendSlots
 from .errors import CkvError
 
 DECODE_PATHS = ("auto", "graph", "device", "host")
@@ -39,10 +38,7 @@ def choose_decode_path(requested: str, pipeline, device: torch.device) -> tuple[
     """(path, why) for a session; a path that cannot run is refused, never silently replaced."""
     if requested not in DECODE_PATHS:
         raise DecodePathError(f"decode_path: expected one of {list(DECODE_PATHS)}, got {requested!r}")
-    host_only = ([f"admission stage {pipeline.admission.name!r} (host-planned head-major cache)"]
-                 if pipeline.admission is not None else [])
-    host_only += [f"stage {name!r} syncs with the host" for name in pipeline.host_synced_stages
-                  if pipeline.admission is None or name != pipeline.admission.name]
+    host_only = [f"stage {name!r} syncs with the host" for name in pipeline.host_synced_stages]
     if requested in ("graph", "device") and host_only:
         raise DecodePathError(f"decode_path={requested!r} cannot run policy {pipeline.name!r}: "
                               f"{'; '.join(host_only)}; use decode_path='host' (or 'auto')")
@@ -113,12 +109,10 @@ class DeviceStep:
 
     def _body(self) -> torch.Tensor:
         s = self.session
-        S = s.cache.page_size
         pos = self.seq_lens.long()  # [B]
         self.positions.copy_(pos[:, None])
         new_lens = self.seq_lens + 1
-        page_ids = self.page_table.gather(1, (pos // S)[:, None].to(torch.int64))[:, 0].long()  # [B]
-        slots = AppendSlots(list(s.seq_ids), [1] * len(s.seq_ids), page_ids, pos % S, page_ids)
+        slots = s.cache.decode_slots(s.seq_ids, self.page_table, pos)
         s.pipeline.plan_tables(s.cache, self.page_table, new_lens, s.seq_ids, self.num_splits)
         self.step_pages.zero_()
         self.step_bytes.zero_()

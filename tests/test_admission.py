@@ -60,32 +60,34 @@ def test_ring_window_and_admitted_pages(lens, steps):
                 kept = cache.kept_positions(rid, layer, h)
                 want = _oracle(n, W, (G[b][layer, :, h] > cache.threshold).tolist())
                 assert sorted(kept) == sorted(want) and len(kept) == len(set(kept))
-                hs = cache._heads[rid][layer][h]
+                row = cache._row[rid]
+                n_global, n_kept = int(cache.n_global[layer, row, h]), int(cache.kept[layer, row, h])
                 # the sequence is contiguous: global prefix, then the ring window; pages = ceil(kept / S)
-                assert cache.pool.seq_len(hs.sid) == len(kept)
-                assert len(cache.pool.pages(hs.sid)) == -(-len(kept) // S)
-                assert len(hs.ring) == min(W, n) and hs.n_global == len(kept) - len(hs.ring)
-                assert sorted(kept[hs.n_global:]) == list(range(max(0, n - W), n))
-                k_pool, v_pool = cache.pool.gather(0, hs.sid)
-                torch.testing.assert_close(k_pool[:, 0], K[b][layer, kept, h], rtol=0, atol=0)
-                torch.testing.assert_close(v_pool[:, 0], V[b][layer, kept, h], rtol=0, atol=0)
+                assert n_kept == len(kept) and len(cache.triple_pages(rid, layer, h)) == -(-len(kept) // S)
+                assert n_global == len(kept) - min(W, n)
+                assert sorted(kept[n_global:]) == list(range(max(0, n - W), n))
+                k_pool, v_pool = cache.triple_kv(rid, layer, h)
+                torch.testing.assert_close(k_pool, K[b][layer, kept, h], rtol=0, atol=0)
+                torch.testing.assert_close(v_pool, V[b][layer, kept, h], rtol=0, atol=0)
                 # full global pages carry exact summaries
-                for p in range(hs.n_global // S):
-                    page = cache.pool.pages(hs.sid)[p]
+                pages = cache.triple_pages(rid, layer, h)
+                for p in range(n_global // S):
                     rows = K[b][layer, kept[p * S:(p + 1) * S], h]
-                    torch.testing.assert_close(cache.pool.key_min[0][page, 0], rows.amin(0), rtol=0, atol=0)
-                    torch.testing.assert_close(cache.pool.key_max[0][page, 0], rows.amax(0), rtol=0, atol=0)
+                    torch.testing.assert_close(cache.pool.key_min[0][pages[p], 0], rows.amin(0), rtol=0, atol=0)
+                    torch.testing.assert_close(cache.pool.key_max[0][pages[p], 0], rows.amax(0), rtol=0, atol=0)
                 # every page's box contains its keys (overwritten window slots keep the bound sound)
-                for p, page in enumerate(cache.pool.pages(hs.sid)):
-                    rows = k_pool[p * S:(p + 1) * S, 0]
+                for p, page in enumerate(pages):
+                    rows = k_pool[p * S:(p + 1) * S]
                     assert (cache.pool.key_min[0][page, 0] <= rows.amin(0)).all()
                     assert (cache.pool.key_max[0][page, 0] >= rows.amax(0)).all()
     st = cache.stats()
     assert st["evicted"] == sum(max(0, n + steps - W) for n in lens) * cache.num_layers * cache.num_kv_heads
-    assert st["pages_used"] == sum(len(cache.pool.pages(hs.sid)) for r in rids for pl in cache._heads[r] for hs in pl)
+    assert st["pages_used"] == sum(len(cache.triple_pages(r, layer, h)) for r in rids
+                                   for layer in range(cache.num_layers) for h in range(cache.num_kv_heads))
+    assert st["admitted"] == sum(int(cache.n_global[:, cache._row[r]].sum()) for r in rids)
     for rid in rids:
         cache.free(rid)
-    assert cache.pool.num_free_pages == cache.pool.num_pages and cache.pages_used() == 0
+    assert cache.pool.num_free_pages == cache.pool.num_pages - 1 and cache.pages_used() == 0  # the trash page
 
 
 def test_dense_layers_keep_every_token_and_gate_thresholds():
@@ -139,8 +141,7 @@ def test_attention_is_exact_over_kept_tokens(stack):
                 kept = cache.kept_positions(rid, layer, h)
                 ref = _attention(q[b, 3 * h:3 * h + 3], K[b][layer, kept, h], V[b][layer, kept, h])
                 torch.testing.assert_close(res.out[b, 3 * h:3 * h + 3].float(), ref, rtol=1e-5, atol=1e-5)
-        assert (res.pages_read == torch.tensor([[len(cache.pool.pages(s))] for s in
-                                                cache.layer_seq_ids(layer, rids)]).view(2, 2)).all()
+        assert res.pages_read.tolist() == [[len(cache.triple_pages(r, layer, h)) for h in range(2)] for r in rids]
 
 
 def test_quest_reads_the_forced_window_and_selects_global_pages():
@@ -154,9 +155,8 @@ def test_quest_reads_the_forced_window_and_selects_global_pages():
     S = cache.page_size
     for b, rid in enumerate(rids):
         for h in range(2):
-            hs = cache._heads[rid][0][h]
             kept = cache.kept_positions(rid, 0, h)
-            tail = kept[(hs.n_global // S) * S:]  # the pages holding the window
+            tail = kept[(int(cache.n_global[0, cache._row[rid], h]) // S) * S:]  # the pages holding the window
             ref = _attention(q[b, 2 * h:2 * h + 2], K[b][0, tail, h], V[b][0, tail, h])
             torch.testing.assert_close(res.out[b, 2 * h:2 * h + 2].float(), ref, rtol=1e-5, atol=1e-5)
     # a budget above every kept token: exact over window + global
@@ -173,7 +173,7 @@ def test_kv_bytes_count_head_pages_and_summaries():
     cache = gp.make_cache(1, 2, 8, 400, dtype=torch.float32, device="cpu")
     rids, *_ = _fill(cache, (21,), 2, seed=5)
     res = _run(gp, cache, rids, 0, torch.randn(1, 2, 8))
-    pages = [len(cache.pool.pages(s)) for s in cache.layer_seq_ids(0, rids)]
+    pages = [len(cache.triple_pages(r, 0, h)) for r in rids for h in range(2)]
     want = res.pages_read.sum() * 2 * 4 * 8 * 4 + sum(pages) * 2 * 8 * 4  # K/V pages + key min/max per page
     assert float(gp.kv_bytes_read(res, cache, 0)[0]) == float(want)
 

@@ -11,7 +11,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 @pytest.mark.parametrize("name,safe", [("quest_art", True), ("sink_window_quest_shadow_art", True),
                                        ("dense", True), ("ltri_art", False), ("attention_predictor_art", False),
-                                       ("write_gate_quest_art", False)])
+                                       ("write_gate_quest_art", True)])
 def test_graph_safety_is_declared(name, safe):
     pipe = ckv.compile(CONFIGS / f"{name}.yaml")
     assert pipe.graph_safe is safe

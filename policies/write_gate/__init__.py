@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from composable_kv.stages import AdmissionStage, param, register_stage
+from composable_kv.stages import AdmissionStage, GraphSupport, param, register_stage
 
 
 @register_stage
@@ -14,9 +14,11 @@ class WriteGate(AdmissionStage):
     tokens (always read); when it leaves the window it is admitted to the global pages of its
     (request, KV head) only if g > `threshold`, else dropped for that head. Dense layers keep every
     token. The selectors and the terminal stage then read window + admitted pages
-    (policies/write_gate/admission.py)."""
+    (policies/write_gate/admission.py). The gate, the ring window and the page moves are device ops
+    of fixed shapes (gated_cache.py), so the decode step is captured in the runtime's CUDA graph."""
 
     name = "write_gate"
+    graph_support = GraphSupport.ALWAYS
     paper = ("Learning What to Write: Write-Gated KV for Efficient Long-Context Inference "
              "(Huang et al., arXiv 2512.17452)")
     summary = "admit a token leaving the local window to the global cache only if its learned gate > threshold"
@@ -29,7 +31,7 @@ class WriteGate(AdmissionStage):
     def describe(self) -> str:
         return (f"write_gate: ring window of {self.window_tokens} tokens, admit when g > {self.threshold}; "
                 f"head-major gated cache (one page list per layer x request x KV head, read with Hkv=1), "
-                f"window pages forced before the first scorer")
+                f"window pages forced before the first scorer; device-side admission (graph-safe)")
 
     def build_session(self, pipeline, model, shape, num_pages: int, dtype, device):
         from composable_kv.policies.write_gate.admission import gated_session
