@@ -15,13 +15,13 @@ for a supported family, and ``describe()`` says which ran. Prefill always runs t
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .errors import CkvError
+from .kernels import backend_for
 
 LAYER_PATHS = ("auto", "fused", "modules")
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -76,7 +76,7 @@ def choose_layers(requested: str, model, device: torch.device, admission: bool) 
 
 
 def _ops(device: torch.device):
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if backend_for(device) == "triton":
         from .kernels.decoder_ops import triton as ops
     else:
         from .kernels.decoder_ops import reference as ops
