@@ -1,0 +1,89 @@
+"""The policy a vLLM engine serves: read from CKV_POLICY, validated before the engine starts.
+
+Plain functions (no vLLM import), so the refusals are tested on any machine. vLLM runs prefill in its
+own kernels, writes every token to its own cache and replays decode from CUDA graphs; a stage that
+needs anything else is refused here, with one line naming the stage and what to serve instead.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+from ...config import PolicyConfig, load_policy
+from ...errors import CkvError
+from ...pipeline import DecodePipeline
+
+ENV = "CKV_POLICY"
+MIN_PAGE_SIZE = 16  # vLLM's Triton prefill (the delegate) reads blocks of a multiple of 16 tokens
+
+
+class ServingPolicyError(CkvError, ValueError):
+    """A policy (or a model) that the vLLM backend cannot serve."""
+
+
+def servability_problems(config: PolicyConfig) -> list[str]:
+    """Why vLLM cannot serve `config` (empty when it can)."""
+    problems = []
+    for s in config.stages:
+        if s.kind == "admission":
+            problems.append(f"admission stage {s.name!r} decides which tokens are written, but vLLM writes "
+                            f"every token to its own paged cache; serve the stack without it")
+        elif not s.graph_safe:
+            problems.append(f"stage {s.name!r} syncs with the host every layer (graph_support={s.graph_support}), "
+                            f"and vLLM replays decode from CUDA graphs")
+        elif s.observes_prefill:
+            problems.append(f"stage {s.name!r} builds its state from the prefill's queries and keys, and the "
+                            f"prefill runs in vLLM's own kernels")
+        elif s.observes_page_mass:
+            problems.append(f"stage {s.name!r} reads the decode's page-mass side output, which the backend "
+                            f"does not keep")
+    if config.page_size < MIN_PAGE_SIZE:
+        problems.append(f"page_size {config.page_size}: vLLM's Triton prefill needs pages of a multiple of "
+                        f"{MIN_PAGE_SIZE} tokens; use page_size >= {MIN_PAGE_SIZE}")
+    return problems
+
+
+def check_servable(config: PolicyConfig) -> None:
+    problems = servability_problems(config)
+    if problems:
+        raise ServingPolicyError(f"policy {config.name!r} ({config.source or 'dict'}) cannot be served by "
+                                 f"vLLM: " + "; ".join(problems))
+
+
+def load_serving_policy(policy=None) -> DecodePipeline:
+    """The pipeline for `policy` (a path, a shipped name or a dict), else for $CKV_POLICY; refused if unservable."""
+    if policy is None:
+        policy = os.environ.get(ENV, "").strip()
+        if not policy:
+            raise ServingPolicyError(f"{ENV} is not set: set it to a YAML policy path or a shipped policy name "
+                                     f"(e.g. {ENV}=configs/quest_art.yaml) before starting vLLM with "
+                                     f"attention_backend='CUSTOM'")
+    config = load_policy(policy)  # a ConfigError names the file, the line and the key
+    check_servable(config)
+    return DecodePipeline(config, backend="auto")
+
+
+@functools.lru_cache(maxsize=None)
+def _pipeline_for(policy: str) -> DecodePipeline:
+    return load_serving_policy(policy)
+
+
+def serving_pipeline() -> DecodePipeline:
+    """The engine's pipeline for the current $CKV_POLICY, loaded once per process and value."""
+    policy = os.environ.get(ENV, "").strip()
+    if not policy:
+        load_serving_policy()  # raises the unset-variable error
+    return _pipeline_for(policy)
+
+
+def check_model(pipeline: DecodePipeline, *, num_layers: int, block_size: int) -> None:
+    """Refuse a model or engine setting the policy does not fit (called when vLLM builds the backend)."""
+    problems = []
+    bad = sorted(i for i in pipeline.dense_layers if i >= num_layers)
+    if bad:
+        problems.append(f"dense_layers {bad} are past the model's {num_layers} layers; list layers 0..{num_layers - 1}")
+    if block_size != pipeline.page_size:
+        problems.append(f"vLLM's KV block size is {block_size} but the policy's page_size is {pipeline.page_size}; "
+                        f"pass block_size={pipeline.page_size} to vLLM (or change the policy's page_size)")
+    if problems:
+        raise ServingPolicyError(f"policy {pipeline.name!r} cannot run this vLLM model: " + "; ".join(problems))
