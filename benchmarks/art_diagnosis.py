@@ -12,13 +12,15 @@ query, written after the prefill). Then, per setting (what is kept and in which 
   sink_window    64 sink + `--window-tokens` recent tokens, natural order (StreamingLLM)
   snapkv         SnapKV at `--budget` tokens, ART reads by vote (window and later pages first)
   quest          Quest at `--budget` tokens, best-first by its box bound
+  dense_box_last, quest_last   the same, with the request's last page first (the calibrated stop's order)
 
 the kept set and order come from the project's own `pipeline.select`, and every stop rule runs through
 the reference decode (`kernels/paged_decode/reference.py`, the implementation's semantics), certified
 stops with the box bound, with other sound bounds (ball: `q.c + |q| r`; min of box and ball; pca16: a
 box over the top 16 principal directions of the prompt's keys per KV head plus `|q_perp|` times the
 page's largest residual norm; shadow8: the int8 key shadow, kernels/key_shadow) and with the exact page
-max (an oracle bound that reads every key). The oracle stop is the earliest check at
+max (an oracle bound that reads every key); calibrated stops (a heuristic: the box bound's tail scaled by
+the ratio of mass to bound seen on the full pages already read) with the box and shadow8 bounds. The oracle stop is the earliest check at
 which the true unread mass of the kept pages is <= delta for every query head of the group: the best any
 stop can do in that order. Exact masses and the dense output come from the full softmax (fp64).
 
@@ -54,6 +56,7 @@ PAGE = 16
 CHUNK = 4  # pages between two checks (the configs' chunk_pages)
 PAPER = dict(scale_tol=1e-7, direction_tol=1e-3, patience=5)
 DELTAS = (0.01, 0.05, 0.2)
+CALIB_DELTAS = (0.02, 0.05, 0.1, 0.2)  # the calibrated (heuristic) stop's targets
 PCA_RANK = 16
 SOUND = ("box", "ball", "min", "pca16", "shadow8")  # the sound page bounds compared (besides the exact max)
 BYTES_NOTE = {  # per (page, KV head), bf16 cache: what the certified stop reads besides K/V
@@ -72,17 +75,26 @@ def rules():
     out.append(("cert-pca16 0.05", StopRule("certified", CHUNK, delta=0.05), "pca16", None))
     out.append(("cert-shadow8 0.05", StopRule("certified", CHUNK, delta=0.05), "shadow8", None))
     out.append(("cert-exact 0.05", StopRule("certified", CHUNK, delta=0.05), "exact", None))
+    for d in CALIB_DELTAS:
+        out.append((f"calib-box {d}", StopRule("calibrated", CHUNK, delta=d), "box", None))
+    out.append(("calib-shadow8 0.05", StopRule("calibrated", CHUNK, delta=0.05), "shadow8", None))
     out.append(("stab-paper fp32", StopRule("stability", CHUNK, **PAPER), None, None))
     out.append(("stab-paper bf16", StopRule("stability", CHUNK, acc_bf16=True, **PAPER), None, None))
     out.append(("stab 1e-3 fp32", StopRule("stability", CHUNK, scale_tol=1e-3, direction_tol=1e-3, patience=5),
                 None, None))
-    for d in (0.05, 0.2):
+    for d in (0.05, 0.1, 0.2):
         out.append((f"oracle {d}", None, None, d))
     return out
 
 
+def wanted(name, prefixes):
+    """--rules / --settings: keep `name` if it starts with one of the comma-separated prefixes (None: all)."""
+    return prefixes is None or any(name.startswith(x) for x in prefixes.split(","))
+
+
 def settings(args):
     art = {"stage": "art", "stop": "certified", "chunk_pages": CHUNK}  # certified: select() returns the box bounds
+    calib = dict(art, stop="calibrated")
     return {
         "dense_natural": [dict(art, order="natural")],
         "dense_box": [art],
@@ -90,6 +102,9 @@ def settings(args):
                         dict(art, order="natural")],
         "snapkv": [{"stage": "snapkv", "budget_tokens": args.budget, "window": args.snap_window}, art],
         "quest": [{"stage": "quest", "budget_tokens": args.budget}, art],
+        # the calibrated stop's read order: as above, but the request's last page first
+        "dense_box_last": [calib],
+        "quest_last": [{"stage": "quest", "budget_tokens": args.budget}, calib],
     }
 
 
@@ -310,16 +325,21 @@ def run_layer(layer, k, v, q, args, sm_scale, pipes):
             tail_slack(slack, sname, bounds, order, count, tokens, mass_order, kept_mass, lse)
         series = {}
         for rname, rule, bound, odelta in rules():
+            if not wanted(rname, args.rules):
+                continue
             out = None
+            delta = odelta if odelta is not None else rule.delta if rule.kind.uses_bounds else None
             if odelta is not None:
                 read = oracle_pages(mass_order, kept_mass, count, odelta)
             else:
-                tail = None
-                if rule.kind == "certified":
+                tail = terms = None
+                if rule.kind.uses_bounds:
                     b_in_order = box_in_order if bound == "box" else bounds[bound].gather(-1, oidx)
                     tail = select_ref.strided_tail_lse(b_in_order, tokens, count, 1)
+                    terms = select_ref.tail_terms(b_in_order, tokens, count)
                 res = decode_ref.paged_decode(qd, cache.k[0], cache.v[0], plan.page_table, plan.seq_lens, order,
-                                              count, sm_scale=sm_scale, rule=rule, tail_lse=tail)
+                                              count, sm_scale=sm_scale, rule=rule, tail_lse=tail,
+                                              bound_terms=terms)
                 read, out = res.pages_read, res.out
                 if rule.kind == "stability":
                     if rule.acc_bf16 not in series:
@@ -334,6 +354,7 @@ def run_layer(layer, k, v, q, args, sm_scale, pipes):
                        "read_frac": float((read[:, h].float() / count[:, h].float()).mean()),
                        "stopped": float((read[:, h] < count[:, h]).float().mean()),
                        "tau_true_mean": float(tau[:, h].mean()), "tau_true_max": float(tau[:, h].max()),
+                       "tau_over_delta": float((tau[:, h] > delta).float().mean()) if delta else float("nan"),
                        "kept_mass": float(kept_mass[:, h].mean()),
                        "missed_vs_dense": float((1 - read_mass[:, h]).amax(-1).mean())}
                 if out is not None:
@@ -430,12 +451,14 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
              "*read* = pages read / pages kept; *tau* = true unread share of the kept pages' softmax mass at the "
              "stop (max over the group's query heads; the certified stop bounds it by delta); *missed* = softmax "
              "mass not read, of the dense total (selection + stop); *err* = ||o - o_dense|| / ||o_dense||; "
-             "*stopped* = share of (layer, head, query) where the rule stopped before the end of the list.", ""]
+             "*stopped* = share of (layer, head, query) where the rule stopped before the end of the list; "
+             "*tau > delta* = share of (layer, head, query) whose true tau exceeds the rule's delta (certified: "
+             "must be 0; calibrated: the heuristic's misses).", ""]
     names = [r[0] for r in rules()]
     for sname in meta["settings"]:
         lines += [f"## {sname}", "",
-                  "| rule | read | stopped | tau mean | tau max | missed | err vs dense | err vs kept |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| rule | read | stopped | tau mean | tau max | tau > delta | missed | err vs dense | err vs kept |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for rn in names:
             sel = [r for r in R if r["setting"] == sname and r["rule"] == rn]
             if not sel:
@@ -443,6 +466,7 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
             lines.append(f"| {rn} | {mean([r['read_frac'] for r in sel]):.3f} "
                          f"| {mean([r['stopped'] for r in sel]):.2f} "
                          f"| {mean([r['tau_true_mean'] for r in sel]):.4f} | {max(r['tau_true_max'] for r in sel):.4f} "
+                         f"| {mean([r.get('tau_over_delta', float('nan')) for r in sel]):.3f} "
                          f"| {mean([r['missed_vs_dense'] for r in sel]):.4f} "
                          f"| {mean([r.get('err_vs_dense', float('nan')) for r in sel]):.4f} "
                          f"| {mean([r.get('err_vs_kept', float('nan')) for r in sel]):.4f} |")
@@ -499,8 +523,19 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
         cells = []
         for sn in ("dense_box", "quest"):
             for rn in ("cert-box 0.05", "cert-shadow8 0.05", "stab-paper bf16", "oracle 0.05"):
-                r = idx[(sn, rn, s["layer"], s["head"])]
-                cells.append(f"{r['read_frac']:.2f} / {r['tau_true_mean']:.3f}")
+                r = idx.get((sn, rn, s["layer"], s["head"]))
+                cells.append(f"{r['read_frac']:.2f} / {r['tau_true_mean']:.3f}" if r else "-")
+        lines.append(f"| {s['layer']}.{s['head']} | " + " | ".join(cells) + " |")
+    cal_cols = [(sn, rn) for sn in ("dense_box_last", "quest_last")
+                for rn in ("calib-box 0.05", "calib-box 0.1", "oracle 0.05", "oracle 0.1")]
+    lines += ["", "## Per layer and KV head (calibrated stop, last page first; read / tau)", "",
+              "| layer.head | " + " | ".join(f"{sn}: {rn}" for sn, rn in cal_cols) + " |",
+              "|---|" + "---|" * len(cal_cols)]
+    for s in slack:
+        cells = []
+        for sn, rn in cal_cols:
+            r = idx.get((sn, rn, s["layer"], s["head"]))
+            cells.append(f"{r['read_frac']:.2f} / {r['tau_true_mean']:.3f}" if r else "-")
         lines.append(f"| {s['layer']}.{s['head']} | " + " | ".join(cells) + " |")
     lines += ["", "## Per layer and KV head (stability stop, natural order and snapkv; read / tau)", "",
               "| layer.head | " + " | ".join(f"{s}: {r}" for s in ("dense_natural", "sink_window", "snapkv") for r in
@@ -510,8 +545,8 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
         cells = []
         for sn in ("dense_natural", "sink_window", "snapkv"):
             for rn in ("stab-paper fp32", "stab-paper bf16"):
-                r = idx[(sn, rn, s["layer"], s["head"])]
-                cells.append(f"{r['read_frac']:.2f} / {r['tau_true_mean']:.3f}")
+                r = idx.get((sn, rn, s["layer"], s["head"]))
+                cells.append(f"{r['read_frac']:.2f} / {r['tau_true_mean']:.3f}" if r else "-")
         lines.append(f"| {s['layer']}.{s['head']} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -534,27 +569,35 @@ def plot(path, meta, rows, slack, sparse_layers):
     by = summarize(rows, "read_frac", ("setting", "rule", "layer"))
     a = ax[0, 1]
     for rn, c in (("cert-box 0.05", "C0"), ("cert-min 0.05", "C2"), ("cert-pca16 0.05", "C5"),
-                  ("cert-shadow8 0.05", "C3"), ("cert-exact 0.05", "C7"), ("oracle 0.05", "k")):
-        a.plot(layers, [by[("quest", rn, L)] for L in layers], c, marker="o", ms=3, label=rn)
-    a.set(xlabel="layer", ylabel="pages read / kept", title=f"quest {meta['budget']}: certified stops vs the oracle",
+                  ("cert-shadow8 0.05", "C3"), ("cert-exact 0.05", "C7"), ("calib-box 0.1", "C1"),
+                  ("calib-box 0.2", "C6"), ("oracle 0.05", "k"), ("oracle 0.2", "0.5")):
+        a.plot(layers, [by.get(("quest", rn, L), float("nan")) for L in layers], c, marker="o", ms=3, label=rn)
+    a.set(xlabel="layer", ylabel="pages read / kept",
+          title=f"quest {meta['budget']}: certified and calibrated stops vs the oracle",
           ylim=(0, 1.05))
     a.legend(fontsize=8)
     a = ax[1, 0]
     for sn, c in (("dense_natural", "C0"), ("sink_window", "C1"), ("snapkv", "C2"), ("dense_box", "C4")):
         for rn, ls in (("stab-paper fp32", ":"), ("stab-paper bf16", "-")):
-            a.plot(layers, [by[(sn, rn, L)] for L in layers], c, ls=ls, marker="o" if ls == "-" else None, ms=3,
+            a.plot(layers, [by.get((sn, rn, L), float("nan")) for L in layers], c, ls=ls, marker="o" if ls == "-" else None, ms=3,
                    label=f"{sn} {rn.split()[-1]}")
     a.set(xlabel="layer", ylabel="pages read / kept",
           title="stability stop (paper tolerances): fp32 dotted, bf16 solid",
           ylim=(0, 1.05))
     a.legend(fontsize=7, ncol=2)
     a = ax[1, 1]
-    for sn, c in (("dense_natural", "C0"), ("sink_window", "C1"), ("snapkv", "C2"), ("dense_box", "C4"),
-                  ("quest", "C3")):
-        sel = [r for r in rows if r["setting"] == sn and r["rule"] == "stab-paper bf16" and r["layer"] in sparse_layers]
-        a.scatter([r["read_frac"] for r in sel], [max(r["tau_true_mean"], 1e-6) for r in sel], s=10, c=c, label=sn)
-    a.set(xlabel="pages read / kept", ylabel="true unread mass of the kept pages", yscale="log",
-          title="stab-paper bf16: per layer.head, where it stops and what it leaves")
+    shown = 0
+    for sn, rn, c, mk in (("dense_natural", "stab-paper bf16", "C0", "o"), ("sink_window", "stab-paper bf16", "C1", "o"),
+                          ("snapkv", "stab-paper bf16", "C2", "o"), ("dense_box", "stab-paper bf16", "C4", "o"),
+                          ("quest", "stab-paper bf16", "C3", "o"), ("dense_box_last", "calib-box 0.05", "C4", "x"),
+                          ("quest_last", "calib-box 0.05", "C3", "x")):
+        sel = [r for r in rows if r["setting"] == sn and r["rule"] == rn and r["layer"] in sparse_layers]
+        if sel:
+            a.scatter([r["read_frac"] for r in sel], [max(r["tau_true_mean"], 1e-6) for r in sel], s=10, c=c,
+                      marker=mk, label=f"{sn} {rn}")
+            shown += 1
+    a.set(xlabel="pages read / kept", ylabel="true unread mass of the kept pages", yscale="log" if shown else "linear",
+          title="heuristic stops (stab-paper bf16: o, calib-box 0.05: x): per layer.head, where and what is left")
     a.legend(fontsize=8)
     fig.suptitle(f"ART diagnosis: {meta['model']}, {meta['ctx']} tokens ({meta['tag']})")
     fig.tight_layout()
@@ -572,6 +615,10 @@ def main(argv=None):
     p.add_argument("--budget", type=int, default=1024, help="quest and snapkv budget in tokens (default: %(default)s)")
     p.add_argument("--window-tokens", type=int, default=1024, help="sink_window's recent tokens (default: %(default)s)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: every layer)")
+    p.add_argument("--settings", default=None, help="comma-separated settings to run (default: all: "
+                                                    "dense_natural, dense_box, sink_window, snapkv, quest)")
+    p.add_argument("--rules", default=None, help="comma-separated rule-name prefixes, e.g. cert-box,calib,oracle "
+                                                 "(default: every rule)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="model dtype (default: %(default)s; bfloat16 on the GPU)")
     p.add_argument("--cache-dtype", default="bfloat16", help="paged cache dtype (default: %(default)s)")
@@ -596,7 +643,10 @@ def main(argv=None):
     if missing:
         p.error(f"--layers: the model has layers 0..{max(grabbed)}, not {missing}")
     pipes = {name: ckv.compile({"name": name, "page_size": PAGE, "dense_layers": [], "stages": stages},
-                               backend="reference") for name, stages in settings(args).items()}
+                               backend="reference") for name, stages in settings(args).items()
+             if wanted(name, args.settings)}
+    if not pipes:
+        p.error(f"--settings {args.settings}: none of {list(settings(args))}")
     rows, slack, checks = [], [], []
     print(f"captured {len(grabbed)} layers in {time.time() - t0:.0f} s", file=sys.stderr)
     for layer in layers:
@@ -615,7 +665,7 @@ def main(argv=None):
             "num_kv_heads": k0.shape[0], "head_dim": k0.shape[-1], "sm_scale": sm_scale, "device": args.device,
             "dtype": args.dtype, "cache_dtype": args.cache_dtype, "commit": commit, "torch": torch.__version__,
             "command": "python benchmarks/art_diagnosis.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "settings": list(pipes), "rules": [r[0] for r in rules()], "seconds": time.time() - t0}
+            "settings": list(pipes), "rules": [r[0] for r in rules() if wanted(r[0], args.rules)], "seconds": time.time() - t0}
     sparse = [L for L in layers if L >= 2] or layers
     (out_dir / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows, "slack": slack, "checks": checks}))
     write_markdown(out_dir / f"{tag}.md", meta, rows, slack, checks, sparse)

@@ -25,7 +25,7 @@ from .kernels.paged_decode import triton as decode_tk
 from .ints import cdiv
 from .stages import ScoreKind, StopKind
 
-KNOWN_STOPS = (None, StopKind.STABILITY, StopKind.CERTIFIED)  # the stop kinds paged_decode implements
+KNOWN_STOPS = (None, StopKind.STABILITY, StopKind.CERTIFIED, StopKind.CALIBRATED)  # what paged_decode implements
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ def make_spec(pipeline) -> FusedSpec:
     if pipeline.terminal.natural_order and (scoring or pipeline.needs_box_bound):
         return FusedSpec(False, "natural read order with scores or bounds (score_select orders best-first)")
     shadow = scoring[-1] if scoring and scoring[-1].rerank_bits else None
+    if shadow is not None and rule.kind is StopKind.CALIBRATED:
+        return FusedSpec(False, "calibrated stop after a key shadow (shadow_select writes no per-page bound terms)")
     firsts = scoring[:-1] if shadow is not None else scoring
     if len(firsts) > 1 or any(p.rerank_bits for p in firsts):
         return FusedSpec(False, "more than one scoring stage (fused: one scorer, then optionally a key shadow)")
@@ -96,10 +98,11 @@ def _rule_for(pipeline, layer):
 
 
 def _generic_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale, rule, tail_lse,
-                    num_splits, page_mass=False):
+                    bound_terms, num_splits, page_mass=False):
     rule = rule if rule is not None and rule.kind else None
     return decode_tk.paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, sm_scale=sm_scale,
-                                  rule=rule, tail_lse=tail_lse, num_splits=num_splits, page_mass=page_mass)
+                                  rule=rule, tail_lse=tail_lse, bound_terms=bound_terms, num_splits=num_splits,
+                                  page_mass=page_mass)
 
 
 def run_layer(pipeline, ctx):
@@ -119,7 +122,7 @@ def run_layer(pipeline, ctx):
         return pipeline.run_generic(ctx, _generic_decode)
     rule = pipeline.stop_rule
     kind = rule.kind
-    certified = kind is StopKind.CERTIFIED
+    certified = kind is not None and kind.uses_bounds  # score_select writes the tail LSE of the bounds
     if sp.shadow_bits:
         order, count, tail = _shadow_launches(sp, q, c, layer, plan, ctx.sm_scale, certified)
         out, pages, tau = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
@@ -128,6 +131,10 @@ def run_layer(pipeline, ctx):
                                                   out_dtype=q.dtype)
         return DecodeResult(out, pages, tau)
     budget_pages = cdiv(sp.budget_tokens, plan.page_size) if sp.select else 0
+    terms = None
+    if kind is StopKind.CALIBRATED:
+        terms = torch.empty(plan.batch_size, c.num_kv_heads, plan.page_table.shape[1], dtype=torch.float32,
+                            device=q.device)
     if sp.score is ScoreKind.EXACT:
         a = b = c.k[layer]
     elif sp.score is ScoreKind.BOX:
@@ -138,10 +145,11 @@ def run_layer(pipeline, ctx):
         q, a, b, plan.page_table, plan.seq_lens, plan.forced, num_kv_heads=c.num_kv_heads,
         page_size=plan.page_size, sm_scale=ctx.sm_scale, score=int(sp.score), select=sp.select,
         budget_pages=budget_pages, forced_only=sp.forced_only and plan.any_forcing, certified=certified,
-        num_splits=S, max_kept=max(budget_pages, sp.max_forced_pages))
+        num_splits=S, max_kept=max(budget_pages, sp.max_forced_pages), terms_out=terms,
+        last_first=kind is StopKind.CALIBRATED)
     out, pages, tau = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
                                               order, count, sm_scale=ctx.sm_scale, rule=rule if kind else None,
-                                              tail_lse=tail, num_splits=S, out_dtype=q.dtype)
+                                              tail_lse=tail, bound_terms=terms, num_splits=S, out_dtype=q.dtype)
     return DecodeResult(out, pages, tau)
 
 
@@ -184,9 +192,14 @@ def describe(pipeline) -> list[str]:
             ScoreKind.EXACT: "exact page max q.k (reads every key)"}[sp.score]
     sel = (f"keep forced + top pages under {sp.budget_tokens} tokens" if sp.select else
            "keep forced pages only" if sp.forced_only else "keep every page")
-    extra = ", strided tail LSE of the bounds" if rule.kind is StopKind.CERTIFIED else ""
-    stop = {None: "no stop", StopKind.STABILITY: f"stability stop every {rule.chunk_pages} pages",
-            StopKind.CERTIFIED: f"certified stop (delta={rule.delta}) every {rule.chunk_pages} pages"}[rule.kind]
+    extra = ", strided tail LSE of the bounds" if rule.kind is not None and rule.kind.uses_bounds else ""
+    if rule.kind is StopKind.CALIBRATED:
+        extra += " and each page's U + log n"
+    stop = {None: "no stop",
+            StopKind.STABILITY: f"stability stop (heuristic, not certified) every {rule.chunk_pages} pages",
+            StopKind.CERTIFIED: f"certified stop (delta={rule.delta}) every {rule.chunk_pages} pages",
+            StopKind.CALIBRATED: f"calibrated stop (heuristic, NOT certified: estimated unread mass <= "
+                                 f"delta={rule.delta}) every {rule.chunk_pages} pages"}[rule.kind]
     if rule.kind and rule.acc_bf16:
         stop += ", running output rounded to bf16 after every chunk"
     if rule.kind is None:

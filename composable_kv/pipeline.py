@@ -8,7 +8,6 @@ key_shadow re-ranks after quest/topk).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from .contracts import check_finite, check_int, check_seq_ids, check_sm_scale, c
 from .errors import TensorContractError
 from .stages import ScoringSelector, SelectorStage, StopKind, StopRule
 from .summaries import KEY_MINMAX
+from .kernels import backend_for as kernel_backend_for
 from .kernels.page_score import reference as score_ref
 from .kernels.page_select import reference as select_ref
 from .kernels.paged_decode import reference as decode_ref
@@ -157,8 +157,8 @@ class DecodePipeline:
             return False
         scorers = [s for s in self.selectors if isinstance(s, ScoringSelector)]
         if not scorers:  # the box bound orders the pages, unless the terminal reads them in natural order
-            return self.stop_rule.kind is StopKind.CERTIFIED or not self.terminal.natural_order
-        return self.stop_rule.kind is StopKind.CERTIFIED and not scorers[-1].score_is_bound
+            return self.stop_rule.kind.uses_bounds or not self.terminal.natural_order
+        return self.stop_rule.kind.uses_bounds and not scorers[-1].score_is_bound
 
     @property
     def required_summaries(self) -> frozenset[str]:
@@ -180,9 +180,7 @@ class DecodePipeline:
     def backend_for(self, device: torch.device) -> str:
         if self.requested_backend != "auto":
             return self.requested_backend
-        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-            return "triton"
-        return "reference"
+        return kernel_backend_for(device)
 
     @property
     def host_synced_stages(self) -> list[str]:
@@ -321,11 +319,14 @@ class DecodePipeline:
         order_key = state.order_key if state.scored else box
         if order_key is None or self.terminal.natural_order:  # natural order
             order_key = -torch.arange(P, device=ctx.q.device, dtype=torch.float32).expand(B, Hkv, P)
+        elif self.stop_rule.kind is StopKind.CALIBRATED:  # the request's last page first (paged_decode/README.md)
+            last = torch.arange(P, device=ctx.q.device) == (plan.num_pages - 1)[:, None]  # [B, P]
+            order_key = order_key.masked_fill(last[:, None], float("inf"))
         bounds = state.bounds if state.bounds is not None else box
         order, count = select_ref.select_pages(order_key.masked_fill(~keep, float("-inf")),
                                                keep, keep, None)
         bounds_in_order = None
-        if self.stop_rule.kind is StopKind.CERTIFIED:
+        if self.stop_rule.kind is not None and self.stop_rule.kind.uses_bounds:
             if bounds is None:  # the scorer covered every page unscored: no bound, the stop cannot fire
                 bounds = torch.full((B, Hkv, P), float("inf"), device=ctx.q.device)
             bounds_in_order = bounds.gather(-1, order.long().clamp(min=0))
@@ -334,14 +335,16 @@ class DecodePipeline:
     def run_generic(self, ctx: LayerContext, decode_fn) -> DecodeResult:
         order, count, bounds_in_order = self.select(ctx)
         rule = StopRule() if self.is_dense_layer(ctx.layer) else self.stop_rule
-        tail = None
-        if rule.kind is StopKind.CERTIFIED:
+        tail = terms = None
+        if rule.kind is not None and rule.kind.uses_bounds:
             tokens = select_ref.page_token_counts(order, ctx.plan.seq_lens, ctx.page_size)
             tail = select_ref.strided_tail_lse(bounds_in_order, tokens, count, ctx.plan.num_splits)
+            if rule.kind is StopKind.CALIBRATED:
+                terms = select_ref.tail_terms(bounds_in_order, tokens, count)
         c = ctx.cache
         observers = [] if self.is_dense_layer(ctx.layer) else [s for s in self.selectors if s.observes_page_mass]
         res = decode_fn(ctx.q, c.k[ctx.layer], c.v[ctx.layer], ctx.plan.page_table, ctx.plan.seq_lens,
-                        order, count, sm_scale=ctx.sm_scale, rule=rule, tail_lse=tail,
+                        order, count, sm_scale=ctx.sm_scale, rule=rule, tail_lse=tail, bound_terms=terms,
                         num_splits=ctx.plan.num_splits, **({"page_mass": True} if observers else {}))
         if observers:  # the decode's page-mass side output: softmax mass per page, 0 where not read
             mass = torch.nan_to_num((res.page_lse - res.lse[..., None]).exp(), nan=0.0)  # [B, Hq, P]

@@ -50,8 +50,20 @@ class ScoreKind(enum.IntEnum):
 
 class StopKind(_StrEnum):
     """How a terminal stage stops early (the decode kernels implement these; None reads every kept page)."""
-    STABILITY = "stability"  # the ART paper's heuristic: the running output stopped changing
-    CERTIFIED = "certified"  # sound: the unread softmax mass is provably <= delta
+    STABILITY = "stability"    # the ART paper's heuristic: the running output stopped changing
+    CERTIFIED = "certified"    # sound: the unread softmax mass is provably <= delta
+    CALIBRATED = "calibrated"  # heuristic, not certified: the certified tail scaled by the ratio of mass
+                               # to bound observed on the pages already read, estimated <= delta
+
+    @property
+    def certified(self) -> bool:
+        """The stop carries a guarantee on the unread mass (tau_bound <= delta)."""
+        return self is StopKind.CERTIFIED
+
+    @property
+    def uses_bounds(self) -> bool:
+        """The stop reads per-page logit upper bounds of the unread pages (the strided tail LSE)."""
+        return self in (StopKind.CERTIFIED, StopKind.CALIBRATED)
 
 
 @dataclass
@@ -62,7 +74,7 @@ class StopRule:
     scale_tol: float = 1e-7          # stability: relative change of ||o||
     direction_tol: float = 1e-3      # stability: 1 - cos(o_t, o_{t-1})
     patience: int = 5                # stability: stable checks in a row before stopping
-    delta: float = 0.01              # certified: bound on the softmax mass not read
+    delta: float = 0.01              # certified: bound on the softmax mass not read; calibrated: its estimate
     acc_bf16: bool = False           # the running output acc/l is rounded to bf16 after every chunk
 
     def __post_init__(self):

@@ -17,6 +17,10 @@ class Art(TerminalStage):
     stop: certified  sound: stop once the softmax mass of the unread pages is provably <= delta,
                      from per-page logit upper bounds U_b: sigmoid(LSE_R(U_b + log n_b) - log Z_S) <= delta.
                      Then ||o - o_S|| <= delta * (max_R ||v|| + ||o_S||).
+    stop: calibrated a HEURISTIC, not certified: the certified tail corrected by the bound's slack observed on
+                     the pages already read, c = max_{b read} (log sum_{t in b} e^{s_t} - U_b - log n_b) <= 0,
+                     per query head; stop once sigmoid(LSE_R(U_b + log n_b) + c - log Z_S) <= delta. It stops
+                     no later than the certified stop at the same delta; the unread mass can exceed delta.
     accumulate: bf16 rounds the running output o = acc/l to bf16 after every chunk (in the reference and
                 the Triton kernel): a change below half a bf16 ulp of every element leaves o unchanged,
                 so the stability check sees exactly zero change.
@@ -26,10 +30,14 @@ class Art(TerminalStage):
 
     name = "art"
     paper = "ART: Attention Run-time Termination (arXiv 2606.00024); certified stop: composable-kv"
-    summary = "read pages best-first, stop early (stability heuristic or certified mass bound)"
+    summary = ("read pages best-first, stop early (certified mass bound; or heuristics, not certified: "
+               "calibrated mass estimate, stability)")
 
-    stop: str = param("certified", "stop rule", choices=("certified", "stability"))
-    delta: float = param(0.01, "certified: bound on the softmax mass left unread, in (0, 1)", min=0.0, max=1.0)
+    stop: str = param("certified", "stop rule: certified (sound), calibrated (heuristic, NOT certified: the bound "
+                      "corrected by the slack seen on the pages read), stability (heuristic, NOT certified)",
+                      choices=("certified", "calibrated", "stability"))
+    delta: float = param(0.01, "certified: bound on the softmax mass left unread; calibrated: the estimate's "
+                         "target; in (0, 1)", min=0.0, max=1.0)
     scale_tol: float = param(1e-7, "stability: relative change of ||o|| per check", min=0.0)
     direction_tol: float = param(1e-3, "stability: 1 - cos between successive outputs", min=0.0, max=2.0)
     patience: int = param(5, "stability: stable checks in a row before stopping", min=1)
@@ -40,8 +48,8 @@ class Art(TerminalStage):
                        "natural page order (the ART paper's kernel)", choices=("score", "natural"))
 
     def check(self) -> None:
-        if self.stop == "certified" and not 0.0 < self.delta < 1.0:
-            raise ValueError(f"delta: expected 0 < delta < 1 for the certified stop, got {self.delta}")
+        if self.stop in ("certified", "calibrated") and not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta: expected 0 < delta < 1 for the {self.stop} stop, got {self.delta}")
         if self.chunk_pages & (self.chunk_pages - 1):
             raise ValueError(f"chunk_pages: expected a power of two (1, 2, 4, ... 64), got {self.chunk_pages}")
 

@@ -74,6 +74,14 @@ def page_token_counts(order, page_table_lens, page_size: int):
     return torch.where(pos >= 0, n, torch.zeros_like(n))  # [B, Hkv, N]
 
 
+def tail_terms(bounds, tokens, count):
+    """Per listed position: U_b + log n_b, the page's bound on its mass if every token sat at the bound
+    (-inf past count or for an empty page). bounds, tokens [B, Hkv, N] in list order -> [B, Hkv, N] fp32."""
+    live = torch.arange(bounds.shape[-1], device=bounds.device) < count[..., None]
+    return torch.where(live & (tokens > 0), bounds.float() + tokens.float().clamp(min=1).log(),
+                       torch.full_like(bounds, float("-inf"), dtype=torch.float32))
+
+
 def strided_tail_lse(bounds, tokens, count, num_splits: int):
     """Per listed position i: LSE over j >= i with j = i (mod num_splits), j < count, of U_j + log n_j.
 
@@ -85,11 +93,7 @@ def strided_tail_lse(bounds, tokens, count, num_splits: int):
     S = num_splits
     n_per = math.ceil(N / S)
     pad = n_per * S - N
-    slot = torch.arange(N, device=bounds.device)
-    live = slot < count[..., None]
-    terms = torch.where(live & (tokens > 0), bounds.float() + tokens.float().clamp(min=1).log(),
-                        torch.full_like(bounds, float("-inf"), dtype=torch.float32))
-    terms = torch.nn.functional.pad(terms, (0, pad), value=float("-inf"))
+    terms = torch.nn.functional.pad(tail_terms(bounds, tokens, count), (0, pad), value=float("-inf"))
     per_split = terms.view(B, H, n_per, S)  # position = j*S + s
     tail = torch.logcumsumexp(per_split.flip(2), dim=2).flip(2)
     return tail.reshape(B, H, n_per * S)[..., :N].contiguous()

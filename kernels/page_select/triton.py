@@ -84,6 +84,15 @@ def _write_order(order_row, keys_row, key, keep, count, offs, P,
 
 
 @triton.jit
+def _page_terms(order_row, bound_row, idx, live, seq_len, n_pages, PAGE: tl.constexpr):
+    """U_b + log n_b of the pages at list indices idx (bound_row by page position); -inf where not live."""
+    pos = tl.load(order_row + idx, mask=live, other=0)
+    bnd = tl.load(bound_row + pos, mask=live, other=NEG_INF)
+    ntok = tl.where(pos == n_pages - 1, seq_len - (n_pages - 1) * PAGE, PAGE)
+    return tl.where(live & (ntok > 0), bnd + tl.log(tl.maximum(ntok, 1).to(tl.float32)), NEG_INF)
+
+
+@triton.jit
 def _tail_lse(order_row, bound_row, tail_row, count, seq_len, n_pages, num_splits, P,
               PAGE: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr):
     """tail[i] = LSE_{j >= i, j = i mod S, j < count} (U_j + log n_j), for i < P (-inf past count)."""
@@ -91,10 +100,7 @@ def _tail_lse(order_row, bound_row, tail_row, count, seq_len, n_pages, num_split
     r = tl.arange(0, SP)[None, :]
     idx = k * num_splits + r  # [KP, SP]: column r is split r's positions
     live = (r < num_splits) & (idx < count)
-    pos = tl.load(order_row + idx, mask=live, other=0)
-    bnd = tl.load(bound_row + pos, mask=live, other=NEG_INF)
-    ntok = tl.where(pos == n_pages - 1, seq_len - (n_pages - 1) * PAGE, PAGE)
-    term = tl.where(live & (ntok > 0), bnd + tl.log(tl.maximum(ntok, 1).to(tl.float32)), NEG_INF)
+    term = _page_terms(order_row, bound_row, idx, live, seq_len, n_pages, PAGE)
     tail = tl.associative_scan(term, 0, _lse_combine, reverse=True)
     tl.store(tail_row + idx, tail, mask=live)
 
@@ -104,11 +110,11 @@ def _score_select_kernel(
         q_ptr, stride_qb, stride_qh,
         a_ptr, b_ptr, stride_ap, stride_ah, stride_at,  # key_min/key_max [pages, Hkv, D] or k cache twice
         pt_ptr, stride_ptb, seq_ptr, forced_ptr, stride_fb,
-        scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr, arrivals_ptr,
+        scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr, terms_ptr, arrivals_ptr,
         P, sm_scale, budget, num_splits,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
         PAGE: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, FORCED_ONLY: tl.constexpr,
-        CERTIFIED: tl.constexpr, BLOCK_S: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr,
+        CERTIFIED: tl.constexpr, TERMS: tl.constexpr, LAST_FIRST: tl.constexpr, BLOCK_S: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr,
         KP: tl.constexpr, SP: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
         SCORE_SPLITS: tl.constexpr):
     # SCORE: 0 none (natural order), 1 box bound, 2 exact page max.
@@ -151,19 +157,19 @@ def _score_select_kernel(
             tl.store(arrivals_ptr + pid, 0)
             tl.debug_barrier()
             _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr,
-                        forced_ptr, stride_fb, P, budget, num_splits, PAGE, SCORE, SELECT, FORCED_ONLY,
-                        CERTIFIED, BP, SORT_BLOCK, KP, SP)
+                        terms_ptr, forced_ptr, stride_fb, P, budget, num_splits, PAGE, SCORE, SELECT, FORCED_ONLY,
+                        CERTIFIED, TERMS, LAST_FIRST, BP, SORT_BLOCK, KP, SP)
     else:
         _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr,
-                    forced_ptr, stride_fb, P, budget, num_splits, PAGE, SCORE, SELECT, FORCED_ONLY,
-                    CERTIFIED, BP, SORT_BLOCK, KP, SP)
+                    terms_ptr, forced_ptr, stride_fb, P, budget, num_splits, PAGE, SCORE, SELECT, FORCED_ONLY,
+                    CERTIFIED, TERMS, LAST_FIRST, BP, SORT_BLOCK, KP, SP)
 
 
 @triton.jit
 def _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr,
-                forced_ptr, stride_fb, P, budget, num_splits,
+                terms_ptr, forced_ptr, stride_fb, P, budget, num_splits,
                 PAGE: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, FORCED_ONLY: tl.constexpr,
-                CERTIFIED: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr, KP: tl.constexpr,
+                CERTIFIED: tl.constexpr, TERMS: tl.constexpr, LAST_FIRST: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr, KP: tl.constexpr,
                 SP: tl.constexpr):
     """Keep, order and write one (request, KV head) row from its scores (see score_select)."""
     offs = tl.arange(0, BP)
@@ -188,6 +194,8 @@ def _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, 
     else:
         if not SELECT:
             key = tl.load(scores_ptr + row + offs, mask=valid, other=NEG_INF, cache_modifier=".cg")
+        if LAST_FIRST:  # the request's last page heads the order (it is always kept)
+            key = tl.where(offs == n_pages - 1, float("inf"), key)
         _write_order(order_ptr + row, keys_ptr + pid.to(tl.int64) * SORT_BLOCK, key, keep, count, offs, P,
                      BP, SORT_BLOCK)
         if CERTIFIED:
@@ -195,6 +203,9 @@ def _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, 
             tl.debug_barrier()
             _tail_lse(order_ptr + row, scores_ptr + row, tail_ptr + row, count, seq_len, n_pages,
                       num_splits, P, PAGE, KP, SP)
+            if TERMS:  # the calibrated stop: each listed page's U + log n, in list order
+                tl.store(terms_ptr + row + offs, _page_terms(order_ptr + row, scores_ptr + row, offs,
+                                                              offs < count, seq_len, n_pages, PAGE), mask=offs < P)
 
 
 @triton.jit
@@ -290,7 +301,8 @@ def strided_tail_lse(bounds, tokens, count, num_splits: int):
 def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_kv_heads: int, page_size: int,
                  sm_scale: float, score: int, select: bool, budget_pages: int, forced_only: bool,
                  certified: bool, num_splits: int, max_kept: int, block_s: int | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None, score_splits: int | None = None):
+                 num_warps: int | None = None, num_stages: int | None = None, score_splits: int | None = None,
+                 terms_out=None, last_first: bool = False):
     """Fused scoring + selection for one layer (one launch, no host sync).
 
     score: 0 none (kept pages in natural order), 1 box bound (summary_a/b = key_min/key_max
@@ -301,6 +313,9 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     block_s / num_warps / num_stages: launch tuning (benchmarks/kernel_sweep.py sweeps them).
     score_splits: programs per (request, KV head) that score slices of the pages (None: enough to give the
     GPU's SMs about 4 programs each; 1 on CPU). The last slice to finish selects, in the same launch.
+    terms_out: None, or a [B, Hkv, P] fp32 buffer (certified=True, score != 0) that receives each listed
+    page's U + log n in list order (reference.tail_terms; -inf past count), for the calibrated stop.
+    last_first: the request's last page heads the order (the calibrated stop's read order; score != 0).
     Returns (order [B, Hkv, P] int32, count [B, Hkv] int32, tail [B, Hkv, P] fp32 or None).
     """
     B, Hq, D = q.shape
@@ -315,6 +330,11 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     scores = torch.empty(B, Hkv, P, dtype=torch.float32, device=dev) if score else order
     keys = torch.empty(B * Hkv, SB, dtype=torch.int64, device=dev) if score and SB < BP else order
     tail = torch.empty(B, Hkv, P, dtype=torch.float32, device=dev) if certified else None
+    if terms_out is not None and (not certified or not score or terms_out.shape != (B, Hkv, P)
+                                  or terms_out.dtype != torch.float32 or not terms_out.is_contiguous()):
+        raise ValueError(f"terms_out: expected a contiguous fp32 [B, Hkv, P] = {[B, Hkv, P]} buffer with "
+                         f"certified=True and a score, got {list(terms_out.shape)} {terms_out.dtype}, "
+                         f"certified={certified}, score={score}")
     a = summary_a if score else q
     b_ = summary_b if score else q
     st = a.stride() if score else (0, 0, 0)
@@ -334,10 +354,12 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     _score_select_kernel[(B * Hkv, splits)](
         q, q.stride(0), q.stride(1), a, b_, st[0], st[1], st[2] if exact else 0,
         page_table, page_table.stride(0), seq_lens, forced, forced.stride(0),
-        scores, keys, order, count, tail if certified else scores, arrivals,
+        scores, keys, order, count, tail if certified else scores,
+        terms_out if terms_out is not None else scores, arrivals,
         P, float(sm_scale), int(budget_pages), int(num_splits),
         HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), PAGE=page_size, SCORE=score,
         SELECT=bool(select), FORCED_ONLY=bool(forced_only), CERTIFIED=bool(certified),
+        TERMS=terms_out is not None, LAST_FIRST=bool(last_first) and bool(score),
         BLOCK_S=BLOCK_S, BP=BP, SORT_BLOCK=SB, KP=KP, SP=SP,
         DOT_F32=dot_f32(q, a.dtype) if score else True, NUM_STAGES=num_stages, SCORE_SPLITS=splits,
         num_warps=nw)

@@ -1,7 +1,7 @@
 """Paged decode over an ordered page list, with ART's run-time stop: pure-torch reference.
 
 One function covers dense decode (every page, natural order, no stop) and ART (pages in list order,
-stability or certified stop checked every `chunk_pages` pages). Split-KV: split s of S reads list
+stability, certified or calibrated stop checked every `chunk_pages` pages). Split-KV: split s of S reads list
 positions s, s+S, s+2S, ... and applies the stop to its own pages; the splits merge by LSE.
 See README.md in this folder for the rules and why the certified stop stays valid across splits.
 """
@@ -25,11 +25,12 @@ class DecodeOut:
 
 
 def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
-                 rule=None, tail_lse=None, num_splits: int = 1,
+                 rule=None, tail_lse=None, bound_terms=None, num_splits: int = 1,
                  page_mass: bool = False) -> DecodeOut:
     """q [B, Hq, D]; k_cache/v_cache [num_pages_total, Hkv, S, D]; page_table [B, P] physical ids;
     seq_lens [B]; order [B, Hkv, N] positions into page_table (-1 pad); count [B, Hkv].
-    tail_lse [B, Hkv, N] from page_select.strided_tail_lse(..., num_splits) for the certified stop.
+    tail_lse [B, Hkv, N] from page_select.strided_tail_lse(..., num_splits) for the certified and calibrated stops;
+    bound_terms [B, Hkv, N] from page_select.tail_terms (U_b + log n_b per listed position) for the calibrated one.
     page_mass: also return page_lse [B, Hq, P] (log sum_{t in page} e^{s_t}, -inf for pages not read)
     and lse [B, Hq]; page p's softmax mass is exp(page_lse - lse).
     """
@@ -42,8 +43,10 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
     n_per = max(1, math.ceil(N / S))
     kind = rule.kind if rule is not None else None  # rule: the stop-rule fields (composable_kv.stages.StopRule)
     C = rule.chunk_pages if kind else n_per
-    if kind == "certified" and tail_lse is None:
-        raise ValueError("certified stop needs tail_lse (page_select.strided_tail_lse)")
+    if kind in ("certified", "calibrated") and tail_lse is None:
+        raise ValueError(f"{kind} stop needs tail_lse (page_select.strided_tail_lse)")
+    if kind == "calibrated" and bound_terms is None:
+        raise ValueError("calibrated stop needs bound_terms (page_select.tail_terms)")
 
     def split_view(x, fill):  # [B, Hkv, N] -> [B, Hkv, S, n_per]
         x = torch.nn.functional.pad(x, (0, n_per * S - N), value=fill)
@@ -53,6 +56,7 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
     pos = torch.where(slot < count[..., None], order.long(), torch.full_like(order.long(), -1))
     pos_s = split_view(pos, -1)  # [B, Hkv, S, n_per]
     tail_s = split_view(tail_lse.float(), NEG_INF) if tail_lse is not None else None
+    terms_s = split_view(bound_terms.float(), NEG_INF) if kind == "calibrated" else None
 
     seq_lens = seq_lens.long()
     num_pages = (seq_lens + page_size - 1) // page_size  # [B]
@@ -69,6 +73,7 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
     stable_run = torch.zeros(B, Hkv, S, dtype=torch.int32, device=dev)
     seen = torch.zeros(B, Hkv, S, dtype=torch.bool, device=dev)
     rem = torch.full((B, Hkv, S), NEG_INF, device=dev)  # LSE of the unread tail at the stop
+    calib = torch.full((B, Hkv, S, G), NEG_INF, device=dev)  # max over read pages of log(mass) - (U + log n)
     P = page_table.shape[1]
     page_lse = torch.full((B, Hkv, G, P + 1), NEG_INF, device=dev) if page_mass else None  # column P: discard
 
@@ -98,8 +103,13 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
         if kind and rule.acc_bf16:  # kept in bf16 between chunks, as a bf16 accumulator would
             o = o.to(torch.bfloat16).float()
             acc = o * l[..., None]
+        if page_mass or kind == "calibrated":
+            lse_c = torch.logsumexp(logits, dim=-1)  # [B, Hkv, S, G, c] log mass of each page read
+        if kind == "calibrated":
+            ratio = lse_c - terms_s[..., c0:c0 + C][:, :, :, None]  # [B, Hkv, S, G, c]
+            full = tok_ok.sum(-1) == page_size  # [B, Hkv, S, c] only full pages calibrate
+            calib = torch.maximum(calib, ratio.masked_fill(~full[:, :, :, None], NEG_INF).amax(-1))
         if page_mass:
-            lse_c = torch.logsumexp(logits, dim=-1)  # [B, Hkv, S, G, c]
             dst = torch.where(live, p, torch.full_like(p, P))  # [B, Hkv, S, c]
             dst = dst[:, :, :, None].expand_as(lse_c).transpose(2, 3).flatten(3)  # [B, Hkv, G, S*c]
             page_lse.scatter_(-1, dst, lse_c.transpose(2, 3).flatten(3))
@@ -118,11 +128,12 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
             stable_run = torch.where(read_now, torch.where(stable, stable_run + 1, 0), stable_run)
             prev_o = torch.where(read_now[..., None, None], o, prev_o)
             active = active & ~(has_more & (stable_run >= rule.patience))
-        elif kind == "certified":
+        elif kind in ("certified", "calibrated"):
             nxt = tail_s[..., c0 + C] if c0 + C < n_per else torch.full_like(m[..., 0], NEG_INF)
             log_z = m + torch.log(l.clamp(min=1e-30))  # [B, Hkv, S, G]
-            certified = (nxt[..., None] - log_z <= math.log(rule.delta / (1 - rule.delta))).all(-1)
-            stop = has_more & certified
+            # calibrated: c <= 0 for a sound bound; the clamp keeps rounding from making it stop later than certified
+            est = nxt[..., None] + calib.clamp(max=0.0) if kind == "calibrated" else nxt[..., None]  # per head
+            stop = has_more & (est - log_z <= math.log(rule.delta / (1 - rule.delta))).all(-1)
             rem = torch.where(stop, nxt, rem)
             active = active & ~stop
         active = active & has_more

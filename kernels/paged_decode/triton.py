@@ -20,7 +20,7 @@ NEG_INF = tl.constexpr(float("-inf"))
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-RULES = {None: 0, "stability": 1, "certified": 2}
+RULES = {None: 0, "stability": 1, "certified": 2, "calibrated": 3}
 
 
 @dataclass
@@ -43,12 +43,14 @@ def _round_bf16(x):
 
 @triton.jit
 def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_ptr, v_ptr,
-                  stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD,
+                  stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD, terms_row,
                   NATURAL: tl.constexpr, BLOCK_PAGES: tl.constexpr, PAGE: tl.constexpr,
                   D: tl.constexpr, DP: tl.constexpr, DOT_F32: tl.constexpr, TOK: tl.constexpr,
-                  G: tl.constexpr, GP: tl.constexpr, PAGE_MASS: tl.constexpr):
+                  G: tl.constexpr, GP: tl.constexpr, PAGE_MASS: tl.constexpr, CALIB: tl.constexpr):
     """Online softmax over BLOCK_PAGES pages of this split (its j0-th.. in list order). m in log2 units.
-    PAGE_MASS: also store each page's log mass (natural log, unnormalised) at mass_row[g * P_PAD + pos]."""
+    PAGE_MASS: also store each page's log mass (natural log, unnormalised) at mass_row[g * P_PAD + pos].
+    CALIB: also return max over the block's pages of (log mass - terms_row[list index]) per head [GP]
+    (the calibrated stop's observed ratio of mass to bound); -inf otherwise."""
     tok = tl.arange(0, TOK)
     j = j0 + tok // PAGE
     t = tok % PAGE
@@ -77,30 +79,36 @@ def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_
     ms = tl.where(m_new == NEG_INF, 0.0, m_new)
     alpha = tl.exp2(m - ms)
     p = tl.exp2(qk - ms[:, None])
-    if PAGE_MASS:
+    calib = tl.full([GP], NEG_INF, tl.float32)
+    if PAGE_MASS or CALIB:
         ps = tl.sum(tl.reshape(p, [GP, TOK // PAGE, PAGE]), axis=2)  # [GP, pages in the block]
         jj = tl.arange(0, TOK // PAGE)
         jp = j0 + jj
         pv = (jj < BLOCK_PAGES) & (jp < n_mine)
-        if NATURAL:
-            ppos = s + jp * num_splits
-        else:
-            ppos = tl.load(order_row + s + jp * num_splits, mask=pv, other=0)
-        g = tl.arange(0, GP)
-        lm = ms[:, None] * LN2 + tl.log(ps)
-        tl.store(mass_row + g[:, None] * P_PAD + ppos[None, :], lm, mask=(g < G)[:, None] & pv[None, :])
+        lm = ms[:, None] * LN2 + tl.log(ps)  # [GP, pages] natural log of each page's mass
+        if PAGE_MASS:
+            if NATURAL:
+                ppos = s + jp * num_splits
+            else:
+                ppos = tl.load(order_row + s + jp * num_splits, mask=pv, other=0)
+            g = tl.arange(0, GP)
+            tl.store(mass_row + g[:, None] * P_PAD + ppos[None, :], lm, mask=(g < G)[:, None] & pv[None, :])
+        if CALIB:  # only full pages calibrate (a partial page's box is tight: one token's is exact)
+            term = tl.load(terms_row + s + jp * num_splits, mask=pv, other=0.0)  # U_b + log n_b
+            full = tl.sum(tl.reshape(tv.to(tl.int32), [TOK // PAGE, PAGE]), axis=1) == PAGE
+            calib = tl.max(tl.where((pv & full)[None, :], lm - term[None, :], NEG_INF), axis=1)
     l = l * alpha + tl.sum(p, axis=1)
     if DOT_F32:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
         pv = tl.dot(p.to(v.dtype), v)
     acc = acc * alpha[:, None] + pv
-    return m_new, l, acc
+    return m_new, l, acc, calib
 
 
 @triton.jit
 def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt,
-                   pt_ptr, stride_ptb, seq_ptr, order_ptr, count_ptr, tail_ptr,
+                   pt_ptr, stride_ptb, seq_ptr, order_ptr, count_ptr, tail_ptr, terms_ptr,
                    out_ptr, stride_ob, stride_oh, pages_ptr, tau_ptr,
                    pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, mass_ptr, lse_ptr, P_PAD,
                    N, qk_scale, num_splits, scale_tol, direction_tol, patience, log_thr,
@@ -133,12 +141,15 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
     rem = tl.full([], NEG_INF, tl.float32)
     if RULE == 0:
         for j0 in tl.range(0, n_mine, BLOCK_PAGES, num_stages=NUM_STAGES):
-            m, l, acc = _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_ptr, v_ptr,
-                                      stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD,
-                                      NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS)
+            m, l, acc, _ = _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_ptr, v_ptr,
+                                         stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD,
+                                         order_row, NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP,
+                                         PAGE_MASS, False)
         pages = n_mine
     else:
         tail_row = tail_ptr + pid.to(tl.int64) * N
+        terms_row = terms_ptr + pid.to(tl.int64) * N
+        calib = tl.full([GP], NEG_INF, tl.float32)  # calibrated: max over read pages of log mass - (U + log n)
         hv = g < G
         prev_o = tl.zeros([GP, DP], tl.float32)
         run = tl.zeros([], tl.int32)
@@ -146,10 +157,11 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
         active = n_mine > 0
         while active:
             for jb in tl.range(0, CHUNK, BLOCK_PAGES):
-                m, l, acc = _attend_block(q, m, l, acc, c0 + jb, s, n_mine, num_splits, order_row, pt_row,
-                                          k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
-                                          mass_row, P_PAD, NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK,
-                                          G, GP, PAGE_MASS)
+                m, l, acc, cb = _attend_block(q, m, l, acc, c0 + jb, s, n_mine, num_splits, order_row, pt_row,
+                                              k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
+                                              mass_row, P_PAD, terms_row, NATURAL, BLOCK_PAGES, PAGE, D, DP,
+                                              DOT_F32, TOK, G, GP, PAGE_MASS, RULE == 3)
+                calib = tl.maximum(calib, cb)
             has_more = c0 + CHUNK < n_mine
             o = acc / tl.maximum(l, 1e-30)[:, None]  # [GP, DP] the running output
             if ACC_BF16:  # kept in bf16 between chunks, as a bf16 accumulator would
@@ -165,11 +177,15 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                 run = tl.where(stable, run + 1, 0)
                 prev_o = o
                 stop = has_more & (run >= patience)
-            else:
+            else:  # certified (2) or calibrated (3)
                 nidx = s + (c0 + CHUNK) * num_splits
                 nxt = tl.load(tail_row + nidx, mask=has_more & (nidx < N), other=NEG_INF)
                 log_z = m * LN2 + tl.log(tl.maximum(l, 1e-30))
-                ok = ((nxt - log_z) <= log_thr) | ~hv
+                if RULE == 3:
+                    est = nxt + tl.minimum(calib, 0.0)  # [GP] log unread mass, from the ratio seen so far
+                else:
+                    est = nxt
+                ok = ((est - log_z) <= log_thr) | ~hv
                 stop = has_more & (tl.min(ok.to(tl.int32), axis=0) > 0)
                 rem = tl.where(stop, nxt, rem)
             c0 += CHUNK
@@ -246,7 +262,7 @@ def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, out_ptr, strid
 
 
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
-                  rule=None, tail_lse=None, num_splits: int = 1, natural: bool = False,
+                  rule=None, tail_lse=None, bound_terms=None, num_splits: int = 1, natural: bool = False,
                   out_dtype=torch.float32, block_pages: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, page_mass=None):
     """Launch decode (+ merge when num_splits > 1). natural=True: list position i is page i, count =
@@ -261,8 +277,10 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     kind = rule.kind if rule is not None else None
     R = RULES[kind]
     S = max(1, int(num_splits))
-    if R == 2 and tail_lse is None:
-        raise ValueError("certified stop needs tail_lse (page_select.strided_tail_lse)")
+    if R in (2, 3) and tail_lse is None:
+        raise ValueError(f"{kind} stop needs tail_lse (page_select.strided_tail_lse)")
+    if R == 3 and bound_terms is None:
+        raise ValueError("calibrated stop needs bound_terms (page_select.tail_terms, or score_select's terms_out)")
     N = page_table.shape[1] if natural else order.shape[-1]
     chunk = int(rule.chunk_pages) if R else 0
     is_cuda = dev.type == "cuda"
@@ -297,7 +315,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     dummy = page_table
     st = k_cache.stride()
     assert v_cache.stride() == st and k_cache.stride(-1) == 1 and q.stride(-1) == 1
-    thr = math.log(rule.delta / (1 - rule.delta)) if R == 2 else 0.0
+    thr = math.log(rule.delta / (1 - rule.delta)) if R in (2, 3) else 0.0
     dot_f32 = not (q.dtype == k_cache.dtype and k_cache.dtype in (torch.float16, torch.bfloat16))
     with_mass = page_mass is not None
     if with_mass:
@@ -313,7 +331,8 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     _decode_kernel[(B * Hkv, S)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, st[0], st[1], st[2],
         page_table, page_table.stride(0), seq_lens,
-        dummy if natural else order, dummy if natural else count, tail_lse if R == 2 else dummy,
+        dummy if natural else order, dummy if natural else count, tail_lse if R in (2, 3) else dummy,
+        bound_terms if R == 3 else dummy,
         out, out.stride(0), out.stride(1), pages, tau if R == 2 else out,
         pm, pl, pacc, ppages, prem, mass, lse, P_pad,
         N, float(sm_scale) * 1.4426950408889634, S,
@@ -331,7 +350,8 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
 
 
 def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
-                 rule=None, tail_lse=None, num_splits: int = 1, page_mass: bool = False) -> DecodeOut:
+                 rule=None, tail_lse=None, bound_terms=None, num_splits: int = 1,
+                 page_mass: bool = False) -> DecodeOut:
     """Same contract as reference.paged_decode. `rule`: any object with the StopRule fields
     (kind, chunk_pages, scale_tol, direction_tol, patience, delta, acc_bf16); None reads every listed page."""
     B, Hq = q.shape[:2]
@@ -343,6 +363,7 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
                                     order.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(),
                                     sm_scale=sm_scale, rule=rule,
                                     tail_lse=None if tail_lse is None else tail_lse.float().contiguous(),
+                                    bound_terms=None if bound_terms is None else bound_terms.float().contiguous(),
                                     num_splits=num_splits, page_mass=mass)
     if mass is None:
         return DecodeOut(out, pages, tau)

@@ -1,0 +1,178 @@
+"""ART's calibrated stop (a heuristic, not certified): the Triton decode against the reference, the fused
+pipeline against the generic one, and its relation to the certified stop.
+
+Under TRITON_INTERPRET=1 on CPU (tests/conftest.py sets it when CUDA is absent); the gpu-marked grid runs
+compiled on the GPU.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+
+import composable_kv as ckv  # noqa: E402
+from composable_kv.kernels.page_score import reference as score_ref  # noqa: E402
+from composable_kv.kernels.page_select import reference as select_ref  # noqa: E402
+from composable_kv.kernels.page_select import triton as select_tk  # noqa: E402
+from composable_kv.kernels.paged_decode import reference as decode_ref  # noqa: E402
+from composable_kv.kernels.paged_decode import triton as decode_tk  # noqa: E402
+from composable_kv.stages import StopKind, StopRule  # noqa: E402
+from kernel_checks import check_pipeline, close, make  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+LENS = [1, 17, 63, 111, 300]
+
+
+def inputs(lens, group, head_dim, budget, num_splits, *, q_scale=1.0, seed=0, slack=0.0, device="cpu"):
+    """Quest-ordered page lists with the box bound (plus `slack` nats), its strided tail and its terms."""
+    cache, q, table, seq_lens = make(lens, group=group, head_dim=head_dim, device=device, q_scale=q_scale, seed=seed)
+    S = cache.page_size
+    num_pages = (seq_lens.cpu() + S - 1) // S
+    sm = head_dim ** -0.5
+    bound = score_ref.quest_scores(q.cpu(), cache.key_min[0].cpu(), cache.key_max[0].cpu(), table.cpu(),
+                                   num_pages, sm) + slack  # [B, Hkv, P]
+    P = table.shape[1]
+    valid = (torch.arange(P)[None, None] < num_pages[:, None, None]).expand_as(bound)
+    forced = valid & (torch.arange(P)[None, None] == (num_pages - 1)[:, None, None])
+    order, count = select_ref.select_pages(bound, forced, valid, budget)
+    in_order = bound.gather(-1, order.long().clamp(min=0))
+    tok = select_ref.page_token_counts(order, seq_lens.cpu(), S)
+    tail = select_ref.strided_tail_lse(in_order, tok, count, num_splits)
+    terms = select_ref.tail_terms(in_order, tok, count)
+    return cache, q, table, seq_lens, order, count, tail, terms, sm
+
+
+def ref_decode(c, rule, num_splits):
+    cache, q, table, seq_lens, order, count, tail, terms, sm = c
+    return decode_ref.paged_decode(q.cpu(), cache.k[0].cpu(), cache.v[0].cpu(), table.cpu(), seq_lens.cpu(), order,
+                                   count, sm_scale=sm, rule=rule, tail_lse=tail, bound_terms=terms,
+                                   num_splits=num_splits)
+
+
+def check_kernel(lens, group, head_dim, chunk, delta, num_splits, budget=None, *, q_scale=1.0, device=DEV, tol=2e-4):
+    c = inputs(lens, group, head_dim, budget, num_splits, q_scale=q_scale, device=device)
+    cache, q, table, seq_lens, order, count, tail, terms, sm = c
+    rule = StopRule("calibrated", chunk, delta=delta)
+    r1 = ref_decode(c, rule, num_splits)
+    r2 = decode_tk.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order.to(device), count.to(device),
+                                sm_scale=sm, rule=rule, tail_lse=tail.to(device), bound_terms=terms.to(device),
+                                num_splits=num_splits)
+    assert torch.equal(r1.pages_read, r2.pages_read.cpu()), (r1.pages_read, r2.pages_read)
+    close(r1.out, r2.out, tol)
+    assert r1.tau_bound is None and r2.tau_bound is None  # no certificate to report
+    return r1
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("chunk,delta", [(1, 0.1), (4, 0.3)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (8, 128)])
+def test_calibrated_decode_kernel_matches_reference(chunk, delta, num_splits, group, head_dim):
+    check_kernel(LENS, group, head_dim, chunk, delta, num_splits)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("q_scale", [30.0, 1000.0])
+def test_calibrated_decode_extreme_logits(q_scale):
+    check_kernel(LENS, 2, 64, 1, 0.2, 3, budget=5, q_scale=q_scale, tol=1e-3)
+
+
+@pytest.mark.interpret
+def test_score_select_writes_the_tail_terms():
+    cache, q, table, seq_lens = make([1, 17, 63, 300], group=2, head_dim=64, device=DEV)
+    forced = torch.zeros_like(table, dtype=torch.bool)
+    n_pages = (seq_lens + cache.page_size - 1) // cache.page_size
+    forced[torch.arange(4), (n_pages - 1).long()] = True
+    terms = torch.empty(*table.shape[:1], cache.num_kv_heads, table.shape[1], dtype=torch.float32, device=DEV)
+    kw = dict(num_kv_heads=cache.num_kv_heads, page_size=cache.page_size, sm_scale=64 ** -0.5, score=1, select=True,
+              budget_pages=7, forced_only=False, certified=True, num_splits=2, max_kept=7)
+    order, count, tail = select_tk.score_select(q, cache.key_min[0], cache.key_max[0], table, seq_lens, forced,
+                                                terms_out=terms, **kw)
+    bound = score_ref.quest_scores(q.cpu(), cache.key_min[0].cpu(), cache.key_max[0].cpu(), table.cpu(),
+                                   n_pages.cpu(), 64 ** -0.5)
+    in_order = bound.gather(-1, order.long().cpu().clamp(min=0))
+    tok = select_ref.page_token_counts(order.cpu(), seq_lens.cpu(), cache.page_size)
+    close(select_ref.tail_terms(in_order, tok, count.cpu()), terms, 1e-4)
+    with pytest.raises(ValueError, match="terms_out"):
+        select_tk.score_select(q, cache.key_min[0], cache.key_max[0], table, seq_lens, forced,
+                               terms_out=terms[:, :1].contiguous(), **kw)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("delta", [0.05, 0.2, 0.5])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_calibrated_stops_no_later_than_certified(seed, delta, num_splits):
+    """c = max over read pages of log mass - (U + log n) <= 0 (clamped against rounding), so at the same delta
+    and chunk the calibrated estimate never exceeds the certificate: per (request, KV head) it reads no more."""
+    c = inputs(LENS, 3, 64, None, num_splits, seed=seed, q_scale=[1.0, 4.0, 30.0][seed % 3])
+    cert = ref_decode(c, StopRule("certified", 1, delta=delta), num_splits)
+    cal = ref_decode(c, StopRule("calibrated", 1, delta=delta), num_splits)
+    assert bool((cal.pages_read <= cert.pages_read).all()), (cal.pages_read, cert.pages_read)
+
+
+def test_calibrated_absorbs_a_loose_bound():
+    """With every bound 12 nats above the box bound, the certified stop reads every page, while the calibrated
+    stop (the slack is learned from the pages read) stops early: the same decisions as without the slack."""
+    rule_cert, rule_cal = StopRule("certified", 1, delta=0.2), StopRule("calibrated", 1, delta=0.2)
+    loose = inputs(LENS, 2, 64, None, 1, q_scale=4.0, slack=12.0)
+    tight = inputs(LENS, 2, 64, None, 1, q_scale=4.0)
+    assert torch.equal(ref_decode(loose, rule_cert, 1).pages_read, loose[5])  # reads every kept page
+    cal = ref_decode(loose, rule_cal, 1).pages_read
+    assert int(cal.sum()) < int(loose[5].sum())
+    assert torch.equal(cal, ref_decode(tight, rule_cal, 1).pages_read)
+
+
+def test_calibrated_needs_its_bound_terms():
+    c = inputs([40], 2, 64, None, 1)
+    cache, q, table, seq_lens, order, count, tail, terms, sm = c
+    with pytest.raises(ValueError, match="bound_terms"):
+        decode_ref.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order, count, sm_scale=sm,
+                                rule=StopRule("calibrated", 1, delta=0.1), tail_lse=tail)
+
+
+def _pol(*stages, dense_layers=(0,)):
+    return {"name": "t", "page_size": 16, "dense_layers": list(dense_layers), "stages": list(stages)}
+
+
+CAL = {"stage": "art", "stop": "calibrated", "delta": 0.3, "chunk_pages": 1}
+STACKS = {
+    "quest_art_calibrated": [{"stage": "quest", "budget_tokens": 96}, CAL],
+    "sw_quest_art_calibrated": [{"stage": "sink_window", "sink_tokens": 16, "window_tokens": 32},
+                                {"stage": "quest", "budget_tokens": 96}, dict(CAL, chunk_pages=2)],
+    "art_calibrated_box_all": [dict(CAL, delta=0.2)],
+    "quest_shadow8_art_calibrated_generic": [{"stage": "quest", "budget_tokens": 160},
+                                             {"stage": "key_shadow", "bits": 8, "budget_tokens": 64}, CAL],
+}
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", STACKS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_calibrated_fused_equals_generic(name, num_splits):
+    check_pipeline(_pol(*STACKS[name]), [1, 17, 63, 111, 333], group=4, head_dim=64, num_layers=2,
+                   num_splits=num_splits, device=DEV)
+
+
+def test_calibrated_is_declared_not_certified(capsys):
+    assert not StopKind.CALIBRATED.certified and StopKind.CERTIFIED.certified
+    assert StopKind.CALIBRATED.uses_bounds
+    fused = ckv.compile(_pol(*STACKS["quest_art_calibrated"]), backend="triton").describe("cuda")
+    assert "NOT certified" in fused and "score_select" in fused
+    generic = ckv.compile(_pol(*STACKS["quest_shadow8_art_calibrated_generic"]), backend="triton").describe("cuda")
+    assert "generic" in generic and "calibrated stop after a key shadow" in generic
+    from composable_kv import cli
+    cli.main(["stages"])
+    out = capsys.readouterr().out
+    art = out[out.index("art  [terminal]"):].split("\n    order")[0]
+    assert "calibrated (heuristic, NOT certified" in art and "'calibrated'" in art
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk,delta", [(1, 0.05), (4, 0.1), (8, 0.2)])
+@pytest.mark.parametrize("num_splits", [1, 4, 8])
+@pytest.mark.parametrize("group,head_dim", [(4, 64), (7, 128), (8, 128)])
+@pytest.mark.parametrize("budget", [None, 64])
+def test_calibrated_decode_kernel_gpu_grid(chunk, delta, num_splits, group, head_dim, budget):
+    check_kernel([1, 17, 300, 1000, 4000, 8191], group, head_dim, chunk, delta, num_splits, budget, device="cuda")
