@@ -8,7 +8,8 @@ import torch
 
 import composable_kv as ckv
 from composable_kv.policies.attention_predictor import train as T
-from composable_kv.policies.attention_predictor.predictor import PageHistory, PredictorCNN, load_weights, prefill_page_mass, save_weights
+from composable_kv.policies.attention_predictor.predictor import (PageHistory, PredictorCNN, load_weights,
+                                                                 prefill_page_mass, save_weights)
 from composable_kv.traces import Trace
 
 from helpers import build_cache
@@ -53,15 +54,22 @@ def history_of(pipe, cache, layer):
     return cache.stage_state(stage).history[layer]
 
 
+def rows_of(pipe, cache):
+    (stage,) = pipe.selectors
+    return cache.stage_state(stage).rows
+
+
 # -- the ring buffer ----------------------------------------------------------------------------
 
 @pytest.mark.cpu
 def test_history_ring_buffer_order_wrap_growth():
-    h = PageHistory(heads=2, steps=3, device="cpu")
-    rows = h.rows([10, 11], [40, 70], live=[10, 11])
+    h = PageHistory(heads=2, kv_heads=2, steps=3, device="cpu")
+    h.ensure(2, 3)
+    rows = torch.tensor([1, 0])
     assert h.window(rows, 3).abs().sum() == 0  # a new row is all zeros
     for step in range(5):  # wrap: 5 pushes into 3 slots
         P = 3 if step < 3 else 5  # the page axis grows mid-way
+        h.ensure(2, P)
         h.push(rows, torch.full((2, 2, P), float(step + 1)))
     w = h.window(rows, 5)  # [B, Hh, H, P], oldest first
     assert w.shape == (2, 2, 3, 5)
@@ -69,21 +77,40 @@ def test_history_ring_buffer_order_wrap_growth():
     assert w[0, 0, 0, 3:].tolist() == [0.0, 0.0]  # step 3 had 3 pages: no mass beyond
     assert w[0, 0, 1, 3:].tolist() == [4.0, 4.0]
     assert h.steps[rows].tolist() == [5, 5]
+    h.ensure(6, 5)  # more rows: the old ones keep their history, the new ones start clean
+    assert torch.equal(h.window(rows, 5), w) and h.window(torch.tensor([5]), 5).abs().sum() == 0
+    assert torch.isinf(h.scores[5]).all() and h.steps[5] == 0
 
 
 @pytest.mark.cpu
-def test_history_rows_freed_and_reset():
-    h = PageHistory(heads=1, steps=2, device="cpu")
-    r = h.rows([1, 2], [20, 20], live=[1, 2])
-    h.push(r, torch.ones(2, 1, 2))
-    # seq 1 finished (not live): its row is freed and handed, zeroed, to seq 3
-    r2 = h.rows([2, 3], [21, 5], live=[2, 3])
-    assert 1 not in h.row_of and r2[1] == r[0]
-    assert h.window(r2[1:], 2).abs().sum() == 0 and int(h.steps[r2[1]]) == 0
-    assert h.window(r2[:1], 2).sum() == 2  # seq 2 kept its history
-    # seq 2's length goes backwards: a new sequence reusing the id -> reset
-    r3 = h.rows([2], [3], live=[2, 3])
-    assert h.window(r3, 2).abs().sum() == 0
+def test_rows_follow_the_cache_batch_and_are_reused():
+    from composable_kv.seq_rows import SequenceRows
+    rows = SequenceRows()
+    r, fresh = rows.lookup([10, 11], "cpu")
+    assert r.tolist() == [0, 1] and fresh == [0, 1]
+    again, fresh = rows.lookup([10, 11], "cpu")
+    assert again is r and fresh == []  # the same batch: the same tensor (a captured graph keeps it)
+    rows.release(10)
+    r2, fresh = rows.lookup([11, 12], "cpu")
+    assert r2.tolist() == [1, 0] and fresh == [0] and rows.capacity == 2  # the freed row is reused
+
+
+@pytest.mark.cpu
+def test_freed_sequence_row_is_reset_for_the_next(weights):
+    pipe = ckv.compile(policy(weights), backend="reference")
+    cache, ids, _, _ = build_cache([100, 150], num_layers=2, head_dim=32, extra_pages=40,
+                                   summaries=pipe.required_summaries)
+    decode_steps(pipe, cache, ids, 2)
+    hist, rows = history_of(pipe, cache, 1), rows_of(pipe, cache)
+    old = rows.row_of[ids[0]]
+    assert hist.steps[old] == 2 and hist.hist[old].abs().sum() > 0
+    cache.free(ids[0])  # the cache tells the stage state: the row goes back
+    assert ids[0] not in rows.row_of
+    sid = cache.add_sequence()
+    cache.append([sid], [40], torch.randn(2, 40, 2, 32), torch.randn(2, 40, 2, 32))
+    decode_steps(pipe, cache, [ids[1], sid], 1)
+    assert rows.row_of[sid] == old and hist.steps[old] == 1  # reused, reset, one step recorded
+    assert hist.steps[rows.row_of[ids[1]]] == 3
 
 
 # -- the stage ----------------------------------------------------------------------------------
@@ -103,7 +130,7 @@ def test_stage_calibrates_then_keeps_the_budget(weights):
             assert (pages <= torch.clamp(n, max=4)[:, None]).all() and (pages >= 1).all(), (step, pages)
         assert torch.equal(outs[0].pages_read, n[:, None].expand_as(pages).int())  # dense layer 0
     hist = history_of(pipe, cache, 1)
-    rows = hist.rows(ids, [cache.seq_len(s) for s in ids], ids)
+    rows = torch.tensor([rows_of(pipe, cache).row_of[s] for s in ids])
     last = hist.window(rows, 16)[:, :, -1]  # [B, Hkv, P]: the masses of the last step
     torch.testing.assert_close(last.sum(-1), torch.ones(3, 2))
     assert (hist.window(rows, 16)[:, :, :-7] == 0).all()  # H=8, 7 steps: the oldest slot is empty
@@ -148,9 +175,9 @@ def test_batch_churn_new_sequence_calibrates(weights):
     n_new = -(-121 // 16)
     assert outs[1].pages_read[1].tolist() == [n_new, n_new]  # the newcomer's first step is dense
     assert outs[1].pages_read[0].max() <= 4  # the old request is mid-cycle
-    hist = history_of(pipe, cache, 1)
-    assert set(hist.row_of) == set(ids2)  # the finished request's row was freed (and reused)
-    assert len(hist.row_of) + len(hist.free_rows) == hist.hist.shape[0]
+    rows = rows_of(pipe, cache)
+    assert set(rows.row_of) == set(ids2)  # the finished request's row was freed (and reused)
+    assert len(rows.row_of) + len(rows.free) == rows.capacity == 2
 
 
 @pytest.mark.cpu
@@ -159,11 +186,10 @@ def test_per_query_head_and_run_every(weights, monkeypatch):
     orig = PredictorCNN.forward
     monkeypatch.setattr(PredictorCNN, "forward", lambda self, x: calls.append(x.shape) or orig(self, x))
     pipe = ckv.compile(policy(weights, per_kv_head=False, run_every=2), backend="reference")
-    cache, ids, _, _ = build_cache([130], num_layers=2, head_dim=32, extra_pages=4,
+    cache, ids, _, _ = build_cache([130, 70], num_layers=2, head_dim=32, extra_pages=4,
                                    summaries=pipe.required_summaries)
     decode_steps(pipe, cache, ids, 6, group=3)
-    assert calls and all(s[0] == 6 for s in calls)  # one CNN row per query head (2 KV heads x 3)
-    assert len(calls) == 3  # steps 0, 2, 4 of 6
+    assert len(calls) == 6 and all(s[0] == 2 * 6 for s in calls)  # one batched call per step: B x 6 query heads
     assert history_of(pipe, cache, 1).heads == 6
 
 
@@ -257,16 +283,17 @@ def test_tiny_hf_model_history_starts_from_the_prefill(weights, calibrate_first)
         if step == 0:
             for layer, (sids, query, key, valid, scale) in seen.items():
                 hist = history_of(pipe, session.cache, layer)
+                row_of = rows_of(pipe, session.cache).row_of
                 for b, sid in enumerate(sids):
                     q, k = query[b][:, valid[b]], key[b][:, valid[b]]
                     ref = pooled_prefill_by_hand(q, k, 16, scale, 8)  # [Hq=4, 8, P]
                     ref = ref.view(2, 2, *ref.shape[1:]).mean(1)  # per KV head: the group's mean
-                    w = hist.window(torch.tensor([hist.row_of[sid]]), ref.shape[-1] + 1)[0]  # [2, 8, P+1]
+                    w = hist.window(torch.tensor([row_of[sid]]), ref.shape[-1] + 1)[0]  # [2, 8, P+1]
                     # H=8 slots: the decode step overwrote the oldest prefill row
                     torch.testing.assert_close(w[:, :7, :-1].double(), ref[:, 1:], rtol=1e-4, atol=1e-5)
                     assert (w[:, :7, -1] == 0).all()
                     torch.testing.assert_close(w[:, 7].sum(-1), torch.ones(2))  # the decode's own masses
-                    assert hist.steps[hist.row_of[sid]] == 2  # the prefill + one decode step
+                    assert hist.steps[row_of[sid]] == 2  # the prefill + one decode step
     dense = [sum(-(-(n + s + 1) // 16) for n in (130, 77)) * 2 * 3 for s in range(3)]
     pages = [sum(st.pages_read) for st in session.steps]
     assert (pages[0] == dense[0]) == calibrate_first  # no forced dense first step unless asked

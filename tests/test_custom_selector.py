@@ -100,5 +100,5 @@ def test_stage_protocol_hooks_are_declared_not_discovered():
     assert {n for n, c in stages.items() if c.observe_prefill is not stages["quest"].observe_prefill} >= \
         {"ltri", "attention_predictor", "snapkv"}
     assert stages["attention_predictor"]().observes_page_mass and not stages["quest"]().observes_page_mass
-    assert stages["ltri"].graph_support is GraphSupport.NEVER and stages["quest"].graph_support is GraphSupport.ALWAYS
+    assert stages["ltri"].graph_support is stages["quest"].graph_support is GraphSupport.ALWAYS
     assert stages["attend"]().stop_rule().kind is None and stages["art"]().stop_rule().kind == "certified"

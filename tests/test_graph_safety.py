@@ -10,7 +10,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.mark.parametrize("name,safe", [("quest_art", True), ("sink_window_quest_shadow_art", True),
-                                       ("dense", True), ("ltri_art", False), ("attention_predictor_art", False),
+                                       ("dense", True), ("ltri_art", True), ("attention_predictor_art", True),
                                        ("write_gate_quest_art", True)])
 def test_graph_safety_is_declared(name, safe):
     pipe = ckv.compile(CONFIGS / f"{name}.yaml")

@@ -43,7 +43,7 @@ def test_triangle_nms_finds_planted_boundaries(noise):
     a = block_map([0] + P_PLANTED, P, noise=noise)
     tri = sp.triangle_scores(a, window=3)
     tri[:2] = float("-inf")  # the sink page and the first span start are not boundaries
-    assert sp.nms_1d(tri, radius=2, min_score=0.0).tolist() == P_PLANTED
+    assert sp.nms_1d(tri, radius=2, min_score=0.0).nonzero().flatten().tolist() == P_PLANTED
 
 
 @pytest.mark.cpu
@@ -58,15 +58,16 @@ def test_triangle_inside_a_span_scores_below_its_start():
 def test_build_index_from_planted_queries_and_keys():
     P = 32
     q, k = planted_qk([0] + P_PLANTED, P, heads=4, kv_heads=2)
-    idx = sp.build_index(q, k, page_size=16, sink_pages=1, end_page=P, reps_per_span=3, window=3, nms_radius=2,
+    idx = sp.build_index(q, k, page_size=16, sink_pages=1, end_page=P, covered=P, reps_per_span=3, window=3,
+                         nms_radius=2,
                          min_score=0.0, max_span_pages=64, obs_queries=16, sm_scale=32 ** -0.5,
                          dtype=torch.float32)
     assert idx.starts.tolist() == [1] + P_PLANTED
     assert idx.ends.tolist() == P_PLANTED + [P]
-    assert idx.reps.shape == (2, len(P_PLANTED) + 1, 3, 32)
+    assert int(idx.num_spans) == len(P_PLANTED) + 1 and idx.reps.shape == (2, P - 1, 3, 32)  # room: P - 1 spans
     assert idx.covered == P
     # the keys-only proxy (no queries) finds them too: keys carry the same topics
-    idx2 = sp.build_index(None, k, page_size=16, sink_pages=1, end_page=P, reps_per_span=2, window=3,
+    idx2 = sp.build_index(None, k, page_size=16, sink_pages=1, end_page=P, covered=P, reps_per_span=2, window=3,
                           nms_radius=2, min_score=0.0, max_span_pages=64, obs_queries=0, sm_scale=32 ** -0.5,
                           dtype=torch.float32)
     assert idx2.starts.tolist() == [1] + P_PLANTED
@@ -75,17 +76,22 @@ def test_build_index_from_planted_queries_and_keys():
 @pytest.mark.cpu
 def test_nms_radius_and_threshold():
     s = torch.tensor([0.0, 0.9, 0.8, 0.1, 0.95, -0.2, 0.3, 0.31])
-    assert sp.nms_1d(s, radius=1, min_score=0.0).tolist() == [1, 4, 7]
-    assert sp.nms_1d(s, radius=3, min_score=0.0).tolist() == [4]  # 0.95 suppresses 1 and 7
-    assert sp.nms_1d(s, radius=1, min_score=0.5).tolist() == [1, 4]
+    kept = lambda r, m: sp.nms_1d(s, radius=r, min_score=m).nonzero().flatten().tolist()  # noqa: E731
+    assert kept(1, 0.0) == [1, 4, 7]
+    assert kept(3, 0.0) == [4]  # 0.95 suppresses 1 and 7
+    assert kept(1, 0.5) == [1, 4]
 
 
 @pytest.mark.cpu
 def test_spans_tile_and_split():
-    starts, ends = sp.spans_from_boundaries(torch.tensor([5, 30]), 1, 40, max_pages=8)
+    b = torch.zeros(41, dtype=torch.bool)
+    b[[5, 30]] = True
+    ids, num = sp.span_ids(b, 1, 40, max_pages=8)
+    starts, ends = sp.span_bounds(ids, int(num))
     assert starts[0] == 1 and ends[-1] == 40 and torch.equal(starts[1:], ends[:-1])
     assert int((ends - starts).max()) <= 8
     assert {5, 30} <= set(starts.tolist())
+    assert ids[0] == -1 and ids[40] == -1  # the sink page and pages past the end are in no span
 
 
 @pytest.mark.cpu
@@ -93,16 +99,18 @@ def test_reps_by_attention_picks_the_most_attended_keys_and_pads():
     k = torch.randn(2, 48, 8)
     got = torch.rand(2, 48)
     got[0, 20], got[1, 3] = 10.0, 10.0
-    reps = sp.reps_by_attention(k, got, torch.tensor([0, 1]), torch.tensor([1, 3]), 16, R=20)
-    assert reps.shape == (2, 2, 20, 8)
+    ids = torch.tensor([0, 1, 1])  # span 0: page 0, span 1: pages 1-2
+    reps = sp.reps_by_attention(k, got, ids, 3, 16, R=20)
+    assert reps.shape == (2, 3, 20, 8)
     assert torch.equal(reps[0, 1, 0], k[0, 20]) and torch.equal(reps[1, 0, 0], k[1, 3])
     assert torch.equal(reps[0, 0, 16:], reps[0, 0, :1].expand(4, 8))  # 16 tokens, R=20: best key repeats
+    assert (reps[:, 2] == 0).all()  # span id 2 has no page: padding
 
 
 @pytest.mark.cpu
 def test_kmeans_reps_separate_two_clusters():
     k = torch.cat([torch.full((1, 8, 4), 5.0), torch.full((1, 8, 4), -5.0)], 1) + 0.01 * torch.randn(1, 16, 4)
-    reps = sp.reps_by_kmeans(k, torch.tensor([0]), torch.tensor([1]), 16, R=2)
+    reps = sp.reps_by_kmeans(k, torch.tensor([0]), 1, 16, R=2)
     assert sorted(reps[0, 0, :, 0].round().tolist()) == [-5.0, 5.0]
 
 

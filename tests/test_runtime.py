@@ -78,12 +78,16 @@ def test_generate_reports_its_path_and_keeps_eos_semantics(tiny_model, prompts):
 def test_decode_paths_refused_with_one_line_errors(tiny_model):
     with pytest.raises(DecodePathError, match="needs a CUDA model"):
         hf.PolicySession(tiny_model, "configs/dense.yaml", max_total_tokens=32, batch_size=1, decode_path="graph")
+    from host_seed_reference import host_pipeline  # ltri's host implementation: graph_support NEVER
+    host_ltri = host_pipeline(ckv.compile("configs/ltri.yaml"))
     with pytest.raises(DecodePathError, match="syncs with the host"):
-        hf.PolicySession(tiny_model, "configs/ltri.yaml", max_total_tokens=32, batch_size=1, decode_path="device")
+        hf.PolicySession(tiny_model, host_ltri, max_total_tokens=32, batch_size=1, decode_path="device")
     with pytest.raises(DecodePathError, match="expected one of"):
         hf.PolicySession(tiny_model, "configs/dense.yaml", max_total_tokens=32, batch_size=1, decode_path="fast")
-    s = hf.PolicySession(tiny_model, "configs/ltri.yaml", max_total_tokens=32, batch_size=1)
+    s = hf.PolicySession(tiny_model, host_ltri, max_total_tokens=32, batch_size=1)
     assert s.decode_path == "host" and "ltri" in s.decode_path_reason
+    s = hf.PolicySession(tiny_model, "configs/ltri.yaml", max_total_tokens=32, batch_size=1)
+    assert s.decode_path == "device"  # graph-safe: on CUDA it would be "graph"
 
 
 def test_session_capacity_is_checked(tiny_model):

@@ -197,7 +197,7 @@ def test_decode_triton_on_vllm_layout_equals_reference(name, dtype):
 
 
 def test_policy_refusals_name_the_stage():
-    for stage, why in [("ltri", "syncs with the host"), ("snapkv", "prefill"),
+    for stage, why in [("ltri", "prefill"), ("snapkv", "prefill"),
                        ("attention_predictor", "(syncs with the host|prefill)")]:
         cfg = load_policy({"stages": [{"stage": stage}, {"stage": "attend"}]})
         with pytest.raises(serving.ServingPolicyError, match=f"stage '{stage}' .*{why}"):

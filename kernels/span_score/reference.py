@@ -6,8 +6,11 @@ A span is indexed by R representative keys; its score for query head g is the be
 import torch
 
 
-def span_scores(q, reps, num_spans, sm_scale: float) -> torch.Tensor:
-    """q [B, Hq, D]; reps [B, Hkv, NS, R, D]; num_spans [B] -> [B, Hq, NS] fp32 (scaled, -inf past num_spans)."""
+def span_scores(q, reps, num_spans, sm_scale: float, rows=None) -> torch.Tensor:
+    """q [B, Hq, D]; reps [B, Hkv, NS, R, D], or a table [N, Hkv, NS, R, D] read at rows [B] long;
+    num_spans [B] -> [B, Hq, NS] fp32 (scaled, -inf past num_spans)."""
+    if rows is not None:
+        reps = reps[rows]
     B, Hq, D = q.shape
     Hkv, NS = reps.shape[1], reps.shape[2]
     qg = q.float().view(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]

@@ -15,22 +15,26 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 @triton.jit
 def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_rh, stride_rs, stride_rr,
-                       ns_ptr, out_ptr, stride_ob, stride_oh, NS, sm_scale,
+                       row_ptr, ns_ptr, out_ptr, stride_ob, stride_oh, NS, sm_scale,
                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                        DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BLOCK_S: tl.constexpr,
-                       DOT_F32: tl.constexpr):
+                       DOT_F32: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
     s0 = tl.program_id(1) * BLOCK_S
     n_spans = tl.load(ns_ptr + b)
+    if ROWS:
+        row = tl.load(row_ptr + b).to(tl.int64)
+    else:
+        row = b.to(tl.int64)
     q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)  # [GP, DP]
     col = tl.arange(0, BLOCK_S * RP)
     span = s0 + col // RP
     r = col % RP
     cmask = (span < n_spans) & (r < R)
     d = tl.arange(0, DP)
-    offs = (b.to(tl.int64) * stride_rb + h * stride_rh + span.to(tl.int64)[:, None] * stride_rs
+    offs = (row * stride_rb + h * stride_rh + span.to(tl.int64)[:, None] * stride_rs
             + r[:, None] * stride_rr + d[None, :])
     reps = tl.load(rep_ptr + offs, mask=cmask[:, None] & (d < D)[None, :], other=0.0)  # [BLOCK_S*RP, DP]
     x = _dot(q, tl.trans(reps), DOT_F32)  # [GP, BLOCK_S*RP]
@@ -43,15 +47,22 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
     tl.store(optr, best, mask=(g < G)[:, None] & (s < NS)[None, :])
 
 
-def span_scores(q, reps, num_spans, sm_scale: float) -> torch.Tensor:
-    """q [B, Hq, D]; reps [B, Hkv, NS, R, D]; num_spans [B] -> [B, Hq, NS] fp32 (scaled, -inf past num_spans)."""
+def span_scores(q, reps, num_spans, sm_scale: float, rows=None) -> torch.Tensor:
+    """q [B, Hq, D]; reps [B, Hkv, NS, R, D], or a table [N, Hkv, NS, R, D] read at rows [B] long (no
+    gather: the kernel loads row rows[b]; a slice along NS keeps its strides); num_spans [B]
+    -> [B, Hq, NS] fp32 (scaled, -inf past num_spans)."""
     B, Hq, D = q.shape
-    if reps.dim() != 5 or reps.shape[0] != B or reps.shape[-1] != D or Hq % reps.shape[1]:
-        raise ValueError(f"span_scores: reps expected [B={B}, Hkv | {Hq}, NS, R, D={D}], got {list(reps.shape)}")
+    lead = B if rows is None else reps.shape[0]
+    if reps.dim() != 5 or reps.shape[0] != lead or reps.shape[-1] != D or Hq % reps.shape[1]:
+        raise ValueError(f"span_scores: reps expected [{'B=' + str(B) if rows is None else 'N'}, Hkv | {Hq}, NS, "
+                         f"R, D={D}], got {list(reps.shape)}")
+    if rows is not None and tuple(rows.shape) != (B,):
+        raise ValueError(f"span_scores: rows expected [B={B}], got {list(rows.shape)}")
     Hkv, NS, R = reps.shape[1], reps.shape[2], reps.shape[3]
     G = Hq // Hkv
     q = q if q.stride(-1) == 1 else q.contiguous()
-    reps = reps.contiguous()
+    if reps.stride(-1) != 1:
+        reps = reps.contiguous()
     num_spans = num_spans.to(device=q.device, dtype=torch.int32).contiguous()
     out = torch.empty(B, Hq, NS, dtype=torch.float32, device=q.device)
     if NS == 0:
@@ -60,8 +71,9 @@ def span_scores(q, reps, num_spans, sm_scale: float) -> torch.Tensor:
     BLOCK_S = max(max(1, 16 // RP), min(_pow2(NS), max(1, 128 // RP)))  # tl.dot needs >= 16 columns
     grid = (B * Hkv, triton.cdiv(NS, BLOCK_S))
     st = reps.stride()
-    _span_score_kernel[grid](q, q.stride(0), q.stride(1), reps, st[0], st[1], st[2], st[3], num_spans, out,
-                             out.stride(0), out.stride(1), NS, float(sm_scale),
+    row_arg = num_spans if rows is None else rows.to(device=q.device, dtype=torch.int64).contiguous()
+    _span_score_kernel[grid](q, q.stride(0), q.stride(1), reps, st[0], st[1], st[2], st[3], row_arg, num_spans,
+                             out, out.stride(0), out.stride(1), NS, float(sm_scale),
                              HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), R=R, RP=RP,
-                             BLOCK_S=BLOCK_S, DOT_F32=dot_f32(q, reps.dtype))
+                             BLOCK_S=BLOCK_S, DOT_F32=dot_f32(q, reps.dtype), ROWS=rows is not None)
     return out

@@ -4,6 +4,7 @@ import torch
 
 
 from composable_kv.policies.attention_predictor.predictor import PageHistory, features, load_weights, prefill_page_mass
+from composable_kv.seq_rows import SequenceRows
 from composable_kv.stages import GraphSupport, ScoringSelector, StageState, param, register_stage
 from composable_kv.ints import cdiv
 
@@ -24,12 +25,14 @@ class AttentionPredictor(ScoringSelector):
     one CNN row per KV head instead of per query head), fewer history_steps, run_every > 1 (reuse the
     last prediction in between).
 
-    The history is per pipeline, per cache, per layer and per sequence (policies/attention_predictor/predictor.py:
-    PageHistory); rows of finished sequences are freed when the cache no longer holds them.
+    Device-only (graph-safe): the history is a fixed-shape ring buffer per layer with a row per sequence
+    (policies/attention_predictor/predictor.py: PageHistory) in the cache's StageState, written in place
+    from the decode's page mass; the CNN runs once per layer over every (request, head) row; the
+    calibration clock is a device tensor. A finished sequence's row is freed with it (cache.free).
     """
 
     name = "attention_predictor"
-    graph_support = GraphSupport.NEVER  # the CNN history and calibration schedule live on the host
+    graph_support = GraphSupport.ALWAYS  # history, clock and CNN are device tensors and ops, fixed shapes
     paper = ("AttentionPredictor: Temporal Pattern Matters for Efficient LLM Inference "
              "(Yang et al., 2025; arXiv 2502.04077)")
     summary = "top pages by a CNN over the history of page attention (trained: ckv train-predictor)"
@@ -55,80 +58,82 @@ class AttentionPredictor(ScoringSelector):
         start = (plan.seq_lens.long() - self.recent_tokens).clamp(min=0)[:, None]
         return ((pos * S < self.sink_tokens) | ((pos + 1) * S > start)) & plan.valid  # [B, P]
 
-    # -- state -----------------------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------------------
     def new_state(self, cache) -> "_PredictorState":
         return _PredictorState()
 
-    def _history(self, ctx) -> tuple[PageHistory, torch.Tensor]:
-        state = ctx.cache.stage_state(self)
-        hist = state.history.get(ctx.layer)
+    def _history(self, cache, layer: int, heads: int, kv_heads: int, device) -> PageHistory:
+        state = cache.stage_state(self)
+        hist = state.history.get(layer)
         if hist is None:
-            heads = ctx.num_kv_heads if self.per_kv_head else ctx.num_q_heads
-            hist = state.history[ctx.layer] = PageHistory(heads, self.history_steps, ctx.q.device)
-        rows = hist.rows(ctx.plan.seq_ids, ctx.plan.seq_lens.tolist(), ctx.cache.sequences())
-        pending = state.pending
-        if pending:
-            for sid, r in zip(ctx.plan.seq_ids, rows.tolist()):
-                mass = pending.pop((sid, ctx.layer), None)
-                if mass is not None and hist.steps[r] == 0:  # a fresh row: start it from the prefill
-                    hist.seed(r, mass)
+            hist = state.history[layer] = PageHistory(heads, kv_heads, self.history_steps, device)
+        hist.ensure(state.rows.capacity, 0)
+        return hist
+
+    def _rows(self, ctx) -> tuple[PageHistory, torch.Tensor]:
+        """This layer's history (grown to the step's pages) and the batch's rows [B] (host bookkeeping only)."""
+        state = ctx.cache.stage_state(self)
+        rows, fresh = state.rows.lookup(ctx.plan.seq_ids, ctx.q.device)
+        for r in fresh:  # a sequence whose prefill was not observed: a clean row in every layer
+            for h in state.history.values():
+                h.ensure(state.rows.capacity, 0)
+                h.reset(r)
+        heads = ctx.num_kv_heads if self.per_kv_head else ctx.num_q_heads
+        hist = self._history(ctx.cache, ctx.layer, heads, ctx.num_kv_heads, ctx.q.device)
+        hist.ensure(state.rows.capacity, ctx.max_pages)
         return hist, rows
 
     def observe_prefill(self, cache, seq_ids, layer, query, key, valid, sm_scale) -> None:
         """Called per layer during a dense prefill (composable_kv.hf): query [B, Hq, T, D], key
-        [B, Hkv, T, D] post-RoPE, valid [B, T] bool (None: all real). Keeps each sequence's last
-        `history_steps` queries' attention pooled per page, for its history row at its first decode."""
-        pending = cache.stage_state(self).pending
+        [B, Hkv, T, D] post-RoPE, valid [B, T] bool (None: all real). Seeds each sequence's history row
+        with its last `history_steps` queries' attention pooled per page."""
+        state = cache.stage_state(self)
         sm_scale = query.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-        Hkv = key.shape[1]
+        Hq, Hkv = query.shape[1], key.shape[1]
+        hist = None
         with torch.no_grad():
             for b, sid in enumerate(seq_ids):
                 q, k = query[b], key[b]
                 if valid is not None:
                     q, k = q[:, valid[b]], k[:, valid[b]]
                 mass = prefill_page_mass(q, k, cache.page_size, sm_scale, self.history_steps)  # [Hq, h, P]
-                if self.per_kv_head:  # as observe(): the group's mean
+                if self.per_kv_head:  # as observe_page_mass: the group's mean
                     mass = mass.view(Hkv, -1, *mass.shape[1:]).mean(1)
-                pending[(sid, layer)] = mass
-
-    def _rows(self, ctx):
-        """This layer's history and the step's rows, looked up once per layer and step (score, apply and
-        observe_page_mass all ask)."""
-        state = ctx.cache.stage_state(self)
-        if state.rows_of is not ctx:
-            state.rows_of, state.rows = ctx, self._history(ctx)
-        return state.rows
+                row, fresh = state.rows.assign(sid)
+                hist = self._history(cache, layer, Hkv if self.per_kv_head else Hq, Hkv, query.device)
+                hist.ensure(state.rows.capacity, mass.shape[-1])
+                for h in state.history.values() if fresh else ():
+                    h.ensure(state.rows.capacity, 0)
+                    h.reset(row)
+                hist.seed(row, mass)
 
     # -- selection ---------------------------------------------------------------------------------
     def score(self, ctx):
         hist, rows = self._rows(ctx)
         B, P, Hkv = ctx.batch_size, ctx.max_pages, ctx.num_kv_heads
-        hist.ensure_pages(P)
-        steps = hist.steps[rows.cpu()]
-        due = ((steps % self.run_every) == 0) | torch.isinf(hist.scores[rows, 0, 0]).cpu()  # or never scored
-        if due.any():
-            due_rows = rows[due.to(rows.device)]
-            x = hist.window(due_rows, P)  # [b, Hh, H, P]
-            b, Hh = x.shape[:2]
-            n = ctx.plan.num_pages[due.to(rows.device)].repeat_interleave(Hh)
-            model = load_weights(self.weights or None, ctx.q.device)
-            with torch.no_grad():
-                s = model(features(x.flatten(0, 1), n)).view(b, Hh, P)
-                if not self.per_kv_head:  # per query head: max of each head's predicted distribution
-                    s = s.masked_fill(~ctx.plan.valid[due.to(rows.device)][:, None], float("-inf"))
-                    s = s.log_softmax(-1).view(b, Hkv, Hh // Hkv, P).amax(2)
-            hist.scores[due_rows, :, :P] = torch.nn.functional.pad(s, (0, 0, 0, hist.heads - s.shape[1]),
-                                                                   value=float("-inf"))
-        return hist.scores[rows, :Hkv, :P].clone()  # [B, Hkv, P]
+        x = hist.window(rows, P)  # [B, Hh, H, P]
+        Hh = x.shape[1]
+        n = ctx.plan.num_pages.repeat_interleave(Hh)  # [B * Hh]
+        model = load_weights(self.weights or None, ctx.q.device)
+        with torch.no_grad():
+            s = model(features(x.flatten(0, 1), n)).view(B, Hh, P)  # one CNN call for every (request, head)
+            if not self.per_kv_head:  # per query head: max of each head's predicted distribution
+                s = s.masked_fill(~ctx.plan.valid[:, None], float("-inf"))
+                s = s.log_softmax(-1).view(B, Hkv, Hh // Hkv, P).amax(2)  # [B, Hkv, P]
+        if self.run_every > 1:  # rows off their turn (and ever scored) keep their last scores
+            last = hist.scores[rows, :, :P]  # [B, Hkv, P]
+            due = (hist.steps[rows] % self.run_every == 0) | torch.isinf(last[:, 0, 0])  # [B]
+            s = torch.where(due[:, None, None], s, last)
+            hist.scores[rows, :, :P] = s
+        return s
 
     def apply(self, ctx, state) -> None:
         hist, rows = self._rows(ctx)
-        steps = hist.steps[rows.cpu()]
-        calibrate = (steps % self.calibrate_every) == 0  # [B]; an unseeded first step too
+        steps = hist.steps[rows]  # [B]
+        calibrate = (steps % self.calibrate_every) == 0  # an unseeded first step too
         if self.calibrate_first:
-            calibrate |= (steps == 1) & hist.seeded[rows.cpu()]
-        if calibrate.any():
-            state.forced = state.forced | (calibrate.to(state.forced.device)[:, None, None] & state.valid)
+            calibrate |= (steps == 1) & hist.seeded[rows]
+        state.forced = state.forced | (calibrate[:, None, None] & state.valid)  # a dense step: keep every page
         super().apply(ctx, state)
 
     def observe_page_mass(self, ctx, page_mass: torch.Tensor) -> None:
@@ -138,19 +143,14 @@ class AttentionPredictor(ScoringSelector):
             B, Hq, P = page_mass.shape
             page_mass = page_mass.view(B, ctx.num_kv_heads, Hq // ctx.num_kv_heads, P).mean(2)
         hist.push(rows, page_mass)
-        ctx.cache.stage_state(self).rows_of = None
 
 
 class _PredictorState(StageState):
-    """One cache's predictor state: a history ring buffer per layer, the prefill's pooled attention waiting
-    for each sequence's first decode, and the rows looked up for the layer being decoded."""
+    """One cache's predictor state: a row per sequence, and a history ring buffer per layer."""
 
     def __init__(self):
+        self.rows = SequenceRows()
         self.history: dict[int, PageHistory] = {}  # layer -> rows of (sequence, head) history
-        self.pending: dict[tuple[int, int], torch.Tensor] = {}  # (seq id, layer) -> [Hh, h, P]
-        self.rows_of = None  # the LayerContext the cached rows belong to
-        self.rows = None
 
     def free_sequence(self, seq_id: int) -> None:
-        for key in [k for k in self.pending if k[0] == seq_id]:
-            del self.pending[key]
+        self.rows.release(seq_id)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from composable_kv.ints import cdiv
+from composable_kv.seq_rows import grown
 
 WEIGHTS_NAME = "attention_predictor.pt"
 _LOADED: dict[tuple, "PredictorCNN"] = {}
@@ -94,93 +95,70 @@ def load_weights(path: str | os.PathLike | None, device=None) -> PredictorCNN:
 
 
 class PageHistory:
-    """Ring buffer of per-page attention mass for one layer: one row per live sequence.
+    """One layer's ring buffers of per-page attention mass, one row per sequence (rows: the stage
+    state's SequenceRows), in fixed-shape device tensors updated in place by device ops, so a captured
+    decode step reads and writes them without the host:
 
-    hist [R, Hh, H, Pcap] fp32 (Hh = KV heads or query heads), slot `ptr[r]` is written next; a
-    sequence gets a zeroed row on its first step and loses it when the cache no longer holds it (or
-    when its length goes backwards: a new sequence that reuses the id). `steps[r]` is the row's
-    calibration clock: decode steps recorded, plus one when `seed` filled it from the prefill (a dense
-    step itself). Capacity (rows, pages) grows by doubling.
+      hist   [R, Hh, H, Pcap] fp32  mass per (row, head, step slot, page); slot ptr[r] is written next
+      scores [R, Hkv, Pcap] fp32    the last predicted scores (run_every > 1); -inf before the first
+      ptr    [R] long               the next slot
+      steps  [R] long               the calibration clock: decode steps recorded, +1 for a prefill seed
+      seeded [R] bool               the row started from the prefill
+
+    Hh is the KV heads (per_kv_head) or the query heads. Capacity (rows, pages) grows by doubling on the
+    host from shapes alone; a graph-captured step finds it grown by the eager step before the capture.
     """
 
-    def __init__(self, heads: int, steps: int, device):
-        self.heads, self.H, self.device = heads, steps, device
+    def __init__(self, heads: int, kv_heads: int, steps: int, device):
+        self.heads, self.kv_heads, self.H, self.device = heads, kv_heads, steps, device
         self.hist = torch.zeros(0, heads, steps, 0, device=device)
-        self.scores = torch.zeros(0, heads, 0, device=device)  # last predicted scores (run_every > 1)
+        self.scores = torch.zeros(0, kv_heads, 0, device=device)
         self.ptr = torch.zeros(0, dtype=torch.long, device=device)
-        self.steps = torch.zeros(0, dtype=torch.long)  # host copy: drives calibration / run_every
-        self.seeded = torch.zeros(0, dtype=torch.bool)  # host: the row started from the prefill
-        self.last_len: list[int] = []
-        self.row_of: dict[int, int] = {}
-        self.free_rows: list[int] = []
+        self.steps = torch.zeros(0, dtype=torch.long, device=device)
+        self.seeded = torch.zeros(0, dtype=torch.bool, device=device)
 
     @property
     def page_capacity(self) -> int:
         return self.hist.shape[-1]
 
-    def rows(self, seq_ids, seq_lens: list[int], live) -> torch.Tensor:
-        """Row per sequence of the batch ([B] long); frees rows of sequences not in `live`."""
-        live = set(live)
-        for sid in [s for s in self.row_of if s not in live]:
-            self.free_rows.append(self.row_of.pop(sid))
-        out = []
-        for sid, n in zip(seq_ids, seq_lens):
-            r = self.row_of.get(sid)
-            if r is not None and n < self.last_len[r]:
-                self.free_rows.append(self.row_of.pop(sid))
-                r = None
-            if r is None:
-                r = self._new_row()
-                self.row_of[sid] = r
-            self.last_len[r] = n
-            out.append(r)
-        return torch.tensor(out, dtype=torch.long, device=self.device)
+    def ensure(self, rows: int, pages: int) -> None:
+        """Room for `rows` rows and `pages` pages (new rows start reset, new pages empty)."""
+        R, cap = self.hist.shape[0], self.page_capacity
+        R2, cap2 = grown(R, rows), grown(cap, pages, 16)
+        if cap2 > cap:
+            self.hist = torch.nn.functional.pad(self.hist, (0, cap2 - cap))
+            self.scores = torch.nn.functional.pad(self.scores, (0, cap2 - cap), value=float("-inf"))
+        if R2 > R:
+            n = R2 - R
+            self.hist = torch.cat([self.hist, self.hist.new_zeros(n, *self.hist.shape[1:])])
+            self.scores = torch.cat([self.scores, self.scores.new_full((n, *self.scores.shape[1:]), float("-inf"))])
+            self.ptr = torch.cat([self.ptr, self.ptr.new_zeros(n)])
+            self.steps = torch.cat([self.steps, self.steps.new_zeros(n)])
+            self.seeded = torch.cat([self.seeded, self.seeded.new_zeros(n)])
 
-    def _new_row(self) -> int:
-        if not self.free_rows:
-            R = self.hist.shape[0]
-            grow = max(4, R)
-            self.hist = torch.cat([self.hist, self.hist.new_zeros(grow, *self.hist.shape[1:])])
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(grow, *self.scores.shape[1:])])
-            self.ptr = torch.cat([self.ptr, self.ptr.new_zeros(grow)])
-            self.steps = torch.cat([self.steps, self.steps.new_zeros(grow)])
-            self.seeded = torch.cat([self.seeded, self.seeded.new_zeros(grow)])
-            self.last_len += [0] * grow
-            self.free_rows = list(range(R + grow - 1, R - 1, -1))
-        r = self.free_rows.pop()
-        self.hist[r] = 0
-        self.scores[r] = float("-inf")
-        self.ptr[r] = 0
-        self.steps[r] = 0
-        self.seeded[r] = False
-        return r
-
-    def ensure_pages(self, P: int) -> None:
-        cap = self.page_capacity
-        if P <= cap:
-            return
-        new = max(P, 2 * cap, 16)
-        self.hist = torch.nn.functional.pad(self.hist, (0, new - cap))
-        self.scores = torch.nn.functional.pad(self.scores, (0, new - cap), value=float("-inf"))
+    def reset(self, row: int) -> None:
+        """A new sequence's row: no history, never scored, clock at 0."""
+        self.hist[row] = 0
+        self.scores[row] = float("-inf")
+        self.ptr[row] = 0
+        self.steps[row] = 0
+        self.seeded[row] = False
 
     def push(self, rows: torch.Tensor, mass: torch.Tensor) -> None:
-        """Record one step: mass [B, Hh, P] (0 for pages not read) into each row's next slot."""
+        """Record one step: mass [B, Hh, P] (0 for pages not read) into each row's next slot; the clock ticks."""
         P = mass.shape[-1]
-        self.ensure_pages(P)
         slot = self.ptr[rows]  # [B]
-        row = torch.zeros(mass.shape[0], self.heads, self.page_capacity, device=self.device)
-        row[..., :P] = mass
+        row = torch.nn.functional.pad(mass.float(), (0, self.page_capacity - P))  # [B, Hh, Pcap]
         self.hist[rows, :, slot] = row
         self.ptr[rows] = (slot + 1) % self.H
-        self.steps[rows.cpu()] += 1
+        self.steps[rows] += 1
 
     def seed(self, row: int, mass: torch.Tensor) -> None:
-        """Fill a fresh row with the prefill's pooled attention: mass [Hh, h, P], oldest first (h <= H).
+        """Fill a row with the prefill's pooled attention: mass [Hh, h, P], oldest first (h <= H).
         Counts as one step of the clock: the prefill read every page."""
         h, P = mass.shape[1:]
         if h > self.H:
             raise ValueError(f"PageHistory.seed: {h} steps for a history of {self.H}")
-        self.ensure_pages(P)
         self.hist[row] = 0
         self.hist[row, :, :h, :P] = mass.to(self.device)
         self.ptr[row] = h % self.H
@@ -189,7 +167,5 @@ class PageHistory:
 
     def window(self, rows: torch.Tensor, P: int) -> torch.Tensor:
         """The last H steps of each row, oldest first: [B, Hh, H, P] (zeros before the first step)."""
-        self.ensure_pages(P)
         idx = (self.ptr[rows, None] + torch.arange(self.H, device=self.device)) % self.H  # [B, H]
-        h = self.hist[rows][..., :P]  # [B, Hh, H, P]
-        return h.gather(2, idx[:, None, :, None].expand_as(h))
+        return self.hist[rows[:, None], :, idx, :P].transpose(1, 2)  # one gather: [B, H, Hh, P] -> [B, Hh, H, P]

@@ -11,30 +11,32 @@ Our choices (the paper gives no exact formulas; see also policies/ltri/spans.py)
     when no query was seen (spans closed during decode; sequences whose prefill was not observed,
     where k . k stands in for the attention map).
   * Decode tokens: the pages after the last span are an open span that is always read; each time
-    `decode_span_pages` full pages have gathered there, they close as a new span (k-means reps).
+    `decode_span_pages` full pages have gathered there, they close as a new span (k-means reps; at most
+    one span per layer and step, which one decode token per step never exceeds).
     The first `sink_tokens` tokens' pages are always read.
   * Retrieval: span score = max_r q . rep_r * sm_scale per query head (Triton kernel on GPU). Voting:
     every query head in the `vote` scope (`group`: the KV head's G query heads; `layer`: all query
     heads) votes for the spans its own ranking would fit into the free budget; spans are ranked by
     votes, then by their best score over the scope. Pages inherit their span's rank, so the budget
     takes whole spans best-first (the last one may be cut) and ART reads them in that order.
+
+Device-only (graph-safe): each layer's indexes live in a fixed-shape device table with a row per
+sequence (spans.SpanTable, in the cache's StageState); the prefill builds a sequence's row with device
+ops; a decode step closes spans, scores, votes and expands spans to pages with device ops of shapes
+fixed by the page table's width. A sequence whose prefill was not observed gets its row built from the
+cache the first time a step meets it (host bookkeeping; outside a captured step).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from composable_kv.policies.ltri import spans as sp
 from composable_kv.kernels.span_score import reference as span_ref
+from composable_kv.seq_rows import SequenceRows
 from composable_kv.stages import GraphSupport, ScoringSelector, StageState, param, register_stage
 from composable_kv.ints import cdiv
-
-
-@dataclass
-class _SeqSpans:
-    base: int                                   # first page of decode-closed spans (pages of the prompt before it)
-    layers: dict = field(default_factory=dict)  # layer -> SpanIndex
 
 
 @register_stage
@@ -44,7 +46,7 @@ class Ltri(ScoringSelector):
     query by representative keys with voting across heads, expanded to pages under the budget."""
 
     name = "ltri"
-    graph_support = GraphSupport.NEVER  # span tables are padded and ranked on the host per layer
+    graph_support = GraphSupport.ALWAYS  # span tables, vote and expansion: device ops, fixed shapes
     paper = ("Ltri-LLM: Streaming Long Context Inference for LLMs with Training-Free Dynamic Triangular "
              "Attention Pattern (Tang et al., arXiv 2412.04757, 2024)")
     summary = "top semantic spans (triangle boundaries + NMS) by representative keys, voting across heads"
@@ -60,89 +62,76 @@ class Ltri(ScoringSelector):
     vote: str = param("group", "who votes on a KV head's spans", choices=("group", "layer"))
 
     def new_state(self, cache) -> "_LtriState":
-        return _LtriState()
+        return _LtriState(self.reps_per_span)
 
     # -- per-sequence span index ----------------------------------------------------------------
 
     def _sink_pages(self, page_size: int) -> int:
         return cdiv(self.sink_tokens, page_size)
 
-    def _build(self, q, k, page_size, end_page, sm_scale, dtype):
+    def _build(self, q, k, page_size, end_page, covered, sm_scale, dtype):
         return sp.build_index(q, k, page_size=page_size, sink_pages=self._sink_pages(page_size),
-                              end_page=end_page, reps_per_span=self.reps_per_span, window=self.tri_window_pages,
-                              nms_radius=self.nms_pages, min_score=self.min_score,
+                              end_page=end_page, covered=covered, reps_per_span=self.reps_per_span,
+                              window=self.tri_window_pages, nms_radius=self.nms_pages, min_score=self.min_score,
                               max_span_pages=self.max_span_pages, obs_queries=self.obs_queries,
                               sm_scale=sm_scale, dtype=dtype)
+
+    def _row(self, cache, sid: int, seq_len: int) -> int:
+        """The sequence's row (a new one: reset in every layer's table) and its base page (first sight)."""
+        state = cache.stage_state(self)
+        row, fresh = state.rows.assign(sid)
+        if fresh:
+            for t in state.tables.values():
+                t.ensure(state.rows.capacity, 0)
+                t.reset(row)
+            state.base[sid] = max(seq_len // cache.page_size, self._sink_pages(cache.page_size))
+        return row
 
     def observe_prefill(self, cache, seq_ids, layer, query, key, valid, sm_scale) -> None:
         """Called per layer during a dense prefill: query [B, Hq, T, D], key [B, Hkv, T, D] post-RoPE,
         valid [B, T] bool (real tokens; None: all). Builds each sequence's spans for this layer."""
-        seqs = cache.stage_state(self).seqs
+        state = cache.stage_state(self)
         S = cache.page_size
         sm_scale = query.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-        for b, sid in enumerate(seq_ids):
-            q, k = query[b], key[b]
-            if valid is not None:
-                q, k = q[:, valid[b]], k[:, valid[b]]
-            full = k.shape[1] // S
-            st = seqs.setdefault(sid, _SeqSpans(base=max(full, self._sink_pages(S))))
-            st.layers[layer] = self._build(q, k, S, full, sm_scale, cache.dtype)
+        with torch.no_grad():
+            for b, sid in enumerate(seq_ids):
+                q, k = query[b], key[b]
+                if valid is not None:
+                    q, k = q[:, valid[b]], k[:, valid[b]]
+                row = self._row(cache, sid, k.shape[1])
+                idx = self._build(q, k, S, k.shape[1] // S, state.base[sid], sm_scale, cache.dtype)
+                state.table(layer, cache).put(row, idx)
 
-    def _index(self, cache, sid: int, layer: int, seq_len: int):
-        S = cache.page_size
-        seqs = cache.stage_state(self).seqs
-        st = seqs.get(sid)
-        if st is None:  # never observed: the cache's keys stand in for the prompt's queries
-            st = seqs[sid] = _SeqSpans(base=max(seq_len // S, self._sink_pages(S)))
-        idx = st.layers.get(layer)
-        if idx is None:
-            k = cache.gather(layer, sid)[0].transpose(0, 1)  # [Hkv, T, D]
-            idx = st.layers[layer] = self._build(None, k, S, st.base, cache.head_dim ** -0.5, cache.dtype)
-        W = self.decode_span_pages
-        target = st.base + W * max(0, (seq_len // S - st.base) // W)
-        if target > idx.covered:  # close full decode windows as spans
-            starts = torch.arange(idx.covered, target, W, dtype=torch.long)
-            ends = starts + W
-            pages = torch.tensor(cache.pages(sid)[idx.covered:target], device=cache.device)
-            k = cache.k[layer][pages].transpose(0, 1).reshape(cache.num_kv_heads, -1, cache.head_dim)
-            reps = sp.reps_by_kmeans(k, starts - idx.covered, ends - idx.covered, S, self.reps_per_span)
-            idx.extend(starts, ends, reps)
-        return idx
+    def _table(self, ctx) -> tuple[sp.SpanTable, torch.Tensor]:
+        """This layer's table (grown to the step's pages) and the batch's rows [B]; rows of sequences not
+        seen at prefill are built from the cache here (host bookkeeping, once per sequence and layer)."""
+        c = ctx.cache
+        state = c.stage_state(self)
+        table = state.table(ctx.layer, c)
+        for sid in ctx.plan.seq_ids:
+            row = self._row(c, sid, c.seq_len(sid))
+            if row not in table.built:  # never observed: the cache's keys stand in for the prompt's queries
+                k = c.gather(ctx.layer, sid)[0].transpose(0, 1)  # [Hkv, T, D]
+                base = state.base[sid]
+                table.put(row, self._build(None, k, c.page_size, base, base, c.head_dim ** -0.5, c.dtype))
+        rows, _ = state.rows.lookup(ctx.plan.seq_ids, ctx.q.device)
+        table.ensure(state.rows.capacity, ctx.max_pages)
+        return table, rows
 
     def span_index(self, cache, sid: int, layer: int):
-        """The SpanIndex of a sequence and layer in `cache`, or None (for inspection and tests)."""
-        st = cache.stage_state(self).seqs.get(sid)
-        return None if st is None else st.layers.get(layer)
-
-    def _batch(self, ctx):
-        """Padded span tables of the step: reps [B, Hkv, NS, R, D], num_spans [B], span_of_page [B, P]
-        (-1 outside spans), forced [B, P] (sink pages and the open decode span)."""
-        c, plan = ctx.cache, ctx.plan
-        lens = plan.seq_lens.tolist()
-        idxs = [self._index(c, sid, ctx.layer, n) for sid, n in zip(plan.seq_ids, lens)]
-        B, P, dev = len(idxs), plan.max_pages, c.device
-        NS = max([i.num_spans for i in idxs] + [1])
-        reps = torch.zeros(B, c.num_kv_heads, NS, self.reps_per_span, c.head_dim, dtype=c.dtype, device=dev)
-        span_of_page = torch.full((B, P), -1, dtype=torch.long)
-        forced = torch.zeros(B, P, dtype=torch.bool)
-        sink = self._sink_pages(c.page_size)
-        for b, i in enumerate(idxs):
-            reps[b, :, :i.num_spans] = i.reps
-            for s, (a, z) in enumerate(zip(i.starts.tolist(), i.ends.tolist())):
-                span_of_page[b, a:z] = s
-            forced[b, :sink] = True
-            forced[b, i.covered:] = True
-        num_spans = torch.tensor([i.num_spans for i in idxs], dtype=torch.int32)
-        forced &= plan.valid.cpu()
-        return reps, num_spans.to(dev), span_of_page.to(dev), forced.to(dev)
+        """The SpanIndex of a sequence and layer in `cache`, or None (host reads: inspection and tests)."""
+        state = cache.stage_state(self)
+        row, table = state.rows.row_of.get(sid), state.tables.get(layer)
+        return None if row is None or table is None or row not in table.built else table.index(row)
 
     # -- selection ------------------------------------------------------------------------------
-    def span_scores(self, q, reps, num_spans, sm_scale):
-        """[B, Hq, NS] per-head span scores: the Triton kernel on CUDA, else the torch reference."""
+    def span_scores(self, q, reps, num_spans, sm_scale, rows=None):
+        """[B, Hq, NS] per-head span scores (reps [R, Hkv, NS, Rr, D] read at `rows` [B]): the Triton
+        kernel on CUDA, else the torch reference."""
         if q.is_cuda or _FORCE_TRITON:
             from composable_kv.kernels.span_score import triton as span_tk
-            return span_tk.span_scores(q, reps, num_spans, sm_scale)
-        return span_ref.span_scores(q, reps, num_spans, sm_scale)
+            return span_tk.span_scores(q, reps, num_spans, sm_scale, rows=rows)
+        return span_ref.span_scores(q, reps, num_spans, sm_scale, rows=rows)
 
     def span_keys(self, scores, span_of_page, forced, budget_pages):
         """Rank spans by votes then best score; return the page order key [B, Hkv, P]: -rank on a
@@ -177,12 +166,18 @@ class Ltri(ScoringSelector):
         return page_key.masked_fill((span_of_page < 0)[:, None, :], 1.0)  # sink / open span: read first
 
     def apply(self, ctx, state) -> None:
-        reps, num_spans, span_of_page, forced = self._batch(ctx)
+        table, rows = self._table(ctx)
+        plan, P, S = ctx.plan, ctx.max_pages, ctx.page_size
+        table.close_windows(rows, plan.page_table, plan.seq_lens, ctx.cache.k[ctx.layer], self.decode_span_pages, S)
+        pos = torch.arange(P, device=ctx.q.device)
+        open_span = pos[None] >= table.covered[rows][:, None]  # [B, P]
+        forced = ((pos < self._sink_pages(S))[None] | open_span) & plan.valid  # [B, P]
         state.forced |= forced[:, None, :] & state.valid
-        ctx.cache.stage_state(self).last = (num_spans, ctx.plan.num_pages)
-        budget = self.budget_pages(ctx.page_size)
-        scores = self.span_scores(ctx.q, reps, num_spans, ctx.sm_scale)  # [B, Hq, NS]
-        keys = self.span_keys(scores, span_of_page, state.forced & state.valid, budget)
+        num_spans = table.num_spans[rows]  # [B]
+        ctx.cache.stage_state(self).last = (num_spans, plan.num_pages)
+        budget = self.budget_pages(S)
+        scores = self.span_scores(ctx.q, table.reps[:, :, :P], num_spans, ctx.sm_scale, rows)  # [B, Hq, P]
+        keys = self.span_keys(scores, table.span_of_page[rows, :P], state.forced & state.valid, budget)
         state.narrow(keys, budget, is_bound=False)
 
     # -- accounting -----------------------------------------------------------------------------
@@ -199,14 +194,27 @@ class Ltri(ScoringSelector):
 
 
 class _LtriState(StageState):
-    """One cache's span indexes: sequence -> its spans per layer, and the last scored layer's span counts."""
+    """One cache's span indexes: a row per sequence, a SpanTable per layer, each sequence's base page
+    (where decode spans start), and the last scored layer's span counts (byte accounting)."""
 
-    def __init__(self):
-        self.seqs: dict[int, _SeqSpans] = {}
+    def __init__(self, reps_per_span: int):
+        self.reps_per_span = reps_per_span
+        self.rows = SequenceRows()
+        self.tables: dict[int, sp.SpanTable] = {}
+        self.base: dict[int, int] = {}
         self.last = None  # (num_spans [B], num_pages [B]) of the last scored layer, for byte accounting
 
+    def table(self, layer: int, cache) -> sp.SpanTable:
+        t = self.tables.get(layer)
+        if t is None:
+            t = self.tables[layer] = sp.SpanTable(cache.num_kv_heads, self.reps_per_span, cache.head_dim,
+                                                  cache.dtype, cache.device)
+        t.ensure(self.rows.capacity, 0)
+        return t
+
     def free_sequence(self, seq_id: int) -> None:
-        self.seqs.pop(seq_id, None)
+        self.rows.release(seq_id)
+        self.base.pop(seq_id, None)
 
 
 _FORCE_TRITON = False  # tests set this to run the Triton span scorer under TRITON_INTERPRET on CPU

@@ -1,20 +1,27 @@
-"""Semantic spans for Ltri-LLM-style selection: boundaries from the attention map's triangles, and a
-per-sequence span index (page ranges plus a few representative keys per span and KV head).
+"""Semantic spans for Ltri-LLM-style selection: boundaries from the attention map's triangles, a
+per-sequence span index (a span id per page plus a few representative keys per span and KV head), and
+the per-layer device table the stage decodes from.
 
-Everything works on pages: a span is a run of whole pages [start, end), so selecting a span expands
-to its pages. Functions take one sequence and one layer. Which details are our own choices (the
-paper does not publish its formulas) is written in policies/ltri.py and kernels/span_score/README.md.
+Everything works on pages: a span is a run of whole pages, so selecting a span expands to its pages.
+Every function is device ops with shapes fixed by the page count (a span has at least one page, so a
+sequence of P pages has at most P spans); the build at prefill syncs only to stop the NMS rounds.
+Which details are our own choices (the paper does not publish its formulas) is written in
+policies/ltri/__init__.py and kernels/span_score/README.md.
 
   page_pooled_attention  [Hq, T, D] q, [Hkv, T, D] k -> [P, P] page-to-page attention proxy
   triangle_scores        [P, P] -> [P]  how strongly a span starts at each page
-  nms_1d                 [P] -> boundaries (1-D non-maximum suppression)
-  spans_from_boundaries  boundaries -> (starts, ends), long spans split
+  nms_1d                 [P] -> [P] bool boundaries (1-D non-maximum suppression, greedy result)
+  span_ids               boundaries -> span id per page [P] (-1 outside), long spans split
   received_attention     the prompt's last queries -> attention each key receives [Hkv, T]
   reps_by_attention / reps_by_kmeans -> [Hkv, NS, R, D] representative keys
+  build_index            all of it for one sequence and layer -> SpanIndex
+  SpanTable              one layer's indexes, a row per sequence; close_windows() at decode
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from composable_kv.seq_rows import grown
 
 import torch
 
@@ -68,35 +75,62 @@ def triangle_scores(attn: torch.Tensor, window: int) -> torch.Tensor:
     return diff
 
 
-def nms_1d(scores: torch.Tensor, radius: int, min_score: float) -> torch.Tensor:
-    """Positions that are the maximum of their [p - radius, p + radius] neighbourhood and above
-    `min_score`, greedily from the highest (a kept peak suppresses its neighbours; ties: lower
-    position first). Sorted long tensor."""
-    s = scores.float().cpu()
-    order = torch.sort(-s, stable=True).indices.tolist()
-    taken = torch.zeros(len(s), dtype=torch.bool)
-    suppressed = torch.zeros(len(s), dtype=torch.bool)
-    for p in order:
-        if not s[p] > min_score:
-            break
-        if suppressed[p]:
-            continue
-        taken[p] = True
-        suppressed[max(0, p - radius):p + radius + 1] = True
-    return taken.nonzero().flatten()
+def nms_1d(scores: torch.Tensor, radius: int, min_score) -> torch.Tensor:
+    """[P] bool: the positions greedy NMS keeps (from the highest score, ties: lower position first;
+    a kept peak suppresses [p - radius, p + radius]; only scores > min_score count).
+
+    Computed in parallel rounds: an undecided position whose rank beats every undecided neighbour's is
+    one greedy keeps (its better neighbours were all suppressed); it is kept and suppresses its
+    neighbourhood. Each round decides at least the best undecided position; the loop stops when none
+    is left (one host read per round, at prefill)."""
+    P = scores.shape[0]
+    s = scores.float()
+    order = torch.sort(-s, stable=True).indices
+    rank = torch.empty(P, device=s.device).scatter_(0, order, torch.arange(P, device=s.device, dtype=torch.float32))
+    undecided = s > min_score  # [P]
+    taken = torch.zeros(P, dtype=torch.bool, device=s.device)
+    width = 2 * radius + 1
+    pool = lambda x: torch.nn.functional.max_pool1d(x[None, None], width, 1, radius)[0, 0]  # noqa: E731
+    while bool(undecided.any()):
+        best_near = -pool(-torch.where(undecided, rank, float(P)))  # lowest undecided rank within the radius
+        keep = undecided & (rank == best_near)
+        taken |= keep
+        undecided &= ~(pool(keep.float()) > 0)
+    return taken
 
 
-def spans_from_boundaries(boundaries: torch.Tensor, start: int, end: int, max_pages: int):
-    """Cut [start, end) at the boundaries inside it; split spans longer than `max_pages` evenly.
-    Returns (starts, ends) long tensors [NS] of page ranges that tile [start, end)."""
-    cuts = [start] + [int(b) for b in boundaries.tolist() if start < b < end] + [end]
-    starts, ends = [], []
-    for a, z in zip(cuts[:-1], cuts[1:]):
-        n = -(-(z - a) // max_pages)
-        edges = [a + (z - a) * i // n for i in range(n + 1)]
-        starts += edges[:-1]
-        ends += edges[1:]
-    return torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long)
+def span_ids(boundaries: torch.Tensor, start: int, end: int, max_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the pages [start, end) at the boundaries inside it; split runs longer than `max_pages`
+    evenly (a run [a, z) in n = ceil((z-a)/max_pages) pieces with edges a + (z-a)*i//n).
+
+    boundaries [P] bool (P >= end). Returns (span id per page [P] long, -1 outside [start, end);
+    the number of spans, a 0-d long tensor). Spans are numbered in page order and tile [start, end)."""
+    P = boundaries.shape[0]
+    dev = boundaries.device
+    pos = torch.arange(P, device=dev)
+    inside = (pos >= start) & (pos < end)
+    cut = inside & (boundaries | (pos == start))
+    run_start = torch.where(cut, pos, -1).cummax(0).values  # [P] the run holding each page
+    nxt = torch.where(cut, pos, end).flip(0).cummin(0).values.flip(0)  # first cut at or after each page
+    run_end = torch.cat([nxt[1:], nxt.new_full((1,), end)]).clamp(max=end)
+    length = (run_end - run_start).clamp(min=1)
+    pieces = -(-length // max_pages)
+    piece = (pieces * (pos - run_start + 1) - 1) // length  # which of the run's even pieces holds the page
+    new = cut | (piece != torch.cat([piece.new_full((1,), -1), piece[:-1]]))
+    new &= inside
+    ids = torch.where(inside, new.long().cumsum(0) - 1, -1)
+    return ids, new.sum()
+
+
+def span_bounds(span_of_page: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first page [num], one past the last [num]) of spans 0..num-1 (0, 0 for ids no page has)."""
+    P = span_of_page.shape[0]
+    pos = torch.arange(P, device=span_of_page.device)
+    idx = torch.where(span_of_page >= 0, span_of_page, num).clamp(max=num)  # pages in no span: slot `num`
+    first = torch.full((num + 1,), P, device=pos.device).scatter_reduce(0, idx, pos, "amin")[:num]
+    last = torch.full((num + 1,), -1, device=pos.device).scatter_reduce(0, idx, pos, "amax")[:num]
+    used = last >= 0
+    return torch.where(used, first, 0), torch.where(used, last + 1, 0)
 
 
 def received_attention(q_last: torch.Tensor, k: torch.Tensor, sm_scale: float) -> torch.Tensor:
@@ -112,97 +146,208 @@ def received_attention(q_last: torch.Tensor, k: torch.Tensor, sm_scale: float) -
     return got.view(Hkv, Hq // Hkv, T).sum(1)
 
 
-def _span_tokens(starts, ends, page_size: int):
-    """Token positions of each span, padded: ([NS, L] long, [NS, L] bool)."""
-    lens = (ends - starts) * page_size
-    L = int(lens.max()) if len(lens) else 1
-    off = torch.arange(L)[None, :]
-    mask = off < lens[:, None]
-    tok = (starts[:, None] * page_size + off).masked_fill(~mask, 0)
-    return tok, mask
+def reps_by_attention(k: torch.Tensor, received: torch.Tensor, span_of_page: torch.Tensor, num: int,
+                      page_size: int, R: int) -> torch.Tensor:
+    """Per span and KV head, the R keys that received the most attention: [Hkv, num, R, D] (k's dtype;
+    zero for span ids no page has). A span with fewer than R tokens repeats its best key (the max over
+    reps is unchanged). k [Hkv, T, D], received [Hkv, T]; span_of_page [P] with P * page_size <= T.
 
-
-def reps_by_attention(k: torch.Tensor, received: torch.Tensor, starts, ends, page_size: int, R: int):
-    """Per span and KV head, the R keys that received the most attention: [Hkv, NS, R, D] (k's dtype).
-    A span with fewer than R tokens repeats its best key (the max over reps is unchanged)."""
-    tok, mask = _span_tokens(starts, ends, page_size)
-    tok, mask = tok.to(k.device), mask.to(k.device)
-    score = received[:, tok].masked_fill(~mask[None], NEG_INF)  # [Hkv, NS, L]
-    top = score.topk(min(R, score.shape[-1]), dim=-1)
-    idx = torch.where(torch.isfinite(top.values), top.indices, top.indices[..., :1])  # [Hkv, NS, r]
-    if idx.shape[-1] < R:
-        idx = torch.cat([idx, idx[..., :1].expand(*idx.shape[:-1], R - idx.shape[-1])], -1)
-    pos = tok[None].expand(k.shape[0], -1, -1).gather(-1, idx)  # [Hkv, NS, R]
-    return k.gather(1, pos.reshape(k.shape[0], -1, 1).expand(-1, -1, k.shape[-1])).view(*pos.shape, -1)
-
-
-def reps_by_kmeans(k: torch.Tensor, starts, ends, page_size: int, R: int, iters: int = 2):
-    """Per span and KV head, R k-means centroids of its keys (init: evenly spaced tokens; `iters`
-    Lloyd steps, Euclidean): [Hkv, NS, R, D] (k's dtype). Needs no query, so it serves spans closed
-    during decode and sequences whose prefill was not observed."""
+    One sort by score, then a stable sort by span, lists each span's tokens best first."""
     Hkv, _, D = k.shape
-    tok, mask = _span_tokens(starts, ends, page_size)
-    tok, mask = tok.to(k.device), mask.to(k.device)
-    keys = k.float()[:, tok]  # [Hkv, NS, L, D]
-    lens = mask.sum(-1)  # [NS]
-    init = ((torch.arange(R, device=k.device)[None, :] + 0.5) * lens[:, None] / R).long()  # [NS, R]
-    cent = keys.gather(2, init[None, :, :, None].expand(Hkv, -1, -1, D))  # [Hkv, NS, R, D]
+    S = page_size
+    dev = k.device
+    tok_span = span_of_page.repeat_interleave(S)  # [P*S]
+    real = tok_span >= 0
+    score = received[:, :tok_span.shape[0]].float().masked_fill(~real, float("-inf"))  # [Hkv, N]
+    by_score = torch.sort(score, dim=-1, descending=True, stable=True).indices  # [Hkv, N]
+    key = torch.where(real, tok_span, num)[by_score]  # outside tokens sort last
+    token = by_score.gather(-1, torch.sort(key, dim=-1, stable=True).indices)  # [Hkv, N]: by span, best first
+    starts, ends = span_bounds(span_of_page, num)
+    size = (ends - starts) * S  # [num] tokens
+    first = torch.cat([size.new_zeros(1), size.cumsum(0)[:-1]])  # [num] offset of each span in `token`
+    r = torch.arange(R, device=dev)
+    at = first[:, None] + torch.where(r[None] < size[:, None], r[None], 0)  # [num, R]
+    pos = token[:, at.clamp(max=token.shape[1] - 1).flatten()]  # [Hkv, num * R] token positions
+    reps = k.gather(1, pos[..., None].expand(-1, -1, D)).view(Hkv, num, R, D)
+    return reps * (size > 0).view(1, num, 1, 1).to(reps.dtype)
+
+
+def kmeans_reps(keys: torch.Tensor, token_span: torch.Tensor, first: torch.Tensor, size: torch.Tensor, R: int,
+                iters: int = 2) -> torch.Tensor:
+    """R k-means centroids per span and head (init: evenly spaced tokens; `iters` Lloyd steps, Euclidean).
+
+    keys [H, N, D]; token_span [N] the span of each token (-1: none); span s's tokens are the
+    contiguous keys[:, first[s] : first[s] + size[s]]. -> [H, NS, R, D] fp32 (NS = len(first))."""
+    H, N, D = keys.shape
+    NS = first.shape[0]
+    dev = keys.device
+    keys = keys.float()
+    init = ((torch.arange(R, device=dev)[None, :] + 0.5) * size[:, None] / R).long()  # [NS, R]
+    cent = keys[:, (first[:, None] + init).clamp(0, max(N - 1, 0))]  # [H, NS, R, D]
+    real = token_span >= 0
+    span = token_span.clamp(min=0)  # [N]
     for _ in range(iters):
-        dist = (cent * cent).sum(-1)[:, :, None, :] - 2 * torch.einsum("hnld,hnrd->hnlr", keys, cent)
-        assign = torch.nn.functional.one_hot(dist.argmin(-1), R).float() * mask[None, :, :, None]
-        count = assign.sum(2)  # [Hkv, NS, R]
-        mean = torch.einsum("hnlr,hnld->hnrd", assign, keys) / count.clamp(min=1)[..., None]
-        cent = torch.where(count[..., None] > 0, mean, cent)
+        norms = (cent * cent).sum(-1)  # [H, NS, R]
+        dist = norms[:, span] - 2 * torch.einsum("hnd,hnrd->hnr", keys, cent[:, span])  # [H, N, R]
+        slot = span * R + dist.argmin(-1)  # [H, N]
+        ones = real.to(keys.dtype).expand(H, N)
+        count = keys.new_zeros(H, NS * R).scatter_add_(1, slot, ones)  # [H, NS*R]
+        total = keys.new_zeros(H, NS * R, D).scatter_add_(1, slot[..., None].expand(H, N, D), keys * ones[..., None])
+        mean = (total / count.clamp(min=1)[..., None]).view(H, NS, R, D)
+        cent = torch.where(count.view(H, NS, R, 1) > 0, mean, cent)
+    return cent
+
+
+def reps_by_kmeans(k: torch.Tensor, span_of_page: torch.Tensor, num: int, page_size: int, R: int) -> torch.Tensor:
+    """Per span and KV head, R k-means centroids of its keys: [Hkv, num, R, D] (k's dtype). Needs no
+    query: it serves sequences whose prefill was not observed (k . k stands in for the attention map)."""
+    S = page_size
+    tok_span = span_of_page.repeat_interleave(S)  # [P*S]
+    starts, ends = span_bounds(span_of_page, num)
+    cent = kmeans_reps(k[:, :tok_span.shape[0]], tok_span, starts * S, (ends - starts) * S, R)
     return cent.to(k.dtype)
 
 
 @dataclass
 class SpanIndex:
-    """One sequence's spans in one layer: page ranges (shared by the KV heads) and their
-    representative keys per KV head. Pages [sink, covered) are tiled by spans."""
-    starts: torch.Tensor  # [NS] long, first page of each span
-    ends: torch.Tensor    # [NS] long, one past its last page
-    reps: torch.Tensor    # [Hkv, NS, R, D], the cache's dtype and device
-    covered: int          # pages below this are in spans (or sink)
+    """One sequence's spans in one layer, as build_index returns them (fixed shapes, device):
+    span_of_page [P] long (-1: sink, past the spans), reps [Hkv, NS, R, D] (NS >= num_spans; ids past
+    num_spans are padding), num_spans a 0-d long tensor, covered: pages below it are sink or spans."""
+    span_of_page: torch.Tensor
+    reps: torch.Tensor
+    num_spans: torch.Tensor
+    covered: int
 
     @property
-    def num_spans(self) -> int:
-        return int(self.starts.shape[0])
+    def starts(self) -> torch.Tensor:
+        """First page of each span [num_spans] (host read: for inspection and tests)."""
+        return span_bounds(self.span_of_page, int(self.num_spans))[0]
 
-    def extend(self, starts, ends, reps) -> None:
-        self.starts = torch.cat([self.starts, starts])
-        self.ends = torch.cat([self.ends, ends])
-        self.reps = torch.cat([self.reps, reps.to(self.reps.dtype)], dim=1)
-        self.covered = int(ends[-1]) if len(ends) else self.covered
+    @property
+    def ends(self) -> torch.Tensor:
+        return span_bounds(self.span_of_page, int(self.num_spans))[1]
 
 
 def build_index(q: torch.Tensor | None, k: torch.Tensor, *, page_size: int, sink_pages: int, end_page: int,
-                reps_per_span: int, window: int, nms_radius: int, min_score: float, max_span_pages: int,
-                obs_queries: int, sm_scale: float, dtype) -> SpanIndex:
-    """Spans over the pages [sink_pages, end_page) of one sequence and layer.
+                covered: int, reps_per_span: int, window: int, nms_radius: int, min_score: float,
+                max_span_pages: int, obs_queries: int, sm_scale: float, dtype) -> SpanIndex:
+    """Spans over the pages [sink_pages, end_page) of one sequence and layer (device ops).
 
     q [Hq, T, D] the prompt's queries, or None: then the keys stand in for the queries in the
     attention proxy (k . k, per KV head) and the reps are k-means centroids. k [Hkv, T, D].
     A boundary is an NMS peak of T(b) above the sequence's median T plus `min_score`: on real
     maps the page's own (diagonal) mass lifts every T(b), so an absolute level would cut everywhere.
+    `covered`: where the open (decode) span starts, >= end_page.
     """
-    Hkv, _, D = k.shape
+    Hkv, T_all, D = k.shape
+    end_page = min(end_page, T_all // page_size)
     start = min(sink_pages, end_page)
-    if end_page <= start:
-        empty = torch.zeros(0, dtype=torch.long)
-        return SpanIndex(empty, empty.clone(), k.new_zeros(Hkv, 0, reps_per_span, D, dtype=dtype), start)
+    NS = end_page - start  # a span has >= 1 page
+    dev = k.device
+    if NS <= 0:
+        return SpanIndex(torch.full((max(end_page, 0),), -1, dtype=torch.long, device=dev),
+                         k.new_zeros(Hkv, 0, reps_per_span, D, dtype=dtype),
+                         torch.zeros((), dtype=torch.long, device=dev), covered)
     T = end_page * page_size
     proxy_q = q[:, :T] if q is not None else k[:, :T]
     attn = page_pooled_attention(proxy_q, k[:, :T], page_size, sink_pages, sm_scale)
     tri = triangle_scores(attn, window)
     tri[:start + 1] = NEG_INF
-    fin = tri[torch.isfinite(tri)]
-    level = float(fin.median()) + min_score if len(fin) else min_score  # the diagonal lifts every T(b)
-    starts, ends = spans_from_boundaries(nms_1d(tri, nms_radius, level), start, end_page, max_span_pages)
+    fin = torch.isfinite(tri)
+    m = fin.sum()
+    lowest_first = torch.sort(torch.where(fin, tri, float("inf"))).values  # finite scores first, ascending
+    median = lowest_first[((m - 1) // 2).clamp(min=0)]  # the lower median, as torch.median
+    level = torch.where(m > 0, median.double() + min_score, torch.tensor(min_score, dtype=torch.float64,
+                                                                         device=dev)).float()
+    ids, num = span_ids(nms_1d(tri, nms_radius, level), start, end_page, max_span_pages)
     if q is not None and obs_queries > 0:
         W = min(obs_queries, q.shape[1])
         got = received_attention(q[:, -W:], k, sm_scale)
-        reps = reps_by_attention(k, got, starts, ends, page_size, reps_per_span)
+        reps = reps_by_attention(k, got, ids, NS, page_size, reps_per_span)
     else:
-        reps = reps_by_kmeans(k, starts, ends, page_size, reps_per_span)
-    return SpanIndex(starts, ends, reps.to(dtype), end_page)
+        reps = reps_by_kmeans(k, ids, NS, page_size, reps_per_span)
+    return SpanIndex(ids, reps.to(dtype), num, covered)
+
+
+class SpanTable:
+    """One layer's span indexes, a row per sequence (rows: the stage state's SequenceRows), as
+    fixed-shape device tensors that the decode step reads and extends in place:
+
+      span_of_page [R, Pcap] long       span id of each page; -1: sink, open span, past the end
+      reps         [R, Hkv, Pcap, Rr, D] representative keys of span s at [:, :, s] (<= Pcap spans)
+      num_spans    [R] long
+      covered      [R] long             pages below are sink or spans; the open span starts here
+
+    Capacity grows by doubling on the host from shapes alone (before a step is captured)."""
+
+    def __init__(self, kv_heads: int, reps_per_span: int, head_dim: int, dtype, device):
+        self.span_of_page = torch.full((0, 0), -1, dtype=torch.long, device=device)
+        self.reps = torch.zeros(0, kv_heads, 0, reps_per_span, head_dim, dtype=dtype, device=device)
+        self.num_spans = torch.zeros(0, dtype=torch.long, device=device)
+        self.covered = torch.zeros(0, dtype=torch.long, device=device)
+        self.built: set[int] = set()  # rows holding an index (host bookkeeping)
+
+    def ensure(self, rows: int, pages: int) -> None:
+        R, cap = self.span_of_page.shape
+        R2, cap2 = grown(R, rows), grown(cap, pages, 16)
+        if cap2 > cap:
+            self.span_of_page = torch.nn.functional.pad(self.span_of_page, (0, cap2 - cap), value=-1)
+            self.reps = torch.nn.functional.pad(self.reps, (0, 0, 0, 0, 0, cap2 - cap))
+        if R2 > R:
+            n = R2 - R
+            self.span_of_page = torch.cat([self.span_of_page, self.span_of_page.new_full((n, cap2), -1)])
+            self.reps = torch.cat([self.reps, self.reps.new_zeros(n, *self.reps.shape[1:])])
+            self.num_spans = torch.cat([self.num_spans, self.num_spans.new_zeros(n)])
+            self.covered = torch.cat([self.covered, self.covered.new_zeros(n)])
+
+    def reset(self, row: int) -> None:
+        self.span_of_page[row] = -1
+        self.reps[row] = 0
+        self.num_spans[row] = 0
+        self.covered[row] = 0
+        self.built.discard(row)
+
+    def put(self, row: int, idx: SpanIndex) -> None:
+        P, NS = idx.span_of_page.shape[0], idx.reps.shape[1]
+        self.ensure(row + 1, max(P, NS, idx.covered))
+        self.reset(row)
+        self.span_of_page[row, :P] = idx.span_of_page
+        self.reps[row, :, :NS] = idx.reps
+        self.num_spans[row] = idx.num_spans
+        self.covered[row] = idx.covered
+        self.built.add(row)
+
+    def index(self, row: int) -> SpanIndex:
+        """A row as a SpanIndex (host reads: for inspection and tests)."""
+        n, cov = int(self.num_spans[row]), int(self.covered[row])
+        return SpanIndex(self.span_of_page[row, :cov].clone(), self.reps[row, :, :n].clone(),
+                         self.num_spans[row].clone(), cov)
+
+    def close_windows(self, rows: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
+                      k_pages: torch.Tensor, window_pages: int, page_size: int) -> None:
+        """Decode tokens: a row whose open span holds `window_pages` full pages closes them as a new span
+        (k-means reps). Device ops on every row, applied where due (at most one span per row and call:
+        one decode token fills at most one page). rows [B]; page_table [B, P]; seq_lens [B] (with the
+        new token); k_pages [num_pages, Hkv, S, D] (this layer's keys)."""
+        W, S = window_pages, page_size
+        B, P = page_table.shape
+        Hkv, D = k_pages.shape[1], k_pages.shape[3]
+        Rr, cap = self.reps.shape[3], self.reps.shape[2]
+        dev = rows.device
+        cov = self.covered[rows]  # [B]
+        closing = seq_lens.long() // S >= cov + W  # [B]
+        pages = (cov[:, None] + torch.arange(W, device=dev)).clamp(max=P - 1)  # [B, W]
+        keys = k_pages[page_table.long().gather(1, pages)]  # [B, W, Hkv, S, D]
+        keys = keys.permute(2, 0, 1, 3, 4).reshape(Hkv, B * W * S, D)
+        n = W * S
+        token_span = torch.arange(B, device=dev).repeat_interleave(n)
+        reps = kmeans_reps(keys, token_span, torch.arange(B, device=dev) * n, torch.full((B,), n, device=dev), Rr)
+        reps = reps.transpose(0, 1).to(self.reps.dtype)  # [B, Hkv, Rr, D]
+        ns = self.num_spans[rows]  # [B]
+        slot = ns.clamp(max=cap - 1)
+        self.reps[rows, :, slot] = torch.where(closing[:, None, None, None], reps, self.reps[rows, :, slot])
+        pos = torch.arange(self.span_of_page.shape[1], device=dev)
+        new_pages = closing[:, None] & (pos >= cov[:, None]) & (pos < (cov + W)[:, None])  # [B, Pcap]
+        self.span_of_page[rows] = torch.where(new_pages, ns[:, None], self.span_of_page[rows])
+        self.num_spans[rows] = ns + closing.long()
+        self.covered[rows] = cov + W * closing.long()
