@@ -158,3 +158,135 @@ def test_missing_weights_name_the_command(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="ckv train-gate"):
         hf.PolicySession(tiny, _policy(str(tmp_path / "nope.pt"), 0.1, [{"stage": "attend"}]), max_total_tokens=32,
                          batch_size=1)
+
+
+def _random_gate_file(tmp_path):
+    """Random gate weights that admit part of the tokens (about half at threshold 0.5 on the tiny model)."""
+    torch.manual_seed(5)
+    gate = GateMLP(3, 2, 16, hidden=8)
+    with torch.no_grad():
+        gate.w2.mul_(4.0)
+    path = tmp_path / "random_gate.pt"
+    gate.save(path, {})
+    return str(path)
+
+
+DEVICE_STACKS = {
+    "attend": ([], [{"stage": "attend"}]),
+    "quest_art": ([0], [{"stage": "quest", "budget_tokens": 32}, {"stage": "art", "stop": "certified", "delta": 0.01}]),
+}
+
+
+def _session_run(model, policy, prompts, feed, path):
+    s = hf.PolicySession(model, policy, max_total_tokens=110, batch_size=len(prompts), decode_path=path)
+    try:
+        assert s.decode_path == path and f"decode path: {path}" in s.describe()
+        logits = [s.prefill(prompts)]
+        for t in range(feed.shape[0]):
+            logits.append(s.decode(feed[t]))
+        kept = {(b, layer, h): s.cache.kept_positions(rid, layer, h) for b, rid in enumerate(s.seq_ids)
+                for layer in range(3) for h in range(2)}
+        return torch.stack(logits), kept, s.steps, s.cache.stats()
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("stack", sorted(DEVICE_STACKS))
+def test_device_path_equals_host_path(tiny, tmp_path, stack):
+    """The device-planned step (what the CUDA graph captures) keeps the same tokens and gives the same logits
+    and read statistics as per-step host planning."""
+    dense, stages = DEVICE_STACKS[stack]
+    policy = _policy(_random_gate_file(tmp_path), 0.5, stages, dense_layers=dense)
+    assert policy.graph_safe and policy.host_synced_stages == []
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (70, 33)]
+    feed = torch.randint(1, 96, (24, 2), generator=g)
+    host = _session_run(tiny, policy, prompts, feed, "host")
+    dev = _session_run(tiny, policy, prompts, feed, "device")
+    torch.testing.assert_close(dev[0], host[0], rtol=1e-5, atol=1e-5)
+    assert dev[1] == host[1] and dev[2] == host[2] and dev[3] == host[3]
+    st = dev[3]
+    assert 0 < st["admitted"] < st["evicted"]  # the gate admits some tokens and drops others
+    if stack != "attend":
+        assert any(r < d for x in dev[2] for r, d in zip(x.kv_bytes_read, x.dense_kv_bytes))
+
+
+def test_auto_path_is_device_on_cpu(tiny, tmp_path):
+    policy = _policy(_random_gate_file(tmp_path), 0.5, [{"stage": "attend"}])
+    s = hf.PolicySession(tiny, policy, max_total_tokens=64, batch_size=1)
+    assert s.decode_path == "device" and "graph-safe" in s.describe()
+    s.close()
+
+
+def _in_triton_interpreter() -> bool:
+    """Called from the Triton interpreter, which stands in for the GPU on the CPU (its reads are not ours)."""
+    import os
+    import sys
+    frame = sys._getframe(2)
+    while frame is not None:
+        if f"{os.sep}triton{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Inside `with no_host_sync():` any device->host read (item, tolist, bool, nonzero, boolean masks, ...)
+    raises: what a CUDA graph cannot capture and what stalls the stream."""
+    import contextlib
+
+    def refuse(owner, name):
+        orig = getattr(owner, name)
+
+        def f(*args, **kwargs):
+            if _in_triton_interpreter():
+                return orig(*args, **kwargs)
+            raise AssertionError(f"host sync in the decode step: {name}")
+        return f
+
+    getitem = torch.Tensor.__getitem__
+
+    def masked_getitem(self, idx):
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items) and not _in_triton_interpreter():
+            raise AssertionError("host sync in the decode step: a boolean mask index (data-dependent shape)")
+        return getitem(self, idx)
+
+    @contextlib.contextmanager
+    def guard():
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero",
+                         "unique", "masked_select", "cpu"):
+                m.setattr(torch.Tensor, name, refuse(torch.Tensor, name))
+            for name in ("nonzero", "unique", "masked_select", "argwhere"):
+                m.setattr(torch, name, refuse(torch, name))
+            m.setattr(torch.Tensor, "__getitem__", masked_getitem)
+            yield
+    return guard
+
+
+@pytest.mark.interpret
+def test_device_decode_does_not_sync_with_the_host(tiny, tmp_path, monkeypatch, no_host_sync):
+    """The device path with the Triton kernels (the interpreter on the CPU): 8 decode steps read nothing back
+    (the window of 16 is full from the first step, so tokens leave, are admitted or dropped, pages finalize)."""
+    from conftest import INTERPRET
+    if not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 (the reference decode is not the device path's kernel)")
+    monkeypatch.setenv("CKV_VALIDATE", "0")  # NaN checks read values (they are on for CPU tensors by default)
+    dense, stages = DEVICE_STACKS["quest_art"]
+    policy = ckv.compile({"name": "wg", "page_size": 8, "dense_layers": dense, "stages": [
+        {"stage": "write_gate", "threshold": 0.5, "window_tokens": 16, "weights": _random_gate_file(tmp_path)}]
+        + stages}, backend="triton")
+    s = hf.PolicySession(tiny, policy, max_total_tokens=90, batch_size=2, decode_path="device")
+    try:
+        g = torch.Generator().manual_seed(2)
+        logits = s.prefill([torch.randint(1, 96, (n,), generator=g).tolist() for n in (40, 23)])
+        with no_host_sync():
+            for _ in range(8):
+                logits = s.decode(logits.argmax(-1))
+        with no_host_sync(), pytest.raises(AssertionError, match="host sync"):  # the guard can fail
+            s.cache.stats()
+        assert s.cache.stats()["admitted"] > 0 and torch.isfinite(logits).all()
+    finally:
+        s.close()
