@@ -1,9 +1,13 @@
 """The write-gated cache on the GPU: prefill + one-token steps on CUDA (moves, page finalization), then
-the fused Triton read path == the reference path over an identical CPU cache, bf16, GQA 4, head_dim 128."""
+the fused Triton read path == the reference path over an identical CPU cache, bf16, GQA 4, head_dim 128;
+and a tiny model decoding through write_gate from one CUDA graph a step: same tokens, kept tokens and read
+counts as the eager device and host paths, and no host sync inside a step."""
 import pytest
 import torch
 
 import composable_kv as ckv
+from composable_kv import hf
+from composable_kv.policies.write_gate import GateMLP
 from composable_kv.policies.write_gate.admission import GatedPipeline
 
 pytestmark = pytest.mark.gpu
@@ -42,9 +46,14 @@ def check_gated(stack, admit, device, lens=(100, 1000, 3001), steps=40, H=2, G=4
     cpu = ref.make_cache(1, H, D, pages, dtype=dtype, device="cpu")
     rd, rc = _fill(dev, lens, steps, k, v, g), _fill(cpu, lens, steps, k, v, g)
     assert dev.stats() == cpu.stats()
-    assert torch.equal(dev.pool.k[0].cpu(), cpu.pool.k[0])
-    used = torch.tensor(sorted(p for pages in cpu.pool._pages.values() for p in pages))
-    assert used.tolist() == sorted(p for pages in dev.pool._pages.values() for p in pages)
+    for a, b in zip(rd, rc):
+        for h in range(H):
+            assert dev.kept_positions(a, 0, h) == cpu.kept_positions(b, 0, h)
+            assert dev.triple_pages(a, 0, h) == cpu.triple_pages(b, 0, h)
+            ka, va = dev.triple_kv(a, 0, h)
+            kb, vb = cpu.triple_kv(b, 0, h)
+            assert torch.equal(ka.cpu(), kb) and torch.equal(va.cpu(), vb)
+    used = torch.tensor(sorted(p for r in rc for h in range(H) for p in cpu.triple_pages(r, 0, h)))
     if cpu.pool.key_min is not None:  # unused pages hold garbage summaries
         assert torch.equal(dev.pool.key_min[0].cpu()[used], cpu.pool.key_min[0][used])
     tri.plan(dev, rd)
@@ -58,3 +67,68 @@ def check_gated(stack, admit, device, lens=(100, 1000, 3001), steps=40, H=2, G=4
 @pytest.mark.parametrize("admit", [0.1, 0.6])
 def test_gated_fused_gpu_equals_reference(stack, admit):
     check_gated(stack, admit, "cuda")
+
+
+def _tiny(dtype):
+    from helpers import tiny_llama
+    return tiny_llama(1024).to("cuda", dtype)
+
+
+def _gate_file(tmp_path):
+    torch.manual_seed(5)
+    gate = GateMLP(3, 2, 16, hidden=8)
+    with torch.no_grad():
+        gate.w2.mul_(4.0)  # admits part of the tokens at threshold 0.5
+    gate.save(tmp_path / "gate.pt", {})
+    return str(tmp_path / "gate.pt")
+
+
+def _gated_policy(tmp_path, stack):
+    return ckv.compile({"name": "wg", "page_size": 16, "dense_layers": [0], "stages": [
+        {"stage": "write_gate", "threshold": 0.5, "window_tokens": 64, "weights": _gate_file(tmp_path)}]
+        + STACKS[stack]})
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(1, 96, (n,), generator=g).tolist() for n in (200, 333, 517)]
+
+
+@pytest.mark.parametrize("stack", ["attend", "quest_art"])
+def test_graph_path_equals_eager_paths_fp32(tmp_path, stack):
+    model = _tiny(torch.float32)
+    pipe = _gated_policy(tmp_path, stack)
+    out, kept = {}, {}
+    for path in ("graph", "device", "host"):
+        s = hf.PolicySession(model, pipe, max_total_tokens=600, batch_size=3, decode_path=path)
+        logits = s.prefill(_prompts())
+        toks = []
+        for _ in range(40):  # 40 steps past a 64-token window: tokens leave, are admitted or dropped
+            toks.append(logits.argmax(-1))
+            logits = s.decode(toks[-1])
+        assert s.decode_path == path and s.graph_captured == (path == "graph")
+        out[path] = (torch.stack(toks).tolist(), [st.kv_bytes_read for st in s.steps], s.cache.stats())
+        kept[path] = [s.cache.kept_positions(r, layer, h) for r in s.seq_ids for layer in range(3) for h in range(2)]
+        s.close()
+    assert out["graph"] == out["device"] == out["host"]
+    assert kept["graph"] == kept["device"] == kept["host"]
+    assert 0 < out["graph"][2]["admitted"] < out["graph"][2]["evicted"]
+
+
+def test_a_gated_step_is_one_graph_replay_with_no_sync(tmp_path):
+    model = _tiny(torch.bfloat16)
+    s = hf.PolicySession(model, _gated_policy(tmp_path, "quest_art"), max_total_tokens=600, batch_size=3)
+    assert s.decode_path == "graph"
+    logits = s.prefill(_prompts())
+    logits = s.decode(logits.argmax(-1))  # the first step runs eagerly, then the step is captured
+    assert s.graph_captured
+    active = torch.ones(3, dtype=torch.bool, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            logits = s.decode(logits.argmax(-1), active=active)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(s.steps) == 9 and all(st.kv_bytes_read[0] > 0 for st in s.steps)
+    s.close()
