@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""composable-kv served through vLLM 0.26.0 (the CUSTOM backend) on the GPU machine: gpu/vllm.sh runs it.
+
+  smoke        a tiny random Llama (4 layers, token-id prompts of 600 and 1500 tokens): greedy tokens of
+               CUSTOM with the dense policy equal TRITON_ATTN's, eager and with CUDA graphs (a flip at a
+               near-tie, as the shared vllm_smoke.py defines it, is reported and passes); quest and
+               quest+art (256-token budget, so they select) run eager and with graphs, and their graph
+               tokens must equal their eager ones. Prints PASS or exits non-zero.
+  bench        end-to-end decode tokens/s of one backend (and policy) at contexts x batches, on a random
+               model with Qwen2.5-Coder-0.5B's shape (24 layers, 14 q / 2 KV heads of 64), bf16, CUDA graphs.
+               Each shape: prefill the prompts (max_tokens=1; prefix caching keeps their blocks), then the
+               same prompts with max_tokens=1+N: the cached prefix is not recomputed, so that run is N decode
+               steps. Writes $OUT/vllm-bench-<name>.json and prints a markdown row per shape next to the
+               floor (weights + dense KV bytes per step / the copy bandwidth measured in the same run).
+
+Every engine runs in its own subprocess (a clean start per backend and mode).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0", HF_HUB_OFFLINE="1",
+                  TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+TINY, QWEN = "/tmp/ckv-tiny-llama", "/tmp/ckv-qwen-shape"
+SMOKE_PROMPTS = [[(7 * i + 3) % 1000 + 3 for i in range(600)], [(11 * i + 5) % 1000 + 3 for i in range(1500)]]
+SMALL = {"quest": "stages:\n  - {stage: quest, budget_tokens: 256}\n  - {stage: attend}\n",
+         "quest_art": "stages:\n  - {stage: quest, budget_tokens: 256}\n"
+                      "  - {stage: art, stop: certified, delta: 0.01, chunk_pages: 4}\n"}
+
+
+def save_tiny():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(TINY)
+
+
+def save_qwen_shape():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768 + 1024,
+                      rope_theta=1e6, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(QWEN)
+
+
+def engine(backend, *, model, eager, max_model_len, max_num_seqs, **kw):
+    from vllm import LLM
+    return LLM(model=model, skip_tokenizer_init=True, enforce_eager=eager, dtype="bfloat16",
+               attention_backend=backend, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=0, **kw)
+
+
+def run_smoke_one(backend, eager):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    llm = engine(backend, model=TINY, eager=eager, max_model_len=2048, max_num_seqs=8, gpu_memory_utilization=0.3)
+    sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, detokenize=False, logprobs=2)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in SMOKE_PROMPTS], sp, use_tqdm=False)
+    res = []
+    for o in outs:
+        c = o.outputs[0]
+        steps = [{"lp": float(pos[t].logprob),
+                  "top": sorted(((float(x.logprob), int(i)) for i, x in pos.items()))[::-1][:2]}
+                 for t, pos in zip(c.token_ids, c.logprobs)]
+        res.append({"tokens": [int(t) for t in c.token_ids], "steps": steps})
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def child(args, env=None):
+    r = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True,
+                       env={**os.environ, **(env or {})})
+    sys.stdout.writelines(ln for ln in r.stdout.splitlines(True) if not ln.startswith("RESULT "))
+    if r.returncode:
+        sys.exit(f"FAIL: {' '.join(args)} {env or ''} exited with {r.returncode}")
+    return json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+
+
+def smoke():
+    sys.path.insert(0, "/tmp/vsite")
+    from vllm_smoke import compare  # the shared smoke test's near-tie rule (travels in the vLLM bundle)
+    save_tiny()
+    for name, text in SMALL.items():
+        with open(f"/tmp/ckv-small-{name}.yaml", "w") as f:
+            f.write(text)
+    runs = {}
+    for mode in ("eager", "graph"):
+        runs["TRITON_ATTN", mode] = child(["--smoke-one", "TRITON_ATTN", mode])
+        runs["dense", mode] = child(["--smoke-one", "CUSTOM", mode], {"CKV_POLICY": "dense"})
+        for name in SMALL:
+            runs[name, mode] = child(["--smoke-one", "CUSTOM", mode], {"CKV_POLICY": f"/tmp/ckv-small-{name}.yaml"})
+    checks = [(("TRITON_ATTN", "eager"), ("TRITON_ATTN", "graph")), (("TRITON_ATTN", "eager"), ("dense", "eager")),
+              (("TRITON_ATTN", "graph"), ("dense", "graph"))] + [((n, "eager"), (n, "graph")) for n in SMALL]
+    ok = True
+    for a, b in checks:
+        for k, (x, y) in enumerate(zip(runs[a], runs[b])):
+            why = compare(x, y)
+            verdict = "same" if why is None else ("NOTE " if why.startswith("near-tie") else "MISMATCH ") + why
+            ok = ok and (why is None or why.startswith("near-tie"))
+            print(f"{'/'.join(a)} vs {'/'.join(b)} prompt {k}: {verdict}")
+    for n in SMALL:  # how far a 256-token budget moves the tiny model's greedy tokens (reported, not asserted)
+        same = [sum(p == q for p, q in zip(x["tokens"], y["tokens"])) for x, y in zip(runs[n, "eager"], runs["dense", "eager"])]
+        print(f"{n} (budget 256) vs dense, eager: {same} of 16 tokens equal")
+    assert ok, "greedy tokens differ beyond near-ties"
+    print("PASS: CUSTOM(dense) == TRITON_ATTN, eager and CUDA graphs; quest / quest_art graph == eager")
+
+
+def copy_bandwidth():
+    import torch
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 10
+    for _ in range(n):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * n / (time.perf_counter() - t)  # read + write bytes per second
+
+
+def bench_one(backend, name, contexts, batches, new_tokens):
+    import torch
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    llm = engine(backend, model=QWEN, eager=False, max_model_len=max(contexts) + new_tokens + 64,
+                 max_num_seqs=max(batches), gpu_memory_utilization=0.6, enable_prefix_caching=True)
+    bw = copy_bandwidth()
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(QWEN)
+    params = (cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
+        cfg.hidden_size * (cfg.hidden_size + 2 * cfg.num_key_value_heads * 64) + cfg.hidden_size * cfg.hidden_size
+        + 3 * cfg.hidden_size * cfg.intermediate_size))
+    weight_bytes = 2 * params
+    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 64 * 2
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    for ctx in contexts:
+        for B in batches:
+            prompts = [TokensPrompt(prompt_token_ids=torch.randint(3, cfg.vocab_size, (ctx,), generator=g).tolist())
+                       for _ in range(B)]
+            greedy = dict(temperature=0.0, ignore_eos=True, detokenize=False)
+            t0 = time.perf_counter()
+            llm.generate(prompts, SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
+            t_prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            llm.generate(prompts, SamplingParams(max_tokens=1 + new_tokens, **greedy), use_tqdm=False)
+            t_decode = time.perf_counter() - t0
+            floor = bw / (weight_bytes + B * (ctx + new_tokens // 2) * kv_per_token) * B
+            rows.append(dict(backend=backend, policy=name, context=ctx, batch=B, new_tokens=new_tokens,
+                             prefill_s=t_prefill, decode_s=t_decode, tokens_per_s=B * new_tokens / t_decode,
+                             floor_tokens_per_s=floor, copy_GBps=bw / 1e9))
+            print(f"| {name} | {ctx} | {B} | {rows[-1]['tokens_per_s']:.0f} | {floor:.0f} | "
+                  f"{t_decode:.2f} s for {new_tokens} steps (incl. the re-used prefix lookup) |", flush=True)
+    print("RESULT " + json.dumps(rows), flush=True)
+
+
+def bench(backend, policy, contexts, batches, new_tokens):
+    if not os.path.isdir(QWEN):
+        save_qwen_shape()
+    name = backend if backend != "CUSTOM" else f"CUSTOM:{policy}"
+    env = {"CKV_POLICY": policy} if backend == "CUSTOM" else {}
+    print("| backend:policy | context | batch | decode tokens/s | floor tokens/s (dense bytes) | note |\n|---|---|---|---|---|---|")
+    rows = child(["--bench-one", backend, name, ",".join(map(str, contexts)), ",".join(map(str, batches)),
+                  str(new_tokens)], env)
+    import torch
+    gpu = "unknown GPU"
+    try:
+        gpu = torch.cuda.get_device_name()
+    except Exception:  # noqa: BLE001 (the name is a label only)
+        pass
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, f"vllm-bench-{name.replace(':', '-')}.json"), "w") as f:
+        json.dump({"gpu": gpu, "commit": os.environ.get("CKV_COMMIT", ""), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--smoke-one"]:
+        run_smoke_one(sys.argv[2], sys.argv[3] == "eager")
+    elif sys.argv[1:2] == ["--bench-one"]:
+        b, n, c, bs, nt = sys.argv[2:7]
+        bench_one(b, n, [int(x) for x in c.split(",")], [int(x) for x in bs.split(",")], int(nt))
+    else:
+        ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = ap.add_subparsers(dest="cmd", required=True)
+        sub.add_parser("smoke")
+        b = sub.add_parser("bench")
+        b.add_argument("backend", choices=["CUSTOM", "TRITON_ATTN", "FLASH_ATTN", "FLASHINFER"])
+        b.add_argument("--policy", default="dense", help="CKV_POLICY for CUSTOM (path or shipped name)")
+        b.add_argument("--contexts", default="16384,32768")
+        b.add_argument("--batches", default="16,64")
+        b.add_argument("--new-tokens", type=int, default=128)
+        a = ap.parse_args()
+        if a.cmd == "smoke":
+            smoke()
+        else:
+            bench(a.backend, a.policy, [int(x) for x in a.contexts.split(",")],
+                  [int(x) for x in a.batches.split(",")], a.new_tokens)
