@@ -1,19 +1,27 @@
-"""Decode speed of the write-gated cache vs dense on one attention layer (GPU).
+"""Decode cost of Write-Gated KV against dense: one attention layer, and end to end (GPU).
 
-    python benchmarks/write_gate_cost.py --batch 64 --context 8192 --out DIR
+    python benchmarks/write_gate_cost.py --batch 64 --context 8192 --out DIR          # one layer
+    python benchmarks/write_gate_cost.py --e2e --batch 16 --context 32768 --out DIR   # tokens/s, whole model
 
-Random K/V and queries with Llama-8B attention shapes (32 query / 8 KV heads of 128, bf16, pages of
-16) and random gates that admit a share `--admit` of the tokens leaving the 256-token window. Per
-policy: the fused decode of one layer (CUDA events, median), the host plan of one layer (page tables
-of the B x Hkv head sequences, for the gated cache), pages held and pages read per step.
+One layer: random K/V and queries with Llama-8B attention shapes (32 query / 8 KV heads of 128, bf16,
+pages of 16) and random gates that admit a share `--admit` of the tokens leaving the window. Per policy:
+the fused decode of the layer, and for the gated cache the device work the decode step adds per layer:
+the write of one token per request (ring update, swap moves, page finalization: `write ms`) and the
+layer's plan from the triples' device tables (`plan ms`); CUDA events (median), pages held and read.
+
+End to end (`--e2e`): `hf.PolicySession` on a model of `--model` shape (benchmarks/e2e.py SHAPES, random
+weights) with random K/V in place of a prefill (e2e.SyntheticPrefill), one warm-up/capture step, then
+`--steps` timed steps; tokens/s of ckv dense (fused layers and transformers' modules) and of write_gate
+stacks (the gate: random weights whose bias admits about `--admit` of random keys; the row reports the
+share the cache actually admitted). Issue 17's target: write_gate >= 1.5x ckv dense tokens/s at 32k, B=16.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,12 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import composable_kv as ckv  # noqa: E402
 from composable_kv.ints import cdiv  # noqa: E402
 from composable_kv.policies.write_gate.admission import GatedPipeline  # noqa: E402
+from composable_kv.policies.write_gate.gated_cache import GatedSlots  # noqa: E402
 
 
-def _time_gpu(fn, iters: int, warmup: int = 5) -> float:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn, iters: int, warmup: int = 5) -> float:
+    """Median ms of fn: CUDA events on the GPU, wall time on the CPU (the dry run)."""
     for _ in range(warmup):
         fn()
-    if not torch.cuda.is_available():  # the CPU dry run (tests): wall time
+    if not torch.cuda.is_available():
         return 1e3 * statistics.median(_wall(fn) for _ in range(iters))
     torch.cuda.synchronize()
     times = []
@@ -55,7 +70,7 @@ def _policy(name, stages, gate=None):
     return ckv.compile({"name": name, "page_size": 16, "stages": head + stages}, backend=backend)
 
 
-def run(args) -> list[dict]:
+def run_layer(args) -> list[dict]:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     B, T, Hq, H, D, S = args.batch, args.context, args.q_heads, args.kv_heads, args.head_dim, 16
@@ -74,62 +89,175 @@ def run(args) -> list[dict]:
     dense.write(0, dense.reserve(ids, [T] * B), k, v)
     for name, stages in (("dense", read), (f"quest{args.budget}_art", quest_art)):
         pipe = _policy(name, stages)
-        t0 = time.perf_counter()
         pipe.plan(dense, ids)
-        plan_ms = 1e3 * (time.perf_counter() - t0)
         res = pipe.run(q, dense, 0)
-        ms = _time_gpu(lambda: pipe.run(q, dense, 0), args.iters)
-        rows.append(dict(policy=name, admit=1.0, decode_ms=ms, plan_ms=plan_ms,
+        ms = _time_ms(lambda: pipe.run(q, dense, 0), args.iters)
+        rows.append(dict(policy=name, admit=1.0, decode_ms=ms, write_ms=float("nan"), plan_ms=float("nan"),
                          pages_held=B * pages_per_seq * H, pages_read=int(res.pages_read.sum())))
     del dense
 
+    steps = args.iters + 5  # the timed writes: one token per request each, into pages reserved ahead
     for p in args.admit:
         gate = {"threshold": 0.5, "window_tokens": args.window}
         cache = GatedPipeline(_policy("gate", quest_art, gate)).make_cache(
-            1, H, D, B * H * (pages_per_seq + 1), dtype=dt, device=dev)
+            1, H, D, B * H * (cdiv(T + steps, S) + 1) + 1, dtype=dt, device=dev)
         rids = [cache.add_sequence() for _ in range(B)]
         gates = (torch.rand(B * T, H, device=dev, generator=g) < p).float()  # g in {0, 1}: admit with prob p
         t0 = time.perf_counter()
         cache.write(0, cache.reserve(rids, [T] * B), k, v, g=gates)
+        _sync()
         build_s = time.perf_counter() - t0
+        cache.reserve_ahead(rids, T + steps)
+        pos = torch.full((B,), T, dtype=torch.long, device=dev)
+        k1, v1 = k[:B].clone(), v[:B].clone()
+        g1 = (torch.rand(B, H, device=dev, generator=g) < p).float()
+
+        def write_one():
+            cache.write(0, GatedSlots(rids, [1] * B, pos), k1, v1, g=g1)
+            pos.add_(1)  # the next token's position, on the device
+        write_ms = _time_ms(write_one, args.iters)
+        cache.advance(rids, args.iters + 5)
         for name, stages in ((f"write_gate{p:.2f}", read), (f"write_gate{p:.2f}_quest{args.budget}_art", quest_art)):
             gp = GatedPipeline(_policy(name, stages, gate))
             gp.plan(cache, rids)
-            inner = gp.sparse
-            t0 = time.perf_counter()
-            inner.plan(cache.pool, cache.layer_seq_ids(0, rids))
-            plan_ms = 1e3 * (time.perf_counter() - t0)
+            plan_ms = _time_ms(lambda: gp._layer_plan(cache, 0), args.iters)
+            inner = gp._pipe(0)
             qh = q.view(B * H, Hq // H, D)
             res = inner.run(qh, cache.pool, 0)
-            ms = _time_gpu(lambda: inner.run(qh, cache.pool, 0), args.iters)
-            full = gp.run(q, cache, 0)  # the whole per-layer call (host plan + decode) agrees with the inner one
+            ms = _time_ms(lambda: inner.run(qh, cache.pool, 0), args.iters)
+            full = gp.run(q, cache, 0)  # the whole per-layer call (device plan + decode) agrees with the inner one
             assert torch.equal(full.pages_read.flatten(), res.pages_read.flatten())
-            rows.append(dict(policy=name, admit=p, decode_ms=ms, plan_ms=plan_ms, pages_held=cache.pages_used(),
-                             pages_read=int(res.pages_read.sum()), build_s=build_s))
+            rows.append(dict(policy=name, admit=p, decode_ms=ms, write_ms=write_ms, plan_ms=plan_ms,
+                             pages_held=cache.pages_used(), pages_read=int(res.pages_read.sum()), build_s=build_s))
         del cache
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     base = rows[0]["decode_ms"]
     for r in rows:
-        r["speedup_vs_dense"] = base / r["decode_ms"]
+        layer_ms = r["decode_ms"] + (0 if r["write_ms"] != r["write_ms"] else r["write_ms"] + r["plan_ms"])
+        r["layer_ms"] = layer_ms
+        r["speedup_vs_dense"] = base / layer_ms
         r["memory_vs_dense"] = r["pages_held"] / rows[0]["pages_held"]
     return rows
 
 
-def table(rows, args) -> str:
+def layer_table(rows, args) -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU dry run (reference path, fp32)"
     lines = [f"write_gate decode, one layer: batch {args.batch}, context {args.context}, {args.q_heads}/{args.kv_heads} "
              f"heads x {args.head_dim}, bf16, page 16, window {args.window}, budget {args.budget}; {gpu}",
-             "| policy | admitted | fused decode ms | speedup vs dense | host plan ms | pages held (vs dense) | pages read |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| policy | admitted | fused decode ms | gated write ms | device plan ms | layer ms | speedup vs dense "
+             "| pages holding tokens (vs dense) | pages read |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['admit']:.2f} | {r['decode_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | "
-                     f"{r['plan_ms']:.1f} | {r['pages_held']} ({100 * r['memory_vs_dense']:.0f}%) | {r['pages_read']} |")
+        lines.append(f"| {r['policy']} | {r['admit']:.2f} | {r['decode_ms']:.3f} | {r['write_ms']:.3f} | "
+                     f"{r['plan_ms']:.3f} | {r['layer_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | "
+                     f"{r['pages_held']} ({100 * r['memory_vs_dense']:.0f}%) | {r['pages_read']} |")
+    return "\n".join(lines)
+
+
+# -- end to end --------------------------------------------------------------------------------------
+
+def calibrated_gate(shape, admit: float, threshold: float, path: Path, seed: int = 0) -> Path:
+    """Random gate weights for `shape` whose bias puts g > threshold for about `admit` of random keys."""
+    from composable_kv.policies.write_gate import GateMLP
+    torch.manual_seed(seed)
+    gate = GateMLP(shape.num_layers, shape.num_kv_heads, shape.head_dim)
+    with torch.no_grad():
+        x = torch.randn(shape.num_layers, shape.num_kv_heads, 4096, 2 * shape.head_dim)
+        logits = gate.logits_all(x)  # [L, H, N]
+        cut = torch.quantile(logits, 1.0 - admit, dim=-1) if 0 < admit < 1 else logits.amax(-1) * (admit >= 1)
+        gate.b2 -= cut - torch.logit(torch.tensor(threshold))
+    gate.save(path, {"note": f"random, admits ~{admit} of random keys"})
+    return path
+
+
+def time_policy(model, policy, prompts, steps: int, prefill, layers: str = "auto") -> dict:
+    """Prefill (synthetic K/V), one decode step (graph capture on CUDA), then `steps` timed steps."""
+    from composable_kv import hf
+    B = len(prompts)
+    s = hf.PolicySession(model, policy, max_total_tokens=len(prompts[0]) + steps + 2, batch_size=B, layers=layers)
+    try:
+        logits = s.prefill(prompts, prefill)
+        logits = s.decode(logits.argmax(-1))  # eager first step (+ capture)
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = s.decode(logits.argmax(-1))
+        _sync()
+        ms = (time.perf_counter() - t0) / steps * 1e3
+        st = s.steps[1:]
+        out = dict(ms_per_step=ms, tokens_per_s=B / (ms * 1e-3), path=f"{s.decode_path}, {s.layers} layers",
+                   kv_gb_per_step=sum(sum(x.kv_bytes_read) for x in st) / len(st) / 1e9)
+        stats = getattr(s.cache, "stats", None)
+        if stats is not None:
+            got = stats()
+            out.update(admitted_frac=got["admitted_frac"], kept_frac=got["kept_frac"])
+        return out
+    finally:
+        s.close()
+
+
+def run_e2e(args) -> list[dict]:
+    import e2e  # benchmarks/e2e.py: model shapes and the synthetic prefill
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model, weights = e2e.build_model(args.model, dtype, dev, None)
+    from composable_kv import hf
+    shape = hf.ModelShape.of(model)
+    prefill = e2e.SyntheticPrefill(shape, model.config.vocab_size, dev, dtype)
+    prompts = torch.randint(10, model.config.vocab_size, (args.batch, args.context),
+                            generator=torch.Generator().manual_seed(0)).tolist()
+    tmp = Path(tempfile.mkdtemp(prefix="wg_e2e_"))
+    dense = {"name": "dense", "page_size": 16, "stages": [{"stage": "attend"}]}
+    runs = [("ckv dense", dense, "auto"), ("ckv dense [modules]", dense, "modules")]
+    for p in args.admit:
+        gate = {"stage": "write_gate", "threshold": 0.5, "window_tokens": args.window,
+                "weights": str(calibrated_gate(shape, p, 0.5, tmp / f"gate{p}.pt"))}
+        runs.append((f"write_gate{p:.2f}", {"name": "wg", "page_size": 16, "stages": [gate, {"stage": "attend"}]},
+                     "auto"))
+        runs.append((f"write_gate{p:.2f}+quest{args.budget}+art",
+                     {"name": "wg-quest-art", "page_size": 16, "stages": [
+                         gate, {"stage": "quest", "budget_tokens": args.budget},
+                         {"stage": "art", "stop": "certified", "delta": 0.01}]}, "auto"))
+    rows = []
+    for name, policy, layers in runs:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        r = dict(provider=name, model=args.model, batch=args.batch, context=args.context)
+        try:
+            r.update(time_policy(model, ckv.compile(policy), prompts, args.steps, prefill, layers))
+        except torch.cuda.OutOfMemoryError as e:
+            r["note"] = "OOM: " + str(e).split("\n")[0][:120]
+        rows.append(r)
+        print(f"  {name:32s} {r.get('ms_per_step', float('nan')):9.2f} ms/step "
+              f"{r.get('tokens_per_s', float('nan')):9.1f} tok/s {r.get('path', '')} {r.get('note', '')}", flush=True)
+    base = rows[0].get("tokens_per_s", float("nan"))
+    for r in rows:
+        r["x_ckv_dense"] = r.get("tokens_per_s", float("nan")) / base
+    return rows
+
+
+def e2e_table(rows, args) -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU dry run (fp32, eager)"
+    lines = [f"write_gate end to end: {args.model} (random weights), batch {args.batch}, context {args.context}, "
+             f"window {args.window}, budget {args.budget}, {args.steps} timed steps; {gpu}",
+             "| provider | path | ms/step | tok/s | x ckv dense | KV GB/step | admitted (of evicted) | kept | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['provider']} | {r.get('path', '')} | {r.get('ms_per_step', float('nan')):.2f} | "
+                     f"{r.get('tokens_per_s', float('nan')):,.0f} | {r['x_ckv_dense']:.2f} | "
+                     f"{r.get('kv_gb_per_step', float('nan')):.3f} | {r.get('admitted_frac', float('nan')):.2f} | "
+                     f"{r.get('kept_frac', float('nan')):.2f} | {r.get('note', '')} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/write_gate_cost.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--e2e", action="store_true", help="end-to-end tokens/s (whole model) instead of one layer")
+    p.add_argument("--model", default="llama3-8b-shape", help="--e2e: a model shape of benchmarks/e2e.py")
+    p.add_argument("--steps", type=int, default=32, help="--e2e: timed decode steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--q-heads", type=int, default=32)
@@ -141,18 +269,19 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    rows = run(args)
-    text = table(rows, args)
+    for a in args.admit:
+        if not 0.0 <= a <= 1.0:
+            p.error(f"--admit: shares in [0, 1], got {a}")
+    rows = run_e2e(args) if args.e2e else run_layer(args)
+    text = e2e_table(rows, args) if args.e2e else layer_table(rows, args)
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "write_gate_bench.md").write_text(text + "\n")
-        (out / "write_gate_bench.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-        with open(out / "write_gate_bench.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-            w.writeheader()
-            w.writerows(rows)
+        stem = "write_gate_e2e" if args.e2e else "write_gate_bench"
+        (out / f"{stem}.md").write_text(text + "\n")
+        (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "command": " ".join(sys.argv),
+                                                      "rows": rows}, indent=1))
     return 0
 
 
