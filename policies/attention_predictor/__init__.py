@@ -113,7 +113,7 @@ class AttentionPredictor(ScoringSelector):
         B, P, Hkv = ctx.batch_size, ctx.max_pages, ctx.num_kv_heads
         x = hist.window(rows, P)  # [B, Hh, H, P]
         Hh = x.shape[1]
-        n = ctx.plan.num_pages.repeat_interleave(Hh)  # [B * Hh]
+        n = ctx.plan.num_pages[:, None].expand(B, Hh).reshape(-1)  # [B * Hh]
         model = load_weights(self.weights or None, ctx.q.device)
         with torch.no_grad():
             s = model(features(x.flatten(0, 1), n)).view(B, Hh, P)  # one CNN call for every (request, head)

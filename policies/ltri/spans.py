@@ -340,7 +340,7 @@ class SpanTable:
         keys = k_pages[page_table.long().gather(1, pages)]  # [B, W, Hkv, S, D]
         keys = keys.permute(2, 0, 1, 3, 4).reshape(Hkv, B * W * S, D)
         n = W * S
-        token_span = torch.arange(B, device=dev).repeat_interleave(n)
+        token_span = torch.arange(B, device=dev)[:, None].expand(B, n).reshape(-1)  # [B*n]
         reps = kmeans_reps(keys, token_span, torch.arange(B, device=dev) * n, torch.full((B,), n, device=dev), Rr)
         reps = reps.transpose(0, 1).to(self.reps.dtype)  # [B, Hkv, Rr, D]
         ns = self.num_spans[rows]  # [B]

@@ -1,0 +1,156 @@
+"""Per-layer decode cost of the seed methods against Quest, as the graph path runs them (issue 17).
+
+    python benchmarks/seed_methods_cost.py [--device cuda] [--batch 16] [--ctx 32768] [--shape llama-8b]
+                                           [--out rows.csv]
+
+One sparse layer of one decode step (selection + paged decode + the stage's state update) on random
+K/V, captured once as a CUDA graph and replayed (on the CPU: eager, the reference backend; timing only).
+Rows, at the same budget and terminal:
+  quest                 the fused Triton path (the baseline)
+  attention_predictor   CNN over the history of every (request, KV head) + decode with the page-mass output;
+                        `cycle` = mean over calibrate_every consecutive steps (one of them dense),
+                        `predict` = a step that predicts (no calibration)
+  ltri                  span close (k-means of the open window), span scores, vote, span-to-page expansion
+ratio = ms / quest's ms with the same terminal. Targets (issue 17, H200, B=16, 32k):
+attention_predictor <= 1.5x, ltri <= 1.2x. The ltri index is built from the cache's keys (k-means
+reps; the prefill path picks reps by attention, same decode cost).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {"smollm2-135m": (9, 3, 64), "llama-8b": (32, 8, 128)}  # Hq, Hkv, D
+TARGETS = {"attention_predictor": 1.5, "ltri": 1.2}  # issue 17: at most this many times Quest's per-layer cost
+
+
+def _random_weights() -> str:
+    from composable_kv.policies.attention_predictor.predictor import PredictorCNN, save_weights
+    path = os.path.join(tempfile.mkdtemp(prefix="ckv-seed-"), "random.pt")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        save_weights(PredictorCNN(), path)  # untrained: same cost as trained weights
+    return path
+
+
+def policies(budget: int, terminal: str, weights: str) -> dict:
+    art = {"stage": "art", "stop": "certified", "delta": 0.01} if terminal == "art" else {"stage": "attend"}
+    return {
+        "quest": [{"stage": "quest", "budget_tokens": budget}, art],
+        "attention_predictor": [{"stage": "attention_predictor", "budget_tokens": budget, "weights": weights}, art],
+        "ltri": [{"stage": "ltri", "budget_tokens": budget}, art],
+    }
+
+
+def build(name, stages, shape, B, ctx, device, dtype, backend):
+    import composable_kv as ckv
+    Hq, Hkv, D = SHAPES[shape]
+    pipe = ckv.compile({"name": name, "page_size": 16, "stages": stages}, backend=backend)
+    cache = ckv.PagedKVCache(1, Hkv, D, B * (ctx // 16 + 2), page_size=16, dtype=dtype, device=device,
+                             summaries=pipe.required_summaries)
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = [cache.add_sequence() for _ in range(B)]
+    for sid in ids:
+        k = torch.randn(1, ctx, Hkv, D, generator=g, device=device).to(dtype)
+        cache.append([sid], [ctx], k, torch.randn(1, ctx, Hkv, D, generator=g, device=device).to(dtype))
+    q = torch.randn(B, Hq, D, generator=g, device=device).to(dtype)
+    pipe.plan(cache, ids)
+    return pipe, cache, q
+
+
+def time_layer(pipe, cache, q, device, reps: int) -> float:
+    """Median ms of one layer's pipe.run: a replayed CUDA graph on CUDA, eager elsewhere."""
+    for _ in range(3):  # grows the stage's tables, builds indexes, compiles kernels
+        pipe.run(q, cache, 0)
+    if device.type != "cuda":
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            pipe.run(q, cache, 0)
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return sorted(ts)[len(ts) // 2]
+    import triton
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pipe.run(q, cache, 0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pipe.run(q, cache, 0)
+    return float(triton.testing.do_bench(graph.replay, warmup=10, rep=max(50, reps * 5)))
+
+
+def rows_for(shape, B, ctx, device, terminal, budget, reps) -> list[dict]:
+    backend = "triton" if device.type == "cuda" else "reference"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    weights = _random_weights()
+    rows, base = [], None
+    for name, stages in policies(budget, terminal, weights).items():
+        pipe, cache, q = build(name, stages, shape, B, ctx, device, dtype, backend)
+        settings = [("", None)]
+        if name == "attention_predictor":
+            settings = [("cycle", None), ("predict", 10 ** 9)]
+        for tag, every in settings:
+            if every is not None:  # no calibration step from here on: every replay predicts
+                pipe.selectors[0].calibrate_every = every
+                state = cache.stage_state(pipe.selectors[0])
+                for hist in state.history.values():
+                    hist.steps.fill_(2)
+                    hist.seeded.fill_(False)
+            ms = time_layer(pipe, cache, q, device, reps)
+            base = ms if name == "quest" else base
+            rows.append({"method": name + (f" ({tag})" if tag else ""), "terminal": terminal, "shape": shape,
+                         "batch": B, "ctx": ctx, "budget": budget, "ms_per_layer": round(ms, 4),
+                         "x_quest": round(ms / base, 3), "target_x": TARGETS.get(name, "")})
+        del pipe, cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/seed_methods_cost.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--ctx", type=int, default=32768)
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--terminals", default="attend,art")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", default=None, help="CSV file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here; use --device cpu (small --batch/--ctx)")
+    rows = []
+    for terminal in args.terminals.split(","):
+        rows += rows_for(args.shape, args.batch, args.ctx, device, terminal, args.budget, args.reps)
+    cols = list(rows[0])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}, torch {torch.__version__}; one sparse layer per decode step"
+          f"{', CUDA-graph replay' if device.type == 'cuda' else ', eager'}")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols + ["device"])
+            w.writeheader()
+            for r in rows:
+                w.writerow({**r, "device": name})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
