@@ -143,8 +143,8 @@ def run_layer(args) -> list[dict]:
 
 def layer_table(rows, args) -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU dry run (reference path, fp32)"
-    lines = [f"write_gate decode, one layer: batch {args.batch}, context {args.context}, {args.q_heads}/{args.kv_heads} "
-             f"heads x {args.head_dim}, bf16, page 16, window {args.window}, budget {args.budget}; {gpu}",
+    lines = [f"write_gate decode, one layer: batch {args.batch}, context {args.context}, "
+             f"{args.q_heads}/{args.kv_heads} heads x {args.head_dim}, bf16, page 16, window {args.window}, budget {args.budget}; {gpu}",
              "| policy | admitted | fused decode ms | gated write ms | device plan ms | layer ms | speedup vs dense "
              "| pages holding tokens (vs dense) | pages read |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -25,8 +25,8 @@ from composable_kv.config import PolicyConfig
 from composable_kv.errors import TensorContractError
 from composable_kv.pipeline import DecodePipeline, DecodeResult, StepPlan
 from composable_kv.stages import ScoringSelector, get_stage_class
-from composable_kv.policies.write_gate.gated_cache import (  # noqa: F401 (re-exported)
-    GatedKVCache, GatedSlots, GateFn, RopeFn, rotate_half, unrope)
+from composable_kv.policies.write_gate.gated_cache import (  # noqa: F401 (rotate_half, unrope: re-exported)
+    GatedKVCache, GateFn, RopeFn, rotate_half, unrope)
 
 
 def model_rope(model) -> RopeFn:
