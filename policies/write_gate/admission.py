@@ -168,7 +168,7 @@ def gated_session(pipeline: DecodePipeline, model, shape, num_pages: int, dtype,
 
     `num_pages` is the dense cache's page count (pages of Hkv heads); the pool gets as many (page, head)
     units per layer (+1: the cache's trash page), so no admission pattern can run out of pages."""
-    from composable_kv.policies.write_gate import GateMLP
+    from composable_kv.policies.write_gate.gate import GateMLP
 
     gp = GatedPipeline(pipeline)
     gate = GateMLP.load(gp.stage.weights_path(model_tag(model)), num_layers=shape.num_layers,
