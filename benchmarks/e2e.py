@@ -100,23 +100,6 @@ def weight_bytes(model) -> int:
     return total if emb is out else total - emb.numel() * emb.element_size()
 
 
-def copy_bandwidth(device, nbytes: int = 4 << 30) -> float:
-    """Device-to-device copy bandwidth, bytes/s (read + write)."""
-    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        y.copy_(x)
-    end.record()
-    torch.cuda.synchronize()
-    bw = 2 * nbytes * 10 / (start.elapsed_time(end) * 1e-3)
-    del x, y
-    return bw
-
-
 class SyntheticPrefill:
     """A PrefillCache look-alike whose record makes random K/V one layer at a time (no model prefill)."""
 
@@ -234,7 +217,7 @@ def time_transformers(model, prompts, steps: int):
 def run(args) -> list[Row]:
     dev = torch.device("cuda")
     dtype = torch.bfloat16
-    bw = copy_bandwidth(dev)
+    bw = harness.copy_bandwidth(dev)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows: list[Row] = []
     for mname in args.models:
@@ -350,7 +333,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = run(args)
-    meta = harness.run_meta(steps=args.steps, copy_tbps=copy_bandwidth(torch.device("cuda")) / 1e12)
+    meta = harness.run_meta(steps=args.steps, copy_tbps=harness.copy_bandwidth("cuda") / 1e12)
     harness.write_report(out, "e2e", meta, [asdict(r) for r in rows], markdown(rows, meta),
                          title="End-to-end decode")
     print(markdown(rows, meta))

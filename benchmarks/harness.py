@@ -9,8 +9,10 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,10 +23,44 @@ GRAPH_CALLS = 20  # calls per captured CUDA graph when timing replays
 
 # -- timer ----------------------------------------------------------------------------------------
 
-def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
-    """Median GPU time of one call of fn, in ms (triton's do_bench: warm-up, L2 flush, CUDA events)."""
+def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 100, *, calls: int | None = None) -> float:
+    """Median GPU time of one call of fn, in ms (triton's do_bench: warm-up, L2 flush, CUDA events).
+    calls=N: exactly N timed calls (after 5 warm-ups), each between two CUDA events, for fn that
+    changes state (a cache write) and must run a known number of times. Without CUDA (a benchmark's
+    CPU dry run): the median wall time of the calls."""
+    if calls is not None or not torch.cuda.is_available():
+        n = calls if calls is not None else 10
+        for _ in range(5 if calls is not None else 1):
+            fn()
+        return statistics.median(_event_ms(fn) for _ in range(n))
     import triton.testing
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def _event_ms(fn) -> float:
+    if not torch.cuda.is_available():
+        return wall_ms(fn)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def wall_ms(fn, calls: int = 1) -> float:
+    """Wall time per call of `calls` calls of fn, device work included (end-to-end steps, whole generations)."""
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync()
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def graph_ms(fn, warmup_ms: int = 25, rep_ms: int = 100, calls: int = GRAPH_CALLS) -> float:
@@ -33,6 +69,17 @@ def graph_ms(fn, warmup_ms: int = 25, rep_ms: int = 100, calls: int = GRAPH_CALL
     from composable_kv.cuda_graphs import capture
     graph, _ = capture(lambda: [fn() for _ in range(calls)])
     return median_ms(graph.replay, warmup_ms, rep_ms) / calls
+
+
+def copy_bandwidth(device="cuda", nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), measured now: the floor's denominator."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    ms = wall_ms(lambda: y.copy_(x), calls=10)
+    del x, y
+    return 2 * nbytes / (ms * 1e-3)
 
 
 # -- FlashInfer -----------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+import harness  # benchmarks/harness.py (this folder is on sys.path when run as a script)
+
 os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0", HF_HUB_OFFLINE="1",
                   TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
 TINY, QWEN = "/tmp/ckv-tiny-llama", "/tmp/ckv-qwen-shape"
@@ -113,28 +115,13 @@ def smoke():
     print("PASS: CUSTOM(dense) == TRITON_ATTN, eager and CUDA graphs; quest / quest_art graph == eager")
 
 
-def copy_bandwidth():
-    import torch
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    n = 10
-    for _ in range(n):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * n / (time.perf_counter() - t)  # read + write bytes per second
-
-
 def bench_one(backend, name, contexts, batches, new_tokens):
     import torch
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     llm = engine(backend, model=QWEN, eager=False, max_model_len=max(contexts) + new_tokens + 64,
                  max_num_seqs=max(batches), gpu_memory_utilization=0.6, enable_prefix_caching=True)
-    bw = copy_bandwidth()
+    bw = harness.copy_bandwidth("cuda", 2 << 30)
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(QWEN)
     params = (cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
@@ -172,15 +159,12 @@ def bench(backend, policy, contexts, batches, new_tokens):
     print("| backend:policy | context | batch | decode tokens/s | floor tokens/s (dense bytes) | note |\n|---|---|---|---|---|---|")
     rows = child(["--bench-one", backend, name, ",".join(map(str, contexts)), ",".join(map(str, batches)),
                   str(new_tokens)], env)
-    import torch
-    gpu = "unknown GPU"
-    try:
-        gpu = torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001 (the name is a label only)
-        pass
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, f"vllm-bench-{name.replace(':', '-')}.json"), "w") as f:
-        json.dump({"gpu": gpu, "commit": os.environ.get("CKV_COMMIT", ""), "rows": rows}, f, indent=1)
+    table = "\n".join(f"| {r['backend']}:{r['policy']} | {r['context']} | {r['batch']} | {r['tokens_per_s']:,.0f} "
+                      f"| {r['floor_tokens_per_s']:,.0f} |" for r in rows)
+    harness.write_report(os.environ.get("OUT", "."), f"vllm-bench-{name.replace(':', '-')}", harness.run_meta(),
+                         rows, "| backend:policy | context | batch | decode tokens/s | floor tokens/s |\n|---|---|---|---|---|\n"
+                         + table,
+                         title=f"vLLM {name}")
 
 
 if __name__ == "__main__":

@@ -19,49 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import harness  # noqa: E402  (benchmarks/harness.py)
 import composable_kv as ckv  # noqa: E402
 from composable_kv.ints import cdiv  # noqa: E402
 from composable_kv.policies.write_gate.admission import GatedPipeline  # noqa: E402
 from composable_kv.policies.write_gate.gated_cache import GatedSlots  # noqa: E402
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _time_ms(fn, iters: int, warmup: int = 5) -> float:
-    """Median ms of fn: CUDA events on the GPU, wall time on the CPU (the dry run)."""
-    for _ in range(warmup):
-        fn()
-    if not torch.cuda.is_available():
-        return 1e3 * statistics.median(_wall(fn) for _ in range(iters))
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def _wall(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _policy(name, stages, gate=None):
@@ -91,7 +61,7 @@ def run_layer(args) -> list[dict]:
         pipe = _policy(name, stages)
         pipe.plan(dense, ids)
         res = pipe.run(q, dense, 0)
-        ms = _time_ms(lambda: pipe.run(q, dense, 0), args.iters)
+        ms = harness.median_ms(lambda: pipe.run(q, dense, 0), calls=args.iters)
         rows.append(dict(policy=name, admit=1.0, decode_ms=ms, write_ms=float("nan"), plan_ms=float("nan"),
                          pages_held=B * pages_per_seq * H, pages_read=int(res.pages_read.sum())))
     del dense
@@ -103,10 +73,7 @@ def run_layer(args) -> list[dict]:
             1, H, D, B * H * (cdiv(T + steps, S) + 1) + 1, dtype=dt, device=dev)
         rids = [cache.add_sequence() for _ in range(B)]
         gates = (torch.rand(B * T, H, device=dev, generator=g) < p).float()  # g in {0, 1}: admit with prob p
-        t0 = time.perf_counter()
-        cache.write(0, cache.reserve(rids, [T] * B), k, v, g=gates)
-        _sync()
-        build_s = time.perf_counter() - t0
+        build_s = harness.wall_ms(lambda: cache.write(0, cache.reserve(rids, [T] * B), k, v, g=gates)) / 1e3
         cache.reserve_ahead(rids, T + steps)
         pos = torch.full((B,), T, dtype=torch.long, device=dev)
         k1, v1 = k[:B].clone(), v[:B].clone()
@@ -115,16 +82,16 @@ def run_layer(args) -> list[dict]:
         def write_one():
             cache.write(0, GatedSlots(rids, [1] * B, pos), k1, v1, g=g1)
             pos.add_(1)  # the next token's position, on the device
-        write_ms = _time_ms(write_one, args.iters)
+        write_ms = harness.median_ms(write_one, calls=args.iters)
         cache.advance(rids, args.iters + 5)
         for name, stages in ((f"write_gate{p:.2f}", read), (f"write_gate{p:.2f}_quest{args.budget}_art", quest_art)):
             gp = GatedPipeline(_policy(name, stages, gate))
             gp.plan(cache, rids)
-            plan_ms = _time_ms(lambda: gp._layer_plan(cache, 0), args.iters)
+            plan_ms = harness.median_ms(lambda: gp._layer_plan(cache, 0), calls=args.iters)
             inner = gp._pipe(0)
             qh = q.view(B * H, Hq // H, D)
             res = inner.run(qh, cache.pool, 0)
-            ms = _time_ms(lambda: inner.run(qh, cache.pool, 0), args.iters)
+            ms = harness.median_ms(lambda: inner.run(qh, cache.pool, 0), calls=args.iters)
             full = gp.run(q, cache, 0)  # the whole per-layer call (device plan + decode) agrees with the inner one
             assert torch.equal(full.pages_read.flatten(), res.pages_read.flatten())
             rows.append(dict(policy=name, admit=p, decode_ms=ms, write_ms=write_ms, plan_ms=plan_ms,
@@ -179,12 +146,11 @@ def time_policy(model, policy, prompts, steps: int, prefill, layers: str = "auto
     try:
         logits = s.prefill(prompts, prefill)
         logits = s.decode(logits.argmax(-1))  # eager first step (+ capture)
-        _sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            logits = s.decode(logits.argmax(-1))
-        _sync()
-        ms = (time.perf_counter() - t0) / steps * 1e3
+        state = {"logits": logits}
+
+        def step():
+            state["logits"] = s.decode(state["logits"].argmax(-1))
+        ms = harness.wall_ms(step, calls=steps)
         st = s.steps[1:]
         out = dict(ms_per_step=ms, tokens_per_s=B / (ms * 1e-3), path=f"{s.decode_path}, {s.layers} layers",
                    kv_gb_per_step=sum(sum(x.kv_bytes_read) for x in st) / len(st) / 1e9)
