@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import harness  # noqa: E402  (benchmarks/harness.py)
 from composable_kv.policies.attention_predictor.predictor import PredictorCNN, features  # noqa: E402
 
 SHAPES = {"smollm2-135m": (9, 3, 64, 28), "llama-8b": (32, 8, 128, 30)}  # Hq, Hkv, D, predictor layers
@@ -34,14 +34,8 @@ def timeit(fn, device, reps: int = 30) -> float:
     for _ in range(3):
         fn()
     if device.type == "cuda":
-        import triton
-        return float(triton.testing.do_bench(fn, warmup=5, rep=max(reps * 5, 25)))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return sorted(ts)[len(ts) // 2]
+        return harness.median_ms(fn, warmup_ms=5, rep_ms=max(reps * 5, 25))
+    return harness.median_ms(fn, calls=reps)
 
 
 def cnn_rows(device, shapes, batches, contexts, histories):

@@ -22,12 +22,13 @@ import csv
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import harness  # noqa: E402  (benchmarks/harness.py)
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-8b": (32, 8, 128)}  # Hq, Hkv, D
 TARGETS = {"attention_predictor": 1.5, "ltri": 1.2}  # issue 17: at most this many times Quest's per-layer cost
@@ -68,26 +69,12 @@ def build(name, stages, shape, B, ctx, device, dtype, backend):
 
 
 def time_layer(pipe, cache, q, device, reps: int) -> float:
-    """Median ms of one layer's pipe.run: a replayed CUDA graph on CUDA, eager elsewhere."""
+    """Median ms of one layer's pipe.run: replayed from a CUDA graph on CUDA, eager elsewhere."""
     for _ in range(3):  # grows the stage's tables, builds indexes, compiles kernels
         pipe.run(q, cache, 0)
     if device.type != "cuda":
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            pipe.run(q, cache, 0)
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return sorted(ts)[len(ts) // 2]
-    import triton
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        pipe.run(q, cache, 0)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        pipe.run(q, cache, 0)
-    return float(triton.testing.do_bench(graph.replay, warmup=10, rep=max(50, reps * 5)))
+        return harness.median_ms(lambda: pipe.run(q, cache, 0), calls=reps)
+    return harness.graph_ms(lambda: pipe.run(q, cache, 0), warmup_ms=10, rep_ms=max(50, reps * 5), calls=1)
 
 
 def rows_for(shape, B, ctx, device, terminal, budget, reps) -> list[dict]:

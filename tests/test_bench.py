@@ -306,3 +306,18 @@ def test_git_commit_without_override_names_head(monkeypatch):
         pytest.skip("not a git checkout")
     assert harness.git_commit().split("+")[0] == head.stdout.strip()
 
+
+
+def test_one_timer_and_one_flashinfer_wrapper():
+    """Every benchmark times and builds FlashInfer through the harness: no second do_bench or wrapper."""
+    from pathlib import Path
+
+    import harness
+    for path in sorted(Path(harness.__file__).parent.glob("*.py")):
+        if path.name == "harness.py":
+            continue
+        text = path.read_text()
+        assert "do_bench(" not in text, f"{path.name} times with its own do_bench; use harness.median_ms"
+        assert "Event(enable_timing" not in text, f"{path.name} times with its own CUDA events; use the harness"
+        assert "BatchDecodeWithPagedKVCacheWrapper(" not in text, f"{path.name} builds its own FlashInfer wrapper"
+        assert "def copy_bandwidth" not in text, f"{path.name} measures bandwidth itself; use harness.copy_bandwidth"
