@@ -209,7 +209,8 @@ def describe(pipeline) -> list[str]:
                   f"forced + top pages under {sp.shadow_budget_tokens} tokens; order best-first{extra}")
         steps = ([f"score_select: {what}; {sel}"] if sp.select else []) + [f"shadow_select: {shadow}"]
     else:
-        steps = [f"score_select: {what}; {sel}; order best-first{extra}"]
+        first = "the request's last page, then best-first" if rule.kind is StopKind.CALIBRATED else "best-first"
+        steps = [f"score_select: {what}; {sel}; order {first}{extra}"]
     steps += [f"paged_decode: {stop}",
               "merge (only when num_splits > 1): LSE merge of the splits, pages_read, tau_bound"]
     lines.append(f"path: triton fused, <= {len(steps)} launches per layer, no host sync, CUDA-graph capturable")

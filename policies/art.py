@@ -18,9 +18,10 @@ class Art(TerminalStage):
                      from per-page logit upper bounds U_b: sigmoid(LSE_R(U_b + log n_b) - log Z_S) <= delta.
                      Then ||o - o_S|| <= delta * (max_R ||v|| + ||o_S||).
     stop: calibrated a HEURISTIC, not certified: the certified tail corrected by the bound's slack observed on
-                     the pages already read, c = max_{b read} (log sum_{t in b} e^{s_t} - U_b - log n_b) <= 0,
-                     per query head; stop once sigmoid(LSE_R(U_b + log n_b) + c - log Z_S) <= delta. It stops
-                     no later than the certified stop at the same delta; the unread mass can exceed delta.
+                     the full pages already read, c = max_{b read} (log sum_{t in b} e^{s_t} - U_b - log n_b)
+                     <= 0, per query head; stop once sigmoid(LSE_R(U_b + log n_b) + c - log Z_S) <= delta. The
+                     request's last page is read first. It stops no later than the certified stop at the same
+                     delta; the unread mass can exceed delta (kernels/paged_decode/README.md).
     accumulate: bf16 rounds the running output o = acc/l to bf16 after every chunk (in the reference and
                 the Triton kernel): a change below half a bf16 ulp of every element leaves o unchanged,
                 so the stability check sees exactly zero change.
