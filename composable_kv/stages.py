@@ -254,6 +254,13 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
+def unregister_stage(name: str) -> None:
+    """Remove a stage from the registry (a notebook redefining one, a test cleaning up after itself)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"stage {name!r} is not registered (registered: {sorted(_REGISTRY)})")
+    del _REGISTRY[name]
+
+
 def registered_stages() -> dict[str, type[Stage]]:
     return dict(sorted(_REGISTRY.items()))
 

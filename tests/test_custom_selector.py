@@ -61,6 +61,8 @@ def test_duplicate_stage_name_is_refused():
 def test_score_with_wrong_shape_is_named():
     from dataclasses import dataclass
 
+    from composable_kv.stages import registered_stages, unregister_stage
+
     @ckv.register_stage
     @dataclass
     class BadShape(ckv.ScoringSelector):
@@ -69,11 +71,15 @@ def test_score_with_wrong_shape_is_named():
         def score(self, ctx):
             return torch.zeros(1)
 
-    pipe = ckv.compile({"stages": [{"stage": "bad_shape_test", "budget_tokens": 16}, {"stage": "attend"}]})
-    cache, ids, *_ = build_cache([40], summaries=pipe.required_summaries)
-    pipe.plan(cache, ids)
-    with pytest.raises(ValueError, match=r"bad_shape_test.*score\(\) returned shape \(1,\)"):
-        pipe.run(torch.randn(1, 2, 16), cache, 0)
+    try:
+        pipe = ckv.compile({"stages": [{"stage": "bad_shape_test", "budget_tokens": 16}, {"stage": "attend"}]})
+        cache, ids, *_ = build_cache([40], summaries=pipe.required_summaries)
+        pipe.plan(cache, ids)
+        with pytest.raises(ValueError, match=r"bad_shape_test.*score\(\) returned shape \(1,\)"):
+            pipe.run(torch.randn(1, 2, 16), cache, 0)
+    finally:  # a broken stage must not stay registered: tests/test_every_stage.py runs every registered one
+        unregister_stage("bad_shape_test")
+    assert "bad_shape_test" not in registered_stages()
 
 
 def test_stage_protocol_hooks_are_declared_not_discovered():
