@@ -231,6 +231,18 @@ class PagedKVCache:
             if not s.in_fused_write:
                 s.update(self, layer, slots, None, None)
 
+    # the fused decoder's write hook (composable_kv.decoder): one token per request, `ops` = kernels/decoder_ops
+    fused_write = "rope_write (rotary + K/V page write + key min/max, value norm: one kernel)"
+
+    def rope_write(self, layer: int, slots: AppendSlots, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, ops) -> torch.Tensor:
+        """Rotary on q [B, Hq*D] and k [B, Hkv*D] (cos/sin [B, D]), the new K/V into `slots` with the
+        summaries updated -> the rotated q [B, Hq, D]. Another cache (an admission stage's) may write its own way."""
+        q = ops.rope_write(q, k, v, cos, sin, self.k[layer], self.v[layer], slots.page_ids, slots.offsets,
+                           *self.summary_tensors(layer))
+        self.refresh_after_fused_write(layer, slots)
+        return q
+
     def rebuild_summaries(self, layer: int, seq_ids: list[int] | None = None, chunk: int = 8192) -> None:
         """Recompute every summary of the sequences' pages from their K/V (after K/V were filled directly),
         `chunk` pages at a time (a rebuild copies the pages it reads)."""

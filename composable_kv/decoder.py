@@ -8,6 +8,10 @@ weights (nothing is copied or changed), as
     add+RMSNorm -> q/k/v GEMMs -> rotary + K/V page write + summaries (one kernel) -> attention
     -> o GEMM -> add+RMSNorm -> gate/up GEMMs -> SiLU*up -> down GEMM
 
+The K/V write goes through the session's cache, ``cache.rope_write(layer, slots, q, k, v, cos, sin, ops)
+-> rotated q``: a ``PagedKVCache`` runs the one-kernel ``rope_write`` op, an admission stage's cache
+(write_gate's gated cache) runs rotary alone and then its own write; ``cache.fused_write`` names which.
+
 Families: Llama, Mistral and Qwen2 (RMSNorm, rotary, GQA, SwiGLU, optional q/k/v biases, sliding
 windows). The ops round where transformers' modules do (``kernels/decoder_ops``); the tests compare
 the step with the modules' step. ``PolicySession(layers=...)`` chooses it: ``auto`` takes it on CUDA
@@ -56,11 +60,11 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def choose_layers(requested: str, model, device: torch.device, admission: bool) -> tuple[str, str]:
+def choose_layers(requested: str, model, device: torch.device) -> tuple[str, str]:
     """(path, why): ``fused`` (FusedDecoder) or ``modules`` (transformers' own layers)."""
     if requested not in LAYER_PATHS:
         raise DecodeLayersError(f"layers: expected one of {list(LAYER_PATHS)}, got {requested!r}")
-    reason = "the admission stage writes through its gated cache" if admission else unsupported_reason(model)
+    reason = unsupported_reason(model)
     if requested == "fused":
         if reason is not None:
             raise DecodeLayersError(f"layers='fused' cannot run {type(model).__name__}: {reason}; "
@@ -118,8 +122,8 @@ class FusedDecoder:
                 attend: Callable[[int, torch.Tensor, float, int | None], torch.Tensor]) -> torch.Tensor:
         """input_ids/positions [B, 1] -> next-token logits [B, V] fp32.
 
-        Writes each layer's new K/V to ``slots`` (page_ids/offsets [B]); ``attend(layer, q [B, Hq, D],
-        scaling, window) -> [B, Hq, D]`` is the session's decode attention (the policy)."""
+        Writes each layer's new K/V to ``slots`` through ``cache.rope_write`` (see the module doc);
+        ``attend(layer, q [B, Hq, D], scaling, window) -> [B, Hq, D]`` is the session's decode attention."""
         ops = self.ops
         dev = cache.device
         input_ids, positions = input_ids.to(dev), positions.to(dev)  # the host path plans them on the CPU
@@ -130,9 +134,7 @@ class FusedDecoder:
         for i, L in enumerate(self.layers):
             a = L.attn
             x = ops.add_rms_norm(residual, delta, L.norm1.weight, L.norm1.variance_epsilon)  # [B, H]
-            q = ops.rope_write(a.q_proj(x), a.k_proj(x), a.v_proj(x), cos, sin, cache.k[i], cache.v[i],
-                               slots.page_ids, slots.offsets, *cache.summary_tensors(i))  # [B, Hq, D]
-            cache.refresh_after_fused_write(i, slots)
+            q = cache.rope_write(i, slots, a.q_proj(x), a.k_proj(x), a.v_proj(x), cos, sin, ops)  # [B, Hq, D]
             out = attend(i, q.to(cache.dtype), a.scaling, L.window)  # [B, Hq, D]
             delta = a.o_proj(out.to(q.dtype).flatten(1))
             x = ops.add_rms_norm(residual, delta, L.norm2.weight, L.norm2.variance_epsilon)

@@ -278,7 +278,7 @@ class PolicySession:
         self.decode_path, self.decode_path_reason = choose_decode_path(decode_path, self.pipeline, self.device)
         self.max_total_tokens = max_total_tokens
         self._admission = self.pipeline.admission is not None
-        self.layers, self.layers_reason = choose_layers(layers, model, self.device, self._admission)
+        self.layers, self.layers_reason = choose_layers(layers, model, self.device)
         self._decoder = FusedDecoder(model) if self.layers == "fused" else None
         self.attention = attention
         if attention is not None and (self.pipeline.selectors or self.pipeline.admission is not None):
@@ -311,8 +311,9 @@ class PolicySession:
         return self._step is not None and self._step.graph is not None
 
     def describe(self) -> str:
+        write = f"; K/V write: {self.cache.fused_write}" if self.layers == "fused" else ""
         return (f"decode path: {self.decode_path} ({self.decode_path_reason})\n"
-                f"decode layers: {self.layers} ({self.layers_reason})\n"
+                f"decode layers: {self.layers} ({self.layers_reason}){write}\n"
                 + self.pipeline.describe(self.device))
 
     @property

@@ -211,6 +211,39 @@ def test_device_path_equals_host_path(tiny, tmp_path, stack):
         assert any(r < d for x in dev[2] for r, d in zip(x.kv_bytes_read, x.dense_kv_bytes))
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_fused_layers_equal_modules(tmp_path, family, path):
+    """A write_gate session on the fused decode layers (rotary op, then the gated cache's write) gives the
+    modules' logits and greedy tokens, keeps the same tokens and reads the same pages and bytes (fp32)."""
+    from tiny_families import tiny_family
+    model = tiny_family(family, window=1024)  # windows wider than the session: the policy reads every layer
+    dense, stages = DEVICE_STACKS["quest_art"]
+    policy = _policy(_random_gate_file(tmp_path), 0.5, stages, dense_layers=dense)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (40, 23)]
+    runs = {}
+    for layers in ("fused", "modules"):
+        s = hf.PolicySession(model, policy, max_total_tokens=60, batch_size=2, decode_path=path, layers=layers)
+        try:
+            assert s.layers == layers and f"decode layers: {layers}" in s.describe()
+            logits = s.prefill(prompts)
+            rows = []
+            for _ in range(10):  # the 16-token window is full from the first step: tokens leave every step
+                logits = s.decode(logits.argmax(-1))
+                rows.append(logits)
+            kept = [s.cache.kept_positions(rid, layer, h) for rid in s.seq_ids for layer in range(3) for h in range(2)]
+            runs[layers] = (torch.stack(rows), kept, s.steps, s.cache.stats())
+        finally:
+            s.close()
+    fused, mods = runs["fused"], runs["modules"]
+    torch.testing.assert_close(fused[0], mods[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused[0].argmax(-1), mods[0].argmax(-1))
+    assert fused[1] == mods[1] and fused[2] == mods[2] and fused[3] == mods[3]
+    assert 0 < fused[3]["admitted"] < fused[3]["evicted"]
+
+
 def test_auto_path_is_device_on_cpu(tiny, tmp_path):
     policy = _policy(_random_gate_file(tmp_path), 0.5, [{"stage": "attend"}])
     s = hf.PolicySession(tiny, policy, max_total_tokens=64, batch_size=1)
@@ -267,9 +300,11 @@ def no_host_sync(monkeypatch):
 
 
 @pytest.mark.interpret
-def test_device_decode_does_not_sync_with_the_host(tiny, tmp_path, monkeypatch, no_host_sync):
+@pytest.mark.parametrize("layers", ["modules", "fused"])
+def test_device_decode_does_not_sync_with_the_host(tiny, tmp_path, monkeypatch, no_host_sync, layers):
     """The device path with the Triton kernels (the interpreter on the CPU): 8 decode steps read nothing back
-    (the window of 16 is full from the first step, so tokens leave, are admitted or dropped, pages finalize)."""
+    (the window of 16 is full from the first step, so tokens leave, are admitted or dropped, pages finalize),
+    through transformers' modules or the fused decode layers."""
     from conftest import INTERPRET
     if not INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 (the reference decode is not the device path's kernel)")
@@ -278,8 +313,9 @@ def test_device_decode_does_not_sync_with_the_host(tiny, tmp_path, monkeypatch, 
     policy = ckv.compile({"name": "wg", "page_size": 8, "dense_layers": dense, "stages": [
         {"stage": "write_gate", "threshold": 0.5, "window_tokens": 16, "weights": _random_gate_file(tmp_path)}]
         + stages}, backend="triton")
-    s = hf.PolicySession(tiny, policy, max_total_tokens=90, batch_size=2, decode_path="device")
+    s = hf.PolicySession(tiny, policy, max_total_tokens=90, batch_size=2, decode_path="device", layers=layers)
     try:
+        assert s.layers == layers
         g = torch.Generator().manual_seed(2)
         logits = s.prefill([torch.randint(1, 96, (n,), generator=g).tolist() for n in (40, 23)])
         with no_host_sync():

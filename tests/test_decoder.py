@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 from helpers import tiny_llama  # noqa: E402
+from tiny_families import tiny_family  # noqa: E402
 
 import composable_kv as ckv  # noqa: E402
 from composable_kv import hf  # noqa: E402
@@ -94,6 +95,31 @@ def test_rope_write(dtype, cache_dtype, hq, hkv, d, summaries):
 @needs_triton
 @pytest.mark.interpret
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (3, 1, 64), (2, 2, 8)])
+def test_rope(dtype, hq, hkv, d):
+    """Rotary alone (what a cache that writes K/V itself gets) == the reference == rope_write's rotation."""
+    from composable_kv.kernels.decoder_ops import triton as tk
+    g = torch.Generator().manual_seed(hq * 10 + d)
+    B = 3
+    q, k, v = (torch.randn(B, h * d, generator=g).to(DEV, dtype) for h in (hq, hkv, hkv))
+    ang = torch.rand(B, d // 2, generator=g) * 6
+    cos, sin = (torch.cat([f(ang), f(ang)], -1).to(DEV, dtype) for f in (torch.cos, torch.sin))
+    q_ref, k_ref = ref.rope(q, k, cos, sin)
+    q_tk, k_tk = tk.rope(q, k, cos, sin)
+    assert q_tk.shape == (B, hq, d) and k_tk.shape == (B, hkv, d)
+    _close(q_tk, q_ref, dtype)
+    _close(k_tk, k_ref, dtype)
+    kp, vp = (torch.zeros(4, hkv, 2, d, dtype=dtype, device=DEV) for _ in range(2))
+    pages, offs = torch.tensor([2, 0, 3], device=DEV), torch.tensor([1, 0, 1], device=DEV)
+    assert torch.equal(ref.rope_write(q, k, v, cos, sin, kp, vp, pages, offs), q_ref)
+    assert torch.equal(kp[pages, :, offs], k_ref)
+    with pytest.raises(ValueError, match="share a dtype"):
+        tk.rope(q, k.double(), cos, sin)
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [128, 1500])
 def test_silu_mul(dtype, n):
     from composable_kv.kernels.decoder_ops import triton as tk
@@ -103,22 +129,6 @@ def test_silu_mul(dtype, n):
 
 
 # ---------------------------------------------------------------- the fused step vs transformers' modules
-
-def _family(name: str, window: int = 12):
-    import transformers as tr
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.2,
-                  eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    torch.manual_seed(0)
-    if name == "llama":
-        return tiny_llama(256)
-    if name == "mistral":  # every layer windowed
-        return tr.MistralForCausalLM(tr.MistralConfig(sliding_window=window, **common)).eval()
-    if name == "qwen2":  # q/k/v biases; layers >= 1 windowed
-        return tr.Qwen2ForCausalLM(tr.Qwen2Config(use_sliding_window=True, sliding_window=window,
-                                                  max_window_layers=1, **common)).eval()
-    raise ValueError(name)
-
 
 def _decode_rows(model, policy, prompts, layers, steps=10, path="device", keep=None):
     s = hf.PolicySession(model, policy, max_total_tokens=max(map(len, prompts)) + steps + 1,
@@ -146,7 +156,7 @@ PATHS = ["host", "device"] + (["graph"] if DEV == "cuda" else [])
 def test_fused_step_equals_modules(family, policy, path):
     """Same logits, greedy tokens and read statistics as the model's own modules (fp32; on CUDA also
     captured in the decode step's graph)."""
-    model = _family(family).to(DEV)
+    model = tiny_family(family).to(DEV)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (30, 19, 41)]
     pipe = ckv.compile(DENSE if policy == "dense" else QUEST_ART, backend="reference" if DEV == "cpu" else "auto")
@@ -162,7 +172,7 @@ def test_fused_graph_bf16_agreement():
     """bf16 on the GPU, teacher-forced on the same tokens: the fused graph step's logits against the modules'.
 
     Both round in bf16, in different GEMM groupings, so they agree to bf16 precision, not bit for bit."""
-    model = _family("qwen2").to(DEV, torch.bfloat16)
+    model = tiny_family("qwen2").to(DEV, torch.bfloat16)
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (40, 40, 33, 50)]
     feed = torch.randint(1, 96, (24, len(prompts)), generator=g).to(DEV)  # [steps, B]
@@ -203,12 +213,12 @@ def test_fused_step_keeps_shadow_summaries():
 @pytest.mark.cpu
 def test_layers_choice_and_errors():
     model = tiny_llama(64)
-    assert choose_layers("auto", model, torch.device("cpu"), admission=False)[0] == "modules"
-    assert choose_layers("auto", model, torch.device("cuda"), admission=False)[0] == "fused"
-    path, why = choose_layers("auto", model, torch.device("cuda"), admission=True)
-    assert path == "modules" and "admission" in why
+    assert choose_layers("auto", model, torch.device("cpu"))[0] == "modules"
+    assert choose_layers("auto", model, torch.device("cuda"))[0] == "fused"
     with pytest.raises(DecodeLayersError, match="layers: expected one of"):
-        choose_layers("fast", model, torch.device("cpu"), admission=False)
+        choose_layers("fast", model, torch.device("cpu"))
+    s = hf.PolicySession(model, "configs/dense.yaml", max_total_tokens=32, batch_size=1, layers="fused")
+    assert "decode layers: fused (asked for); K/V write: rope_write" in s.describe()
     import transformers as tr
     gemma = tr.Gemma3ForCausalLM(tr.Gemma3TextConfig(
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -25,6 +25,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary alone (for a cache that writes K/V itself): q [B, Hq*D], k [B, Hkv*D], cos/sin [B, D]
+    -> rotated (q [B, Hq, D], k [B, Hkv, D]) in q's and k's dtypes; the same values as ``rope_write``."""
+    B, D = cos.shape
+    c, s = cos[:, None], sin[:, None]  # [B, 1, D]
+    return _rotate(q.view(B, -1, D), c, s), _rotate(k.view(B, -1, D), c, s)
+
+
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor, offsets: torch.Tensor,
                key_min: torch.Tensor | None = None, key_max: torch.Tensor | None = None,

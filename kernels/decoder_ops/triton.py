@@ -136,6 +136,46 @@ def rope_write(q, k, v, cos, sin, k_pages, v_pages, page_ids, offsets, key_min=N
 
 
 @triton.jit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, stride_qb, stride_kb, stride_cb,
+                 stride_qob, stride_qoh, stride_kob, stride_koh,
+                 HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    i = tl.arange(0, HP)
+    m = i < HALF
+    c1 = tl.load(cos_ptr + b * stride_cb + i, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + b * stride_cb + HALF + i, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + b * stride_cb + i, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + b * stride_cb + HALF + i, mask=m, other=0.0).to(tl.float32)
+    DT: tl.constexpr = q_ptr.dtype.element_ty  # q and k share the projections' dtype (rope checks)
+    if h < HQ:  # a query head
+        src = q_ptr + b * stride_qb + h * D
+        dst = qo_ptr + b * stride_qob + h * stride_qoh
+    else:  # a KV head
+        src = k_ptr + b * stride_kb + (h - HQ) * D
+        dst = ko_ptr + b * stride_kob + (h - HQ) * stride_koh
+    x1 = tl.load(src + i, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + i, mask=m, other=0.0).to(tl.float32)
+    o1, o2 = _rotate_half(x1, x2, c1, c2, s1, s2, DT)
+    tl.store(dst + i, o1, mask=m)
+    tl.store(dst + HALF + i, o2, mask=m)
+
+
+def rope(q, k, cos, sin):
+    if q.dtype != k.dtype or q.stride(1) != 1 or k.stride(1) != 1:
+        raise ValueError(f"rope: q and k must share a dtype and have contiguous rows, got {q.dtype}/{k.dtype}, "
+                         f"strides {q.stride()}/{k.stride()}; pass the projections' outputs")
+    B, D = cos.shape
+    Hq, Hkv = q.shape[1] // D, k.shape[1] // D
+    q_out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(B, Hkv, D, dtype=k.dtype, device=k.device)
+    _rope_kernel[(B, Hq + Hkv)](q, k, cos, sin, q_out, k_out, q.stride(0), k.stride(0), cos.stride(0),
+                                q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+                                HQ=Hq, D=D, HALF=D // 2, HP=_pow2(D // 2), num_warps=1)
+    return q_out, k_out
+
+
+@triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, stride_g, stride_u, stride_o, N, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

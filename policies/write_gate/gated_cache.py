@@ -333,6 +333,18 @@ class GatedKVCache:
                                     admit[row:row + n])
             row += n
 
+    # the fused decoder's write hook (composable_kv.decoder; PagedKVCache.rope_write is the plain one)
+    fused_write = "rope (rotary) then the gated write (gate MLP, ring window, page moves: device ops)"
+
+    def rope_write(self, layer: int, slots: GatedSlots, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, ops) -> torch.Tensor:
+        """Rotary on q [B, Hq*D] and k [B, Hkv*D] (cos/sin [B, D], `ops` = kernels/decoder_ops), then `write`
+        of the rotated key and the value in the cache dtype, as the modules' attention writes them
+        -> the rotated q [B, Hq, D]."""
+        q, k = ops.rope(q, k, cos, sin)  # [B, Hq, D], [B, Hkv, D]
+        self.write(layer, slots, k.to(self.dtype), v.view(k.shape).to(self.dtype))
+        return q
+
     def _flat(self, tables: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Pool slot (page * S + offset) of triple slots `slot` [B, H] with page tables [B, H, P] -> int64."""
         S = self.page_size
