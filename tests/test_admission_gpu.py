@@ -1,7 +1,8 @@
 """The write-gated cache on the GPU: prefill + one-token steps on CUDA (moves, page finalization), then
 the fused Triton read path == the reference path over an identical CPU cache, bf16, GQA 4, head_dim 128;
-and a tiny model decoding through write_gate from one CUDA graph a step: same tokens, kept tokens and read
-counts as the eager device and host paths, and no host sync inside a step."""
+and a tiny model decoding through write_gate from one CUDA graph a step, on the fused decode layers and on
+the modules: same tokens, kept tokens and read counts as the eager device and host paths, and no host sync
+inside a step."""
 import pytest
 import torch
 
@@ -96,29 +97,37 @@ def _prompts():
 
 @pytest.mark.parametrize("stack", ["attend", "quest_art"])
 def test_graph_path_equals_eager_paths_fp32(tmp_path, stack):
+    """Graph, device and host paths, each on the fused decode layers and on the modules: the same tokens,
+    bytes read, kept tokens and counts (fp32)."""
     model = _tiny(torch.float32)
     pipe = _gated_policy(tmp_path, stack)
     out, kept = {}, {}
-    for path in ("graph", "device", "host"):
-        s = hf.PolicySession(model, pipe, max_total_tokens=600, batch_size=3, decode_path=path)
-        logits = s.prefill(_prompts())
-        toks = []
-        for _ in range(40):  # 40 steps past a 64-token window: tokens leave, are admitted or dropped
-            toks.append(logits.argmax(-1))
-            logits = s.decode(toks[-1])
-        assert s.decode_path == path and s.graph_captured == (path == "graph")
-        out[path] = (torch.stack(toks).tolist(), [st.kv_bytes_read for st in s.steps], s.cache.stats())
-        kept[path] = [s.cache.kept_positions(r, layer, h) for r in s.seq_ids for layer in range(3) for h in range(2)]
-        s.close()
-    assert out["graph"] == out["device"] == out["host"]
-    assert kept["graph"] == kept["device"] == kept["host"]
-    assert 0 < out["graph"][2]["admitted"] < out["graph"][2]["evicted"]
+    for layers in ("fused", "modules"):
+        for path in ("graph", "device", "host"):
+            s = hf.PolicySession(model, pipe, max_total_tokens=600, batch_size=3, decode_path=path, layers=layers)
+            logits = s.prefill(_prompts())
+            toks = []
+            for _ in range(40):  # 40 steps past a 64-token window: tokens leave, are admitted or dropped
+                toks.append(logits.argmax(-1))
+                logits = s.decode(toks[-1])
+            assert s.decode_path == path and s.graph_captured == (path == "graph") and s.layers == layers
+            out[layers, path] = (torch.stack(toks).tolist(), [st.kv_bytes_read for st in s.steps], s.cache.stats())
+            kept[layers, path] = [s.cache.kept_positions(r, layer, h) for r in s.seq_ids for layer in range(3)
+                                  for h in range(2)]
+            s.close()
+    first = ("fused", "graph")
+    for key in out:
+        assert out[key] == out[first], key
+        assert kept[key] == kept[first], key
+    assert 0 < out[first][2]["admitted"] < out[first][2]["evicted"]
 
 
-def test_a_gated_step_is_one_graph_replay_with_no_sync(tmp_path):
+@pytest.mark.parametrize("layers", ["fused", "modules"])
+def test_a_gated_step_is_one_graph_replay_with_no_sync(tmp_path, layers):
     model = _tiny(torch.bfloat16)
-    s = hf.PolicySession(model, _gated_policy(tmp_path, "quest_art"), max_total_tokens=600, batch_size=3)
-    assert s.decode_path == "graph"
+    s = hf.PolicySession(model, _gated_policy(tmp_path, "quest_art"), max_total_tokens=600, batch_size=3,
+                         layers=layers)
+    assert s.decode_path == "graph" and s.layers == layers
     logits = s.prefill(_prompts())
     logits = s.decode(logits.argmax(-1))  # the first step runs eagerly, then the step is captured
     assert s.graph_captured
