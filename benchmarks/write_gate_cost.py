@@ -2,6 +2,7 @@
 
     python benchmarks/write_gate_cost.py --batch 64 --context 8192 --out DIR          # one layer
     python benchmarks/write_gate_cost.py --e2e --batch 16 --context 32768 --out DIR   # tokens/s, whole model
+    python benchmarks/write_gate_cost.py --e2e ... --layers fused,modules             # write_gate on both layers
 
 One layer: random K/V and queries with Llama-8B attention shapes (32 query / 8 KV heads of 128, bf16,
 pages of 16) and random gates that admit a share `--admit` of the tokens leaving the window. Per policy:
@@ -12,8 +13,10 @@ layer's plan from the triples' device tables (`plan ms`); CUDA events (median), 
 End to end (`--e2e`): `hf.PolicySession` on a model of `--model` shape (benchmarks/e2e.py SHAPES, random
 weights) with random K/V in place of a prefill (e2e.SyntheticPrefill), one warm-up/capture step, then
 `--steps` timed steps; tokens/s of ckv dense (fused layers and transformers' modules) and of write_gate
-stacks (the gate: random weights whose bias admits about `--admit` of random keys; the row reports the
-share the cache actually admitted). Issue 17's target: write_gate >= 1.5x ckv dense tokens/s at 32k, B=16.
+stacks on the decode layers of `--layers` (fused: rotary, then the gated cache's write; modules:
+transformers' layers) (the gate: random weights whose bias admits about `--admit` of random keys; the row
+reports the share the cache actually admitted). Issue 17's target: write_gate >= 1.5x ckv dense (fused
+layers) tokens/s at 32k, B=16. The path column says which decode path and layers ran.
 """
 from __future__ import annotations
 
@@ -176,16 +179,18 @@ def run_e2e(args) -> list[dict]:
                             generator=torch.Generator().manual_seed(0)).tolist()
     tmp = Path(tempfile.mkdtemp(prefix="wg_e2e_"))
     dense = {"name": "dense", "page_size": 16, "stages": [{"stage": "attend"}]}
-    runs = [("ckv dense", dense, "auto"), ("ckv dense [modules]", dense, "modules")]
+    runs = [("ckv dense", dense, "fused"), ("ckv dense [modules]", dense, "modules")]
     for p in args.admit:
         gate = {"stage": "write_gate", "threshold": 0.5, "window_tokens": args.window,
                 "weights": str(calibrated_gate(shape, p, 0.5, tmp / f"gate{p}.pt"))}
-        runs.append((f"write_gate{p:.2f}", {"name": "wg", "page_size": 16, "stages": [gate, {"stage": "attend"}]},
-                     "auto"))
-        runs.append((f"write_gate{p:.2f}+quest{args.budget}+art",
-                     {"name": "wg-quest-art", "page_size": 16, "stages": [
-                         gate, {"stage": "quest", "budget_tokens": args.budget},
-                         {"stage": "art", "stop": "certified", "delta": 0.01}]}, "auto"))
+        for layers in args.layers:
+            tag = "" if layers == "fused" else f" [{layers}]"
+            runs.append((f"write_gate{p:.2f}{tag}",
+                         {"name": "wg", "page_size": 16, "stages": [gate, {"stage": "attend"}]}, layers))
+            runs.append((f"write_gate{p:.2f}+quest{args.budget}+art{tag}",
+                         {"name": "wg-quest-art", "page_size": 16, "stages": [
+                             gate, {"stage": "quest", "budget_tokens": args.budget},
+                             {"stage": "art", "stop": "certified", "delta": 0.01}]}, layers))
     rows = []
     for name, policy, layers in runs:
         if dev.type == "cuda":
@@ -207,7 +212,8 @@ def run_e2e(args) -> list[dict]:
 def e2e_table(rows, args) -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU dry run (fp32, eager)"
     lines = [f"write_gate end to end: {args.model} (random weights), batch {args.batch}, context {args.context}, "
-             f"window {args.window}, budget {args.budget}, {args.steps} timed steps; {gpu}",
+             f"window {args.window}, budget {args.budget}, {args.steps} timed steps, write_gate on "
+             f"{'/'.join(args.layers)} layers; {gpu}",
              "| provider | path | ms/step | tok/s | x ckv dense | KV GB/step | admitted (of evicted) | kept | note |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -224,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--e2e", action="store_true", help="end-to-end tokens/s (whole model) instead of one layer")
     p.add_argument("--model", default="llama3-8b-shape", help="--e2e: a model shape of benchmarks/e2e.py")
     p.add_argument("--steps", type=int, default=32, help="--e2e: timed decode steps")
+    p.add_argument("--layers", type=lambda s: s.split(","), default=["fused"],
+                   help="--e2e: decode layers of the write_gate rows, comma-separated: fused, modules")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--q-heads", type=int, default=32)
@@ -238,6 +246,9 @@ def main(argv=None) -> int:
     for a in args.admit:
         if not 0.0 <= a <= 1.0:
             p.error(f"--admit: shares in [0, 1], got {a}")
+    for layers in args.layers:
+        if layers not in ("fused", "modules"):
+            p.error(f"--layers: fused or modules (comma-separated), got {layers!r}")
     rows = run_e2e(args) if args.e2e else run_layer(args)
     text = e2e_table(rows, args) if args.e2e else layer_table(rows, args)
     print(text)
