@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels.page_select import triton as select_tk
+from .kernels.paged_decode.output import DecodeOut
 from .kernels.paged_decode import triton as decode_tk
 from .ints import cdiv
 from .stages import ScoreKind, StopKind
@@ -106,7 +107,6 @@ def _generic_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, 
 
 
 def run_layer(pipeline, ctx):
-    from .pipeline import DecodeResult
     plan, c, layer = ctx.plan, ctx.cache, ctx.layer
     q = ctx.q
     if q.stride(-1) != 1:
@@ -116,7 +116,7 @@ def run_layer(pipeline, ctx):
         out, pages, _ = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
                                                 None, None, sm_scale=ctx.sm_scale, rule=None, num_splits=S,
                                                 natural=True, out_dtype=q.dtype)
-        return DecodeResult(out, pages, None)
+        return DecodeOut(out, pages, None)
     sp = spec(pipeline)
     if not sp.fused:
         return pipeline.run_generic(ctx, _generic_decode)
@@ -129,7 +129,7 @@ def run_layer(pipeline, ctx):
                                                   order, count, sm_scale=ctx.sm_scale,
                                                   rule=rule if kind else None, tail_lse=tail, num_splits=S,
                                                   out_dtype=q.dtype)
-        return DecodeResult(out, pages, tau)
+        return DecodeOut(out, pages, tau)
     budget_pages = cdiv(sp.budget_tokens, plan.page_size) if sp.select else 0
     terms = None
     if kind is StopKind.CALIBRATED:
@@ -150,7 +150,7 @@ def run_layer(pipeline, ctx):
     out, pages, tau = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
                                               order, count, sm_scale=ctx.sm_scale, rule=rule if kind else None,
                                               tail_lse=tail, bound_terms=terms, num_splits=S, out_dtype=q.dtype)
-    return DecodeResult(out, pages, tau)
+    return DecodeOut(out, pages, tau)
 
 
 def _shadow_launches(sp, q, c, layer, plan, sm_scale, certified):

@@ -22,7 +22,7 @@ from .kernels import backend_for as kernel_backend_for
 from .kernels.page_score import reference as score_ref
 from .kernels.page_select import reference as select_ref
 from .kernels.paged_decode import reference as decode_ref
-from .kernels.paged_decode.reference import DecodeOut
+from .kernels.paged_decode.output import DecodeOut
 from .ints import cdiv
 
 BACKENDS = ("auto", "reference", "triton")

@@ -6,22 +6,12 @@ positions s, s+S, s+2S, ... and applies the stop to its own pages; the splits me
 See README.md in this folder for the rules and why the certified stop stays valid across splits.
 """
 import math
-from dataclasses import dataclass
 
 import torch
 
+from .output import DecodeOut
+
 NEG_INF = float("-inf")
-
-
-@dataclass
-class DecodeOut:
-    """The one decode-output type: the kernels return it (out fp32) and so does pipeline.run (out in q's
-    dtype; exported as composable_kv.DecodeResult)."""
-    out: torch.Tensor          # [B, Hq, D]
-    pages_read: torch.Tensor   # [B, Hkv] int32
-    tau_bound: torch.Tensor | None = None  # [B, Hq] certified upper bound on the unread mass (certified only)
-    page_lse: torch.Tensor | None = None  # [B, Hq, P] log of each page's unnormalised mass; -inf if not read
-    lse: torch.Tensor | None = None       # [B, Hq] log of the total mass read (m + log l after the merge)
 
 
 def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,

@@ -7,7 +7,6 @@ its pages. With S > 1 a merge kernel combines the splits by LSE. Dense decode is
 NATURAL=True (position i of the list is page i) and no stop. See README.md for the rules.
 """
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -15,21 +14,13 @@ import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 from ..page_score.triton import _pow2
+from .output import DecodeOut
 
 NEG_INF = tl.constexpr(float("-inf"))
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 RULES = {None: 0, "stability": 1, "certified": 2, "calibrated": 3}
-
-
-@dataclass
-class DecodeOut:
-    out: torch.Tensor          # [B, Hq, D] fp32
-    pages_read: torch.Tensor   # [B, Hkv] int32
-    tau_bound: torch.Tensor | None  # [B, Hq]
-    page_lse: torch.Tensor | None = None  # [B, Hq, P] (page_mass=True): log page mass, -inf if not read
-    lse: torch.Tensor | None = None       # [B, Hq] (page_mass=True): log total mass read
 
 
 @triton.jit
