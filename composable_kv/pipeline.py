@@ -356,17 +356,20 @@ class DecodePipeline:
     def kv_bytes_read(self, res: DecodeResult, cache: PagedKVCache, layer: int | None = None) -> torch.Tensor:
         """Bytes read for one layer per request [B]: K/V pages read plus the page summaries scored."""
         sparse = layer is None or not self.is_dense_layer(layer)
-        return self.bytes_for(cache, res.pages_read.sum(-1), int(sparse))
+        return self.bytes_for(cache, res.pages_read.sum(-1), int(sparse), layer)
 
-    def bytes_for(self, cache: PagedKVCache, pages: torch.Tensor, sparse_layers: int) -> torch.Tensor:
+    def bytes_for(self, cache: PagedKVCache, pages: torch.Tensor, sparse_layers: int,
+                  layer: int | None = None) -> torch.Tensor:
         """Bytes read per request [B] float64: `pages` [B] K/V pages read (any layers) plus the page
-        summaries that `sparse_layers` non-dense layers scored under the current plan."""
+        summaries that `sparse_layers` non-dense layers scored under the current plan (layer: the one
+        layer they were read in; None: a whole step's sparse layers)."""
         page_kv = 2 * cache.page_size * cache.head_dim * cache.dtype.itemsize
         total = pages.to(torch.float64) * page_kv
-        return total + self.summary_bytes(cache) * sparse_layers if sparse_layers else total
+        return total + self.summary_bytes(cache, layer) * sparse_layers if sparse_layers else total
 
-    def summary_bytes(self, cache: PagedKVCache) -> torch.Tensor:
-        """Summary bytes one non-dense layer reads per request [B] float64 (all KV heads), current plan."""
+    def summary_bytes(self, cache: PagedKVCache, layer: int | None = None) -> torch.Tensor:
+        """Summary bytes a non-dense layer reads per request [B] float64 (all KV heads), current plan;
+        layer None: the mean over the sparse layers."""
         plan = self._plan
         pages = plan.num_pages.to(torch.float64)  # [B] pages a selector may score
         scored = torch.zeros_like(pages)  # [B] summary bytes per KV head
@@ -376,7 +379,7 @@ class DecodePipeline:
                 continue
             # a re-ranker (key_shadow) reads its summary only for the pages the previous scorer kept
             in_play = pages if s.scores_kept_only else plan.num_pages.to(torch.float64)
-            scored += in_play * s.summary_bytes_per_page(cache)
+            scored += in_play * s.summary_bytes_per_page(cache, layer)
             if isinstance(s, ScoringSelector):
                 pages = torch.minimum(pages, n_forced.clamp(min=s.budget_pages(cache.page_size)))
         if self.needs_box_bound:

@@ -129,8 +129,9 @@ class Stage:
         """Page summaries it reads (composable_kv.summaries); the cache keeps exactly these."""
         return frozenset()
 
-    def summary_bytes_per_page(self, cache) -> int:
-        """Bytes this stage reads per (page, KV head) besides the K/V pages the terminal reads."""
+    def summary_bytes_per_page(self, cache, layer: int | None = None) -> int:
+        """Bytes this stage reads per (page, KV head) in `layer` besides the K/V pages the terminal reads;
+        layer None: the mean over the sparse layers (a step's total is that times their count)."""
         return 0
 
     def new_state(self, cache) -> StageState | None:

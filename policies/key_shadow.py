@@ -30,7 +30,7 @@ class KeyShadow(ScoringSelector):
     def required_summaries(self):
         return frozenset({self.summary_name, KEY_MINMAX})
 
-    def summary_bytes_per_page(self, cache) -> int:
+    def summary_bytes_per_page(self, cache, layer: int | None = None) -> int:
         """Per scored page (only those the previous scorer kept): codes, per-channel step, zero point."""
         return SUMMARIES[self.summary_name].bytes_per_page(cache)
 

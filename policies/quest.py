@@ -28,7 +28,7 @@ class Quest(ScoringSelector):
     def required_summaries(self):
         return frozenset({KEY_MINMAX})
 
-    def summary_bytes_per_page(self, cache) -> int:
+    def summary_bytes_per_page(self, cache, layer: int | None = None) -> int:
         return SUMMARIES[KEY_MINMAX].bytes_per_page(cache)
 
     def score(self, ctx):

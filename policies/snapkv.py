@@ -98,7 +98,7 @@ class SnapKV(ScoringSelector):
     def new_state(self, cache) -> _Votes:
         return _Votes(cache)
 
-    def summary_bytes_per_page(self, cache) -> int:
+    def summary_bytes_per_page(self, cache, layer: int | None = None) -> int:
         return 4  # one fp32 score per (page, KV head)
 
     def votes(self, cache) -> _Votes | None:

@@ -20,7 +20,7 @@ class TopK(ScoringSelector):
             return None
         return FusedPart(score=ScoreKind.EXACT, budget_tokens=self.budget_tokens)
 
-    def summary_bytes_per_page(self, cache) -> int:
+    def summary_bytes_per_page(self, cache, layer: int | None = None) -> int:
         return cache.page_size * cache.head_dim * cache.dtype.itemsize
 
     def score(self, ctx):

@@ -399,7 +399,7 @@ class HostLtri(Ltri):
         keys = self.span_keys(scores, span_of_page, state.forced & state.valid, budget)
         state.narrow(keys, budget, is_bound=False)
 
-    def summary_bytes_per_page(self, cache):
+    def summary_bytes_per_page(self, cache, layer: int | None = None):
         last = cache.stage_state(self).last
         if last is None:
             return 0

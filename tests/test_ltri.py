@@ -275,6 +275,30 @@ def test_kv_bytes_count_rep_keys():
 
 
 @pytest.mark.cpu
+def test_kv_bytes_do_not_depend_on_which_layer_ran_last():
+    """Each layer's representative-key bytes come from its own span count: layer 0 scores, 32 tokens
+    arrive, layer 1 scores (more spans); layer 0's figure is still its own, and a step's total over both
+    layers is the sum of the two."""
+    pipe, cache, ids, q, *_ = run(ltri_policy(64, reps_per_span=3, decode_span_pages=2), [111, 300],
+                                  num_layers=2)
+    st = pipe.selectors[0]
+    per_span = 3 * 32 * 4  # R * D * fp32
+    pipe.run(q, cache, 0)
+    pages_then = pipe.current_plan.num_pages.double()
+    cache.append(ids, [32, 32], torch.randn(2, 64, 2, 32), torch.randn(2, 64, 2, 32))
+    pipe.plan(cache, ids)
+    pipe.run(q, cache, 1)
+    spans = [torch.tensor([st.span_index(cache, s, layer).num_spans for s in ids], dtype=torch.float64)
+             for layer in (0, 1)]
+    assert (spans[1] > spans[0]).all(), "layer 1 closed the new tokens' spans, layer 0 did not"
+    torch.testing.assert_close(st.summary_bytes_per_page(cache, 0), spans[0] * per_span / pages_then)
+    pages_now = pipe.current_plan.num_pages.double()
+    torch.testing.assert_close(st.summary_bytes_per_page(cache, 1), spans[1] * per_span / pages_now)
+    both = pipe.summary_bytes(cache, 0) + pipe.summary_bytes(cache, 1)
+    torch.testing.assert_close(pipe.summary_bytes(cache) * 2, both)
+
+
+@pytest.mark.cpu
 def test_bad_vote_is_a_clear_error():
     with pytest.raises(ckv.ConfigError, match="vote"):
         ckv.compile(ltri_policy(64, vote="all"))

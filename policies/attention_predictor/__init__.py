@@ -47,7 +47,7 @@ class AttentionPredictor(ScoringSelector):
     weights: str = param("", "CNN weights file; empty: the `ckv train-predictor` default in the user cache")
 
 
-    def summary_bytes_per_page(self, cache) -> int:
+    def summary_bytes_per_page(self, cache, layer: int | None = None) -> int:
         """The CNN reads H fp32 history values per page and KV head (per query head: G times that,
         which the cache alone cannot tell; this counts one), every run_every steps."""
         return cdiv(self.history_steps * 4, self.run_every)

@@ -174,35 +174,36 @@ class Ltri(ScoringSelector):
         forced = ((pos < self._sink_pages(S))[None] | open_span) & plan.valid  # [B, P]
         state.forced |= forced[:, None, :] & state.valid
         num_spans = table.num_spans[rows]  # [B]
-        ctx.cache.stage_state(self).last = (num_spans, plan.num_pages)
+        ctx.cache.stage_state(self).scored[ctx.layer] = (num_spans, plan.num_pages)
         budget = self.budget_pages(S)
         scores = self.span_scores(ctx.q, table.reps[:, :, :P], num_spans, ctx.sm_scale, rows)  # [B, Hq, P]
         keys = self.span_keys(scores, table.span_of_page[rows, :P], state.forced & state.valid, budget)
         state.narrow(keys, budget, is_bound=False)
 
     # -- accounting -----------------------------------------------------------------------------
-    def summary_bytes_per_page(self, cache):
-        """Representative-key bytes of the layer scored last, per KV head, spread over the request's
-        pages ([B] float64, as `kv_bytes_read` multiplies by pages and KV heads; it runs per layer
-        right after `run`, so the figure is that layer's exact R * D * elt * num_spans)."""
-        last = cache.stage_state(self).last
-        if last is None:
+    def summary_bytes_per_page(self, cache, layer: int | None = None):
+        """Representative-key bytes per KV head, spread over the request's pages ([B] float64, as
+        `kv_bytes_read` multiplies by pages and KV heads): R * D * elt * num_spans of `layer` as it was
+        last scored, or the mean over the scored layers (layer None)."""
+        scored = cache.stage_state(self).scored
+        if layer is not None and layer not in scored or not scored:
             return 0
-        num_spans, num_pages = last
+        spans, pages = zip(*([scored[layer]] if layer is not None else scored.values()))
         per_span = self.reps_per_span * cache.head_dim * cache.dtype.itemsize
-        return num_spans.to(torch.float64) * per_span / num_pages.to(torch.float64).clamp(min=1)
+        ratio = torch.stack(spans).to(torch.float64) / torch.stack(pages).to(torch.float64).clamp(min=1)  # [L, B]
+        return ratio.mean(0) * per_span
 
 
 class _LtriState(StageState):
     """One cache's span indexes: a row per sequence, a SpanTable per layer, each sequence's base page
-    (where decode spans start), and the last scored layer's span counts (byte accounting)."""
+    (where decode spans start), and each layer's span counts when it last scored (byte accounting)."""
 
     def __init__(self, reps_per_span: int):
         self.reps_per_span = reps_per_span
         self.rows = SequenceRows()
         self.tables: dict[int, sp.SpanTable] = {}
         self.base: dict[int, int] = {}
-        self.last = None  # (num_spans [B], num_pages [B]) of the last scored layer, for byte accounting
+        self.scored: dict[int, tuple] = {}  # layer -> (num_spans [B], num_pages [B]) when it last scored
 
     def table(self, layer: int, cache) -> sp.SpanTable:
         t = self.tables.get(layer)
