@@ -48,3 +48,21 @@ def tiny_llama(max_positions: int = 256, seed: int = 0):
                       max_position_embeddings=max_positions, initializer_range=0.2, eos_token_id=None,
                       bos_token_id=None, pad_token_id=0)
     return LlamaForCausalLM(cfg).eval()
+
+
+def assert_replays_without_sync(session, prompts, steps: int = 8):
+    """Prefill, one eager step (then the step is captured), `steps` replays under CUDA's sync check
+    (any device-to-host sync raises); every step read something. Closes the session."""
+    logits = session.prefill(prompts)
+    logits = session.decode(logits.argmax(-1))
+    assert session.graph_captured
+    active = torch.ones(len(prompts), dtype=torch.bool, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            logits = session.decode(logits.argmax(-1), active=active)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(session.steps) == steps + 1 and all(st.kv_bytes_read[0] > 0 for st in session.steps)
+    session.close()

@@ -10,6 +10,7 @@ import composable_kv as ckv
 from composable_kv import hf
 from composable_kv.policies.write_gate import GateMLP
 from composable_kv.policies.write_gate.admission import GatedPipeline
+from helpers import assert_replays_without_sync
 
 pytestmark = pytest.mark.gpu
 
@@ -128,16 +129,4 @@ def test_a_gated_step_is_one_graph_replay_with_no_sync(tmp_path, layers):
     s = hf.PolicySession(model, _gated_policy(tmp_path, "quest_art"), max_total_tokens=600, batch_size=3,
                          layers=layers)
     assert s.decode_path == "graph" and s.layers == layers
-    logits = s.prefill(_prompts())
-    logits = s.decode(logits.argmax(-1))  # the first step runs eagerly, then the step is captured
-    assert s.graph_captured
-    active = torch.ones(3, dtype=torch.bool, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(8):
-            logits = s.decode(logits.argmax(-1), active=active)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert len(s.steps) == 9 and all(st.kv_bytes_read[0] > 0 for st in s.steps)
-    s.close()
+    assert_replays_without_sync(s, _prompts())  # the first step runs eagerly, then replays

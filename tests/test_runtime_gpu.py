@@ -4,7 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from helpers import tiny_llama  # noqa: E402
+from helpers import assert_replays_without_sync, tiny_llama  # noqa: E402
 
 import composable_kv as ckv  # noqa: E402
 from composable_kv import hf  # noqa: E402
@@ -56,19 +56,7 @@ def test_bf16_graph_agreement_reported():
 def test_a_step_is_one_graph_replay_with_no_sync(stack):
     model = _model(torch.bfloat16)
     s = hf.PolicySession(model, ckv.compile({"name": stack, **STACKS[stack]}), max_total_tokens=600, batch_size=3)
-    logits = s.prefill(_prompts())
-    logits = s.decode(logits.argmax(-1))  # the first step runs eagerly, then the step is captured
-    assert s.graph_captured
-    active = torch.ones(3, dtype=torch.bool, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(8):
-            logits = s.decode(logits.argmax(-1), active=active)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert len(s.steps) == 9 and all(st.kv_bytes_read[0] > 0 for st in s.steps)
-    s.close()
+    assert_replays_without_sync(s, _prompts())  # the first step runs eagerly, then replays
 
 
 def test_long_prompt_prefill_memory_is_linear():

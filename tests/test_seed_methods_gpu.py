@@ -5,7 +5,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from helpers import tiny_llama  # noqa: E402
+from helpers import assert_replays_without_sync, tiny_llama  # noqa: E402
 
 import composable_kv as ckv  # noqa: E402
 from composable_kv import hf  # noqa: E402
@@ -63,19 +63,7 @@ def test_a_step_is_one_graph_replay_with_no_sync(stack):
     model = tiny_llama(1024).to("cuda", torch.bfloat16)
     s = hf.PolicySession(model, ckv.compile({"name": stack, **STACKS[stack]}), max_total_tokens=600, batch_size=3)
     assert s.decode_path == "graph" and "graph-safe" in s.decode_path_reason
-    logits = s.prefill(_prompts())
-    logits = s.decode(logits.argmax(-1))  # the first step runs eagerly, then the step is captured
-    assert s.graph_captured
-    active = torch.ones(3, dtype=torch.bool, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(8):
-            logits = s.decode(logits.argmax(-1), active=active)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert len(s.steps) == 9 and all(st.kv_bytes_read[0] > 0 for st in s.steps)
-    s.close()
+    assert_replays_without_sync(s, _prompts())  # the first step runs eagerly, then replays
 
 
 def test_per_layer_cost_against_quest_meets_the_targets():
