@@ -1,8 +1,8 @@
 """The AttentionPredictor's cost per decode step, and the page-mass side output's cost in the decode.
 
-    python benchmarks/attention_predictor_cost.py [--device cpu|cuda] [--quick] [--out rows.csv]
+    python benchmarks/attention_predictor_cost.py [--device cpu|cuda] [--quick] [--out DIR]
 
-Rows (CSV + a markdown table on stdout):
+Rows (a markdown table on stdout; --out DIR: the report, .json rows + .md table):
   cnn          the CNN alone on one layer's history: B x heads rows of [H, P] (per KV head or per query
                head, H = 64 / 32 / 16), times the predictor layers = per-step cost;
   stage        one layer of the compiled pipeline (select + decode + history update), attention_predictor
@@ -15,7 +15,6 @@ Shapes: the default model (9 query / 3 KV heads, D 64, 28 predictor layers) and,
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a few shapes only (CPU)")
-    p.add_argument("--out", default=None, help="CSV file")
+    p.add_argument("--out", default=None, help="folder for the report (.json rows and .md table)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -149,17 +148,12 @@ def main(argv=None) -> int:
                          [64, 32, 16])
         rows += stage_rows(device, "smollm2-135m", 1, 4096, "reference")
     cols = ["what", "shape", "batch", "ctx", "setting", "ms_per_layer", "ms_per_step"]
-    dev_name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    print(f"device: {dev_name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    meta = harness.run_meta(threads=torch.get_num_threads())
+    table = harness.markdown_table(rows, cols)
+    print(f"device: {meta['gpu']}, torch {torch.__version__}, threads {torch.get_num_threads()}\n{table}")
     if args.out:
-        with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols + ["device"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({**r, "device": dev_name})
+        harness.write_report(args.out, "attention_predictor_cost", meta, rows, table,
+                             title="AttentionPredictor: cost per decode step")
     return 0
 
 

@@ -153,6 +153,14 @@ def meta_lines(meta: dict) -> list[str]:
             f"flashinfer {meta.get('flashinfer', '?')}"]
 
 
+def markdown_table(rows: list[dict], cols: list[str] | None = None) -> str:
+    """rows as a markdown table (cols: which keys, in order; default: the first row's)."""
+    cols = cols or list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def write_report(out_dir: str | Path, stem: str, meta: dict, rows: list[dict], markdown: str,
                  title: str | None = None) -> tuple[Path, Path]:
     """`<stem>.json` (meta + rows) and `<stem>.md` (title, meta header, the markdown body) in out_dir."""

@@ -1,7 +1,7 @@
 """Per-layer decode cost of the seed methods against Quest, as the graph path runs them (issue 17).
 
     python benchmarks/seed_methods_cost.py [--device cuda] [--batch 16] [--ctx 32768] [--shape llama-8b]
-                                           [--out rows.csv]
+                                           [--out DIR]
 
 One sparse layer of one decode step (selection + paged decode + the stage's state update) on random
 K/V, captured once as a CUDA graph and replayed (on the CPU: eager, the reference backend; timing only).
@@ -18,7 +18,6 @@ reps; the prefill path picks reps by attention, same decode cost).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import tempfile
@@ -115,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--terminals", default="attend,art")
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", default=None, help="CSV file")
+    p.add_argument("--out", default=None, help="folder for the report (.json rows and .md table)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -123,19 +122,13 @@ def main(argv=None) -> int:
     rows = []
     for terminal in args.terminals.split(","):
         rows += rows_for(args.shape, args.batch, args.ctx, device, terminal, args.budget, args.reps)
-    cols = list(rows[0])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}, torch {torch.__version__}; one sparse layer per decode step"
-          f"{', CUDA-graph replay' if device.type == 'cuda' else ', eager'}")
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    meta = harness.run_meta()
+    how = "CUDA-graph replay" if device.type == "cuda" else "eager"
+    table = harness.markdown_table(rows)
+    print(f"device: {meta['gpu']}, torch {torch.__version__}; one sparse layer per decode step, {how}\n{table}")
     if args.out:
-        with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols + ["device"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({**r, "device": name})
+        harness.write_report(args.out, "seed_methods_cost", meta, rows, f"One sparse layer per decode step, {how}.\n\n"
+                             + table, title="Seed methods: per-layer cost against Quest")
     return 0
 
 

@@ -10,5 +10,5 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/attention_predictor_gpu.txt" 2>&1
 timeout 300 python -m pytest -q -m gpu tests/test_attention_predictor_gpu.py 2>&1 | tail -30 \
   | tee "$OUT/attention_predictor_tests.txt"
-timeout 240 python benchmarks/attention_predictor_cost.py --device cuda --out "$OUT/attention_predictor_cost.csv" \
-  2>&1 | tee "$OUT/attention_predictor_cost.md"
+timeout 240 python benchmarks/attention_predictor_cost.py --device cuda --out "$OUT" \
+  2>&1 | tee "$OUT/attention_predictor_cost.log"

@@ -4,6 +4,6 @@
 set -u
 OUT=${OUT:-$PWD/costs-out}
 mkdir -p "$OUT"
-timeout 80 python benchmarks/attention_predictor_cost.py --device cuda --quick --out "$OUT/attention_predictor_cost.csv" \
-  2>&1 | tee "$OUT/attention_predictor_cost.md"
+timeout 80 python benchmarks/attention_predictor_cost.py --device cuda --quick --out "$OUT" \
+  2>&1 | tee "$OUT/attention_predictor_cost.log"
 timeout 50 python gpu/ltri.py "$OUT" 2>&1 | tee "$OUT/ltri_timing.log"
