@@ -135,7 +135,7 @@ def version(module: str) -> str:
 
 def run_meta(command: str | None = None, **extra) -> dict:
     """Where and how a benchmark ran: device, commit, versions, date and the command line."""
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or '?'})"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     meta = {"gpu": device, "commit": git_commit(), "date": datetime.date.today().isoformat(),
             "command": command or "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
             "torch": torch.__version__, "triton": version("triton"), "flashinfer": version("flashinfer"),
