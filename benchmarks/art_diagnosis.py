@@ -20,13 +20,15 @@ stops with the box bound, with other sound bounds (ball: `q.c + |q| r`; min of b
 box over the top 16 principal directions of the prompt's keys per KV head plus `|q_perp|` times the
 page's largest residual norm; shadow8: the int8 key shadow, kernels/key_shadow) and with the exact page
 max (an oracle bound that reads every key); calibrated stops (a heuristic: the box bound's tail scaled by
-the ratio of mass to bound seen on the full pages already read) with the box and shadow8 bounds. The oracle stop is the earliest check at
-which the true unread mass of the kept pages is <= delta for every query head of the group: the best any
-stop can do in that order. Exact masses and the dense output come from the full softmax (fp64).
+the ratio of mass to bound seen on the full pages already read) with the box and shadow8 bounds. The
+oracle stop is the earliest check at which the true unread mass of the kept pages is <= delta for every
+query head of the group: the best any stop can do in that order. Exact masses and the dense output come from the full softmax (fp64).
 
 Outputs under --out: <tag>.json (every row), <tag>.md (tables), <tag>.png (plots).
 
   python benchmarks/art_diagnosis.py --tag smollm2-135m-4k                       # CPU, default model
+  python benchmarks/art_diagnosis.py --settings dense_box,quest --rules cert-box,cert-exact,calib,oracle \\
+      --tag smollm2-135m-4k-calibrated                                            # the calibrated stop only
   python benchmarks/art_diagnosis.py --model qwen2.5-coder-0.5b --ctx 32768 --device cuda \\
       --dtype bfloat16 --budget 2048 --tag qwen2.5-coder-0.5b-32k                # GPU, 32k model
 """
@@ -568,26 +570,38 @@ def plot(path, meta, rows, slack, sparse_layers):
     a.legend(fontsize=8)
     by = summarize(rows, "read_frac", ("setting", "rule", "layer"))
     a = ax[0, 1]
-    for rn, c in (("cert-box 0.05", "C0"), ("cert-min 0.05", "C2"), ("cert-pca16 0.05", "C5"),
-                  ("cert-shadow8 0.05", "C3"), ("cert-exact 0.05", "C7"), ("calib-box 0.1", "C1"),
-                  ("calib-box 0.2", "C6"), ("oracle 0.05", "k"), ("oracle 0.2", "0.5")):
-        a.plot(layers, [by.get(("quest", rn, L), float("nan")) for L in layers], c, marker="o", ms=3, label=rn)
+    for sn, rn, c in (("quest", "cert-box 0.05", "C0"), ("quest", "cert-min 0.05", "C2"),
+                      ("quest", "cert-pca16 0.05", "C5"), ("quest", "cert-shadow8 0.05", "C3"),
+                      ("quest", "cert-exact 0.05", "C7"), ("quest", "oracle 0.05", "k"),
+                      ("quest_last", "calib-box 0.05", "C1"), ("quest_last", "calib-box 0.1", "C6"),
+                      ("quest_last", "oracle 0.05", "0.5")):
+        ys = [by.get((sn, rn, L), float("nan")) for L in layers]
+        if any(y == y for y in ys):
+            a.plot(layers, ys, c, marker="o", ms=3, ls="--" if sn == "quest_last" else "-", label=f"{rn} ({sn})")
     a.set(xlabel="layer", ylabel="pages read / kept",
           title=f"quest {meta['budget']}: certified and calibrated stops vs the oracle",
           ylim=(0, 1.05))
     a.legend(fontsize=8)
     a = ax[1, 0]
-    for sn, c in (("dense_natural", "C0"), ("sink_window", "C1"), ("snapkv", "C2"), ("dense_box", "C4")):
+    stab = any(r["rule"].startswith("stab") for r in rows)
+    stab_settings = ("dense_natural", "C0"), ("sink_window", "C1"), ("snapkv", "C2"), ("dense_box", "C4")
+    for sn, c in stab_settings if stab else ():
         for rn, ls in (("stab-paper fp32", ":"), ("stab-paper bf16", "-")):
-            a.plot(layers, [by.get((sn, rn, L), float("nan")) for L in layers], c, ls=ls, marker="o" if ls == "-" else None, ms=3,
-                   label=f"{sn} {rn.split()[-1]}")
-    a.set(xlabel="layer", ylabel="pages read / kept",
-          title="stability stop (paper tolerances): fp32 dotted, bf16 solid",
-          ylim=(0, 1.05))
+            a.plot(layers, [by.get((sn, rn, L), float("nan")) for L in layers], c, ls=ls,
+                   marker="o" if ls == "-" else None, ms=3, label=f"{sn} {rn.split()[-1]}")
+    title = "stability stop (paper tolerances): fp32 dotted, bf16 solid"
+    if not stab:  # not run: the calibrated stop on dense instead
+        title = "dense_box_last: calibrated stop (dashed) vs the oracle (solid)"
+        for rn, c, ls in (("calib-box 0.02", "C2", "--"), ("calib-box 0.05", "C1", "--"), ("calib-box 0.1", "C6", "--"),
+                          ("oracle 0.05", "k", "-"), ("oracle 0.1", "0.5", "-")):
+            a.plot(layers, [by.get(("dense_box_last", rn, L), float("nan")) for L in layers], c, ls=ls, marker="o",
+                   ms=3, label=rn)
+    a.set(xlabel="layer", ylabel="pages read / kept", title=title, ylim=(0, 1.05))
     a.legend(fontsize=7, ncol=2)
     a = ax[1, 1]
     shown = 0
-    for sn, rn, c, mk in (("dense_natural", "stab-paper bf16", "C0", "o"), ("sink_window", "stab-paper bf16", "C1", "o"),
+    for sn, rn, c, mk in (("dense_natural", "stab-paper bf16", "C0", "o"),
+                          ("sink_window", "stab-paper bf16", "C1", "o"),
                           ("snapkv", "stab-paper bf16", "C2", "o"), ("dense_box", "stab-paper bf16", "C4", "o"),
                           ("quest", "stab-paper bf16", "C3", "o"), ("dense_box_last", "calib-box 0.05", "C4", "x"),
                           ("quest_last", "calib-box 0.05", "C3", "x")):
@@ -597,7 +611,7 @@ def plot(path, meta, rows, slack, sparse_layers):
                       marker=mk, label=f"{sn} {rn}")
             shown += 1
     a.set(xlabel="pages read / kept", ylabel="true unread mass of the kept pages", yscale="log" if shown else "linear",
-          title="heuristic stops (stab-paper bf16: o, calib-box 0.05: x): per layer.head, where and what is left")
+          title="heuristic stops (stab-paper bf16: o, calib-box 0.05: x)\nper layer.head: where, and what is left")
     a.legend(fontsize=8)
     fig.suptitle(f"ART diagnosis: {meta['model']}, {meta['ctx']} tokens ({meta['tag']})")
     fig.tight_layout()
@@ -665,7 +679,8 @@ def main(argv=None):
             "num_kv_heads": k0.shape[0], "head_dim": k0.shape[-1], "sm_scale": sm_scale, "device": args.device,
             "dtype": args.dtype, "cache_dtype": args.cache_dtype, "commit": commit, "torch": torch.__version__,
             "command": "python benchmarks/art_diagnosis.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "settings": list(pipes), "rules": [r[0] for r in rules() if wanted(r[0], args.rules)], "seconds": time.time() - t0}
+            "settings": list(pipes), "rules": [r[0] for r in rules() if wanted(r[0], args.rules)],
+            "seconds": time.time() - t0}
     sparse = [L for L in layers if L >= 2] or layers
     (out_dir / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows, "slack": slack, "checks": checks}))
     write_markdown(out_dir / f"{tag}.md", meta, rows, slack, checks, sparse)

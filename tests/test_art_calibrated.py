@@ -176,3 +176,14 @@ def test_calibrated_is_declared_not_certified(capsys):
 @pytest.mark.parametrize("budget", [None, 64])
 def test_calibrated_decode_kernel_gpu_grid(chunk, delta, num_splits, group, head_dim, budget):
     check_kernel([1, 17, 300, 1000, 4000, 8191], group, head_dim, chunk, delta, num_splits, budget, device="cuda")
+
+
+def test_diagnosis_runs_the_calibrated_rules():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import art_diagnosis
+    cal = [(name, rule, bound) for name, rule, bound, _ in art_diagnosis.rules()
+           if rule is not None and rule.kind is StopKind.CALIBRATED]
+    assert {b for _, _, b in cal} == {"box", "shadow8"} and len(cal) == len(art_diagnosis.CALIB_DELTAS) + 1
+    assert art_diagnosis.wanted("calib-box 0.05", "cert,calib") and not art_diagnosis.wanted("oracle 0.05", "calib")

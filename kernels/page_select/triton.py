@@ -114,7 +114,8 @@ def _score_select_kernel(
         P, sm_scale, budget, num_splits,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
         PAGE: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, FORCED_ONLY: tl.constexpr,
-        CERTIFIED: tl.constexpr, TERMS: tl.constexpr, LAST_FIRST: tl.constexpr, BLOCK_S: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr,
+        CERTIFIED: tl.constexpr, TERMS: tl.constexpr, LAST_FIRST: tl.constexpr, BLOCK_S: tl.constexpr,
+        BP: tl.constexpr, SORT_BLOCK: tl.constexpr,
         KP: tl.constexpr, SP: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
         SCORE_SPLITS: tl.constexpr):
     # SCORE: 0 none (natural order), 1 box bound, 2 exact page max.
@@ -169,7 +170,8 @@ def _score_select_kernel(
 def _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr,
                 terms_ptr, forced_ptr, stride_fb, P, budget, num_splits,
                 PAGE: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, FORCED_ONLY: tl.constexpr,
-                CERTIFIED: tl.constexpr, TERMS: tl.constexpr, LAST_FIRST: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr, KP: tl.constexpr,
+                CERTIFIED: tl.constexpr, TERMS: tl.constexpr, LAST_FIRST: tl.constexpr, BP: tl.constexpr,
+                SORT_BLOCK: tl.constexpr, KP: tl.constexpr,
                 SP: tl.constexpr):
     """Keep, order and write one (request, KV head) row from its scores (see score_select)."""
     offs = tl.arange(0, BP)
