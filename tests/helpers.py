@@ -1,5 +1,10 @@
-"""Shared builders for tests: a filled paged cache and a plain dense attention oracle."""
+"""Shared builders for tests: a filled paged cache, a plain dense attention oracle, tiny models, and the
+guards a decode step is checked under."""
+import os
+import sys
+
 import torch
+from torch.overrides import TorchFunctionMode
 
 import composable_kv as ckv
 
@@ -66,3 +71,33 @@ def assert_replays_without_sync(session, prompts, steps: int = 8):
         torch.cuda.set_sync_debug_mode("default")
     assert len(session.steps) == steps + 1 and all(st.kv_bytes_read[0] > 0 for st in session.steps)
     session.close()
+
+
+class no_host_sync(TorchFunctionMode):
+    """Inside `with no_host_sync():` a tensor read that syncs with the host (item, tolist, bool, nonzero, a
+    boolean-mask index: what a CUDA graph cannot capture and what stalls the stream) raises. Reads made by the
+    Triton interpreter, which stands in for the GPU on the CPU, are allowed. A torch function mode: nothing
+    on torch.Tensor is patched, so nothing leaks into later tests."""
+
+    SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "cpu",
+             "masked_select", "unique", "argwhere"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.SYNCS and not _in_triton_interpreter():
+            raise AssertionError(f"host sync in decode: Tensor.{name}")
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:
+            keys = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys) \
+                    and not _in_triton_interpreter():
+                raise AssertionError(f"host sync in decode: {name} with a bool mask")
+        return func(*args, **(kwargs or {}))
+
+
+def _in_triton_interpreter() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if f"{os.sep}triton{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False

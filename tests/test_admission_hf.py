@@ -4,7 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from helpers import tiny_llama  # noqa: E402
+from helpers import no_host_sync, tiny_llama  # noqa: E402
 
 import composable_kv as ckv  # noqa: E402
 from composable_kv import hf  # noqa: E402
@@ -251,57 +251,9 @@ def test_auto_path_is_device_on_cpu(tiny, tmp_path):
     s.close()
 
 
-def _in_triton_interpreter() -> bool:
-    """Called from the Triton interpreter, which stands in for the GPU on the CPU (its reads are not ours)."""
-    import os
-    import sys
-    frame = sys._getframe(2)
-    while frame is not None:
-        if f"{os.sep}triton{os.sep}" in frame.f_code.co_filename:
-            return True
-        frame = frame.f_back
-    return False
-
-
-@pytest.fixture
-def no_host_sync(monkeypatch):
-    """Inside `with no_host_sync():` any device->host read (item, tolist, bool, nonzero, boolean masks, ...)
-    raises: what a CUDA graph cannot capture and what stalls the stream."""
-    import contextlib
-
-    def refuse(owner, name):
-        orig = getattr(owner, name)
-
-        def f(*args, **kwargs):
-            if _in_triton_interpreter():
-                return orig(*args, **kwargs)
-            raise AssertionError(f"host sync in the decode step: {name}")
-        return f
-
-    getitem = torch.Tensor.__getitem__
-
-    def masked_getitem(self, idx):
-        items = idx if isinstance(idx, tuple) else (idx,)
-        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items) and not _in_triton_interpreter():
-            raise AssertionError("host sync in the decode step: a boolean mask index (data-dependent shape)")
-        return getitem(self, idx)
-
-    @contextlib.contextmanager
-    def guard():
-        with monkeypatch.context() as m:
-            for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero",
-                         "unique", "masked_select", "cpu"):
-                m.setattr(torch.Tensor, name, refuse(torch.Tensor, name))
-            for name in ("nonzero", "unique", "masked_select", "argwhere"):
-                m.setattr(torch, name, refuse(torch, name))
-            m.setattr(torch.Tensor, "__getitem__", masked_getitem)
-            yield
-    return guard
-
-
 @pytest.mark.interpret
 @pytest.mark.parametrize("layers", ["modules", "fused"])
-def test_device_decode_does_not_sync_with_the_host(tiny, tmp_path, monkeypatch, no_host_sync, layers):
+def test_device_decode_does_not_sync_with_the_host(tiny, tmp_path, monkeypatch, layers):
     """The device path with the Triton kernels (the interpreter on the CPU): 8 decode steps read nothing back
     (the window of 16 is full from the first step, so tokens leave, are admitted or dropped, pages finalize),
     through transformers' modules or the fused decode layers."""

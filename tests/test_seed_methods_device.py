@@ -2,7 +2,6 @@
 piece by piece and end to end, on the HF device decode path too, with no host sync in a decode step."""
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import composable_kv as ckv
 from composable_kv.kernels.span_score import reference as span_ref
@@ -10,7 +9,7 @@ from composable_kv.pipeline import LayerContext
 from composable_kv.policies.ltri import spans as sp
 
 import host_seed_reference as host
-from helpers import build_cache
+from helpers import build_cache, no_host_sync
 
 pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -140,23 +139,6 @@ def test_attention_predictor_stage_equals_host_over_decode_steps(kw):
 
 
 # -- the HF device decode path ------------------------------------------------------------------------
-
-class no_host_sync(TorchFunctionMode):
-    """Inside the block, tensor reads that sync with the host (or take data-dependent shapes) raise."""
-
-    SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "cpu",
-             "masked_select", "unique"}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in self.SYNCS:
-            raise AssertionError(f"host sync in decode: Tensor.{name}")
-        if name in ("__getitem__", "__setitem__") and len(args) > 1:
-            keys = args[1] if isinstance(args[1], tuple) else (args[1],)
-            if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
-                raise AssertionError(f"host sync in decode: {name} with a bool mask")
-        return func(*args, **(kwargs or {}))
-
 
 def test_no_host_sync_guard_catches_syncs():
     x = torch.arange(4)
