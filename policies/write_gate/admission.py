@@ -11,9 +11,10 @@ device). The window is the tail of every sequence, so before the first scoring s
 pages. Without a scorer every kept page is read, so attention is exact over window + admitted tokens.
 Layers in `dense_layers` keep every token (no gate) and read densely.
 
-Cost. A decode step has no host plan and no host sync: the gate (a batched MLP), the ring update, the
-moves and the page finalization are a few dozen small device ops a layer, so the decode runtime runs
-write_gate on its `device` / `graph` paths (graph support ALWAYS).
+Cost. A decode step has no host plan and no host sync: the gate MLP, the ring update, the moves and the
+page finalization are one Triton kernel a layer (`kernels/gated_write`; its torch reference, about a
+hundred small device ops, on the reference backend), so the decode runtime runs write_gate on its
+`device` / `graph` paths (graph support ALWAYS).
 """
 from __future__ import annotations
 
@@ -89,17 +90,22 @@ class GatedPipeline:
         return self.stage
 
     def describe(self, device="cuda") -> str:
+        write = ("one Triton kernel a layer (kernels/gated_write)" if self.outer.backend_for(torch.device(device))
+                 == "triton" else "the torch reference ops (kernels/gated_write/reference.py)")
         return "\n".join([f"admission: {self.stage.describe()}; dense layers {sorted(self.dense_layers)} keep "
-                          f"every token; ring window, gate and page moves are device ops (graph-safe)",
+                          f"every token; decode write (gate, ring window, page moves, summaries): {write} "
+                          f"(graph-safe)",
                           "inner pipeline (Hkv=1, one sequence per layer x request x KV head):",
                           self.sparse.describe(device)])
 
     def make_cache(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, *, dtype, device,
                    gate: GateFn | None = None, rope: RopeFn | None = None) -> GatedKVCache:
+        """The gated cache; its decode write runs on the policy's backend for `device` (triton: one kernel a layer)."""
         return GatedKVCache(num_layers, num_kv_heads, head_dim, num_pages, self.page_size, dtype, device,
                             self.required_summaries, window_tokens=self.stage.window_tokens,
                             threshold=self.stage.threshold, gate=gate, rope=rope,
-                            gated_layers=[i for i in range(num_layers) if i not in self.dense_layers])
+                            gated_layers=[i for i in range(num_layers) if i not in self.dense_layers],
+                            write_backend=self.outer.backend_for(torch.device(device)))
 
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, GatedKVCache):

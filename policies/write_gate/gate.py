@@ -3,6 +3,9 @@ from pathlib import Path
 
 import torch
 
+from composable_kv.kernels.gated_write.gate_weights import GateWeights
+from composable_kv.kernels.gated_write.reference import gate_mlp
+
 
 class GateMLP(torch.nn.Module):
     """One 2-layer MLP per (layer, KV head), batched: x = concat(k_pre, k_post) standardized ->
@@ -29,12 +32,14 @@ class GateMLP(torch.nn.Module):
         h = torch.nn.functional.gelu(torch.einsum("lhnf,lhfk->lhnk", x, self.w1) + self.b1[:, :, None])
         return torch.einsum("lhnk,lhk->lhn", h, self.w2) + self.b2[:, :, None]
 
+    def layer_weights(self, layer: int) -> GateWeights:
+        """The layer's weights as the gated write op reads them (views)."""
+        return GateWeights(self.w1[layer], self.b1[layer], self.w2[layer], self.b2[layer], self.mu[layer],
+                           self.sigma[layer])
+
     def forward(self, layer: int, k_pre: torch.Tensor, k_post: torch.Tensor) -> torch.Tensor:
         """k_pre, k_post [T, H, D] -> g [T, H] fp32."""
-        x = torch.cat([k_pre, k_post], dim=-1).float()  # [T, H, 2D]
-        x = (x - self.mu[layer]) / self.sigma[layer]
-        h = torch.nn.functional.gelu(torch.einsum("thf,hfk->thk", x, self.w1[layer]) + self.b1[layer])
-        return torch.sigmoid(torch.einsum("thk,hk->th", h, self.w2[layer]) + self.b2[layer])
+        return gate_mlp(torch.cat([k_pre, k_post], dim=-1).float(), self.layer_weights(layer))  # x [T, H, 2D]
 
     def save(self, path, meta: dict) -> None:
         path = Path(path)

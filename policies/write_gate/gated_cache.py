@@ -17,9 +17,12 @@ leave window pages' min/max loose, which is sound: still a bound).
 
 Device state, per triple (`[L, R, H]`, R request rows): `kept`, `n_global`, and the ring of window
 tokens `ring_slot` / `ring_admit` `[.., W]` (the token at position p sits at ring index p % W: its
-slot and its gate decision, read when it leaves). `ring_step` updates a layer's triples for one token
-each with tensor ops only, and every write lands through fixed-shape scatters (a triple with nothing
-to move writes to a trash page), so a decode step has no host plan and no host sync. The host keeps the
+slot and its gate decision, read when it leaves). A decode token's write is one op a layer,
+`kernels/gated_write` `gated_write` (the gate MLP, the ring step, the move, the new K/V, the key min/max and
+value norm of the pages written): one Triton kernel on CUDA and under TRITON_INTERPRET, its pure-torch
+reference (fixed-shape ops; a triple with nothing to move writes to a trash page) otherwise
+(`kernels.backend_for`; `write_path` says which). Either way a decode step has no host plan and no host
+sync. The host keeps the
 requests' lengths and reserves pages (every triple gets pages for the request's whole length, as a
 dense cache would: `reserve` per step on the host path, `reserve_ahead` once on the device path).
 `slot_pos` records the position held by every pool slot (4 bytes a token) for `kept_positions`.
@@ -35,20 +38,13 @@ from composable_kv.cache import AppendSlots, PagedKVCache
 from composable_kv.contracts import check_finite, value_checks_on
 from composable_kv.errors import CacheFullError, TensorContractError
 from composable_kv.ints import cdiv
+from composable_kv.kernels import backend_for
+from composable_kv.kernels.gated_write.reference import rotate_half, unrope  # noqa: F401 (re-exported)
+from composable_kv.policies.write_gate.gate import GateMLP
+from composable_kv.summaries import SUMMARIES
 
 GateFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, k_pre, k_post) [T,H,D] -> g [T,H]
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # positions [T] -> cos, sin [T, D]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def unrope(k_post: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Pre-RoPE key from the post-RoPE one (RoPE is a rotation): k_post [T, H, D], cos/sin [T, D]."""
-    cos, sin = cos[:, None].to(k_post.dtype), sin[:, None].to(k_post.dtype)
-    return k_post * cos - rotate_half(k_post) * sin
 
 
 @dataclass
@@ -62,40 +58,6 @@ class GatedSlots:
     @property
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
-
-
-@dataclass
-class RingStep:
-    """One new token for each triple of a layer: the moves and the next state. All [B, H] unless noted."""
-    dst: torch.Tensor        # slot the new token takes
-    swap: torch.Tensor       # bool: the admitted leaver at slot `s_o` swaps with the token at slot `g0`
-    s_o: torch.Tensor        # slot of the token leaving the window
-    g0: torch.Tensor         # n_global before the step
-    finalize: torch.Tensor   # bool: page n_global // S - 1 just became fully global
-    kept: torch.Tensor
-    n_global: torch.Tensor
-    ring_slot: torch.Tensor  # [B, H, W]
-    ring_admit: torch.Tensor  # [B, H, W]
-
-
-def ring_step(kept, n_global, ring_slot, ring_admit, pos, admit_new, page_size: int) -> RingStep:
-    """kept, n_global [B, H] int64, ring_slot [B, H, W] int64, ring_admit [B, H, W] bool, pos [B] int64 (the
-    new token's position = the request's length before it), admit_new [B, H] bool (its gate decision)."""
-    B, H, W = ring_slot.shape
-    ri = (pos % W).view(B, 1, 1).expand(B, H, 1)   # ring index of the leaver and of the new token
-    full = (pos >= W).view(B, 1)                  # the window holds W tokens: one leaves
-    s_o = ring_slot.gather(2, ri)[..., 0]
-    admitted = ring_admit.gather(2, ri)[..., 0] & full
-    dropped = full & ~admitted
-    swap = admitted & (s_o != n_global)
-    holder = (ring_slot == n_global[..., None]) & swap[..., None]  # the window token at slot n_global ...
-    ring_slot = torch.where(holder, s_o[..., None], ring_slot)      # ... takes the leaver's slot
-    dst = torch.where(dropped, s_o, kept)
-    ring_slot = ring_slot.scatter(2, ri, dst[..., None])
-    ring_admit = ring_admit.scatter(2, ri, admit_new[..., None])
-    n_new = n_global + admitted.long()
-    return RingStep(dst, swap, s_o, n_global, admitted & (n_new % page_size == 0), kept + (~dropped).long(),
-                    n_new, ring_slot, ring_admit)
 
 
 def ring_prefill(admit: torch.Tensor, window: int):
@@ -129,16 +91,20 @@ class GatedKVCache:
 
     The session-facing API mirrors `PagedKVCache`: add_sequence / reserve / reserve_ahead / advance /
     write / seq_len / free. `write(layer, slots, k, v, g=None)`: k, v `[T, Hkv, D]` post-RoPE; g `[T, Hkv]`
-    the gate, computed with `gate(layer, unrope(k), k)` when not given. Layers outside `gated_layers`
-    admit every token.
+    the gate, computed with `gate(layer, unrope(k), k)` when not given (a `GateMLP` runs inside the decode
+    write op). Layers outside `gated_layers` admit every token. `write_backend`: "triton" or "reference" for
+    the decode write op (default `kernels.backend_for(device)`).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int = 16,
                  dtype: torch.dtype = torch.float16, device="cpu", summaries=frozenset(), *,
                  window_tokens: int = 256, threshold: float = 0.1, gate: GateFn | None = None,
-                 rope: RopeFn | None = None, gated_layers=None, validate: bool | None = None):
+                 rope: RopeFn | None = None, gated_layers=None, validate: bool | None = None,
+                 write_backend: str | None = None):
         if not isinstance(window_tokens, int) or window_tokens < 1:
             raise ValueError(f"GatedKVCache: window_tokens must be an int >= 1, got {window_tokens!r}")
+        if write_backend not in (None, "triton", "reference"):
+            raise ValueError(f"GatedKVCache: write_backend must be 'triton', 'reference' or None, got {write_backend!r}")
         self.pool = PagedKVCache(1, 1, head_dim, num_pages, page_size, dtype, device, summaries)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, self.pool.device
@@ -147,6 +113,13 @@ class GatedKVCache:
         self.gate, self.rope = gate, rope
         self.gated_layers = frozenset(range(num_layers) if gated_layers is None else gated_layers)
         self.check_values = value_checks_on(validate, self.device)
+        self.write_backend = write_backend or backend_for(self.device)
+        if self.write_backend == "triton":
+            from composable_kv.kernels.gated_write import triton as write_ops
+        else:
+            from composable_kv.kernels.gated_write import reference as write_ops
+        self._write_ops = write_ops
+        self._refreshed = [n for n in self.summaries if not SUMMARIES[n].in_fused_write]  # key shadows
         self._trash_sid = self.pool.add_sequence()  # one page that takes the writes of triples with nothing to move
         self.pool.reserve_ahead([self._trash_sid], page_size)
         self.trash_slot = self.pool.pages(self._trash_sid)[0] * page_size
@@ -311,30 +284,47 @@ class GatedKVCache:
                 check_finite("write", name, t, "token, head, d")
         if not 0 <= layer < self.num_layers:
             raise TensorContractError(f"write: layer must be in [0, {self.num_layers}), got {layer}")
-        if layer not in self.gated_layers:
-            admit = torch.ones(T, H, dtype=torch.bool, device=k.device)
-        else:
-            if g is None:
-                g = self.gate_values(layer, slots.positions, k)
-            if tuple(g.shape) != (T, H):
-                raise TensorContractError(f"write: g expected shape [T, Hkv] = {[T, H]}, got {list(g.shape)}")
-            admit = g > self.threshold
+        gated = layer in self.gated_layers
+        decode = all(n == 1 for n in slots.counts)
+        if gated and g is None and not (decode and self._gate_in_op()):
+            g = self.gate_values(layer, slots.positions, k)
+        if gated and g is not None and tuple(g.shape) != (T, H):
+            raise TensorContractError(f"write: g expected shape [T, Hkv] = {[T, H]}, got {list(g.shape)}")
+        k_gate = k
         k, v = k.to(self.dtype), v.to(self.dtype)
-        if all(n == 1 for n in slots.counts):
-            self._write_step(layer, slots.seq_ids, slots.positions, k, v, admit)
+        if decode:
+            self._write_step(layer, slots.seq_ids, slots.positions, k, v, g if gated else None, gated, k_gate)
             return
+        admit = g > self.threshold if gated else torch.ones(T, H, dtype=torch.bool, device=k.device)
         row = 0
         for rid, n in zip(slots.seq_ids, slots.counts):  # a prefill: once per request, off the decode path
             if n == 1:
                 self._write_step(layer, [rid], slots.positions[row:row + 1], k[row:row + 1], v[row:row + 1],
-                                 admit[row:row + 1])
+                                 g[row:row + 1] if gated else None, gated, k_gate[row:row + 1])
             elif n > 1:
                 self._write_prefill(layer, rid, slots.positions[row:row + n], k[row:row + n], v[row:row + n],
                                     admit[row:row + n])
             row += n
 
-    # the fused decoder's write hook (composable_kv.decoder; PagedKVCache.rope_write is the plain one)
-    fused_write = "rope (rotary) then the gated write (gate MLP, ring window, page moves: device ops)"
+    def _gate_in_op(self) -> bool:
+        """The decode write op runs the gate itself (a GateMLP; any other gate callable gives it g)."""
+        if self.gate is not None and self.rope is None:
+            raise ValueError("GatedKVCache.write: the gate reads pre-RoPE keys; build the cache with rope=")
+        return isinstance(self.gate, GateMLP)
+
+    @property
+    def write_path(self) -> str:
+        """Which decode write runs (describe() and benchmarks print it)."""
+        gate = ("gate MLP inside" if isinstance(self.gate, GateMLP) else
+                "gate: g computed by the gate callable in torch, then" if self.gate is not None else "g given, then")
+        if self.write_backend == "triton":
+            return f"{gate} one Triton kernel a layer (kernels/gated_write: gate, ring window, move, K/V, summaries)"
+        return f"{gate} the torch reference (kernels/gated_write/reference.py: fixed-shape device ops)"
+
+    @property
+    def fused_write(self) -> str:
+        """The fused decoder's write hook (composable_kv.decoder; PagedKVCache.rope_write is the plain one)."""
+        return f"rope (rotary) then the gated write ({self.write_path})"
 
     def rope_write(self, layer: int, slots: GatedSlots, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, ops) -> torch.Tensor:
@@ -344,11 +334,6 @@ class GatedKVCache:
         q, k = ops.rope(q, k, cos, sin)  # [B, Hq, D], [B, Hkv, D]
         self.write(layer, slots, k.to(self.dtype), v.view(k.shape).to(self.dtype))
         return q
-
-    def _flat(self, tables: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Pool slot (page * S + offset) of triple slots `slot` [B, H] with page tables [B, H, P] -> int64."""
-        S = self.page_size
-        return tables.gather(-1, (slot // S)[..., None]).squeeze(-1).long() * S + slot % S
 
     def _flat_triple(self, layer: int, row: int, head: torch.Tensor | int, slot: torch.Tensor) -> torch.Tensor:
         """Pool slots of one request's triples: head and slot [N] (or head an int) -> [N] int64."""
@@ -363,32 +348,25 @@ class GatedKVCache:
                         _checked=True)
         self.slot_pos[flat] = pos_rows
 
-    def _write_step(self, layer, seq_ids, positions, k, v, admit) -> None:
-        """One token per request: k, v [B, H, D], admit [B, H]; device ops of fixed shapes only."""
+    def _write_step(self, layer, seq_ids, positions, k, v, g, gated, k_gate) -> None:
+        """One token per request: k, v [B, H, D] (cache dtype), g [B, H] or None (gated: the op runs the
+        GateMLP on k_gate, the key as given; not gated: admit all). One op, `kernels/gated_write`."""
         batch = self.batch(seq_ids)
         B, H, D = k.shape
-        rows = batch.rows
-        tables = batch.tables[layer].view(B, H, -1)
-        st = ring_step(self.kept[layer, rows], self.n_global[layer, rows], self.ring_slot[layer, rows],
-                       self.ring_admit[layer, rows], positions, admit, self.page_size)
-        kf, vf = self.pool.k[0].view(-1, D), self.pool.v[0].view(-1, D)
-        a, b = self._flat(tables, st.s_o.clamp(min=0)), self._flat(tables, st.g0)  # [B, H]; s_o < 0: no leaver
-        trash = torch.full_like(a, self.trash_slot)
-        dst = torch.cat([torch.where(st.swap, b, trash), torch.where(st.swap, a, trash),
-                         self._flat(tables, st.dst)]).flatten()
-        src = torch.cat([a, b]).flatten()
-        pos_new = positions[:, None].expand(B, H).to(torch.int32)
-        self._put(dst, torch.cat([kf[src], k.reshape(B * H, D)]), torch.cat([vf[src], v.reshape(B * H, D)]),
-                  torch.cat([self.slot_pos[src], pos_new.flatten()]))
-        # a page that just became fully global: exact summaries from its tokens
-        S = self.page_size
-        page = tables.gather(-1, ((st.n_global // S - 1).clamp(min=0))[..., None]).squeeze(-1).long()
-        page = torch.where(st.finalize, page, self.trash_slot // S).flatten()
-        self.pool.rebuild_pages(0, page, torch.full_like(page, S))
-        self.kept[layer, rows] = st.kept
-        self.n_global[layer, rows] = st.n_global
-        self.ring_slot[layer, rows] = st.ring_slot
-        self.ring_admit[layer, rows] = st.ring_admit
+        mlp = {}
+        if gated and g is None:
+            cos, sin = self.rope(positions)
+            mlp = dict(gate=self.gate.layer_weights(layer), cos=cos.to(k.device, torch.float32),
+                       sin=sin.to(k.device, torch.float32), k_gate=k_gate)
+        pool = self.pool
+        touched = self._write_ops.gated_write(
+            k, v, positions, batch.rows, batch.tables[layer], self.kept[layer], self.n_global[layer],
+            self.ring_slot[layer], self.ring_admit[layer], self.slot_pos, pool.k[0], pool.v[0],
+            *pool.summary_tensors(0), trash_page=self.trash_slot // self.page_size, threshold=self.threshold,
+            g=None if g is None else g.float(), **mlp)
+        if self._refreshed:  # summaries the op does not keep: rebuilt from the pages it wrote
+            pages = touched.flatten()
+            pool.refresh_after_fused_write(0, AppendSlots([], [], pages, pages % self.page_size, pages))
 
     def _write_prefill(self, layer, rid, positions, k, v, admit) -> None:
         """An empty request's n tokens at once (host-shaped: prefill is off the decode path)."""
