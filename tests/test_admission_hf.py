@@ -278,3 +278,39 @@ def test_device_decode_does_not_sync_with_the_host(tiny, tmp_path, monkeypatch, 
         assert s.cache.stats()["admitted"] > 0 and torch.isfinite(logits).all()
     finally:
         s.close()
+
+
+@pytest.mark.interpret
+def test_gated_write_kernel_session_equals_reference(tiny, tmp_path):
+    """A session whose policy runs on Triton writes through the one-kernel gated write (gate MLP inside, the
+    model's RoPE undone) and keeps exactly what the reference write keeps: same greedy tokens, kept positions
+    of every (request, layer, KV head), stats; logits within the read kernels' tolerance (fp32)."""
+    from conftest import INTERPRET
+    if not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    dense, stages = DEVICE_STACKS["quest_art"]
+    weights = _random_gate_file(tmp_path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (40, 23)]
+    runs = {}
+    for backend, words in (("triton", "one Triton kernel a layer"), ("reference", "torch reference")):
+        policy = ckv.compile({"name": "wg", "page_size": 8, "dense_layers": dense, "stages": [
+            {"stage": "write_gate", "threshold": 0.5, "window_tokens": 16, "weights": weights}] + stages},
+            backend=backend)
+        s = hf.PolicySession(tiny, policy, max_total_tokens=60, batch_size=2, decode_path="device", layers="fused")
+        try:
+            assert s.cache.write_backend == backend and words in s.describe()
+            logits = s.prefill(prompts)
+            rows = []
+            for _ in range(6):
+                logits = s.decode(logits.argmax(-1))
+                rows.append(logits)
+            kept = [s.cache.kept_positions(rid, layer, h) for rid in s.seq_ids for layer in range(3) for h in range(2)]
+            runs[backend] = (torch.stack(rows), kept, s.cache.stats())
+        finally:
+            s.close()
+    tri, ref = runs["triton"], runs["reference"]
+    assert torch.equal(tri[0].argmax(-1), ref[0].argmax(-1))
+    torch.testing.assert_close(tri[0], ref[0], rtol=1e-4, atol=1e-4)
+    assert tri[1] == ref[1] and tri[2] == ref[2]
+    assert 0 < tri[2]["admitted"] < tri[2]["evicted"]
