@@ -7,8 +7,14 @@
 One layer: random K/V and queries with Llama-8B attention shapes (32 query / 8 KV heads of 128, bf16,
 pages of 16) and random gates that admit a share `--admit` of the tokens leaving the window. Per policy:
 the fused decode of the layer, and for the gated cache the device work the decode step adds per layer:
-the write of one token per request (ring update, swap moves, page finalization: `write ms`) and the
-layer's plan from the triples' device tables (`plan ms`); CUDA events (median), pages held and read.
+the write of one token per request (gate, ring update, swap moves, K/V, page summaries and finalization)
+and the layer's plan from the triples' device tables (`plan ms`); CUDA events (median), pages held and
+read. The write is timed on two caches filled alike, before / after issue 17's kernel: the torch
+reference ops (`reference`) and the one Triton kernel (`triton`, kernels/gated_write), each with the gate
+MLP run by the write (a random GateMLP calibrated to admit ~`--admit`, and a Llama rotary computed per
+call for it, as the session's `model_rope` does), with g given, and (GPU) replayed from a CUDA graph of
+20 writes; `ops` counts the device ops of one write (torch profiler: kernels and copies). Timed writes
+advance the positions; the state is put back after each measurement, so replays stay in the pages.
 
 End to end (`--e2e`): `hf.PolicySession` on a model of `--model` shape (benchmarks/e2e.py SHAPES, random
 weights) with random K/V in place of a prefill (e2e.SyntheticPrefill), one warm-up/capture step, then
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -37,10 +44,62 @@ from composable_kv.policies.write_gate.admission import GatedPipeline  # noqa: E
 from composable_kv.policies.write_gate.gated_cache import GatedSlots  # noqa: E402
 
 
-def _policy(name, stages, gate=None):
+def _policy(name, stages, gate=None, backend=None):
     head = [{"stage": "write_gate", **gate}] if gate is not None else []
-    backend = "triton" if torch.cuda.is_available() else "reference"
+    backend = backend or ("triton" if torch.cuda.is_available() else "reference")
     return ckv.compile({"name": name, "page_size": 16, "stages": head + stages}, backend=backend)
+
+
+def _rope(D: int):
+    """positions [B] -> cos, sin [B, D] fp32: a Llama rotary computed per call (the model's module stands here)."""
+    def rope(positions):
+        inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=positions.device, dtype=torch.float32) / D))
+        f = positions.float()[:, None] * inv[None]
+        emb = torch.cat([f, f], -1)
+        return emb.cos(), emb.sin()
+    return rope
+
+
+def launches(fn) -> int:
+    """Device ops of one call: CUDA kernels + copies/memsets (torch profiler) on the GPU; on the CPU, the torch
+    ops dispatched (views aside) plus Triton launches."""
+    if torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity, profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import interpreter, jit
+
+    class Count(TorchDispatchMode):
+        n, in_launch = 0, False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not (Count.in_launch or func.is_view or func.overloadpacket.__name__ in ("detach", "lift_fresh")):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+    runs = {cls: cls.run for cls in (jit.JITFunction, interpreter.InterpretedFunction)}
+
+    def launch(cls):  # a Triton launch is one device op (the interpreter's own torch calls are not ours)
+        def run(self, *a, **k):
+            Count.n += 1
+            Count.in_launch = True
+            try:
+                return runs[cls](self, *a, **k)
+            finally:
+                Count.in_launch = False
+        return run
+    for cls in runs:
+        cls.run = launch(cls)
+    try:
+        with Count():
+            fn()
+    finally:
+        for cls, run in runs.items():
+            cls.run = run
+    return Count.n
 
 
 def run_layer(args) -> list[dict]:
@@ -69,24 +128,51 @@ def run_layer(args) -> list[dict]:
                          pages_held=B * pages_per_seq * H, pages_read=int(res.pages_read.sum())))
     del dense
 
-    steps = args.iters + 5  # the timed writes: one token per request each, into pages reserved ahead
+    graph_writes = 20  # writes per captured graph (then the state is put back, so replays stay in the pages)
+    steps = 2 * (args.iters + 5) + graph_writes + 5  # per cache: eager g given, eager gate, the graph block
+    backends = ["reference", "triton"] if dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" \
+        else ["reference"]
     for p in args.admit:
         gate = {"threshold": 0.5, "window_tokens": args.window}
-        cache = GatedPipeline(_policy("gate", quest_art, gate)).make_cache(
-            1, H, D, B * H * (cdiv(T + steps, S) + 1) + 1, dtype=dt, device=dev)
-        rids = [cache.add_sequence() for _ in range(B)]
+        mlp = calibrated_gate_mlp(1, H, D, p, 0.5).to(dev)
         gates = (torch.rand(B * T, H, device=dev, generator=g) < p).float()  # g in {0, 1}: admit with prob p
-        build_s = harness.wall_ms(lambda: cache.write(0, cache.reserve(rids, [T] * B), k, v, g=gates)) / 1e3
-        cache.reserve_ahead(rids, T + steps)
-        pos = torch.full((B,), T, dtype=torch.long, device=dev)
         k1, v1 = k[:B].clone(), v[:B].clone()
         g1 = (torch.rand(B, H, device=dev, generator=g) < p).float()
+        times, caches = {}, {}
+        for backend in backends:  # reference: the former torch write (~100 ops a layer); triton: one kernel
+            cache = GatedPipeline(_policy("gate", quest_art, gate, backend)).make_cache(
+                1, H, D, B * H * (cdiv(T + steps, S) + 1) + 1, dtype=dt, device=dev, gate=mlp, rope=_rope(D))
+            assert cache.write_backend == backend, cache.write_path
+            rids = [cache.add_sequence() for _ in range(B)]
+            build_s = harness.wall_ms(lambda: cache.write(0, cache.reserve(rids, [T] * B), k, v, g=gates)) / 1e3
+            cache.reserve_ahead(rids, T + steps)
+            pos = torch.full((B,), T, dtype=torch.long, device=dev)
+            state = [cache.kept, cache.n_global, cache.ring_slot, cache.ring_admit, pos]
+            saved = [t.clone() for t in state]
 
-        def write_one():
-            cache.write(0, GatedSlots(rids, [1] * B, pos), k1, v1, g=g1)
-            pos.add_(1)  # the next token's position, on the device
-        write_ms = harness.median_ms(write_one, calls=args.iters)
-        cache.advance(rids, args.iters + 5)
+            def restore():
+                for t, s0 in zip(state, saved):
+                    t.copy_(s0)
+
+            def write_one(with_g: bool):
+                cache.write(0, GatedSlots(rids, [1] * B, pos), k1, v1, g=g1 if with_g else None)
+                pos.add_(1)  # the next token's position, on the device
+            t = {}
+            for with_g, tag in ((True, "g"), (False, "gate")):  # g given / the gate MLP run by the write
+                t[f"{tag}_ms"] = harness.median_ms(lambda: write_one(with_g), calls=args.iters)
+                restore()
+                t[f"{tag}_ops"] = launches(lambda: write_one(with_g))
+                restore()
+            if dev.type == "cuda":
+                def block():
+                    for _ in range(graph_writes):
+                        write_one(False)
+                    restore()
+                t["graph_ms"] = harness.graph_ms(block, calls=1) / graph_writes
+                restore()
+            times[backend], caches[backend] = t, (cache, rids, build_s)
+        cache, rids, build_s = caches[backends[-1]]  # its state is the prefill's again (restore)
+        w = times[backends[-1]]
         for name, stages in ((f"write_gate{p:.2f}", read), (f"write_gate{p:.2f}_quest{args.budget}_art", quest_art)):
             gp = GatedPipeline(_policy(name, stages, gate))
             gp.plan(cache, rids)
@@ -97,9 +183,13 @@ def run_layer(args) -> list[dict]:
             ms = harness.median_ms(lambda: inner.run(qh, cache.pool, 0), calls=args.iters)
             full = gp.run(q, cache, 0)  # the whole per-layer call (device plan + decode) agrees with the inner one
             assert torch.equal(full.pages_read.flatten(), res.pages_read.flatten())
-            rows.append(dict(policy=name, admit=p, decode_ms=ms, write_ms=write_ms, plan_ms=plan_ms,
-                             pages_held=cache.pages_used(), pages_read=int(res.pages_read.sum()), build_s=build_s))
-        del cache
+            row = dict(policy=name, admit=p, decode_ms=ms, write_ms=w["gate_ms"], plan_ms=plan_ms,
+                       write_path=cache.write_path, pages_held=cache.pages_used(),
+                       pages_read=int(res.pages_read.sum()), build_s=build_s)
+            for backend, t in times.items():
+                row.update({f"{backend}_{key}": val for key, val in t.items()})
+            rows.append(row)
+        del cache, caches
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     base = rows[0]["decode_ms"]
@@ -112,14 +202,26 @@ def run_layer(args) -> list[dict]:
 
 
 def layer_table(rows, args) -> str:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU dry run (reference path, fp32)"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU dry run (fp32)"
+    nan = float("nan")
+
+    def pair(r, key, fmt):  # "reference / triton"
+        return " / ".join(fmt.format(r.get(f"{b}_{key}", nan)) for b in ("reference", "triton"))
     lines = [f"write_gate decode, one layer: batch {args.batch}, context {args.context}, "
              f"{args.q_heads}/{args.kv_heads} heads x {args.head_dim}, bf16, page 16, window {args.window}, budget {args.budget}; {gpu}",
-             "| policy | admitted | fused decode ms | gated write ms | device plan ms | layer ms | speedup vs dense "
+             "Gated write of one token a request (ring window, move, K/V, summaries), torch reference / Triton kernel:",
+             "with the gate MLP inside the write (the decode path: rotary for the gate, then the write), with g given, and",
+             "replayed from a CUDA graph (gate inside); ops = device ops of one call (CUDA kernels and copies on the GPU).",
+             "layer ms = fused decode + the write the cache runs (" + (rows[-1].get("write_path", "") if rows else "") + ") + device plan.",
+             "| policy | admitted | fused decode ms | write ms (gate inside) | write ms (g given) | write ms (graph) "
+             "| write ops (gate inside) | device plan ms | layer ms | speedup vs dense "
              "| pages holding tokens (vs dense) | pages read |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['admit']:.2f} | {r['decode_ms']:.3f} | {r['write_ms']:.3f} | "
+        gated = "reference_gate_ms" in r
+        lines.append(f"| {r['policy']} | {r['admit']:.2f} | {r['decode_ms']:.3f} | "
+                     f"{pair(r, 'gate_ms', '{:.3f}') if gated else '-'} | {pair(r, 'g_ms', '{:.3f}') if gated else '-'} | "
+                     f"{pair(r, 'graph_ms', '{:.4f}') if gated else '-'} | {pair(r, 'gate_ops', '{}') if gated else '-'} | "
                      f"{r['plan_ms']:.3f} | {r['layer_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | "
                      f"{r['pages_held']} ({100 * r['memory_vs_dense']:.0f}%) | {r['pages_read']} |")
     return "\n".join(lines)
@@ -127,16 +229,22 @@ def layer_table(rows, args) -> str:
 
 # -- end to end --------------------------------------------------------------------------------------
 
-def calibrated_gate(shape, admit: float, threshold: float, path: Path, seed: int = 0) -> Path:
-    """Random gate weights for `shape` whose bias puts g > threshold for about `admit` of random keys."""
+def calibrated_gate_mlp(layers: int, heads: int, head_dim: int, admit: float, threshold: float, seed: int = 0):
+    """A random GateMLP whose bias puts g > threshold for about `admit` of random keys."""
     from composable_kv.policies.write_gate import GateMLP
     torch.manual_seed(seed)
-    gate = GateMLP(shape.num_layers, shape.num_kv_heads, shape.head_dim)
+    gate = GateMLP(layers, heads, head_dim)
     with torch.no_grad():
-        x = torch.randn(shape.num_layers, shape.num_kv_heads, 4096, 2 * shape.head_dim)
+        x = torch.randn(layers, heads, 4096, 2 * head_dim)
         logits = gate.logits_all(x)  # [L, H, N]
         cut = torch.quantile(logits, 1.0 - admit, dim=-1) if 0 < admit < 1 else logits.amax(-1) * (admit >= 1)
         gate.b2 -= cut - torch.logit(torch.tensor(threshold))
+    return gate
+
+
+def calibrated_gate(shape, admit: float, threshold: float, path: Path, seed: int = 0) -> Path:
+    """calibrated_gate_mlp for a model `shape`, saved where the stage's `weights:` reads it."""
+    gate = calibrated_gate_mlp(shape.num_layers, shape.num_kv_heads, shape.head_dim, admit, threshold, seed)
     gate.save(path, {"note": f"random, admits ~{admit} of random keys"})
     return path
 
