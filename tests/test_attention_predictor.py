@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import composable_kv as ckv
+from composable_kv.kernels.predictor_cnn import reference as cnn_ref
 from composable_kv.policies.attention_predictor import train as T
 from composable_kv.policies.attention_predictor.predictor import (PageHistory, PredictorCNN, load_weights,
                                                                  prefill_page_mass, save_weights)
@@ -16,6 +17,15 @@ from helpers import build_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def reference_cnn_unless_interpret(request, monkeypatch):
+    """The stage picks its CNN by composable_kv.kernels.backend_for: the fused Triton kernel under
+    TRITON_INTERPRET=1 (seconds a step on the CPU), else the torch reference. Tests not marked
+    `interpret` take the reference; the kernel itself: tests/test_predictor_cnn_kernel.py."""
+    if request.node.get_closest_marker("interpret") is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +149,18 @@ def test_stage_calibrates_then_keeps_the_budget(weights):
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (tests/conftest.py) or CUDA")
 @pytest.mark.interpret
 @pytest.mark.parametrize("num_splits", [1, 2])
-def test_stage_triton_equals_reference_stacked_with_art(weights, num_splits):
+def test_stage_triton_equals_reference_stacked_with_art(weights, num_splits, monkeypatch):
+    """The reference pipeline (torch CNN) against the Triton one (fused CNN kernel, Triton decode)."""
     art = {"stage": "art", "stop": "certified", "delta": 0.05, "chunk_pages": 1}
     out = []
     for backend in ("reference", "triton"):
+        if backend == "reference" and not torch.cuda.is_available():
+            monkeypatch.delenv("TRITON_INTERPRET")  # backend_for(cpu): the stage's torch CNN
+        else:
+            monkeypatch.undo()
         pipe = ckv.compile(policy(weights, art), backend=backend)
+        (stage,) = pipe.selectors
+        assert ("Triton" in stage.describe("cpu")) == (backend == "triton")
         cache, ids, _, _ = build_cache([60, 110], num_layers=2, head_dim=64, extra_pages=8,
                                        summaries=pipe.required_summaries)
         orig = pipe.plan
@@ -183,14 +200,17 @@ def test_batch_churn_new_sequence_calibrates(weights):
 @pytest.mark.cpu
 def test_per_query_head_and_run_every(weights, monkeypatch):
     calls = []
-    orig = PredictorCNN.forward
-    monkeypatch.setattr(PredictorCNN, "forward", lambda self, x: calls.append(x.shape) or orig(self, x))
+    orig = cnn_ref.predictor_scores
+    monkeypatch.setattr(cnn_ref, "predictor_scores", lambda *a: calls.append((a[1].shape, a[-1])) or orig(*a))
     pipe = ckv.compile(policy(weights, per_kv_head=False, run_every=2), backend="reference")
+    (stage,) = pipe.selectors
+    assert "torch reference CNN" in stage.describe("cpu") and "run_every 2" in stage.describe("cpu")
     cache, ids, _, _ = build_cache([130, 70], num_layers=2, head_dim=32, extra_pages=4,
                                    summaries=pipe.required_summaries)
     decode_steps(pipe, cache, ids, 6, group=3)
-    assert len(calls) == 6 and all(s[0] == 2 * 6 for s in calls)  # one batched call per step: B x 6 query heads
-    assert history_of(pipe, cache, 1).heads == 6
+    assert len(calls) == 6 and all(rows == (2,) for rows, _ in calls)  # one batched call per step
+    assert [due.tolist() for _, due in calls] == [[True, True], [False, False]] * 3  # the clock: odd steps reuse
+    assert history_of(pipe, cache, 1).heads == 6  # B x 6 query-head rows
 
 
 @pytest.mark.cpu

@@ -129,6 +129,15 @@ def test_ltri_stage_equals_host_over_decode_steps(vote):
     assert_same_steps(got, want)
 
 
+@pytest.fixture
+def reference_cnn(monkeypatch):
+    """attention_predictor's CNN in torch (composable_kv.kernels.backend_for(cpu) without TRITON_INTERPRET):
+    the interpreted kernel takes seconds a step, and the interpreter copies tensors to the host, which the
+    no-host-sync guard would flag (on CUDA the kernel is one device launch)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.mark.usefixtures("reference_cnn")
 @pytest.mark.parametrize("kw", [{}, {"per_kv_head": False, "run_every": 2}, {"calibrate_first": False}])
 def test_attention_predictor_stage_equals_host_over_decode_steps(kw):
     pipe = ckv.compile(_ap_pol(**kw), backend="reference")
@@ -136,6 +145,18 @@ def test_attention_predictor_stage_equals_host_over_decode_steps(kw):
     want = run_steps(host.host_pipeline(pipe), 9, lens=[100, 200, 37], churn_at=4)
     assert_same_steps(got, want)
     assert any((p < 7).any() for *_, p in got)  # some steps read less than every page
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_attention_predictor_fused_cnn_equals_host_over_decode_steps():
+    """The stage on the fused Triton CNN (rows off their run_every turn skipped in the kernel) decodes as
+    the host code, which ran the torch CNN on the due rows only."""
+    pipe = ckv.compile(_ap_pol(run_every=2, history_steps=4), backend="reference")
+    assert "fused Triton CNN" in pipe.selectors[0].describe("cpu")
+    got = run_steps(pipe, 5, lens=[100, 37], churn_at=3)
+    want = run_steps(host.host_pipeline(pipe), 5, lens=[100, 37], churn_at=3)
+    assert_same_steps(got, want)
 
 
 # -- the HF device decode path ------------------------------------------------------------------------
@@ -191,6 +212,8 @@ def _generate(model, pipe, path, steps=10):
 def test_hf_device_path_equals_the_host_implementation(tiny_model, stack, monkeypatch):
     """The device step (the graph's ops, eager on CPU) decodes exactly as the old host code on the host
     path: same tokens, same pages and bytes per step; and the stage's hooks never sync with the host."""
+    if stack == "attention_predictor":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch CNN: see the reference_cnn fixture
     pipe = ckv.compile(STACKS[stack], backend="reference")
     calls = []
     guard_stage(pipe.selectors[0], monkeypatch, calls)

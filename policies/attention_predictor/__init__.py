@@ -3,7 +3,10 @@ from dataclasses import dataclass
 import torch
 
 
-from composable_kv.policies.attention_predictor.predictor import PageHistory, features, load_weights, prefill_page_mass
+from composable_kv.kernels import backend_for
+from composable_kv.kernels.predictor_cnn import reference as cnn_ref
+from composable_kv.policies.attention_predictor.predictor import (PageHistory, kernel_weights, load_weights,
+                                                                 prefill_page_mass)
 from composable_kv.seq_rows import SequenceRows
 from composable_kv.stages import GraphSupport, ScoringSelector, StageState, param, register_stage
 from composable_kv.ints import cdiv
@@ -108,21 +111,35 @@ class AttentionPredictor(ScoringSelector):
                 hist.seed(row, mass)
 
     # -- selection ---------------------------------------------------------------------------------
+    def describe(self, device) -> str:
+        """Which CNN path runs on `device` (composable_kv.kernels.backend_for) and what run_every skips."""
+        if backend_for(torch.device(device)) == "triton":
+            how = ("fused Triton CNN (kernels/predictor_cnn: reads the history ring in place, one launch per layer, "
+                   "nothing [C2, H, P] in memory; tl.dot in TF32 when torch.backends.cudnn.allow_tf32, else fp32)")
+        else:
+            how = "torch reference CNN (kernels/predictor_cnn/reference.py: ring gather, conv2d, conv2d, conv1d)"
+        skip = (f"; run_every {self.run_every}: rows off their turn keep their last scores and skip the CNN"
+                if self.run_every > 1 else "")
+        return f"{self.name}: {how}{skip}"
+
     def score(self, ctx):
         hist, rows = self._rows(ctx)
         B, P, Hkv = ctx.batch_size, ctx.max_pages, ctx.num_kv_heads
-        x = hist.window(rows, P)  # [B, Hh, H, P]
-        Hh = x.shape[1]
-        n = ctx.plan.num_pages[:, None].expand(B, Hh).reshape(-1)  # [B * Hh]
-        model = load_weights(self.weights or None, ctx.q.device)
-        with torch.no_grad():
-            s = model(features(x.flatten(0, 1), n)).view(B, Hh, P)  # one CNN call for every (request, head)
-            if not self.per_kv_head:  # per query head: max of each head's predicted distribution
-                s = s.masked_fill(~ctx.plan.valid[:, None], float("-inf"))
-                s = s.log_softmax(-1).view(B, Hkv, Hh // Hkv, P).amax(2)  # [B, Hkv, P]
+        due = None
         if self.run_every > 1:  # rows off their turn (and ever scored) keep their last scores
             last = hist.scores[rows, :, :P]  # [B, Hkv, P]
             due = (hist.steps[rows] % self.run_every == 0) | torch.isinf(last[:, 0, 0])  # [B]
+        model = load_weights(self.weights or None, ctx.q.device)
+        with torch.no_grad():  # one CNN call for every (request, head): [B, Hh, P]
+            if backend_for(ctx.q.device) == "triton":
+                from composable_kv.kernels.predictor_cnn import triton as cnn_tk
+                s = cnn_tk.predictor_scores(hist.hist, rows, hist.ptr, ctx.plan.num_pages, P, kernel_weights(model), due)
+            else:
+                s = cnn_ref.predictor_scores(hist.hist, rows, hist.ptr, ctx.plan.num_pages, P, model.weights(), due)
+            if not self.per_kv_head:  # per query head: max of each head's predicted distribution
+                s = s.masked_fill(~ctx.plan.valid[:, None], float("-inf"))
+                s = s.log_softmax(-1).view(B, Hkv, -1, P).amax(2)  # [B, Hkv, P]
+        if due is not None:
             s = torch.where(due[:, None, None], s, last)
             hist.scores[rows, :, :P] = s
         return s

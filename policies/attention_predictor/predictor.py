@@ -8,16 +8,20 @@ give one score per page. Convolutions along pages make it independent of the con
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from composable_kv.ints import cdiv
+from composable_kv.kernels.predictor_cnn.reference import CNNWeights, cnn_forward, ring_window
+from composable_kv.kernels.predictor_cnn.reference import features  # noqa: F401  (the CNN's input; train.py)
 from composable_kv.seq_rows import grown
 
 WEIGHTS_NAME = "attention_predictor.pt"
 _LOADED: dict[tuple, "PredictorCNN"] = {}
+_PACKED: "weakref.WeakKeyDictionary[PredictorCNN, object]" = weakref.WeakKeyDictionary()  # for the Triton kernel
 
 
 def default_weights_path() -> Path:
@@ -37,17 +41,13 @@ class PredictorCNN(nn.Module):
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
         self.head = nn.Conv1d(c2, 1, kernel_size=1)
 
+    def weights(self) -> CNNWeights:
+        return CNNWeights(self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
+                          self.head.weight, self.head.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H, P] (features of H past steps, oldest first) -> scores [N, P] (higher = read)."""
-        y = torch.relu(self.conv1(x[:, None]))
-        y = torch.relu(self.conv2(y))  # [N, c2, H, P]
-        return self.head(y.mean(dim=2))[:, 0]
-
-
-def features(mass: torch.Tensor, num_pages: torch.Tensor) -> torch.Tensor:
-    """History masses [N, H, P] -> CNN input: log1p(mass * pages), so a uniform row is log 2 whatever
-    the context length and an unread page stays 0. num_pages: [N] (broadcast over H and P)."""
-    return torch.log1p(mass * num_pages.to(mass.dtype).view(-1, 1, 1))
+        return cnn_forward(x, self.weights())
 
 
 def prefill_page_mass(q: torch.Tensor, k: torch.Tensor, page_size: int, sm_scale: float,
@@ -92,6 +92,14 @@ def load_weights(path: str | os.PathLike | None, device=None) -> PredictorCNN:
         model.load_state_dict(d["state_dict"])
         _LOADED[key] = model.eval().to(device or "cpu")
     return _LOADED[key]
+
+
+def kernel_weights(model: PredictorCNN):
+    """`model`'s weights packed for the fused Triton CNN (kernels/predictor_cnn), once per loaded model."""
+    if model not in _PACKED:
+        from composable_kv.kernels.predictor_cnn.triton import pack_weights
+        _PACKED[model] = pack_weights(model.weights())
+    return _PACKED[model]
 
 
 class PageHistory:
@@ -167,5 +175,4 @@ class PageHistory:
 
     def window(self, rows: torch.Tensor, P: int) -> torch.Tensor:
         """The last H steps of each row, oldest first: [B, Hh, H, P] (zeros before the first step)."""
-        idx = (self.ptr[rows, None] + torch.arange(self.H, device=self.device)) % self.H  # [B, H]
-        return self.hist[rows[:, None], :, idx, :P].transpose(1, 2)  # one gather: [B, H, Hh, P] -> [B, Hh, H, P]
+        return ring_window(self.hist, rows, self.ptr, P)
