@@ -111,10 +111,10 @@ def _gated_write_kernel(k_ptr, v_ptr, kg_ptr, pos_ptr, rows_ptr, tab_ptr,
     # every load before any store: sources, new token, the finalized page, summaries
     rowm = moved[:, None] & md[None, :]
     new = (i == 2)[:, None]
-    kr = tl.where(new, tl.load(k_ptr + b * stride_kb + h * stride_kh + d, mask=md, other=0.0).to(CT)[None, :],
-                  tl.load(kc_ptr + src_slot[:, None] * D + d[None, :], mask=rowm, other=0.0))  # [4, DP]
-    vr = tl.where(new, tl.load(v_ptr + b * stride_vb + h * stride_vh + d, mask=md, other=0.0).to(CT)[None, :],
-                  tl.load(vc_ptr + src_slot[:, None] * D + d[None, :], mask=rowm, other=0.0))
+    kn = tl.load(k_ptr + b * stride_kb + h * stride_kh + d, mask=md, other=0.0).to(CT)  # the new token
+    vn = tl.load(v_ptr + b * stride_vb + h * stride_vh + d, mask=md, other=0.0).to(CT)
+    kr = tl.where(new, kn[None, :], tl.load(kc_ptr + src_slot[:, None] * D + d[None, :], mask=rowm, other=0.0))
+    vr = tl.where(new, vn[None, :], tl.load(vc_ptr + src_slot[:, None] * D + d[None, :], mask=rowm, other=0.0))
     pr = tl.where(i == 2, p.to(tl.int32), tl.load(slotpos_ptr + src_slot, mask=moved, other=0))
 
     if HAS_MINMAX or HAS_VNORM:
@@ -128,18 +128,19 @@ def _gated_write_kernel(k_ptr, v_ptr, kg_ptr, pos_ptr, rows_ptr, tab_ptr,
         if fin:
             for r0 in tl.static_range(0, S, SB):
                 slot = (slot_b // S) * S + r0 + tl.arange(0, SB)  # [SB]
-                hit = (slot[:, None] == dst_slot[None, :]) & writes[None, :]  # [SB, 4]: at most one write per slot
+                # read each slot where its token comes from: a swapped slot from the other swap slot
+                src = tl.where(tl.where(swap, slot == slot_b, False), slot_a,
+                               tl.where(tl.where(swap, slot == slot_a, False), slot_b, slot))
+                is_new = (slot == slot_n)[:, None]  # never on a finalized page (dst >= n_global); kept general
                 mt = (slot[:, None] >= 0) & md[None, :]
                 if HAS_MINMAX:
-                    kt = tl.load(kc_ptr + slot[:, None] * D + d[None, :], mask=mt, other=0.0).to(tl.float32)
-                    kw = tl.max(tl.where(hit[:, :, None], kr.to(tl.float32)[None, :, :], float("-inf")), axis=1)
-                    kt = tl.where(tl.max(hit.to(tl.int32), axis=1)[:, None] > 0, kw, kt)
+                    kt = tl.load(kc_ptr + src[:, None] * D + d[None, :], mask=mt, other=0.0)
+                    kt = tl.where(is_new, kn[None, :], kt).to(tl.float32)
                     ex_min = tl.minimum(ex_min, tl.min(kt, axis=0))
                     ex_max = tl.maximum(ex_max, tl.max(kt, axis=0))
                 if HAS_VNORM:
-                    vt = tl.load(vc_ptr + slot[:, None] * D + d[None, :], mask=mt, other=0.0).to(tl.float32)
-                    vw = tl.max(tl.where(hit[:, :, None], vr.to(tl.float32)[None, :, :], float("-inf")), axis=1)
-                    vt = tl.where(tl.max(hit.to(tl.int32), axis=1)[:, None] > 0, vw, vt)
+                    vt = tl.load(vc_ptr + src[:, None] * D + d[None, :], mask=mt, other=0.0)
+                    vt = tl.where(is_new, vn[None, :], vt).to(tl.float32)
                     ex_vn = tl.maximum(ex_vn, tl.max(tl.sqrt(tl.sum(vt * vt, axis=1)), axis=0))
         sm = put[:, None] & md[None, :]
         if HAS_MINMAX:
