@@ -196,8 +196,10 @@ class DecodePipeline:
         backend = self.backend_for(device)
         lines = [f"policy {self.name!r}: page_size={self.page_size}, dense_layers={sorted(self.dense_layers)}",
                  "stages: " + " -> ".join(s.name for s in self.config.stages),
-                 *([f"admission: {self.admission.describe()}"] if self.admission is not None else []),
-                 f"summaries kept on append: {sorted(self.required_summaries) or 'none'}"]
+                 *([f"admission: {self.admission.describe(device)}"] if self.admission is not None else []),
+                 f"summaries kept on append: {sorted(self.required_summaries) or 'none'}",
+                 *[f"{st.name}: {line}" for st in self.config.stages
+                   if st.kind != "admission" and (line := st.describe(device))]]
         if backend == "reference":
             lines.append("path: reference (pure torch, fp32 math; every stage is a torch op)")
         else:

@@ -146,6 +146,11 @@ class Stage:
     def observe_page_mass(self, ctx: "LayerContext", mass: torch.Tensor) -> None:
         """After a decode of a sparse layer: softmax mass per page [B, Hq, P] (0 where not read)."""
 
+    def describe(self, device: torch.device | str | None = None) -> str | None:
+        """A line for the policy's `describe()`: what this stage's own work runs as on `device` (None: the
+        stage line says enough)."""
+        return None
+
     @property
     def observes_prefill(self) -> bool:
         return type(self).observe_prefill is not Stage.observe_prefill
@@ -231,7 +236,7 @@ class AdmissionStage(Stage):
         """(pipeline, cache) for hf.PolicySession: the stage's own cache and the pipeline wrapper over it."""
         raise NotImplementedError(f"admission stage {self.name!r} must implement build_session()")
 
-    def describe(self) -> str:
+    def describe(self, device: torch.device | str | None = None) -> str:
         return self.name
 
 

@@ -205,6 +205,7 @@ def test_per_query_head_and_run_every(weights, monkeypatch):
     pipe = ckv.compile(policy(weights, per_kv_head=False, run_every=2), backend="reference")
     (stage,) = pipe.selectors
     assert "torch reference CNN" in stage.describe("cpu") and "run_every 2" in stage.describe("cpu")
+    assert f"\nattention_predictor: {stage.describe('cpu')}" in pipe.describe("cpu")  # the policy's describe says it
     cache, ids, _, _ = build_cache([130, 70], num_layers=2, head_dim=32, extra_pages=4,
                                    summaries=pipe.required_summaries)
     decode_steps(pipe, cache, ids, 6, group=3)

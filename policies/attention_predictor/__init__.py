@@ -111,16 +111,16 @@ class AttentionPredictor(ScoringSelector):
                 hist.seed(row, mass)
 
     # -- selection ---------------------------------------------------------------------------------
-    def describe(self, device) -> str:
+    def describe(self, device=None) -> str:
         """Which CNN path runs on `device` (composable_kv.kernels.backend_for) and what run_every skips."""
-        if backend_for(torch.device(device)) == "triton":
+        if backend_for(torch.device(device or "cpu")) == "triton":
             how = ("fused Triton CNN (kernels/predictor_cnn: reads the history ring in place, one launch per layer, "
                    "nothing [C2, H, P] in memory; tl.dot in TF32 when torch.backends.cudnn.allow_tf32, else fp32)")
         else:
             how = "torch reference CNN (kernels/predictor_cnn/reference.py: ring gather, conv2d, conv2d, conv1d)"
         skip = (f"; run_every {self.run_every}: rows off their turn keep their last scores and skip the CNN"
                 if self.run_every > 1 else "")
-        return f"{self.name}: {how}{skip}"
+        return f"{how}{skip}"
 
     def score(self, ctx):
         hist, rows = self._rows(ctx)

@@ -27,7 +27,7 @@ class WriteGate(AdmissionStage):
     weights: str = param("", "gate weights (.pt from `ckv train-gate`); '' = the default model's in the "
                              "composable-kv cache (write_gate/<model>.pt)")
 
-    def describe(self) -> str:
+    def describe(self, device=None) -> str:
         return (f"write_gate: ring window of {self.window_tokens} tokens, admit when g > {self.threshold}; "
                 f"head-major gated cache (one page list per layer x request x KV head, read with Hkv=1), "
                 f"window pages forced before the first scorer; device-side admission (graph-safe)")
