@@ -3,7 +3,7 @@
 Two gated caches built alike, one writing through the reference and one through the kernel, take the same
 prefill (torch, both) and then the same one-token steps; after every step their whole state must be equal:
 kept lengths, global counts, ring windows, slot positions, K/V of every reserved page, key min/max (exact),
-value norms (fp32, to an ulp) and key shadows. The grid covers windows not yet full, drops, admissions with
+value norms (fp32, to 1e-5) and key shadows. The grid covers windows not yet full, drops, admissions with
 and without a swap, page finalization, dense (admit-all) layers, bf16, a head_dim that is not a power of two,
 a ring longer than one scan block, and the gate MLP run inside the kernel. Interpreter on the CPU; the
 larger grid (CUDA kernel vs CPU reference) is GPU-marked.
@@ -62,7 +62,7 @@ def assert_same_state(a: GatedKVCache, b: GatedKVCache) -> None:
         if exact:
             assert torch.equal(x, y), f"{name}: max |diff| {(x.float() - y.float()).abs().max()}"
         else:
-            torch.testing.assert_close(x, y, rtol=1e-6, atol=0, msg=name)
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=0, msg=name)
     same(a.pool.k[0], b.pool.k[0], "K")
     same(a.pool.v[0], b.pool.v[0], "V")
     if a.pool.key_min is not None:

@@ -195,6 +195,8 @@ def gated_write(k, v, positions, rows, tables, kept, n_global, ring_slot, ring_a
             raise ValueError(f"gated_write: {name} must be contiguous (the cache's state), got strides {t.stride()}")
     if k.stride(2) != 1 or v.stride(2) != 1 or tables.stride(1) != 1:
         raise ValueError("gated_write: k, v and tables need contiguous last dims")
+    positions, rows = positions.contiguous(), rows.contiguous()  # read at +b: no-ops for the cache's tensors
+    g = None if g is None else g.contiguous()
     touched = torch.empty(B, H, 4, dtype=torch.int64, device=k.device)
     mode = GATE_MLP if gate is not None else GATE_GIVEN if g is not None else GATE_ALL
     kg = k if k_gate is None else k_gate
