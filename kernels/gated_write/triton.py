@@ -107,7 +107,7 @@ def _gated_write_kernel(k_ptr, v_ptr, kg_ptr, pos_ptr, rows_ptr, tab_ptr,
     moved = tl.where(i < 2, swap, False)
     writes = moved | (i == 2)
     page = tl.where(i == 3, slot_b, dst_slot) // S
-    put = writes | ((i == 3) & fin)  # rows whose page's summaries are stored
+    put = writes | tl.where(fin, i == 3, False)  # rows whose page's summaries are stored
     # every load before any store: sources, new token, the finalized page, summaries
     rowm = moved[:, None] & md[None, :]
     new = (i == 2)[:, None]
@@ -118,7 +118,7 @@ def _gated_write_kernel(k_ptr, v_ptr, kg_ptr, pos_ptr, rows_ptr, tab_ptr,
     pr = tl.where(i == 2, p.to(tl.int32), tl.load(slotpos_ptr + src_slot, mask=moved, other=0))
 
     if HAS_MINMAX or HAS_VNORM:
-        # E[r, j]: write j lands in row r's page; each row's page takes min/max over its writes
+        # same[r, j]: write j lands in row r's page; each row's page takes min/max over those writes
         same = (page[:, None] == page[None, :]) & writes[None, :]
         on_fin = tl.where(fin, page == slot_b // S, False)  # rows whose page was just finalized
         # the finalized page after the writes: its S tokens with the written slots replaced, exact min/max
