@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEMO_POLICIES = ("configs/dense.yaml", "configs/quest.yaml", "configs/quest_art.yaml")
+DEMO_POLICIES = ("configs/dense.yaml", "configs/quest.yaml", "configs/quest_art_calibrated.yaml")
 DEMO_TASKS = ("niah_single",)
 DEMO_CTX = 4096
 DEMO_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
