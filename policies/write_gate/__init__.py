@@ -13,8 +13,9 @@ class WriteGate(AdmissionStage):
     tokens (always read); when it leaves the window it is admitted to the global pages of its
     (request, KV head) only if g > `threshold`, else dropped for that head. Dense layers keep every
     token. The selectors and the terminal stage then read window + admitted pages
-    (policies/write_gate/admission.py). The gate, the ring window and the page moves are device ops
-    of fixed shapes (gated_cache.py), so the decode step is captured in the runtime's CUDA graph."""
+    (policies/write_gate/admission.py). A decode token's gate, ring window, page moves and page summaries
+    are one op a layer (kernels/gated_write: one Triton kernel, or its fixed-shape torch reference), so
+    the decode step is captured in the runtime's CUDA graph."""
 
     name = "write_gate"
     graph_support = GraphSupport.ALWAYS
