@@ -93,8 +93,7 @@ class GatedPipeline:
         write = ("one Triton kernel a layer (kernels/gated_write)" if self.outer.backend_for(torch.device(device))
                  == "triton" else "the torch reference ops (kernels/gated_write/reference.py)")
         return "\n".join([f"admission: {self.stage.describe()}; dense layers {sorted(self.dense_layers)} keep "
-                          f"every token; decode write (gate, ring window, page moves, summaries): {write} "
-                          f"(graph-safe)",
+                          f"every token; decode write (gate, ring window, page moves, summaries): {write}",
                           "inner pipeline (Hkv=1, one sequence per layer x request x KV head):",
                           self.sparse.describe(device)])
 
