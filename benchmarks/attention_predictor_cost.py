@@ -78,14 +78,8 @@ def stage_rows(device, shape, B, ctx, backend, budget=1024):
     g = torch.Generator(device=device).manual_seed(0)
     for name, stages in policies.items():
         pipe = ckv.compile({"name": name, "page_size": 16, "stages": stages}, backend=backend)
-        cache = ckv.PagedKVCache(1, Hkv, D, B * (ctx // 16 + 2), page_size=16, dtype=dtype, device=device,
-                                 summaries=pipe.required_summaries)
-        ids = [cache.add_sequence() for _ in range(B)]
-        for sid in ids:
-            k = torch.randn(1, ctx, Hkv, D, generator=g, device=device).to(dtype)
-            cache.append([sid], [ctx], k, torch.randn(1, ctx, Hkv, D, generator=g, device=device).to(dtype))
+        cache, ids = harness.filled_cache(pipe, B, ctx, Hkv, D, dtype, device, g)
         q = torch.randn(B, Hq, D, generator=g, device=device).to(dtype)
-        pipe.plan(cache, ids)
         for _ in range(6):  # past the first (dense calibration) steps
             pipe.run(q, cache, 0)
         # time a predicting step: no calibration from here on, clocks off the calibration phase

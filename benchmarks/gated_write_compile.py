@@ -9,16 +9,14 @@ window 256, gate hidden 32.
 """
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, do not interpret
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+
+import harness  # noqa: E402  (benchmarks/harness.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from composable_kv.kernels.gated_write import triton as tk  # noqa: E402
@@ -57,18 +55,9 @@ def main(argv=None) -> int:
             return "*fp32"
         return "fp32" if n == "threshold" else "i32"
     sig = {n: kind(n) for n in k.arg_names}
-    src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(c),): v for c, v in const.items()})
-    cc = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": 1})
-    ptx = cc.asm["ptx"]
-    cubin = Path(tempfile.mkdtemp()) / "gated_write.cubin"
-    cubin.write_bytes(cc.asm["cubin"])
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
     print(f"triton {triton.__version__}, sm_{args.arch}, gate {args.gate}, {args.dtype}, head_dim {D}, "
           f"page {args.page}, 1 warp")
-    print("local memory ops in PTX:", ptx.count("ld.local") + ptx.count("st.local"), "; shared bytes:",
-          cc.metadata.shared)
-    print(usage.strip().splitlines()[-1].strip())
+    print(harness.compile_report(k, sig, const, arch=args.arch, num_warps=1, name="gated_write"))
     return 0
 
 

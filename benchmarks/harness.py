@@ -12,6 +12,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,6 +81,45 @@ def copy_bandwidth(device="cuda", nbytes: int = 4 << 30) -> float:
     ms = wall_ms(lambda: y.copy_(x), calls=10)
     del x, y
     return 2 * nbytes / (ms * 1e-3)
+
+
+def compile_report(kernel, signature: dict, constexprs: dict, *, arch: int, num_warps: int, name: str) -> str:
+    """Compile a Triton kernel for an NVIDIA target without a GPU (Triton's bundled ptxas; the caller unsets
+    TRITON_INTERPRET before triton is imported) and report its mma instructions, local-memory traffic,
+    shared memory, and registers/stack from cuobjdump: a check that it compiles well, not a timing."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(c),): v for c, v in constexprs.items()})
+    cc = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    ptx = cc.asm["ptx"]
+    cubin = Path(tempfile.mkdtemp()) / f"{name}.cubin"
+    cubin.write_bytes(cc.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
+    mma = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)))
+    return "\n".join([f"mma: {mma or 'none'}",
+                      f"local memory ops in PTX: {ptx.count('ld.local') + ptx.count('st.local')}; "
+                      f"shared bytes: {cc.metadata.shared}",
+                      usage.strip().splitlines()[-1].strip()])
+
+
+def filled_cache(pipe, batch: int, ctx: int, num_kv_heads: int, head_dim: int, dtype, device, generator):
+    """A one-layer PagedKVCache of `batch` sequences of `ctx` random tokens, with the summaries `pipe` needs,
+    planned for `pipe`. -> (cache, seq_ids)."""
+    from composable_kv import PagedKVCache
+    cache = PagedKVCache(1, num_kv_heads, head_dim, batch * (ctx // 16 + 2), page_size=16, dtype=dtype,
+                         device=device, summaries=pipe.required_summaries)
+    ids = [cache.add_sequence() for _ in range(batch)]
+    for sid in ids:
+        k = torch.randn(1, ctx, num_kv_heads, head_dim, generator=generator, device=device).to(dtype)
+        v = torch.randn(1, ctx, num_kv_heads, head_dim, generator=generator, device=device).to(dtype)
+        cache.append([sid], [ctx], k, v)
+    pipe.plan(cache, ids)
+    return cache, ids
 
 
 # -- FlashInfer -----------------------------------------------------------------------------------

@@ -7,17 +7,14 @@ A check that the kernel compiles (mma instructions, no local memory), not a timi
 """
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, do not interpret
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+
+import harness  # noqa: E402  (benchmarks/harness.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from composable_kv.kernels.predictor_cnn import triton as tk  # noqa: E402
@@ -34,18 +31,8 @@ def main(argv=None) -> int:
     const = {"HH": 8, "C1P": 16, "C2P": 32, "BLOCK": args.block, "HAS_DUE": True, "PREC": args.precision}
     ptrs = {"rows_ptr": "*i64", "ptr_ptr": "*i64", "npages_ptr": "*i32", "due_ptr": "*i1"}
     sig = {n: "constexpr" if n in const else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in k.arg_names}
-    src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(c),): v for c, v in const.items()})
-    cc = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": args.warps})
-    ptx = cc.asm["ptx"]
-    cubin = Path(tempfile.mkdtemp()) / "predictor_cnn.cubin"
-    cubin.write_bytes(cc.asm["cubin"])
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
     print(f"triton {triton.__version__}, sm_{args.arch}, BLOCK {args.block}, {args.warps} warps, {args.precision}")
-    print("mma:", sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx))) or "none")
-    print("local memory ops in PTX:", ptx.count("ld.local") + ptx.count("st.local"), "; dynamic shared bytes:",
-          cc.metadata.shared)
-    print(usage.strip().splitlines()[-1].strip())
+    print(harness.compile_report(k, sig, const, arch=args.arch, num_warps=args.warps, name="predictor_cnn"))
     return 0
 
 

@@ -55,15 +55,9 @@ def build(name, stages, shape, B, ctx, device, dtype, backend):
     import composable_kv as ckv
     Hq, Hkv, D = SHAPES[shape]
     pipe = ckv.compile({"name": name, "page_size": 16, "stages": stages}, backend=backend)
-    cache = ckv.PagedKVCache(1, Hkv, D, B * (ctx // 16 + 2), page_size=16, dtype=dtype, device=device,
-                             summaries=pipe.required_summaries)
     g = torch.Generator(device=device).manual_seed(0)
-    ids = [cache.add_sequence() for _ in range(B)]
-    for sid in ids:
-        k = torch.randn(1, ctx, Hkv, D, generator=g, device=device).to(dtype)
-        cache.append([sid], [ctx], k, torch.randn(1, ctx, Hkv, D, generator=g, device=device).to(dtype))
+    cache, _ = harness.filled_cache(pipe, B, ctx, Hkv, D, dtype, device, g)
     q = torch.randn(B, Hq, D, generator=g, device=device).to(dtype)
-    pipe.plan(cache, ids)
     return pipe, cache, q
 
 
