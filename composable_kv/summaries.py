@@ -36,8 +36,8 @@ class Summary:
     def allocate(self, cache) -> None:
         raise NotImplementedError
 
-    def reset(self, cache, pages: torch.Tensor) -> None:
-        """Fresh pages [U] (no token yet), every layer."""
+    def reset(self, cache, pages: torch.Tensor, layers=None) -> None:
+        """Fresh pages [U] (no token yet) in `layers` (None: every layer)."""
         raise NotImplementedError
 
     def update(self, cache, layer: int, slots, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -51,6 +51,10 @@ class Summary:
     def bytes_per_page(self, cache) -> int:
         """Bytes a reader of this summary reads per (page, KV head)."""
         raise NotImplementedError
+
+
+def _layers(cache, layers):
+    return range(cache.num_layers) if layers is None else layers
 
 
 SUMMARIES: dict[str, Summary] = {}
@@ -97,8 +101,8 @@ class KeyMinMax(Summary):
         cache.key_min = [torch.empty(shape, dtype=cache.dtype, device=cache.device) for _ in range(cache.num_layers)]
         cache.key_max = [torch.empty_like(t) for t in cache.key_min]
 
-    def reset(self, cache, pages) -> None:
-        for layer in range(cache.num_layers):
+    def reset(self, cache, pages, layers=None) -> None:
+        for layer in _layers(cache, layers):
             cache.key_min[layer][pages] = torch.finfo(cache.dtype).max
             cache.key_max[layer][pages] = torch.finfo(cache.dtype).min
 
@@ -126,8 +130,8 @@ class ValueNorm(Summary):
         cache.value_norm = [torch.empty(cache.num_pages, cache.num_kv_heads, dtype=torch.float32, device=cache.device)
                             for _ in range(cache.num_layers)]
 
-    def reset(self, cache, pages) -> None:
-        for layer in range(cache.num_layers):
+    def reset(self, cache, pages, layers=None) -> None:
+        for layer in _layers(cache, layers):
             cache.value_norm[layer][pages] = 0.0
 
     def update(self, cache, layer, slots, k, v) -> None:
@@ -164,8 +168,8 @@ class KeyShadow(Summary):
         cache.shadow_step[self.bits] = [torch.zeros(shape[:2] + (cache.head_dim,), dtype=cache.dtype,
                                                     device=cache.device) for _ in range(cache.num_layers)]
 
-    def reset(self, cache, pages) -> None:
-        for layer in range(cache.num_layers):
+    def reset(self, cache, pages, layers=None) -> None:
+        for layer in _layers(cache, layers):
             cache.shadow_codes[self.bits][layer][pages] = 0
             cache.shadow_step[self.bits][layer][pages] = 0
 

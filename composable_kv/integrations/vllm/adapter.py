@@ -45,17 +45,6 @@ def slots_from_mapping(slot_mapping: torch.Tensor, page_size: int, trash_page: i
     return slots, torch.where(real & (offset == 0), page, trash_page)
 
 
-class _OneLayer:
-    """One layer's summary tensors, shaped as a one-layer cache, for Summary.reset (which resets every layer)."""
-
-    def __init__(self, cache: "VllmPagedCache", layer: int):
-        self.num_layers, self.dtype, self.device = 1, cache.dtype, cache.device
-        pick = (lambda ts: None if ts is None else [ts[layer]])
-        self.key_min, self.key_max, self.value_norm = pick(cache.key_min), pick(cache.key_max), pick(cache.value_norm)
-        self.shadow_codes = {b: [ts[layer]] for b, ts in cache.shadow_codes.items()}
-        self.shadow_step = {b: [ts[layer]] for b, ts in cache.shadow_step.items()}
-
-
 class VllmPagedCache:
     """What the pipeline, the fused kernels and the summary registry read from a PagedKVCache, over vLLM's
     per-layer KV tensors (bound with `bind`, never copied) plus the policy's page summaries."""
@@ -82,7 +71,6 @@ class VllmPagedCache:
         every = torch.arange(self.num_pages, device=self.device)
         for s in self._summaries:
             s.reset(self, every)
-        self._one_layer: dict[int, _OneLayer] = {}
 
     def bind(self, layer: int, kv_cache: torch.Tensor) -> None:
         """Point `layer` at vLLM's cache tensor of that layer (views; call again if vLLM reallocates it)."""
@@ -104,11 +92,8 @@ class VllmPagedCache:
             return
         T = slot_mapping.shape[0]
         slots, fresh = slots_from_mapping(slot_mapping, self.page_size, self.trash_page)
-        one = self._one_layer.get(layer)
-        if one is None:
-            one = self._one_layer[layer] = _OneLayer(self, layer)
         for s in self._summaries:
-            s.reset(one, fresh)
+            s.reset(self, fresh, layers=(layer,))
         for s in self._summaries:  # dependencies first (a key shadow quantizes against the new min/max)
             s.update(self, layer, slots, key[:T], value[:T])
 
