@@ -33,10 +33,29 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def _local_rows(weight) -> int:
+def local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's shard of a sharded (DTensor) parameter, as a plain tensor on the same storage; others as is."""
     from torch.distributed.tensor import DTensor
 
-    return (weight.to_local() if isinstance(weight, DTensor) else weight).shape[0]
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_group(model):
+    """The process group ``model``'s weights are sharded over (transformers' ``tp_plan``), None if unsharded."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = next((p for p in model.parameters() if isinstance(p, DTensor)), None)
+    if sharded is None:
+        return None
+    mesh = sharded.device_mesh
+    if mesh.ndim != 1:
+        raise TensorParallelError(f"the model is sharded over a {mesh.ndim}-D device mesh; "
+                                  "composable_kv runs tensor parallelism over one dimension (tp_plan='auto')")
+    return mesh.get_group()
+
+
+def _local_rows(weight) -> int:
+    return local(weight).shape[0]
 
 
 def rank_local_shape(model, shape):

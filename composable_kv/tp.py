@@ -6,8 +6,10 @@ likewise), so each rank's attention function receives only its own heads: ``[B, 
 ``[B, Hkv/N, T, D]``. :class:`~composable_kv.hf.PolicySession` asks :func:`rank_local_shape` for the
 head counts, so each rank builds its paged cache and page summaries for its local KV heads and runs
 the compiled pipeline on them. Every stage decides per (request, KV head) -- budgets, ART's stop --
-so sparse decode adds no communication: the only collectives are the model's own all-reduces after
-``o_proj`` and ``down_proj``.
+so sparse decode adds no communication: the only collectives are the all-reduces after ``o_proj`` and
+``down_proj`` (and the embedding's and ``lm_head``'s own). The decode layers are the fused ones
+(:class:`~composable_kv.decoder.FusedDecoder` on this rank's shards, ``--layers fused``; ``auto`` on GPUs) or
+transformers' modules (``--layers modules``), whose hooks do the same all-reduces.
 
 Launch (each rank prints nothing but rank 0)::
 
@@ -169,7 +171,7 @@ def _sync(device) -> None:
         torch.distributed.barrier()
 
 
-def _timed_decode(model, pipeline, prompts: list[list[int]], new_tokens: int) -> dict:
+def _timed_decode(model, pipeline, prompts: list[list[int]], new_tokens: int, layers: str = "auto") -> dict:
     """Greedy decode with prefill and decode timed apart; returns tokens, seconds and read fraction.
 
     The first decode step (kernel compiles, CUDA-graph capture) is not timed: tokens/s counts the
@@ -177,7 +179,7 @@ def _timed_decode(model, pipeline, prompts: list[list[int]], new_tokens: int) ->
     from . import hf
 
     session = hf.PolicySession(model, pipeline, max_total_tokens=max(map(len, prompts)) + new_tokens,
-                               batch_size=len(prompts))
+                               batch_size=len(prompts), layers=layers)
     try:
         _sync(session.device)
         t0 = time.perf_counter()
@@ -253,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--backend", choices=["auto", "reference", "triton"], default="auto",
                    help="pipeline backend (auto: fused Triton on GPU)")
+    p.add_argument("--layers", choices=["auto", "fused", "modules"], default="auto",
+                   help="decode layers (composable_kv.decoder; auto: fused on GPU, modules on CPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed short decodes per policy first (kernel compiles)")
     p.add_argument("--show", type=int, default=2, help="sequences whose tokens rank 0 prints")
     p.add_argument("--json", default=None, help="rank 0 writes the results here")
@@ -263,11 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import composable_kv as ckv
 
     from . import hf
+    from .decoder import choose_layers
 
     args = build_parser().parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         model = load_model_tp(args.model, dtype=dtype)
+        choose_layers(args.layers, model, next(model.parameters()).device)  # a refusal: one line, before decoding
         prompts, tokenizer = _prompts(args, model)
         policies = args.policy or ["quest_art"]
         pipes = [hf.compile_policy(p) for p in policies]
@@ -282,8 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for name, pipe in zip(policies, pipes):
         for _ in range(args.warmup):
-            _timed_decode(model, pipe, [p[:64] for p in prompts], min(3, args.new_tokens))
-        r = _timed_decode(model, pipe, prompts, args.new_tokens)
+            _timed_decode(model, pipe, [p[:64] for p in prompts], min(3, args.new_tokens), args.layers)
+        r = _timed_decode(model, pipe, prompts, args.new_tokens, args.layers)
         r = {"policy": str(name), "policy_name": pipe.name} | r
         results.append(r)
         print0(f"{pipe.name}: {r['decode_tokens_per_s']:.1f} tokens/s decode ({r['decode_steps']} steps x "

@@ -11,7 +11,7 @@ from tiny_families import tiny_family  # noqa: E402
 
 import composable_kv as ckv  # noqa: E402
 from composable_kv import hf  # noqa: E402
-from composable_kv.decoder import DecodeLayersError, choose_layers  # noqa: E402
+from composable_kv.decoder import DecodeLayersError, FusedDecoder, choose_layers  # noqa: E402
 from composable_kv.kernels.decoder_ops import reference as ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,3 +227,16 @@ def test_layers_choice_and_errors():
         hf.PolicySession(gemma, "configs/dense.yaml", max_total_tokens=32, batch_size=1, layers="fused")
     s = hf.PolicySession(gemma, "configs/dense.yaml", max_total_tokens=32, batch_size=1)
     assert s.layers == "modules" and "gemma3" in s.layers_reason
+
+
+@pytest.mark.cpu
+def test_fused_layers_read_the_models_own_weights():
+    """Nothing is copied; an unsharded model is world size 1: no shard group, no all-reduce
+    (2 sharded ranks: tests/test_tp.py)."""
+    model = tiny_family("qwen2")
+    dec = FusedDecoder(model)
+    assert dec.group is None
+    a, m = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    w, b = dec.layers[1].proj["q"]
+    assert w is a.q_proj.weight and b is a.q_proj.bias  # Qwen2: q/k/v biases
+    assert dec.layers[1].proj["o"][0] is a.o_proj.weight and dec.layers[1].proj["down"][0] is m.down_proj.weight

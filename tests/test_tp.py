@@ -1,4 +1,5 @@
-"""Tensor parallelism on CPU: 2 gloo ranks decode the same greedy tokens as one process."""
+"""Tensor parallelism on CPU: 2 gloo ranks decode the same greedy tokens as one process, through transformers'
+modules and through the fused decode layers (composable_kv.decoder) on each rank's shards."""
 
 import json
 import os
@@ -24,25 +25,37 @@ POLICIES = ("dense", "quest", "quest_art")
 PROMPT_LENGTHS = (5, 23, 40)  # ragged; with 4-token pages a 12-token budget keeps 3 of 10 pages
 NEW_TOKENS = 10
 RANKS = 2
+LAYERS = ("modules", "fused")
 # 8 query / 4 KV heads: each rank holds 2 KV heads of 2 query heads each.
 TINY = dict(vocab_size=96, hidden_size=128, intermediate_size=192, num_hidden_layers=3, num_attention_heads=8,
             num_key_value_heads=4, head_dim=16, max_position_embeddings=128, initializer_range=0.2)
+# and Qwen2 (tests/tiny_families.py: q/k/v biases, split with their heads; 1 KV head of 2 query heads a rank),
+# its window wider than the session so that the policy selects on its layers >= 1
+FAMILY_POLICIES = {"llama": POLICIES, "qwen2": ("dense", "quest_art")}
+RUNS = [(f, p, layers) for f, ps in FAMILY_POLICIES.items() for p in ps for layers in LAYERS]
 
 WORKER = textwrap.dedent("""
     import json, sys
-    from composable_kv import tp
-    model_dir, prompts_json, out_json, *policies = sys.argv[1:]
-    prompts = json.load(open(prompts_json))
-    model = tp.load_model_tp(model_dir)
+    from pathlib import Path
+    from composable_kv import decoder, hf, tp
+    spec = json.load(open(sys.argv[1]))
+    prompts = json.load(open(spec["prompts"]))
     runs = {}
-    for p in policies:
-        out = tp.generate(model, None, prompts, p, max_new_tokens=3, stop_at_eos=False)
-        runs[p] = {"tokens": out.sequences, "read": [s.kv_bytes_read for s in out.steps]}
+    for family, folder in spec["models"].items():
+        model = tp.load_model_tp(folder)
+        for policy in spec["policies"][family]:
+            for layers in ("modules", "fused"):
+                out = tp.generate(model, None, prompts, policy, max_new_tokens={new}, stop_at_eos=False, layers=layers)
+                runs[f"{family} {Path(policy).stem} {layers}"] = {
+                    "tokens": out.sequences, "read": [s.kv_bytes_read for s in out.steps], "layers": out.decode_layers}
+    runs["describe"] = hf.PolicySession(model, policy, max_total_tokens=64, batch_size=1, layers="fused").describe()
+    whole_mlp = {f"model.layers.*.mlp.{m}": "replicate" for m in ("gate_proj", "up_proj", "down_proj")}
+    runs["whole_mlp"] = decoder.unsupported_reason(tp.load_model_tp(spec["models"]["llama"], tp_plan=whole_mlp))
     if tp.rank() == 0:
-        json.dump(runs, open(out_json + ".generate", "w"))
-    sys.exit(tp.main(["--model", model_dir, "--prompts-json", prompts_json, "--new-tokens", str({new}),
-                      "--backend", "reference", "--warmup", "0", "--json", out_json]
-                     + [a for p in policies for a in ("--policy", p)]))
+        json.dump(runs, open(spec["out"] + ".generate", "w"))
+    sys.exit(tp.main(["--model", spec["models"]["llama"], "--prompts-json", spec["prompts"], "--new-tokens", "{new}",
+                      "--backend", "reference", "--warmup", "0", "--layers", "fused", "--json", spec["out"]]
+                     + [a for p in spec["policies"]["llama"] for a in ("--policy", p)]))
 """).replace("{new}", str(NEW_TOKENS))
 
 
@@ -63,8 +76,11 @@ def _small_policy(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    from tiny_families import tiny_family
+
     tmp = tmp_path_factory.mktemp("tp")
     tp.save_random_llama(tmp / "model", **TINY)
+    tiny_family("qwen2", window=128).save_pretrained(tmp / "qwen2")
     policies = {}
     for name in POLICIES:
         path = tmp / f"{name}.yaml"
@@ -80,13 +96,16 @@ def _launch(tmp: Path, policies: dict, timeout: float = 150.0) -> tuple[dict, di
     script = tmp / "worker.py"
     script.write_text(WORKER)
     out = tmp / "tp.json"
+    spec = {"models": {"llama": str(tmp / "model"), "qwen2": str(tmp / "qwen2")}, "prompts": str(tmp / "prompts.json"),
+            "out": str(out), "policies": {f: [str(policies[p]) for p in ps] for f, ps in FAMILY_POLICIES.items()}}
+    (tmp / "spec.json").write_text(json.dumps(spec))
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
     env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU, like the single-process reference, even on a GPU box
     if sys.platform == "linux":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # containers whose hostname does not resolve
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
-           str(script), str(tmp / "model"), str(tmp / "prompts.json"), str(out), *map(str, policies.values())]
+           str(script), str(tmp / "spec.json")]
     proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -107,22 +126,26 @@ def sharded(setup):
 
 @pytest.fixture(scope="module")
 def single(setup):
-    """The same decode on one process: the whole model, every head in one cache."""
+    """The same decodes on one process, through transformers' modules: the whole model, every head in one cache.
+
+    (One process, fused == modules: tests/test_decoder.py.)"""
     from transformers import AutoModelForCausalLM
 
     tmp, policies, prompts = setup
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32).eval()
         runs = {}
-        for name, path in policies.items():
-            out = hf.generate(model, None, prompts, ckv.compile(str(path), backend="reference"),
-                              max_new_tokens=NEW_TOKENS, stop_at_eos=False)
-            read = sum(sum(s.kv_bytes_read) for s in out.steps)
-            dense = sum(sum(s.dense_kv_bytes) for s in out.steps)
-            runs[name] = {"tokens": out.sequences, "fraction": read / dense,
-                          "read": [s.kv_bytes_read for s in out.steps[:2]]}
+        for family, names in FAMILY_POLICIES.items():
+            model = AutoModelForCausalLM.from_pretrained(tmp / ("model" if family == "llama" else family),
+                                                         dtype=torch.float32).eval()
+            for name in names:
+                out = hf.generate(model, None, prompts, ckv.compile(str(policies[name]), backend="reference"),
+                                  max_new_tokens=NEW_TOKENS, stop_at_eos=False, layers="modules")
+                read = sum(sum(s.kv_bytes_read) for s in out.steps)
+                dense = sum(sum(s.dense_kv_bytes) for s in out.steps)
+                runs[f"{family} {name}"] = {"tokens": out.sequences, "fraction": read / dense,
+                                            "read": [s.kv_bytes_read for s in out.steps]}
     finally:
         torch.set_num_threads(threads)
     return runs
@@ -130,14 +153,17 @@ def single(setup):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_sharded_tokens_equal_single_process(sharded, single, setup, policy):
+    """`python -m composable_kv.tp --layers fused` on 2 ranks == transformers' modules on 1 process."""
     report, _ = sharded
     meta = report["meta"]
     assert (meta["world_size"], meta["kv_heads_per_rank"], meta["q_heads_per_rank"]) == (RANKS, 2, 4)
     result = report["results"][POLICIES.index(policy)]
     assert result["policy"] == str(setup[1][policy])
-    assert result["tokens"] == single[policy]["tokens"]
+    assert result["decode_layers"] == "fused"
+    one = single[f"llama {policy}"]
+    assert result["tokens"] == one["tokens"]
     # Read statistics are summed over the ranks: the same pages as on one process.
-    assert result["kv_read_fraction"] == pytest.approx(single[policy]["fraction"], rel=1e-9)
+    assert result["kv_read_fraction"] == pytest.approx(one["fraction"], rel=1e-9)
     if policy == "dense":
         assert result["kv_read_fraction"] == 1.0
     else:
@@ -145,12 +171,22 @@ def test_sharded_tokens_equal_single_process(sharded, single, setup, policy):
     assert result["decode_tokens_per_s"] > 0
 
 
-def test_python_api_generate_matches_single_process(sharded, single, setup):
+@pytest.mark.parametrize("family,policy,layers", RUNS)
+def test_python_api_generate_matches_single_process(sharded, single, family, policy, layers):
+    """tp.generate on 2 ranks == 1 process, for the fused layers and the modules alike (and fused == modules)."""
     _, runs = sharded
-    for name, path in setup[1].items():
-        got = runs[str(path)]
-        assert got["tokens"] == [t[:3] for t in single[name]["tokens"]]
-        assert got["read"] == single[name]["read"]  # per-step bytes, summed over ranks
+    got, one = runs[f"{family} {policy} {layers}"], single[f"{family} {policy}"]
+    assert got["layers"] == layers
+    assert got["tokens"] == one["tokens"]
+    assert got["tokens"] == runs[f"{family} {policy} modules"]["tokens"]
+    assert got["read"] == one["read"]  # per-step bytes, summed over ranks
+
+
+def test_fused_layers_on_shards_say_so_and_refuse_other_plans(sharded):
+    _, runs = sharded
+    assert "decode layers: fused (asked for)" in runs["describe"]
+    # an MLP left whole on every rank is not the column/row plan the fused layers run
+    assert "mlp.gate_proj.weight is whole on every rank" in runs["whole_mlp"]
 
 
 def test_heads_must_split_evenly():
