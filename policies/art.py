@@ -58,6 +58,18 @@ class Art(TerminalStage):
     def natural_order(self) -> bool:
         return self.order == "natural"
 
+    def describe(self, device=None) -> str:
+        """The stop, on every path, and whether it carries a guarantee."""
+        if self.stop == "certified":
+            rule = f"certified stop (sound: unread softmax mass <= delta={self.delta})"
+        elif self.stop == "calibrated":
+            rule = f"calibrated stop (heuristic, NOT certified: estimated unread mass <= delta={self.delta})"
+        else:
+            rule = (f"stability stop (heuristic, NOT certified: scale_tol={self.scale_tol}, "
+                    f"direction_tol={self.direction_tol}, patience={self.patience})")
+        acc = ", running output rounded to bf16" if self.accumulate == "bf16" else ""
+        return f"{rule}, checked every {self.chunk_pages} pages, {self.order} order{acc}"
+
     def stop_rule(self) -> StopRule:
         return StopRule(kind=self.stop, chunk_pages=self.chunk_pages, scale_tol=self.scale_tol,
                         direction_tol=self.direction_tol, patience=self.patience, delta=self.delta,

@@ -162,6 +162,10 @@ def test_calibrated_is_declared_not_certified(capsys):
     assert "NOT certified" in fused and "score_select" in fused
     generic = ckv.compile(_pol(*STACKS["quest_shadow8_art_calibrated_generic"]), backend="triton").describe("cuda")
     assert "generic" in generic and "calibrated stop after a key shadow" in generic
+    reference = ckv.compile(_pol(*STACKS["quest_art_calibrated"]), backend="reference").describe("cpu")
+    assert "art: calibrated stop (heuristic, NOT certified" in reference  # on every path, not only the fused one
+    certified = ckv.compile(_pol({"stage": "quest", "budget_tokens": 64}, {"stage": "art"}), backend="reference")
+    assert "art: certified stop (sound" in certified.describe("cpu")
     from composable_kv import cli
     cli.main(["stages"])
     out = capsys.readouterr().out
