@@ -34,14 +34,6 @@ def test_dense_page_mass_gpu(num_splits):
     check_dense_page_mass([1, 17, 63, 111, 2049], 4, 128, num_splits, device="cuda")
 
 
-@pytest.fixture
-def no_tf32():
-    """cuDNN convolutions default to TF32: the CNN's scores would differ from the CPU reference's."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = before
-
 
 def test_stage_cuda_equals_reference(tmp_path, no_tf32):
     import composable_kv as ckv

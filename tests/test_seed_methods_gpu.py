@@ -29,14 +29,6 @@ STACKS = {
 }
 
 
-@pytest.fixture
-def no_tf32():
-    """cuDNN convolutions default to TF32: the CNN's scores would differ between paths' conv algorithms."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = before
-
 
 def _prompts():
     g = torch.Generator().manual_seed(0)
