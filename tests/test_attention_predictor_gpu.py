@@ -34,7 +34,6 @@ def test_dense_page_mass_gpu(num_splits):
     check_dense_page_mass([1, 17, 63, 111, 2049], 4, 128, num_splits, device="cuda")
 
 
-
 def test_stage_cuda_equals_reference(tmp_path, no_tf32):
     import composable_kv as ckv
     from composable_kv.policies.attention_predictor.predictor import PredictorCNN, save_weights

@@ -29,7 +29,6 @@ STACKS = {
 }
 
 
-
 def _prompts():
     g = torch.Generator().manual_seed(0)
     return [torch.randint(1, 96, (n,), generator=g).tolist() for n in (200, 333, 517)]
