@@ -169,9 +169,10 @@ class FusedDecoder:
     def _row(self, x: torch.Tensor, proj: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         """A ROW projection: x [B, in/N] -> [B, H], this rank's partial sum all-reduced over the shard group."""
         w, b = proj
+        if self.group is None:
+            return F.linear(x, w, b)  # [B, H]: the module's own call, rounding included
         y = F.linear(x, w)  # [B, H]
-        if self.group is not None:
-            torch.distributed.all_reduce(y, group=self.group)
+        torch.distributed.all_reduce(y, group=self.group)
         return y if b is None else y + b  # the bias once, after the sum (as transformers' row-wise layer)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, slots,
