@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import harness  # noqa: E402  (benchmarks/harness.py)
 import composable_kv as ckv  # noqa: E402
 from composable_kv.kernels.page_select import reference as select_ref  # noqa: E402
 from composable_kv.kernels.paged_decode import reference as decode_ref  # noqa: E402
@@ -672,8 +671,7 @@ def main(argv=None):
         print(f"layer {layer} done ({time.time() - t0:.0f} s)", file=sys.stderr)
     k0 = grabbed[layers[0]][0]
     tag = args.tag or f"{Path(str(args.model or 'smollm2-135m')).name}-{args.ctx}"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    commit = harness.git_commit()
     meta = {"model": model_name, "tag": tag, "ctx": args.ctx, "queries": args.queries, "budget": args.budget,
             "window_tokens": args.window_tokens, "snap_window": args.snap_window, "num_layers": len(layers),
             "num_kv_heads": k0.shape[0], "head_dim": k0.shape[-1], "sm_scale": sm_scale, "device": args.device,
