@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import harness  # noqa: E402  (benchmarks/harness.py: timer, FlashInfer wrapper, report)
 import composable_kv  # noqa: E402,F401  (registers the stages)
-from composable_kv import hf  # noqa: E402
+from composable_kv import assets, hf  # noqa: E402
 
 SHAPES = {
     "llama3-8b-shape": dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -51,7 +51,11 @@ POLICIES = {
     "ckv quest+art": {"name": "quest-art-2048", "page_size": 16, "dense_layers": [0, 1],
                       "stages": [{"stage": "quest", "budget_tokens": 2048},
                                  {"stage": "art", "stop": "certified", "delta": 0.01, "chunk_pages": 4}]},
+    "ckv quest+art-calibrated": {"name": "quest-art-calibrated-2048", "page_size": 16, "dense_layers": [0, 1],
+                                 "stages": [{"stage": "quest", "budget_tokens": 2048},
+                                            {"stage": "art", "stop": "calibrated", "delta": 0.02, "chunk_pages": 4}]},
 }
+BASELINES = ("flashinfer", "flashinfer-tc", "transformers")
 
 
 @dataclass
@@ -76,7 +80,6 @@ class Row:
 def build_model(name: str, dtype, device, path: str | None):
     import transformers as tr
     if path:
-        from composable_kv import assets
         return assets.load_model(path, dtype=dtype, device=device).eval(), "real"
     cfg = dict(SHAPES[name])
     family = cfg.pop("family")
@@ -165,6 +168,21 @@ class FlashInferAttention:
         return self.wrapper.run(q, (cache.k[layer], cache.v[layer]))
 
 
+def essay_ids(model_path: str) -> list[int]:
+    """The essays corpus in the real model's tokenizer: the prompts' text under --text essays."""
+    return assets.load_tokenizer(model_path)(assets.load_essays())["input_ids"]
+
+
+def make_prompts(B: int, ctx: int, vocab: int, text_ids: list[int] | None) -> list[list[int]]:
+    """B prompts of ctx tokens: windows of the essays at B evenly spaced offsets (wrapping), or random ids."""
+    if text_ids is None:
+        g = torch.Generator().manual_seed(ctx + B)
+        return torch.randint(10, vocab, (B, ctx), generator=g).tolist()
+    ids = text_ids * (1 + ctx // len(text_ids) + 1)
+    step = max(1, len(text_ids) // B)
+    return [ids[b * step:b * step + ctx] for b in range(B)]
+
+
 def time_session(model, policy, prompts, steps: int, shape, *, attention=None, prefill_cache=None,
                  layers: str = "auto"):
     """Prefill, one decode step (graph capture), then `steps` timed steps. -> (ms/step, prefill s, session stats)."""
@@ -223,6 +241,7 @@ def run(args) -> list[Row]:
     for mname in args.models:
         path = args.model_path if mname == args.real_model else None
         model, weights = build_model(mname, dtype, dev, path)
+        text_ids = essay_ids(path) if (path and args.text == "essays") else None
         wbytes = weight_bytes(model)
         nparams = sum(p.numel() for p in model.parameters())
         shape = hf.ModelShape.of(model)
@@ -233,8 +252,7 @@ def run(args) -> list[Row]:
             ctx, B = (int(x) for x in size.split("x"))
             max_pos = shape.max_positions or 1 << 30
             ctx = min(ctx, max_pos - args.steps - 4)
-            g = torch.Generator().manual_seed(ctx + B)
-            prompts = torch.randint(10, model.config.vocab_size, (B, ctx), generator=g).tolist()
+            prompts = make_prompts(B, ctx, model.config.vocab_size, text_ids if weights == "real" else None)
             base = dict(model=mname, weights=weights, batch=B, context=ctx)
             first = True
             for prov in args.providers:
@@ -254,7 +272,7 @@ def run(args) -> list[Row]:
                         attention = None
                         base_prov, _, layers = prov.partition(" [")  # "ckv dense [modules]": transformers' layers
                         layers = layers.rstrip("]") or "auto"
-                        policy = POLICIES.get(base_prov, POLICIES["ckv dense"])
+                        policy = POLICIES.get(base_prov, POLICIES["ckv dense"])  # flashinfer*: dense pages
                         if prov.startswith("flashinfer"):
                             tc = prov == "flashinfer-tc"
                             attention = lambda s, tc=tc: FlashInferAttention(s, tc)  # noqa: E731
@@ -308,6 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--real-model", default="qwen2.5-0.5b-shape", help="which --models entry --model-path loads")
     ap.add_argument("--model-path", default=None, help="real weights (GGUF or HF folder) for --real-model")
+    ap.add_argument("--text", choices=("random", "essays"), default="random",
+                    help="prompt tokens of the --model-path model: random ids, or the essays (real attention)")
     ap.add_argument("--synthetic-kv", type=lambda s: s == "1", default=None)
     ap.add_argument("--hf-max-tokens", type=int, default=600_000, help="skip transformers above B x context")
     ap.add_argument("--quick", action="store_true", help="tiny-llama, 2048x4, 8 steps")
@@ -323,7 +343,7 @@ def main(argv=None) -> int:
     for s in args.sizes:
         if not (len(s.split("x")) == 2 and all(x.isdigit() and int(x) > 0 for x in s.split("x"))):
             ap.error(f"--sizes: {s!r} is not CONTEXTxBATCH (e.g. 32768x16)")
-    known = set(POLICIES) | {"flashinfer", "flashinfer-tc", "transformers"}
+    known = set(POLICIES) | set(BASELINES)
     for p in args.providers:
         if p not in known and not (p.endswith(" [modules]") and p[:-len(" [modules]")] in POLICIES):
             ap.error(f"--providers: unknown {p!r}; known: {sorted(known)}, and any ckv one + ' [modules]' "
@@ -333,7 +353,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = run(args)
-    meta = harness.run_meta(steps=args.steps, copy_tbps=harness.copy_bandwidth("cuda") / 1e12)
+    meta = harness.run_meta(steps=args.steps, text=args.text, copy_tbps=harness.copy_bandwidth("cuda") / 1e12)
     harness.write_report(out, "e2e", meta, [asdict(r) for r in rows], markdown(rows, meta),
                          title="End-to-end decode")
     print(markdown(rows, meta))
