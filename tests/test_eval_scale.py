@@ -96,6 +96,19 @@ def test_context_table_intervals_and_target():
     assert "0.100x dense's bytes, +2.0 points below" in line and "(met)" in line and "niah_single +4" in line
 
 
+def test_a_policy_missing_tasks_has_no_mean_no_point_and_no_target(tmp_path):
+    def row(policy, task, acc):
+        return {"policy": policy, "task": task, "accuracy": acc, "samples": 50, "kv_bytes_per_token": 1e6,
+                "kv_read_fraction": 0.1}
+    tasks = ["passkey", "niah_single"]
+    rows = [row("dense", "passkey", 1.0), row("quest-art", "passkey", 1.0)]  # a run stopped after one task
+    table = eval_scale.context_table(rows, tasks)
+    assert "| dense | 1.00 [0.93, 1.00] | not run | (1 of 2 tasks) |" in table
+    assert "target not checked" in eval_scale.target_lines(rows, 32768, tasks)[0]
+    note = eval_scale.pareto_plot(rows, 32768, tmp_path / "p.png", "m", tasks)
+    assert not (tmp_path / "p.png").exists() and ("not drawn" in note or "matplotlib" in note)
+
+
 def test_learned_stages_need_weights(model, tmp_path, monkeypatch):
     monkeypatch.setenv("CKV_CACHE_DIR", str(tmp_path))
     gate = ckv.compile("configs/write_gate_quest_art.yaml")

@@ -151,8 +151,9 @@ def load_results(paths: Sequence[str | Path]) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
-def policy_summary(rows: Sequence[dict]) -> dict[str, dict]:
-    """Per policy (in row order): per-task rows, mean accuracy over the tasks, KV MB/token, % KV read."""
+def policy_summary(rows: Sequence[dict], tasks: Sequence[str]) -> dict[str, dict]:
+    """Per policy (in row order): per-task rows, mean accuracy over the tasks, KV MB/token, % KV read, and
+    whether it ran every one of ``tasks`` (a mean over some tasks only is not comparable: it is left out)."""
     from .evaluate import _mean
 
     out: dict[str, dict] = {}
@@ -160,7 +161,8 @@ def policy_summary(rows: Sequence[dict]) -> dict[str, dict]:
         out.setdefault(r["policy"], {"tasks": {}})["tasks"][r["task"]] = r
     for s in out.values():
         ts = s["tasks"].values()
-        s["mean_acc"] = _mean([r["accuracy"] for r in ts])
+        s["complete"] = all(t in s["tasks"] for t in tasks)
+        s["mean_acc"] = _mean([r["accuracy"] for r in ts]) if s["complete"] else float("nan")
         s["mb"] = _mean([r["kv_bytes_per_token"] / 1e6 for r in ts])
         s["read"] = _mean([r["kv_read_fraction"] for r in ts])
     return out
@@ -169,7 +171,7 @@ def policy_summary(rows: Sequence[dict]) -> dict[str, dict]:
 def context_table(rows: Sequence[dict], tasks: Sequence[str]) -> str:
     from .evaluate import wilson_interval
 
-    summary = policy_summary(rows)
+    summary = policy_summary(rows, tasks)
     lines = ["| policy | " + " | ".join(tasks) + " | mean | KV MB/token | % KV read |",
              "|---|" + "---:|" * (len(tasks) + 3)]
     for policy, s in summary.items():
@@ -181,16 +183,16 @@ def context_table(rows: Sequence[dict], tasks: Sequence[str]) -> str:
                 continue
             lo, hi = wilson_interval(r["accuracy"], r["samples"])
             cells.append(f"{r['accuracy']:.2f} [{lo:.2f}, {hi:.2f}]")
-        lines.append(f"| {policy} | " + " | ".join(cells)
-                     + f" | {s['mean_acc']:.3f} | {s['mb']:.2f} | {100 * s['read']:.1f} |")
+        mean = f"{s['mean_acc']:.3f}" if s["complete"] else f"({len(s['tasks'])} of {len(tasks)} tasks)"
+        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {mean} | {s['mb']:.2f} | {100 * s['read']:.1f} |")
     return "\n".join(lines)
 
 
 def target_lines(rows: Sequence[dict], ctx: int, tasks: Sequence[str], policy: str = "quest-art") -> list[str]:
     """Issue 15's target at this context: ``policy`` against dense (bytes ratio, accuracy gap, per task)."""
-    summary = policy_summary(rows)
-    if "dense" not in summary or policy not in summary:
-        return [f"- {ctx}: target not checked (dense or {policy} missing)."]
+    summary = policy_summary(rows, tasks)
+    if not (summary.get("dense", {}).get("complete") and summary.get(policy, {}).get("complete")):
+        return [f"- {ctx}: target not checked: dense or {policy} did not run every task at this context."]
     d, p = summary["dense"], summary[policy]
     ratio = p["mb"] / d["mb"]
     gap = 100 * (d["mean_acc"] - p["mean_acc"])
@@ -198,21 +200,25 @@ def target_lines(rows: Sequence[dict], ctx: int, tasks: Sequence[str], policy: s
     per_task = ", ".join(f"{t} {100 * (d['tasks'][t]['accuracy'] - p['tasks'][t]['accuracy']):+.0f}"
                          for t in tasks if t in d["tasks"] and t in p["tasks"])
     cheap = [f"{name} ({100 * (d['mean_acc'] - s['mean_acc']):+.1f} points at {s['mb'] / d['mb']:.3f}x)"
-             for name, s in summary.items() if name != "dense" and s["mb"] <= TARGET_BYTES * d["mb"]]
+             for name, s in summary.items()
+             if name != "dense" and s["complete"] and s["mb"] <= TARGET_BYTES * d["mb"]]
     return [f"- {ctx}: {policy} reads {ratio:.3f}x dense's bytes, {gap:+.1f} points below dense's mean accuracy "
             f"({'met' if met else 'not met'}); points below dense per task: {per_task}. Policies at <= 1/8 of "
             f"dense's bytes: {', '.join(cheap) or 'none'}."]
 
 
-def pareto_plot(rows: Sequence[dict], ctx: int, path: Path, model: str) -> str | None:
-    """Mean accuracy over the tasks against KV MB read per token, one labelled point per policy, the
-    Pareto frontier drawn; returns a note if a label found no free place, or matplotlib is missing."""
+def pareto_plot(rows: Sequence[dict], ctx: int, path: Path, model: str, tasks: Sequence[str]) -> str | None:
+    """Mean accuracy over the tasks against KV MB read per token, one labelled point per policy that ran every
+    task, the Pareto frontier drawn; returns a note if a label found no free place, if no policy ran every
+    task (no plot), or if matplotlib is missing."""
     from .evaluate import _NO_MATPLOTLIB, _pyplot, place_labels
 
     plt = _pyplot()
     if plt is None:
         return _NO_MATPLOTLIB
-    summary = policy_summary(rows)
+    summary = {n: s for n, s in policy_summary(rows, tasks).items() if s["complete"]}
+    if not summary:
+        return f"{path.name}: not drawn, no policy ran every task at {ctx} tokens"
     names = list(summary)
     xs = [summary[n]["mb"] for n in names]
     ys = [summary[n]["mean_acc"] for n in names]
@@ -237,12 +243,18 @@ def pareto_plot(rows: Sequence[dict], ctx: int, path: Path, model: str) -> str |
     return f"{path.name}: no free place for {', '.join(left_out)}" if left_out else None
 
 
+def report_tasks(results: dict[int, dict]) -> list[str]:
+    """Every task any file ran, in SCALE_TASKS order: the columns, and what a complete policy ran."""
+    seen = {r["task"] for d in results.values() for r in d["rows"]}
+    return [t for t in SCALE_TASKS if t in seen] + sorted(seen - set(SCALE_TASKS))
+
+
 def evaluation_section(results: dict[int, dict], plots: dict[int, str]) -> str:
     """The generated part of EVALUATION.md: what ran, then per context the table and the plot, then the targets."""
     metas = [m for d in results.values() for m in d["metas"]]
     first = metas[0]
-    tasks = [t for t in SCALE_TASKS if any(r["task"] == t for d in results.values() for r in d["rows"])]
-    tasks += sorted({r["task"] for d in results.values() for r in d["rows"]} - set(tasks))
+    tasks = report_tasks(results)
+    policies = list(dict.fromkeys(r["policy"] for d in results.values() for r in d["rows"]))
     seconds = sum(m.get("seconds", 0) for m in metas)
     n = {r["samples"] for d in results.values() for r in d["rows"]}
     lines = [BEGIN, "",
@@ -265,6 +277,9 @@ def evaluation_section(results: dict[int, dict], plots: dict[int, str]) -> str:
         minutes = sum(m.get("seconds", 0) for m in d["metas"]) / 60
         lines += [f"### {ctx} tokens ({minutes:.1f} min)", "",
                   context_table(d["rows"], tasks), ""]
+        missing = [p for p in policies if p not in {r["policy"] for r in d["rows"]}]
+        if missing:
+            lines += [f"Not run at {ctx} tokens: {', '.join(missing)}.", ""]
         if ctx in plots:
             lines += [f"![accuracy against KV bytes at {ctx} tokens]({plots[ctx]})", ""]
     lines += ["### Target: quest+art at <= 1/8 of dense's bytes within 3 points of dense (16k and 32k)", ""]
@@ -295,7 +310,8 @@ def _report_command(args) -> int:
     plots = {}
     for ctx, d in results.items():
         png = plot_dir / f"pareto-{ctx}.png"
-        note = pareto_plot(d["rows"], ctx, png, d["metas"][0]["model"])
+        png.unlink(missing_ok=True)  # a plot of an earlier report must not stand for this one
+        note = pareto_plot(d["rows"], ctx, png, d["metas"][0]["model"], report_tasks(results))
         if note:
             print(note, file=sys.stderr)
         if png.exists():
