@@ -94,6 +94,33 @@ class no_host_sync(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def stage_state_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor held by the stages' run-time states on `cache` (history rings, clocks, span indices)."""
+    found, seen = [], set()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif id(x) in seen:
+            return
+        elif isinstance(x, dict):
+            seen.add(id(x))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            seen.add(id(x))
+            for v in x:
+                walk(v)
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            seen.add(id(x))
+            for v in vars(x).values():
+                walk(v)
+
+    for _, state in cache._stage_states.values():
+        walk(state)
+    return found
+
+
 def _in_triton_interpreter() -> bool:
     frame = sys._getframe(2)
     while frame is not None:

@@ -317,7 +317,7 @@ class _SeqSpans:
 class _HostLtriState(StageState):
     def __init__(self):
         self.seqs: dict[int, _SeqSpans] = {}
-        self.last = None
+        self.scored: dict[int, tuple] = {}  # layer -> (span counts [B], pages [B]) when it last scored
 
     def free_sequence(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
@@ -393,19 +393,14 @@ class HostLtri(Ltri):
     def apply(self, ctx, state) -> None:
         reps, num_spans, span_of_page, forced = self._batch(ctx)
         state.forced |= forced[:, None, :] & state.valid
-        ctx.cache.stage_state(self).last = (num_spans, ctx.plan.num_pages)
+        ctx.cache.stage_state(self).scored[ctx.layer] = (num_spans, ctx.plan.num_pages)
         budget = self.budget_pages(ctx.page_size)
         scores = span_ref.span_scores(ctx.q, reps, num_spans, ctx.sm_scale)
         keys = self.span_keys(scores, span_of_page, state.forced & state.valid, budget)
         state.narrow(keys, budget, is_bound=False)
 
-    def summary_bytes_per_page(self, cache, layer: int | None = None):
-        last = cache.stage_state(self).last
-        if last is None:
-            return 0
-        num_spans, num_pages = last
-        per_span = self.reps_per_span * cache.head_dim * cache.dtype.itemsize
-        return num_spans.to(torch.float64) * per_span / num_pages.to(torch.float64).clamp(min=1)
+    # the byte accounting is the stage's own (per layer, from the span counts it last scored)
+    summary_bytes_per_page = Ltri.summary_bytes_per_page
 
 
 def host_twin(stage):

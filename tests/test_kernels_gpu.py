@@ -12,7 +12,7 @@ if torch.cuda.is_available():
     from kernel_checks import (check_decode, check_pipeline, check_score_splits, check_scores, check_select,
                                check_tail)
     import composable_kv as ckv
-    from helpers import build_cache
+    from helpers import build_cache, stage_state_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -98,17 +98,24 @@ def test_cuda_graph_replay_equals_eager(config):
     if not pipe.graph_safe:
         assert "CUDA graphs: not capturable" in pipe.describe()
         pytest.skip(f"{config.stem}: stages {pipe.host_synced_stages} sync with the host (declared, runs eagerly)")
-    eager = [pipe.run(q, cache, layer) for layer in range(3)]
     static_q = q.clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for layer in range(3):
-            pipe.run(static_q, cache, layer)  # warm-up / compile
+            pipe.run(static_q, cache, layer)  # warm-up / compile; makes the stages' states at their sizes
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = [pipe.run(static_q, cache, layer) for layer in range(3)]
+    # A stateful stage (attention_predictor's history and calibration clock) advances on every step: the
+    # eager step and the replay start from the same state, restored in place (the graph holds the tensors).
+    state = stage_state_tensors(cache)
+    before = [t.clone() for t in state]
+    eager = [pipe.run(q, cache, layer) for layer in range(3)]
+    assert [t.data_ptr() for t in stage_state_tensors(cache)] == [t.data_ptr() for t in state]
+    for t, b in zip(state, before):
+        t.copy_(b)
     static_q.copy_(q)
     graph.replay()
     torch.cuda.synchronize()
