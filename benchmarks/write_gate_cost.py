@@ -27,7 +27,6 @@ layers) tokens/s at 32k, B=16. The path column says which decode path and layers
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -361,12 +360,9 @@ def main(argv=None) -> int:
     text = e2e_table(rows, args) if args.e2e else layer_table(rows, args)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         stem = "write_gate_e2e" if args.e2e else "write_gate_bench"
-        (out / f"{stem}.md").write_text(text + "\n")
-        (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "command": " ".join(sys.argv),
-                                                      "rows": rows}, indent=1))
+        harness.write_report(args.out, stem, harness.run_meta(args=vars(args)), rows, text,
+                             title="Write-gated KV: " + ("end to end" if args.e2e else "one attention layer"))
     return 0
 
 
