@@ -61,6 +61,7 @@ class LayerContext:
     layer: int
     plan: StepPlan
     sm_scale: float
+    backend: str = "reference"  # the pipeline's backend on q's device: which kernels the helpers below launch
 
     batch_size = property(lambda self: self.q.shape[0])
     num_q_heads = property(lambda self: self.q.shape[1])
@@ -84,11 +85,20 @@ class LayerContext:
         k = k * self.token_mask()[:, :, None, :, None]
         return k.transpose(1, 2)
 
+    @property
+    def page_score(self):
+        """The page-score kernels (kernels/page_score) of this backend: Triton, or the torch reference (whose
+        [B, Hkv, G, P, D] temporaries cost milliseconds a layer at 32k on a GPU)."""
+        if self.backend == "triton":
+            from .kernels.page_score import triton as score_tk
+            return score_tk
+        return score_ref
+
     def quest_bound(self) -> torch.Tensor:
         """Quest's box bound on every page, max over the group: [B, Hkv, P] fp32, scaled."""
         c = self.cache
-        return score_ref.quest_scores(self.q, c.key_min[self.layer], c.key_max[self.layer],
-                                      self.plan.page_table, self.plan.num_pages, self.sm_scale)
+        return self.page_score.quest_scores(self.q, c.key_min[self.layer], c.key_max[self.layer],
+                                            self.plan.page_table, self.plan.num_pages, self.sm_scale)
 
 
 class SelectionState:
@@ -280,8 +290,8 @@ class DecodePipeline:
             raise RuntimeError(f"policy {self.name!r} cannot be captured in a CUDA graph: stages "
                                f"{self.host_synced_stages} sync with the host every layer; run it eagerly")
         sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else check_sm_scale("run", sm_scale)
-        ctx = LayerContext(q, cache, layer, plan, sm_scale)
-        if self.backend_for(q.device) == "triton":
+        ctx = LayerContext(q, cache, layer, plan, sm_scale, self.backend_for(q.device))
+        if ctx.backend == "triton":
             from . import fused
             if any(s.covers(plan) for s in self.selectors):  # the fused kernels would score: go generic
                 return self.run_generic(ctx, fused._generic_decode)

@@ -1,6 +1,5 @@
 from dataclasses import dataclass
 
-from composable_kv.kernels.page_score import reference as score_ref
 from composable_kv.stages import FusedPart, ScoringSelector, ScoreKind, _inherits, register_stage
 
 
@@ -25,5 +24,5 @@ class TopK(ScoringSelector):
 
     def score(self, ctx):
         c = ctx.cache
-        return score_ref.exact_page_max_scores(ctx.q, c.k[ctx.layer], ctx.plan.page_table,
-                                               ctx.plan.seq_lens, ctx.sm_scale)  # [B, Hkv, P]
+        return ctx.page_score.exact_page_max_scores(ctx.q, c.k[ctx.layer], ctx.plan.page_table,
+                                                    ctx.plan.seq_lens, ctx.sm_scale)  # [B, Hkv, P]

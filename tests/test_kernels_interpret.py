@@ -114,6 +114,30 @@ def test_pipeline_extreme_logits(q_scale):
                    num_splits=3, device=DEV, q_scale=q_scale, tol=1e-3)
 
 
+@pytest.mark.parametrize("config", ["ltri_art"])
+def test_generic_path_bounds_use_the_triton_kernel(config, monkeypatch):
+    """A stack that runs the generic path on the triton backend takes ART's box bounds from the Triton
+    page-score kernel, never from the torch reference (whose temporaries cost ms a layer at 32k on a GPU);
+    test_pipeline_configs_fused_equal_generic checks that the two agree."""
+    import composable_kv as ckv
+    from composable_kv.kernels.page_score import reference as score_ref
+    from helpers import build_cache
+
+    pipe = ckv.compile(ROOT / "configs" / f"{config}.yaml", backend="triton")
+    assert pipe.needs_box_bound
+    layers = max(pipe.config.dense_layers, default=-1) + 2  # the last one is sparse
+    cache, ids, _, _ = build_cache([17, 111, 333], num_layers=layers, head_dim=64, summaries=pipe.required_summaries,
+                                   device=DEV, page_size=pipe.page_size)
+    q = torch.randn(3, 2 * cache.num_kv_heads, 64, device=DEV)
+    pipe.plan(cache, ids)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the torch reference scored pages on the triton backend")
+    monkeypatch.setattr(score_ref, "quest_scores", refused)
+    for layer in range(layers):
+        assert pipe.run(q, cache, layer).pages_read.shape == (3, cache.num_kv_heads)
+
+
 def test_describe_names_the_path():
     import composable_kv as ckv
     lines = ckv.compile(_pol(*STACKS["sw_quest_art_certified"]), backend="triton").describe("cuda")
