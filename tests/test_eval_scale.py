@@ -109,6 +109,39 @@ def test_a_policy_missing_tasks_has_no_mean_no_point_and_no_target(tmp_path):
     assert not (tmp_path / "p.png").exists() and ("not drawn" in note or "matplotlib" in note)
 
 
+def test_art_pairs_bytes_saved_and_the_interval():
+    def row(policy, task, acc, mb):
+        return {"policy": policy, "task": task, "accuracy": acc, "samples": 50, "kv_bytes_per_token": mb * 1e6,
+                "kv_read_fraction": mb / 100}
+    tasks = ["passkey", "niah_single"]
+    rows = [row("quest", "passkey", 1.0, 40), row("quest", "niah_single", 0.6, 40),
+            row("quest-art", "passkey", 1.0, 28), row("quest-art", "niah_single", 0.56, 28),
+            row("dense", "passkey", 1.0, 100), row("dense", "niah_single", 0.8, 100),
+            row("dense-art", "passkey", 0.5, 60), row("dense-art", "niah_single", 0.5, 60)]
+    quest, dense, missing = eval_scale.pair_lines(rows, 8192, tasks, [("quest", "quest-art"), ("dense", "dense-art"),
+                                                                       ("quest", "nothing")])
+    assert "30.0% fewer" in quest and "inside its interval): met" in quest
+    assert "40.0% fewer" in dense and "outside its interval): not met" in dense
+    assert "not compared" in missing and "nothing vs quest" in missing
+
+
+def test_report_only_and_pairs(tmp_path):
+    rows = [{"policy": p, "task": "passkey", "ctx": 1024, "accuracy": 1.0, "samples": 50, "kv_bytes_per_token": mb,
+             "kv_read_fraction": mb / 100} for p, mb in (("quest", 40.0), ("quest-art", 20.0), ("ltri", 10.0))]
+    meta = {"model": "m", "device_name": "cpu", "commit": "c", "torch": "t", "transformers": "x", "ctx": 1024,
+            "depths": [0.5], "samples_per_depth": 50, "command": "cmd", "seconds": 1.0}
+    f = tmp_path / "scale-1024-x.json"
+    f.write_text(__import__("json").dumps({"meta": meta, "rows": rows}))
+    ev = tmp_path / "PARETO.md"
+    ev.write_text("# ART\n")
+    assert eval_scale.main(["report", str(f), "--evaluation", str(ev), "--plots", str(tmp_path / "p"),
+                            "--only", "quest", "--only", "quest-art", "--pair", "quest:quest-art"]) == 0
+    text = ev.read_text()
+    assert "| quest-art |" in text and "| ltri |" not in text and "quest-art reads 50.0% fewer" in text
+    assert eval_scale.main(["report", str(f), "--evaluation", str(ev), "--plots", str(tmp_path / "p"),
+                            "--only", "nobody"]) == 2
+
+
 def test_learned_stages_need_weights(model, tmp_path, monkeypatch):
     monkeypatch.setenv("CKV_CACHE_DIR", str(tmp_path))
     gate = ckv.compile("configs/write_gate_quest_art.yaml")

@@ -132,8 +132,9 @@ def _run_command(args) -> int:
 # report
 # ------------------------------------------------------------------------------------------------
 
-def load_results(paths: Sequence[str | Path]) -> dict[int, dict]:
-    """{ctx: {"metas": [each file's meta], "rows": [row dicts]}} from scale-*.json files, merged per context."""
+def load_results(paths: Sequence[str | Path], only: Sequence[str] | None = None) -> dict[int, dict]:
+    """{ctx: {"metas": [each file's meta], "rows": [row dicts]}} from scale-*.json files, merged per context;
+    ``only``: keep the rows of these policy names."""
     out: dict[int, dict] = {}
     where: dict[tuple, str] = {}  # (ctx, policy, task) -> file
     for path in paths:
@@ -142,13 +143,15 @@ def load_results(paths: Sequence[str | Path]) -> dict[int, dict]:
         cell = out.setdefault(ctx, {"metas": [], "rows": []})
         cell["metas"].append(doc["meta"])
         for r in doc["rows"]:
+            if only and r["policy"] not in only:
+                continue
             key = (ctx, r["policy"], r["task"])
             if key in where:
                 raise ValueError(f"{r['policy']} on {r['task']} at {ctx} is in both {where[key]} and {path}; "
                                  "keep one of the files.")
             where[key] = str(path)
             cell["rows"].append(r)
-    return dict(sorted(out.items()))
+    return dict(sorted((ctx, d) for ctx, d in out.items() if d["rows"]))
 
 
 def policy_summary(rows: Sequence[dict], tasks: Sequence[str]) -> dict[str, dict]:
@@ -207,6 +210,33 @@ def target_lines(rows: Sequence[dict], ctx: int, tasks: Sequence[str], policy: s
             f"dense's bytes: {', '.join(cheap) or 'none'}."]
 
 
+def pair_lines(rows: Sequence[dict], ctx: int, tasks: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """Issue 14's test of each (X, X+ART) pair at this context: the bytes X+ART saves, its accuracy against X's
+    95% interval (Wilson over the pooled prompts of every task: a proportion when each answer scores 0 or 1,
+    an approximation for the multi-needle recall), and the target (>= 25% fewer bytes inside the interval)."""
+    from .evaluate import wilson_interval
+
+    summary = policy_summary(rows, tasks)
+    out, missing = [], []
+    for base, art in pairs:
+        b, a = summary.get(base), summary.get(art)
+        if not (b and a and b["complete"] and a["complete"]):
+            missing.append(f"{art} vs {base}")
+            continue
+        n = sum(r["samples"] for r in b["tasks"].values())
+        lo, hi = wilson_interval(b["mean_acc"], n)
+        saved = 1 - a["mb"] / b["mb"]
+        inside = lo <= a["mean_acc"] <= hi
+        met = saved >= 0.25 and inside
+        out.append(f"- {ctx}: {art} reads {100 * abs(saved):.1f}% {'fewer' if saved >= 0 else 'more'} KV bytes than "
+                   f"{base} ({a['mb']:.2f} vs {b['mb']:.2f} MB/token); accuracy {a['mean_acc']:.3f} vs "
+                   f"{b['mean_acc']:.3f} [{lo:.3f}, {hi:.3f}] ({'inside' if inside else 'outside'} its interval): "
+                   f"{'met' if met else 'not met'}.")
+    if missing:
+        out.append(f"- {ctx}: not compared (a policy did not run every task at this context): {', '.join(missing)}.")
+    return out
+
+
 def pareto_plot(rows: Sequence[dict], ctx: int, path: Path, model: str, tasks: Sequence[str]) -> str | None:
     """Mean accuracy over the tasks against KV MB read per token, one labelled point per policy that ran every
     task, the Pareto frontier drawn; returns a note if a label found no free place, if no policy ran every
@@ -249,7 +279,8 @@ def report_tasks(results: dict[int, dict]) -> list[str]:
     return [t for t in SCALE_TASKS if t in seen] + sorted(seen - set(SCALE_TASKS))
 
 
-def evaluation_section(results: dict[int, dict], plots: dict[int, str]) -> str:
+def evaluation_section(results: dict[int, dict], plots: dict[int, str],
+                       pairs: Sequence[tuple[str, str]] = ()) -> str:
     """The generated part of EVALUATION.md: what ran, then per context the table and the plot, then the targets."""
     metas = [m for d in results.values() for m in d["metas"]]
     first = metas[0]
@@ -282,10 +313,16 @@ def evaluation_section(results: dict[int, dict], plots: dict[int, str]) -> str:
             lines += [f"Not run at {ctx} tokens: {', '.join(missing)}.", ""]
         if ctx in plots:
             lines += [f"![accuracy against KV bytes at {ctx} tokens]({plots[ctx]})", ""]
-    lines += ["### Target: quest+art at <= 1/8 of dense's bytes within 3 points of dense (16k and 32k)", ""]
-    for ctx, d in results.items():
-        if ctx >= 16384:
-            lines += target_lines(d["rows"], ctx, tasks)
+    if pairs:
+        lines += ["### ART against its selector: >= 25% fewer bytes, accuracy inside the selector's 95% interval", ""]
+        for ctx, d in results.items():
+            lines += pair_lines(d["rows"], ctx, tasks, pairs)
+        lines += [""]
+    else:  # the evaluation at scale's own target
+        lines += ["### Target: quest+art at <= 1/8 of dense's bytes within 3 points of dense (16k and 32k)", ""]
+        for ctx, d in results.items():
+            if ctx >= 16384:
+                lines += target_lines(d["rows"], ctx, tasks)
     lines += ["", END]
     return "\n".join(lines)
 
@@ -303,7 +340,9 @@ def write_evaluation(path: Path, section: str) -> None:
 
 
 def _report_command(args) -> int:
-    results = load_results(args.files)
+    results = load_results(args.files, only=args.only)
+    if not results:
+        raise ValueError(f"no rows to report in {len(args.files)} file(s) (check --only)")
     plot_dir = Path(args.plots)
     plot_dir.mkdir(parents=True, exist_ok=True)
     evaluation = Path(args.evaluation)
@@ -316,7 +355,7 @@ def _report_command(args) -> int:
             print(note, file=sys.stderr)
         if png.exists():
             plots[ctx] = os.path.relpath(png, evaluation.parent)
-    write_evaluation(evaluation, evaluation_section(results, plots))
+    write_evaluation(evaluation, evaluation_section(results, plots, args.pair))
     print(f"wrote {evaluation} and {len(plots)} plots in {plot_dir}")
     return 0
 
@@ -324,6 +363,13 @@ def _report_command(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
+
+def policy_pair(text: str) -> tuple[str, str]:
+    base, sep, art = text.partition(":")
+    if not (sep and base and art):
+        raise argparse.ArgumentTypeError(f"{text!r} is not BASE:ART (two policy names, e.g. quest:quest-art)")
+    return base, art
+
 
 def build_parser() -> argparse.ArgumentParser:
     from ..assets import MODEL_HELP
@@ -354,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.add_argument("--evaluation", default=str(REPO / "EVALUATION.md"))
     p.add_argument("--plots", default=str(REPO / "benchmarks" / "eval_scale"))
+    p.add_argument("--only", action="append", default=None, metavar="NAME",
+                   help="report only this policy name (repeat)")
+    p.add_argument("--pair", action="append", type=policy_pair, default=[], metavar="BASE:ART",
+                   help="compare policy ART against policy BASE (issue 14's test; repeat)")
     p.set_defaults(func=_report_command)
     return parser
 
