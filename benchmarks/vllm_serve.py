@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """composable-kv served through vLLM 0.26.0 (the CUSTOM backend) on the GPU machine: gpu/vllm.sh runs it.
 
-  smoke        a tiny random Llama (4 layers, token-id prompts of 600 and 1500 tokens): greedy tokens of
+  smoke        a tiny random Llama (4 layers, token-id prompts of 600 and 1500 tokens, 512-token chunked
+               prefill, so steps mix one request's decode with the other's prefill): greedy tokens of
                CUSTOM with the dense policy equal TRITON_ATTN's, eager and with CUDA graphs (a flip at a
                near-tie, as the shared vllm_smoke.py defines it, is reported and passes); quest and
                quest+art (256-token budget, so they select) run eager and with graphs, and their graph
-               tokens must equal their eager ones. Prints PASS or exits non-zero.
+               tokens must equal their eager ones. vLLM 0.26 runs these models on its V2 model runner;
+               the dense and quest+art graph runs are repeated on the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0),
+               which orders and pads batches its own way. Prints PASS or exits non-zero.
   bench        end-to-end decode tokens/s of one backend (and policy) at contexts x batches, on a random
                model with Qwen2.5-Coder-0.5B's shape (24 layers, 14 q / 2 KV heads of 64), bf16, CUDA graphs.
                Each shape: prefill the prompts (max_tokens=1; prefix caching keeps their blocks), then the
@@ -64,7 +67,8 @@ def engine(backend, *, model, eager, max_model_len, max_num_seqs, **kw):
 def run_smoke_one(backend, eager):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-    llm = engine(backend, model=TINY, eager=eager, max_model_len=2048, max_num_seqs=8, gpu_memory_utilization=0.3)
+    llm = engine(backend, model=TINY, eager=eager, max_model_len=2048, max_num_seqs=8, gpu_memory_utilization=0.3,
+                 max_num_batched_tokens=512)
     sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, detokenize=False, logprobs=2)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in SMOKE_PROMPTS], sp, use_tqdm=False)
     res = []
@@ -99,8 +103,14 @@ def smoke():
         runs["dense", mode] = child(["--smoke-one", "CUSTOM", mode], {"CKV_POLICY": "dense"})
         for name in SMALL:
             runs[name, mode] = child(["--smoke-one", "CUSTOM", mode], {"CKV_POLICY": f"/tmp/ckv-small-{name}.yaml"})
+    v1 = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    runs["TRITON_ATTN-v1", "graph"] = child(["--smoke-one", "TRITON_ATTN", "graph"], v1)
+    runs["dense-v1", "graph"] = child(["--smoke-one", "CUSTOM", "graph"], {**v1, "CKV_POLICY": "dense"})
+    runs["quest_art-v1", "graph"] = child(["--smoke-one", "CUSTOM", "graph"],
+                                          {**v1, "CKV_POLICY": "/tmp/ckv-small-quest_art.yaml"})
     checks = [(("TRITON_ATTN", "eager"), ("TRITON_ATTN", "graph")), (("TRITON_ATTN", "eager"), ("dense", "eager")),
-              (("TRITON_ATTN", "graph"), ("dense", "graph"))] + [((n, "eager"), (n, "graph")) for n in SMALL]
+              (("TRITON_ATTN", "graph"), ("dense", "graph"))] + [((n, "eager"), (n, "graph")) for n in SMALL] + [
+              (("TRITON_ATTN-v1", "graph"), ("dense-v1", "graph")), (("quest_art", "eager"), ("quest_art-v1", "graph"))]
     ok = True
     for a, b in checks:
         for k, (x, y) in enumerate(zip(runs[a], runs[b])):
@@ -112,7 +122,8 @@ def smoke():
         same = [sum(p == q for p, q in zip(x["tokens"], y["tokens"])) for x, y in zip(runs[n, "eager"], runs["dense", "eager"])]
         print(f"{n} (budget 256) vs dense, eager: {same} of 16 tokens equal")
     assert ok, "greedy tokens differ beyond near-ties"
-    print("PASS: CUSTOM(dense) == TRITON_ATTN, eager and CUDA graphs; quest / quest_art graph == eager")
+    print("PASS: CUSTOM(dense) == TRITON_ATTN, eager and CUDA graphs, V2 and V1 runners; quest / quest_art "
+          "graph == eager (quest_art on both runners)")
 
 
 def bench_one(backend, name, contexts, batches, new_tokens):

@@ -1,28 +1,58 @@
 #!/usr/bin/env bash
 # composable-kv served through vLLM 0.26.0 (issue 16): the CUSTOM backend on the GPU machine.
 #
-# Once, on the CPU machine, from the repo root (about 20 s; .devsite/ is git-ignored):
-#   ../shared/tools/vllm-bundle.sh                        # -> .devsite/vllm-site.tgz.parts/p00, p01 (2 x <= 60 MiB)
-#   sha256sum .devsite/vllm-site.tgz | cut -d' ' -f1 > .devsite/vllm-site.sha256
+# A device call carries at most 64 MiB, the working tree (~7 MB) included, so the vLLM bundle travels
+# in parts of at most 54 MiB (../shared/tools/vllm-bundle.sh splits in 60 MiB: too big with the tree).
+# Once, on the CPU machine, from the repo root (.devsite/ is git-ignored):
+#   ../shared/tools/vllm-bundle.sh        # -> .devsite/vllm-site.tgz (about 30 s; 114.2 MiB on 2026-11-30)
+#   bash gpu/vllm.sh split                # -> .devsite/vllm-site.tgz.parts/p00.. (54 MiB each; 3 for 114.2 MiB),
+#                                         #    .devsite/vllm-site.sha256, .devsite/vllm-site.nparts; prints the calls
 #
 # Device calls, in a row (each within ~30 s of the last, else the machine starts bare and the parts are gone):
-#   1. run carry [".devsite/vllm-site.tgz.parts/p00"]
-#          command: mkdir -p /tmp/parts && cp .devsite/vllm-site.tgz.parts/p00/* /tmp/parts/
-#   2. run carry [".devsite/vllm-site.tgz.parts/p01", ".devsite/vllm-site.sha256"]
-#          command: mkdir -p /tmp/parts && cp .devsite/vllm-site.tgz.parts/p01/* /tmp/parts/ && gpu/vllm.sh unpack && gpu/vllm.sh smoke
-#      (~4-5 min: 8 small engines. PASS = CUSTOM with the dense policy gives TRITON_ATTN's greedy tokens, eager and
-#       with CUDA graphs; quest / quest_art captured == eager.)
-#   3-7. run command: gpu/vllm.sh bench TRITON_ATTN                  (timeout_s 600; one backend per call)
-#        run command: gpu/vllm.sh bench FLASH_ATTN
-#        run command: gpu/vllm.sh bench CUSTOM dense
-#        run command: gpu/vllm.sh bench CUSTOM quest
-#        run command: gpu/vllm.sh bench CUSTOM quest_art
+#   1..N. one per part:    carry [".devsite/vllm-site.tgz.parts/pNN"]      command: bash gpu/vllm.sh part pNN
+#   N+1.  carry [".devsite/vllm-site.sha256", ".devsite/vllm-site.nparts"]  command: bash gpu/vllm.sh unpack
+#         (checks that all N parts arrived and the sha256, unpacks to /tmp/vsite, imports vllm)
+#   N+2.  bash gpu/vllm.sh smoke   (~6-7 min: 11 small engines. PASS = CUSTOM with the dense policy gives
+#         TRITON_ATTN's greedy tokens, eager and with CUDA graphs, on vLLM's V2 and V1 model runners, with
+#         chunked prefill mixing decodes and prefills; quest / quest_art captured == eager.)
+#   then  run command: bash gpu/vllm.sh bench TRITON_ATTN                  (timeout_s 600; one backend per call)
+#         run command: bash gpu/vllm.sh bench FLASH_ATTN
+#         run command: bash gpu/vllm.sh bench CUSTOM dense
+#         run command: bash gpu/vllm.sh bench CUSTOM quest
+#         run command: bash gpu/vllm.sh bench CUSTOM quest_art
 #      Each: decode tokens/s at contexts 16384, 32768 x batches 16, 64 (random model with Qwen2.5-Coder-0.5B's
 #      shape, bf16, CUDA graphs, 128 new tokens), markdown rows on stdout, JSON in $OUT/vllm-bench-*.json.
-#   Optional: gpu/vllm.sh test   (the CPU-side tests of the integration, with vllm importable, on CUDA).
-# The vLLM site stays in /tmp/vsite while the machine is warm; a bare machine needs calls 1-2 again.
+#   Optional: bash gpu/vllm.sh test   (tests/test_vllm_*.py with vllm importable, on the GPU machine).
+# The vLLM site stays in /tmp/vsite while the machine is warm; a bare machine needs the part calls again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+NAME=vllm-site.tgz
+PART_MIB=54
+PARTS=${PARTS:-/tmp/parts}  # where the part uploads gather (kept while the machine stays warm)
+case "${1:-}" in
+  split)  # CPU machine: re-split the bundle in parts that fit one call with the working tree
+    [ -f ".devsite/$NAME" ] || { echo "no .devsite/$NAME: run ../shared/tools/vllm-bundle.sh first" >&2; exit 1; }
+    d=".devsite/$NAME.parts"
+    rm -rf "$d" && mkdir -p "$d"
+    split -b "$PART_MIB"M -d -a 2 ".devsite/$NAME" "$d/$NAME.part"
+    for p in "$d/$NAME".part*; do mkdir -p "$d/p${p##*.part}"; mv "$p" "$d/p${p##*.part}/"; done
+    sha256sum ".devsite/$NAME" | cut -d' ' -f1 > .devsite/vllm-site.sha256
+    n=$(ls -d "$d"/p* | wc -l); echo "$n" > .devsite/vllm-site.nparts
+    echo "$NAME: sha256 $(cat .devsite/vllm-site.sha256), $n parts of <= $PART_MIB MiB:"
+    for p in "$d"/p*; do echo "  $p: $(stat -c %s "$p"/*) bytes"; done
+    echo "device calls: for each pNN: carry [\"$d/pNN\"] command: bash gpu/vllm.sh part pNN"
+    echo "  then: carry [\".devsite/vllm-site.sha256\", \".devsite/vllm-site.nparts\"] command: bash gpu/vllm.sh unpack"
+    exit 0
+    ;;
+  part)  # device: keep one uploaded part
+    p=${2:?usage: gpu/vllm.sh part pNN}
+    src=".devsite/$NAME.parts/$p"
+    ls "$src"/"$NAME".part* >/dev/null 2>&1 || { echo "no $src/$NAME.part*: carry [\"$src\"] with this call" >&2; exit 1; }
+    mkdir -p "$PARTS" && cp "$src"/"$NAME".part* "$PARTS"/
+    echo "have $(ls "$PARTS"/"$NAME".part* | wc -l) part(s) in $PARTS"
+    exit 0
+    ;;
+esac
 OUT=${OUT:-$PWD/vllm-out}
 mkdir -p "$OUT"
 EP=/tmp/ckv-entry-points
@@ -36,12 +66,20 @@ export PYTHONPATH=/tmp/vsite:$EP:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_
 export CKV_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 case "${1:-}" in
   unpack)
-    n=$(ls /tmp/parts/vllm-site.tgz.part* | wc -l)
-    [ "$n" -eq 2 ] || { echo "expected 2 parts in /tmp/parts, found $n: the machine was new, start at call 1" >&2; exit 1; }
-    cat /tmp/parts/vllm-site.tgz.part* > /tmp/vllm-site.tgz
-    echo "$(cat .devsite/vllm-site.sha256)  /tmp/vllm-site.tgz" | sha256sum -c
-    mkdir -p /tmp/vsite && tar xzf /tmp/vllm-site.tgz -C /tmp/vsite
+    for f in .devsite/vllm-site.sha256 .devsite/vllm-site.nparts; do
+      [ -f "$f" ] || { echo "no $f: carry [\".devsite/vllm-site.sha256\", \".devsite/vllm-site.nparts\"]" >&2; exit 1; }
+    done
+    want=$(cat .devsite/vllm-site.nparts)
+    n=$(ls "$PARTS"/"$NAME".part* 2>/dev/null | wc -l)
+    [ "$n" -eq "$want" ] || { echo "expected $want parts in $PARTS, found $n: the machine was new or a part call" \
+                                   "was missed; send the part calls again" >&2; exit 1; }
+    cat "$PARTS"/"$NAME".part* > "/tmp/$NAME"
+    echo "$(cat .devsite/vllm-site.sha256)  /tmp/$NAME" | sha256sum -c
+    rm -rf /tmp/vsite && mkdir -p /tmp/vsite && tar xzf "/tmp/$NAME" -C /tmp/vsite && rm -f "/tmp/$NAME"
     python3 -c "import vllm, vllm.v1.attention.backends.triton_attn; print('vllm', vllm.__version__, 'imports OK')"
+    # the entry point as vLLM loads it (every process): CUSTOM must then resolve to our backend
+    env -u CKV_POLICY python3 -c "from vllm.plugins import load_general_plugins; load_general_plugins()
+from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; print('CUSTOM ->', E.CUSTOM.get_path())"
     ;;
   smoke)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.csv"
@@ -55,7 +93,7 @@ case "${1:-}" in
     python3 -m pytest -q -rs tests/test_vllm_adapter.py tests/test_vllm_backend.py 2>&1 | tee "$OUT/vllm-tests.log"
     ;;
   *)
-    echo "usage: gpu/vllm.sh {unpack|smoke|bench BACKEND [POLICY]|test}  (the device calls are in this file's header)" >&2
+    echo "usage: gpu/vllm.sh {split|part pNN|unpack|smoke|bench BACKEND [POLICY]|test}  (the calls are in this file's header)" >&2
     exit 2
     ;;
 esac

@@ -228,3 +228,21 @@ def test_check_model():
         serving.check_model(pipe, num_layers=1, block_size=16)
     with pytest.raises(serving.ServingPolicyError, match="block_size=16"):
         serving.check_model(pipe, num_layers=24, block_size=32)
+    # vLLM copies partially hit prefix blocks of hybrid models (copy-on-write) without the write hook
+    with pytest.raises(serving.ServingPolicyError, match="hybrid model .*another backend"):
+        serving.check_model(pipe, num_layers=24, block_size=16, hybrid=True)
+
+
+def test_combination_problem():
+    """The reason the CUSTOM backend adds to vLLM's validate_configuration (supports_combination)."""
+    pipe = serving.load_serving_policy({"page_size": 32, "stages": [{"stage": "attend"}]})
+    ok = dict(dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None)
+    assert serving.combination_problem(pipe, **ok) is None
+    for bs in (32, 64, 128):  # a multiple: vLLM splits its blocks into kernel blocks of page_size
+        assert serving.combination_problem(pipe, **(ok | {"block_size": bs})) is None
+    assert serving.combination_problem(pipe, **(ok | {"kv_cache_dtype": "bfloat16"})) is None
+    assert serving.combination_problem(pipe, **(ok | {"kv_cache_dtype": None})) is None
+    why = serving.combination_problem(pipe, **(ok | {"block_size": 16}))
+    assert "--block-size 16 is not a multiple of the policy's page_size 32: pass --block-size 32" in why
+    why = serving.combination_problem(pipe, **(ok | {"kv_cache_dtype": "float16", "block_size": 48}))
+    assert "--kv-cache-dtype float16 differs from the model's bfloat16" in why and "--block-size 48" in why

@@ -5,6 +5,7 @@ split, and one layer's write + decode through the impl, compared with the adapte
 vLLM's own Triton kernels do not run on CPU, so the impl's vLLM-side write is replaced by its torch
 equivalent here; the GPU run (gpu/vllm.sh) covers the whole engine.
 """
+import inspect
 import types
 
 import pytest
@@ -19,7 +20,9 @@ from composable_kv.integrations.vllm import adapter, policy as serving  # noqa: 
 from conftest import INTERPRET  # noqa: E402
 from test_vllm_adapter import D, G, HKV, S, store_kv, vllm_kv_cache  # noqa: E402
 from vllm.platforms.interface import DeviceCapability  # noqa: E402
-from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata  # noqa: E402
+from vllm.v1.attention.backend import (  # noqa: E402
+    AttentionBackend, AttentionCGSupport, AttentionImpl, AttentionMetadataBuilder, CommonAttentionMetadata,
+)
 from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl  # noqa: E402
 
@@ -55,13 +58,59 @@ def test_register_refuses_a_bad_policy_at_startup(monkeypatch):
     serving._pipeline_for.cache_clear()
 
 
+def test_classes_implement_vllms_interfaces():
+    """Every abstract method defined, and each method vLLM calls keeps the signature vLLM 0.26 calls it with."""
+    from composable_kv.integrations.vllm.backend import CkvAttentionBackend, CkvAttentionImpl, CkvMetadataBuilder
+    for cls, base in [(CkvAttentionBackend, AttentionBackend), (CkvAttentionImpl, AttentionImpl),
+                      (CkvMetadataBuilder, AttentionMetadataBuilder)]:
+        assert issubclass(cls, base) and not inspect.isabstract(cls), (cls, cls.__abstractmethods__)
+
+    def params(f):
+        return list(inspect.signature(f).parameters)
+    assert params(CkvAttentionImpl.forward) == params(AttentionImpl.forward)
+    assert params(CkvAttentionImpl.__init__) == params(TritonAttentionImpl.__init__)  # Attention passes these
+    assert params(CkvAttentionImpl.do_kv_cache_update) == params(TritonAttentionImpl.do_kv_cache_update)
+    assert params(CkvMetadataBuilder.__init__) == params(AttentionMetadataBuilder.__init__)
+    assert params(CkvMetadataBuilder.build) == params(AttentionMetadataBuilder.build)
+    for name in ("get_name", "get_impl_cls", "get_builder_cls", "get_supported_kernel_block_sizes"):
+        assert isinstance(inspect.getattr_static(CkvAttentionBackend, name), staticmethod), name
+    # vLLM calls do_kv_cache_update (unified_kv_cache_update) before forward only when this is False
+    assert CkvAttentionBackend.forward_includes_kv_cache_update is False
+
+
+def test_kv_writes_cannot_bypass_the_summaries(policy_env, monkeypatch):
+    from composable_kv.integrations.vllm import backend
+    from composable_kv.integrations.vllm.backend import CkvAttentionImpl
+    from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8StaticTensorSym
+    monkeypatch.setattr(backend, "get_current_vllm_config", lambda: None)  # no engine here
+    impl = CkvAttentionImpl(4, 64, 0.125, 2, None, None, "auto")
+    assert not impl.fused_output_quant_supported(kFp8StaticTensorSym)  # TRITON_ATTN's says True
+    assert not impl.fused_rope_kvcache_supported() and not impl.fused_qk_norm_rope_kvcache_supported()
+
+
+def test_kernel_block_size_is_the_page_size(policy_env, monkeypatch, tmp_path):
+    """vLLM picks the kernel block size from get_supported_kernel_block_sizes and splits larger blocks."""
+    from composable_kv.integrations.vllm.backend import CkvAttentionBackend
+    from vllm.v1.worker.utils import select_common_block_size
+    assert CkvAttentionBackend.get_preferred_block_size(16) == 16
+    for manager_block in (16, 32, 64):
+        assert select_common_block_size(manager_block, [CkvAttentionBackend]) == 16
+    policy = tmp_path / "dense_p32.yaml"
+    policy.write_text("page_size: 32\nstages:\n  - {stage: attend}\n")
+    monkeypatch.setenv(serving.ENV, str(policy))
+    assert CkvAttentionBackend.get_preferred_block_size(16) == 32  # vLLM's default 16 is not a multiple of 32
+
+
 def test_validate_configuration(policy_env):
     from composable_kv.integrations.vllm.backend import CkvAttentionBackend
     base = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16, use_mla=False,
                 has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
                 device_capability=DeviceCapability(9, 0), attn_type="decoder")
     assert CkvAttentionBackend.validate_configuration(**base) == []
+    assert CkvAttentionBackend.validate_configuration(**(base | {"block_size": 64})) == []  # 4 kernel blocks each
     for change, reason in [({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"), ({"block_size": 8}, "block_size"),
+                           ({"block_size": 24}, "pass --block-size 16"), ({"kv_cache_dtype": "float16"}, "auto"),
+                           ({"use_pcp": True}, "PCP"), ({"use_mm_prefix": True}, "multimodal"),
                            ({"has_sliding_window": True}, "sliding window"), ({"use_kv_connector": True}, "KV connector"),
                            ({"has_sink": True}, "sinks"), ({"attn_type": "encoder_only"}, "attention type")]:
         reasons = CkvAttentionBackend.validate_configuration(**(base | change))

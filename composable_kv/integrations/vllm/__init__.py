@@ -1,9 +1,11 @@
 """Serve a composable-kv policy in vLLM 0.26.0: an attention backend registered as vLLM's CUSTOM backend.
 
     CKV_POLICY=configs/quest_art.yaml  python -c "from vllm import LLM; LLM(model, attention_backend='CUSTOM')"
+    CKV_POLICY=configs/quest_art.yaml  vllm serve MODEL --attention-backend CUSTOM
 
-`register` is the `vllm.general_plugins` entry point (pyproject.toml); vLLM calls it in every process it
-starts. The backend itself (backend.py) imports vLLM; adapter.py and policy.py do not. Notes: README.md here.
+`register` is the `vllm.general_plugins` entry point (pyproject.toml); vLLM's load_general_plugins calls it
+in every process it starts (front end, engine core, workers), once per process, and does not catch what it
+raises. The backend itself (backend.py) imports vLLM; adapter.py and policy.py do not. Notes: README.md here.
 """
 from __future__ import annotations
 

@@ -2,14 +2,18 @@
 
 It is TRITON_ATTN with the decode replaced: the same KV-cache layout, the same cache writes and the same
 prefill (vLLM's Triton `unified_attention`), so the only difference from the reference backend is what
-a single-token decode reads. Per step, the builder splits the batch: decode requests (vLLM puts them
-first, reorder_batch_threshold = 1) get our pipeline; the rest of the batch keeps TRITON_ATTN metadata.
-Per layer:
+a single-token decode reads. Per step, the builder splits the batch: decode requests (first in the batch:
+the V2 model runner, vLLM 0.26's default for dense models, sorts them first; the V1 runner reorders
+by reorder_batch_threshold = 1) get our pipeline; the rest of the batch keeps TRITON_ATTN metadata.
+Per layer (forward_includes_kv_cache_update = False, inherited: vLLM calls the write hook, then forward):
   do_kv_cache_update: vLLM's own write, then the policy's page summaries for the written blocks
                       (adapter.VllmPagedCache.write: side buffers indexed by block id);
   forward:            the prefill part through TritonAttentionImpl.forward; the decode part through
                       adapter.decode on vLLM's cache in place (the step's plan is built by the first
                       layer and shared, so a captured graph rebuilds it on every replay).
+K/V reach the cache only through do_kv_cache_update: the fusions that would bypass it (RoPE + cache
+write, output quantization) are declared unsupported, and so are the engine features that move K/V
+without it (KV connectors; hybrid models, whose partial prefix hits vLLM copies block to block).
 CUDA graphs: AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE (pure-decode batches are captured whole;
 mixed batches run attention eagerly between vLLM's piecewise graphs).
 """
@@ -29,7 +33,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from ...pipeline import StepPlan
 from .adapter import VllmPagedCache, decode, plan_decode
-from .policy import ServingPolicyError, check_model, serving_pipeline
+from .policy import ServingPolicyError, check_model, combination_problem, serving_pipeline
 
 
 @dataclass
@@ -63,18 +67,22 @@ class CkvMetadataBuilder(TritonAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self._init_reorder_batch_threshold(1)  # vLLM moves the single-token decodes to the front
-        check_model(serving_pipeline(), num_layers=vllm_config.model_config.get_total_num_hidden_layers(),
-                    block_size=kv_cache_spec.block_size)
+        self._init_reorder_batch_threshold(1)  # the V1 runner moves the single-token decodes to the front
+        model = vllm_config.model_config
+        # kv_cache_spec.block_size is the kernel block size (copy_with_new_block_size): the policy's page_size,
+        # the one size get_supported_kernel_block_sizes offers, whatever --block-size multiple of it vLLM uses.
+        check_model(serving_pipeline(), num_layers=model.get_total_num_hidden_layers(),
+                    block_size=kv_cache_spec.block_size, hybrid=model.is_hybrid)
         self._layers = [vllm_config.compilation_config.static_forward_context[n] for n in layer_names]
         self._attached = False
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> CkvAttentionMetadata:
-        if not self._attached:  # the KV tensors exist by the first build, always outside a graph capture
-            for layer in self._layers:
-                layer.impl.attach(layer, layer.kv_cache)
-            self._attached = True
+        if not self._attached:  # the side buffers exist before any graph capture (builds run outside it)
+            if all(layer.kv_cache.numel() for layer in self._layers):  # else vLLM has not bound its KV yet
+                for layer in self._layers:
+                    layer.impl.attach(layer, layer.kv_cache)
+                self._attached = True
         cm = common_attn_metadata
         nd, n_prefill, nd_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1, require_uniform=True)
         prefill = super().build(0, _requests_from(cm, nd, nd_tokens)) if n_prefill else None
@@ -111,6 +119,8 @@ class CkvAttentionImpl(TritonAttentionImpl):
             ("a logits soft cap", bool(logits_soft_cap)), (f"attention type {attn_type}", attn_type != AttentionType.DECODER),
             ("KV sharing across layers", kv_sharing_target_layer_name is not None), ("attention sinks", sinks is not None),
             ("chunked local attention", chunk_lookback != -1)) if on]
+        if self.dcp_world_size > 1:  # set by AttentionImplBase.__new__
+            unsupported.append(f"decode context parallelism ({self.dcp_world_size} ranks)")
         if unsupported:
             raise ServingPolicyError(f"the composable-kv backend serves plain causal decoder attention; this layer "
                                      f"uses {', '.join(unsupported)}: serve the model with another backend")
@@ -132,6 +142,12 @@ class CkvAttentionImpl(TritonAttentionImpl):
         if not cache.bound(self._layer, kv_cache):
             cache.bind(self._layer, kv_cache)
         return cache
+
+    def fused_output_quant_supported(self, quant_key) -> bool:
+        return False  # TritonAttentionImpl says yes for static fp8; the decode writes model-dtype outputs
+
+    def fused_rope_kvcache_supported(self) -> bool:
+        return False  # TritonAttentionImpl says yes with ROCm AITER: that write would skip the page summaries
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
@@ -185,6 +201,14 @@ class CkvAttentionBackend(TritonAttentionBackend):
     @classmethod
     def supports_block_size(cls, block_size: int | None) -> bool:
         return block_size is None or block_size % serving_pipeline().page_size == 0
+
+    @classmethod
+    def supports_combination(cls, head_size: int, dtype: torch.dtype, kv_cache_dtype, block_size: int | None,
+                             use_mla: bool, has_sink: bool, use_sparse: bool, use_mm_prefix: bool,
+                             device_capability) -> str | None:
+        # validate_configuration adds this line to its reasons; vLLM's own say only "... not supported"
+        return combination_problem(serving_pipeline(), dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                                   block_size=block_size)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:

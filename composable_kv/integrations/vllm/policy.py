@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
+
 from ...config import PolicyConfig, load_policy
 from ...errors import CkvError
 from ...pipeline import DecodePipeline
@@ -76,8 +78,25 @@ def serving_pipeline() -> DecodePipeline:
     return _pipeline_for(policy)
 
 
-def check_model(pipeline: DecodePipeline, *, num_layers: int, block_size: int) -> None:
-    """Refuse a model or engine setting the policy does not fit (called when vLLM builds the backend)."""
+def combination_problem(pipeline: DecodePipeline, *, dtype, kv_cache_dtype: str | None,
+                        block_size: int | None) -> str | None:
+    """The line vLLM prints when it validates the CUSTOM backend for a layer (AttentionBackend.supports_combination):
+    what of the engine's dtype / KV-cache dtype / --block-size the policy cannot serve, and the fix; None if fine."""
+    problems = []
+    if block_size is not None and block_size % pipeline.page_size:
+        problems.append(f"--block-size {block_size} is not a multiple of the policy's page_size {pipeline.page_size}: "
+                        f"pass --block-size {pipeline.page_size} (or leave it out)")
+    kv_dtype = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16}.get(kv_cache_dtype)
+    if kv_dtype is not None and kv_dtype != dtype:
+        problems.append(f"--kv-cache-dtype {kv_cache_dtype} differs from the model's {str(dtype).split('.')[-1]}: "
+                        f"the decode reads K/V in the query's dtype; pass --kv-cache-dtype auto")
+    return "; ".join(problems) or None
+
+
+def check_model(pipeline: DecodePipeline, *, num_layers: int, block_size: int, hybrid: bool = False) -> None:
+    """Refuse a model or engine setting the policy does not fit (called when vLLM builds the backend).
+
+    block_size is the kernel block size vLLM chose for the layers (their KV tensors' block_size)."""
     problems = []
     bad = sorted(i for i in pipeline.dense_layers if i >= num_layers)
     if bad:
@@ -85,5 +104,9 @@ def check_model(pipeline: DecodePipeline, *, num_layers: int, block_size: int) -
     if block_size != pipeline.page_size:
         problems.append(f"vLLM's KV block size is {block_size} but the policy's page_size is {pipeline.page_size}; "
                         f"pass block_size={pipeline.page_size} to vLLM (or change the policy's page_size)")
+    if hybrid:
+        problems.append("it is a hybrid model (attention with mamba / linear-attention layers): vLLM copies its "
+                        "partially hit prefix-cache blocks block to block, around the write that keeps the page "
+                        "summaries; serve it with another backend")
     if problems:
         raise ServingPolicyError(f"policy {pipeline.name!r} cannot run this vLLM model: " + "; ".join(problems))
