@@ -126,6 +126,10 @@ class SyntheticPrefill:
             keys, values = Layers(0), Layers(1)
             logits = torch.zeros(len(prompts), self.vocab, device=dev)
 
+            @staticmethod
+            def replays_for(observers) -> bool:  # no queries: only for policies that observe no prefill
+                return not observers
+
         return Record()
 
 

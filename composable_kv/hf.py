@@ -52,6 +52,7 @@ __all__ = [
 ATTN_IMPLEMENTATION = "composable_kv"
 DEFAULT_POLICY = "configs/quest_art.yaml"
 PREFILL_TOKENS = 65536  # prefill runs equal-length prompts in batches of at most this many tokens
+PREFILL_QUERY_TAIL = 64  # a recorded prefill keeps each prompt's last 64 queries per layer (Stage.prefill_queries)
 EOS_CHECK_EVERY = 8  # generate() asks the device whether any sequence still runs this often
 
 _ACTIVE_SESSION: contextvars.ContextVar["PolicySession | None"] = contextvars.ContextVar(
@@ -179,6 +180,7 @@ class GenerationOutput:
     steps: list[StepStats] = field(default_factory=list)
     decode_path: str = ""  # which decode path ran (composable_kv.runtime): graph, device or host
     decode_layers: str = ""  # which decode layers ran (composable_kv.decoder): fused or modules
+    prefill_source: str = ""  # "forward" (the model ran the prompts) or "replayed" (from a PrefillCache)
 
     def _mean_over_active(self, attr: str) -> list[float]:
         out = []
@@ -208,6 +210,13 @@ class _PrefillRecord:
     keys: list[torch.Tensor]  # per layer [sum(lengths), Hkv, D], real tokens, batch-major
     values: list[torch.Tensor]
     logits: torch.Tensor  # [B, V] next-token logits after the prompts
+    queries: list[list[torch.Tensor]] = field(default_factory=list)  # per layer, per prompt [Hq, <= tail, D]
+    scaling: dict[int, float | None] = field(default_factory=dict)  # layers a forward would observe -> sm_scale
+    query_tail: int = PREFILL_QUERY_TAIL
+
+    def replays_for(self, observers) -> bool:
+        """Every observing stage reads at most the recorded last queries (else the prompt must run again)."""
+        return all(s.prefill_queries() is not None and s.prefill_queries() <= self.query_tail for s in observers)
 
 
 class PrefillCache:
@@ -299,6 +308,7 @@ class PolicySession:
         self._slots = None
         self._prefill_ids: list[int] = []  # the sequences of the prefill forward running now
         self._record: _PrefillRecord | None = None
+        self.prefill_source: str | None = None  # "forward" (the model ran) or "replayed" (from a PrefillCache)
         self._step = None  # runtime.DeviceStep, built at the first device/graph decode
         self._acc_pages = self._acc_bytes = None  # [B] device: this step's reads, summed over layers
         self._pending: list[tuple] = []  # per step: (pages [B], bytes [B], active [B] bool) on the device, dense
@@ -347,19 +357,36 @@ class PolicySession:
             raise ContextTooLongError(f"a prompt of {max(lengths)} tokens leaves no room to decode in a session "
                                       f"built for max_total_tokens={self.max_total_tokens}; raise it")
         record = prefill_cache.get(prompts) if prefill_cache is not None else None
-        if record is not None and self._prefill_observers():
-            record = None  # a stage reads the prompt's queries, which a replay does not have
+        if record is not None and not record.replays_for(self._prefill_observers()):
+            record = None  # a stage reads more of the prompt's queries than the record kept
         self.seq_ids = [self.cache.add_sequence() for _ in prompts]
+        self.prefill_source = "replayed" if record is not None else "forward"
         if record is not None:
             slots = self.cache.reserve(self.seq_ids, lengths)
             for layer, (k, v) in enumerate(zip(record.keys, record.values)):
                 self.cache.write(layer, slots, k.to(self.device, self.dtype), v.to(self.device, self.dtype))
+            self._observe_recorded(record, lengths)
             logits = record.logits.clone()
         else:
             logits = self._prefill_forward(prompts, lengths, prefill_cache)
         if self.decode_path != "host":
             self.cache.reserve_ahead(self.seq_ids, self.max_total_tokens)
         return logits
+
+    def _observe_recorded(self, record: _PrefillRecord, lengths: list[int]) -> None:
+        """The observing stages see a replayed prefill as a forward shows it, one prompt at a time: its keys and
+        the last queries the record kept, in the layers a forward observes (not windowed, not dense)."""
+        observers = self._prefill_observers()
+        for layer, scaling in record.scaling.items() if observers else ():
+            if layer in self.pipeline.dense_layers:
+                continue
+            start = 0
+            for b, (sid, n) in enumerate(zip(self.seq_ids, lengths)):
+                key = record.keys[layer][start:start + n].transpose(0, 1)[None].to(self.device)  # [1, Hkv, T, D]
+                query = record.queries[layer][b][None].to(self.device)  # [1, Hq, <= tail, D]
+                for stage in observers:
+                    stage.observe_prefill(self.cache, [sid], layer, query, key, None, scaling)
+                start += n
 
     def _prefill_forward(self, prompts, lengths, prefill_cache) -> torch.Tensor:
         groups: list[list[int]] = []  # runs of consecutive prompts of one length, <= PREFILL_TOKENS a forward
@@ -369,8 +396,9 @@ class PolicySession:
                 g.append(b)
             else:
                 groups.append([b])
-        self._record = _PrefillRecord([[] for _ in range(self.shape.num_layers)],
-                                      [[] for _ in range(self.shape.num_layers)], None) if prefill_cache else None
+        L = self.shape.num_layers
+        self._record = _PrefillRecord([[] for _ in range(L)], [[] for _ in range(L)], None,
+                                      [[] for _ in range(L)]) if prefill_cache else None
         logits = []
         for group in groups:
             T = lengths[group[0]]
@@ -521,6 +549,9 @@ class PolicySession:
         if self._record is not None:
             self._record.keys[layer].append(k_real)
             self._record.values[layer].append(v_real)
+            self._record.queries[layer] += list(query[:, :, -self._record.query_tail:].clone())  # g x [Hq, tail, D]
+            if window is None:
+                self._record.scaling[layer] = scaling
         return out.transpose(1, 2)  # [B, T, Hq, D]
 
     def _prefill_observers(self) -> list:
@@ -651,7 +682,8 @@ def generate(model, tokenizer, prompts, policy=DEFAULT_POLICY, max_new_tokens: i
     generated = [[t for t, a in zip(toks, act) if a] for toks, act in zip(picked_host, active_host)]
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True) if tokenizer is not None else None
     return GenerationOutput(sequences=generated, texts=texts, prompt_lengths=lengths, steps=session.steps,
-                            decode_path=session.decode_path, decode_layers=session.layers)
+                            decode_path=session.decode_path, decode_layers=session.layers,
+                            prefill_source=session.prefill_source)
 
 
 @torch.no_grad()

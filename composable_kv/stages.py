@@ -139,9 +139,16 @@ class Stage:
         return None
 
     def observe_prefill(self, cache, seq_ids: list[int], layer: int, query: torch.Tensor, key: torch.Tensor,
-                        valid: torch.Tensor, sm_scale: float | None) -> None:
-        """Prefill of sequences `seq_ids`, one layer: query [g, Hq, T, D], key [g, Hkv, T, D] post-RoPE,
-        valid [g, T] bool. For stages that build per-sequence state from the prompt."""
+                        valid: torch.Tensor | None, sm_scale: float | None) -> None:
+        """Prefill of sequences `seq_ids`, one layer: key [g, Hkv, T, D] post-RoPE, query [g, Hq, Tq, D] the
+        prompt's LAST Tq <= T queries (post-RoPE; Tq = T in a forward, Tq >= prefill_queries() in a replayed
+        prefill), valid [g, T] bool (None: every token is real). For stages that build per-sequence state
+        from the prompt."""
+
+    def prefill_queries(self) -> int | None:
+        """How many of the prompt's last queries `observe_prefill` reads (None: all of them). With a number,
+        a prefill recorded by another session (hf.PrefillCache) replays for this stage without the model."""
+        return None
 
     def observe_page_mass(self, ctx: "LayerContext", mass: torch.Tensor) -> None:
         """After a decode of a sparse layer: softmax mass per page [B, Hq, P] (0 where not read)."""

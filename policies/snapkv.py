@@ -34,17 +34,20 @@ def page_votes(q: torch.Tensor, k: torch.Tensor, page_size: int, sm_scale: float
                pooling: str) -> torch.Tensor:
     """SnapKV's votes pooled per page, for one prompt.
 
-    q [Hq, T, D], k [Hkv, T, D] (post-RoPE, real tokens) -> [Hkv, P] fp32, P = ceil(T / page_size).
+    q [Hq, Tq, D] the prompt's last Tq >= min(window, T) queries, k [Hkv, T, D] (post-RoPE, real tokens)
+    -> [Hkv, P] fp32, P = ceil(T / page_size).
     vote_t = sum over the last W = min(window, T) queries i of softmax_i(t) (causal), mean over the
     group's query heads; a page pools its tokens' votes (avg: sum / page_size; max); pages holding any
     of the last W tokens are +inf (always kept). Costs Hq * W * T dot products.
     """
-    Hq, T, D = q.shape
-    Hkv = k.shape[0]
+    Hq, Tq, D = q.shape
+    Hkv, T = k.shape[0], k.shape[1]
     if Hq % Hkv:
         raise ValueError(f"snapkv: {Hq} query heads is not a multiple of {Hkv} KV heads")
     G, W, S = Hq // Hkv, min(window, T), page_size
-    qw = q[:, T - W:].float().reshape(Hkv, G * W, D)
+    if Tq < W:
+        raise ValueError(f"snapkv: the last {W} queries are needed, got {Tq}")
+    qw = q[:, Tq - W:].float().reshape(Hkv, G * W, D)
     logits = (qw @ k.float().transpose(1, 2)).view(Hkv, G, W, T) * sm_scale
     causal = torch.arange(T, device=q.device)[None] > torch.arange(T - W, T, device=q.device)[:, None]  # [W, T]
     votes = logits.masked_fill(causal, float("-inf")).softmax(-1).sum(2).mean(1)  # [Hkv, T]
@@ -106,6 +109,9 @@ class SnapKV(ScoringSelector):
         st = cache.stage_state(self)
         return st if st.observed else None
 
+    def prefill_queries(self) -> int:
+        return self.window
+
     def observe_prefill(self, cache, seq_ids, layer, query, key, valid, sm_scale) -> None:
         """Called per layer during a dense prefill (composable_kv.hf): query [B, Hq, T, D], key
         [B, Hkv, T, D] post-RoPE, valid [B, T] bool (real tokens; None: all). Scores each prompt's pages."""
@@ -119,7 +125,7 @@ class SnapKV(ScoringSelector):
             for b, sid in enumerate(seq_ids):
                 q, k = query[b], key[b]
                 if valid is not None:
-                    q, k = q[:, valid[b]], k[:, valid[b]]
+                    q, k = q[:, valid[b][-q.shape[1]:]], k[:, valid[b]]  # q: the prompt's last queries
                 T = k.shape[1]
                 if cache.seq_len(sid) != T:
                     raise ValueError(f"snapkv: sequence {sid} holds {cache.seq_len(sid)} tokens but its prefill "

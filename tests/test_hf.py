@@ -127,6 +127,41 @@ def test_shared_prefill_gives_the_same_decode(tiny_model, prompts):
     assert [s.kv_bytes_read for s in replayed.steps] == [s.kv_bytes_read for s in fresh.steps]
 
 
+OBSERVERS = {  # stages that build state from the prompt's queries (observe_prefill)
+    "snapkv": {"page_size": 8, "stages": [{"stage": "snapkv", "budget_tokens": 16, "window": 4},
+                                          {"stage": "attend"}]},
+    "attention_predictor": {"page_size": 8, "stages": [{"stage": "attention_predictor", "budget_tokens": 16,
+                                                        "history_steps": 8, "calibrate_every": 4,
+                                                        "calibrate_first": False, "sink_tokens": 8,
+                                                        "recent_tokens": 8},
+                                                       {"stage": "attend"}]},
+    "ltri": {"page_size": 8, "stages": [{"stage": "ltri", "budget_tokens": 16}, {"stage": "attend"}]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OBSERVERS))
+def test_a_recorded_prefill_replays_for_stages_that_read_the_last_queries(tiny_model, prompts, name, tmp_path):
+    """snapkv and attention_predictor read only the prompt's last queries: a prefill recorded under another
+    policy replays for them (no model forward) and decodes exactly as a forward prefill; ltri reads every
+    query, so its prefill runs the model again (and says so)."""
+    from composable_kv.policies.attention_predictor.predictor import PredictorCNN, save_weights
+    spec = {"name": name, **OBSERVERS[name]}
+    if name == "attention_predictor":
+        torch.manual_seed(0)
+        spec["stages"][0]["weights"] = str(save_weights(PredictorCNN(), tmp_path / "cnn.pt"))
+    pipe = ckv.compile(spec, backend="reference")
+    shared = hf.PrefillCache()
+    hf.generate(tiny_model, None, prompts, policy=DENSE16, max_new_tokens=2, stop_at_eos=False, prefill_cache=shared)
+    fresh = hf.generate(tiny_model, None, prompts, policy=pipe, max_new_tokens=6, stop_at_eos=False)
+    replayed = hf.generate(tiny_model, None, prompts, policy=pipe, max_new_tokens=6, stop_at_eos=False,
+                           prefill_cache=shared)
+    assert fresh.prefill_source == "forward"
+    assert replayed.prefill_source == ("forward" if name == "ltri" else "replayed")
+    assert replayed.sequences == fresh.sequences
+    assert [s.kv_bytes_read for s in replayed.steps] == [s.kv_bytes_read for s in fresh.steps]
+    assert [s.pages_read for s in replayed.steps] == [s.pages_read for s in fresh.steps]
+
+
 @pytest.mark.interpret
 def test_triton_path_decodes_like_the_reference(tiny_model, prompts):
     """The fused Triton kernels (interpreted on CPU) give the same greedy tokens as the reference."""

@@ -296,7 +296,8 @@ def evaluation_section(results: dict[int, dict], plots: dict[int, str],
              "`common_words` as whole words); each cell is the mean score with its Wilson 95% interval "
              f"(a proportion over n prompts: depths {first['depths']} x {first['samples_per_depth']}). "
              "`mean` averages the tasks; KV MB/token and % KV read (of a dense read of the same pages) "
-             "average them too. Every policy replays the same dense prefills.",
+             "average them too. Every policy replays the same dense prefills (ltri, which reads every query of "
+             "the prompt, runs them again).",
              "",
              f"Commit {', '.join(sorted({str(m['commit']) for m in metas}))}, "
              f"torch {first['torch']}, transformers {first['transformers']}, {seconds / 60:.1f} min of "

@@ -86,6 +86,9 @@ class AttentionPredictor(ScoringSelector):
         hist.ensure(state.rows.capacity, ctx.max_pages)
         return hist, rows
 
+    def prefill_queries(self) -> int:
+        return self.history_steps
+
     def observe_prefill(self, cache, seq_ids, layer, query, key, valid, sm_scale) -> None:
         """Called per layer during a dense prefill (composable_kv.hf): query [B, Hq, T, D], key
         [B, Hkv, T, D] post-RoPE, valid [B, T] bool (None: all real). Seeds each sequence's history row
@@ -98,7 +101,7 @@ class AttentionPredictor(ScoringSelector):
             for b, sid in enumerate(seq_ids):
                 q, k = query[b], key[b]
                 if valid is not None:
-                    q, k = q[:, valid[b]], k[:, valid[b]]
+                    q, k = q[:, valid[b][-q.shape[1]:]], k[:, valid[b]]  # q: the prompt's last queries
                 mass = prefill_page_mass(q, k, cache.page_size, sm_scale, self.history_steps)  # [Hq, h, P]
                 if self.per_kv_head:  # as observe_page_mass: the group's mean
                     mass = mass.view(Hkv, -1, *mass.shape[1:]).mean(1)

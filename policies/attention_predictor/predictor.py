@@ -54,16 +54,19 @@ def prefill_page_mass(q: torch.Tensor, k: torch.Tensor, page_size: int, sm_scale
                       last: int) -> torch.Tensor:
     """Block-pooled attention of a prompt's last `last` queries, as decode steps would record it.
 
-    q [Hq, T, D], k [Hkv, T, D] (one sequence, real tokens only, post-RoPE) -> [Hq, h, P] fp32 with
+    q [Hq, Tq, D] the prompt's last Tq >= h queries, k [Hkv, T, D] (one sequence, real tokens only,
+    post-RoPE) -> [Hq, h, P] fp32 with
     h = min(last, T), P = ceil(T / page_size): row i is the exact causal softmax of query T-h+i
     summed per page (each row sums to 1). Costs Hq * h * T dot products, not T^2.
     """
-    Hq, T, _ = q.shape
-    Hkv = k.shape[0]
+    Hq, Tq, _ = q.shape
+    Hkv, T = k.shape[0], k.shape[1]
     if Hq % Hkv:
         raise ValueError(f"prefill_page_mass: {Hq} query heads is not a multiple of {Hkv} KV heads")
     h = min(last, T)
-    qh = q[:, T - h:].float().reshape(Hkv, Hq // Hkv * h, -1)
+    if Tq < h:
+        raise ValueError(f"prefill_page_mass: the last {h} queries are needed, got {Tq}")
+    qh = q[:, Tq - h:].float().reshape(Hkv, Hq // Hkv * h, -1)
     logits = (qh @ k.float().transpose(1, 2)).view(Hq, h, T) * sm_scale  # [Hq, h, T]
     causal = torch.arange(T, device=q.device)[None] > torch.arange(T - h, T, device=q.device)[:, None]
     probs = logits.masked_fill(causal, float("-inf")).softmax(-1)
