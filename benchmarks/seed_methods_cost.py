@@ -10,6 +10,7 @@ Rows, at the same budget and terminal:
   attention_predictor   CNN over the history of every (request, KV head) + decode with the page-mass output;
                         `cycle` = mean over calibrate_every consecutive steps (one of them dense),
                         `predict` = a step that predicts (no calibration)
+  attention_predictor-cheap   history 16, CNN every 4 steps, calibration every 10 (mean over the replays)
   ltri                  span close (k-means of the open window), span scores, vote, span-to-page expansion
 ratio = ms / quest's ms with the same terminal. Targets (issue 17, H200, B=16, 32k):
 attention_predictor <= 1.5x, ltri <= 1.2x. The ltri index is built from the cache's keys (k-means
@@ -47,6 +48,10 @@ def policies(budget: int, terminal: str, weights: str) -> dict:
     return {
         "quest": [{"stage": "quest", "budget_tokens": budget}, art],
         "attention_predictor": [{"stage": "attention_predictor", "budget_tokens": budget, "weights": weights}, art],
+        # configs/eval/attention_predictor-cheap.yaml's setting: 1/16 of the default's CNN work per step on average
+        "attention_predictor-cheap": [{"stage": "attention_predictor", "budget_tokens": budget, "weights": weights,
+                                       "history_steps": 16, "run_every": 4, "calibrate_every": 10,
+                                       "calibrate_first": False}, art],
         "ltri": [{"stage": "ltri", "budget_tokens": budget}, art],
     }
 
@@ -91,7 +96,7 @@ def rows_for(shape, B, ctx, device, terminal, budget, reps) -> list[dict]:
             base = ms if name == "quest" else base
             rows.append({"method": name + (f" ({tag})" if tag else ""), "terminal": terminal, "shape": shape,
                          "batch": B, "ctx": ctx, "budget": budget, "ms_per_layer": round(ms, 4),
-                         "x_quest": round(ms / base, 3), "target_x": TARGETS.get(name, "")})
+                         "x_quest": round(ms / base, 3), "target_x": TARGETS.get(name.split("-")[0], "")})
         del pipe, cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
