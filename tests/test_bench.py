@@ -321,3 +321,16 @@ def test_one_timer_and_one_flashinfer_wrapper():
         assert "Event(enable_timing" not in text, f"{path.name} times with its own CUDA events; use the harness"
         assert "BatchDecodeWithPagedKVCacheWrapper(" not in text, f"{path.name} builds its own FlashInfer wrapper"
         assert "def copy_bandwidth" not in text, f"{path.name} measures bandwidth itself; use harness.copy_bandwidth"
+
+
+def test_e2e_prompts_from_text_are_windows_of_it():
+    import e2e
+    text = list(range(1000, 1025))  # 25 "token ids"
+    prompts = e2e.make_prompts(3, 10, 100, text)
+    assert [len(p) for p in prompts] == [10, 10, 10]
+    assert prompts[0] == text[:10] and prompts[1] == text[8:18]
+    assert prompts[2] == text[16:] + text[:1]  # wraps around the corpus
+    long = e2e.make_prompts(2, 60, 100, text)  # longer than the corpus: repeats it
+    assert [len(p) for p in long] == [60, 60] and long[0][25:50] == text
+    rand = e2e.make_prompts(2, 7, 50, None)
+    assert all(len(p) == 7 and all(10 <= t < 50 for t in p) for p in rand)
