@@ -36,24 +36,20 @@
 # (default /tmp/parts), SITE (default /tmp/site);
 # for report: RESULTS (default benchmarks/eval_scale), EVALUATION (default EVALUATION.md).
 set -euo pipefail
+. "$(dirname "$0")/parts.sh"  # parts_split / parts_take / parts_join, PARTS (default /tmp/parts)
 SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 NAME=qwen2.5-coder-0.5b.gguf
 GGUF_WHEEL=gguf==0.19.0
-PART_MIB=54  # 491,400,064 bytes in 9 parts
-NPARTS=9
 export CKV_CACHE_DIR=${CKV_CACHE_DIR:-/tmp/ckv-cache}
 MODEL=${MODEL:-qwen2.5-coder-0.5b}
 OUT=${OUT:-$PWD/eval-scale-out}
-PARTS=${PARTS:-/tmp/parts}  # where the part uploads gather (kept while the machine stays warm)
 SITE=${SITE:-/tmp/site}     # where the gguf wheel is unpacked
 RESULTS=${RESULTS:-benchmarks/eval_scale}
 EVALUATION=${EVALUATION:-EVALUATION.md}
 
 prepare() {
   ../shared/tools/long-model-parts.sh
-  rm -rf ".devsite/$NAME.parts" && mkdir -p ".devsite/$NAME.parts"
-  split -b "$PART_MIB"M -d -a 2 ".devsite/$NAME" ".devsite/$NAME.parts/$NAME.part"
-  for p in ".devsite/$NAME.parts/$NAME".part*; do mkdir -p ".devsite/$NAME.parts/p${p##*.part}"; mv "$p" "$_/"; done
+  parts_split ".devsite/$NAME"
   mkdir -p "$CKV_CACHE_DIR" .devsite/wheels
   [ -f "$CKV_CACHE_DIR/$NAME" ] || ln -f ".devsite/$NAME" "$CKV_CACHE_DIR/$NAME" 2>/dev/null \
     || cp ".devsite/$NAME" "$CKV_CACHE_DIR/$NAME"
@@ -82,21 +78,14 @@ EOF
 }
 
 part() {
-  mkdir -p "$PARTS"
-  cp ".devsite/$NAME.parts/$1/"* "$PARTS/"
-  ls "$PARTS"
+  parts_take "$NAME" "$1"
 }
 
 run() {
   [ $# -ge 1 ] || { echo "usage: bash gpu/eval_scale.sh run CTX [CTX ...]" >&2; exit 2; }
   mkdir -p "$CKV_CACHE_DIR" "$SITE" "$OUT"
   if [ "$MODEL" = qwen2.5-coder-0.5b ] && [ ! -f "$CKV_CACHE_DIR/$NAME" ]; then
-    n=$(ls "$PARTS/$NAME".part* 2>/dev/null | wc -l)
-    [ "$n" -eq "$NPARTS" ] || { echo "only $n of $NPARTS model parts in $PARTS: a new machine; send them again" >&2
-                                exit 2; }
-    cat "$PARTS/$NAME".part* > "$CKV_CACHE_DIR/$NAME.tmp"
-    echo "$SHA  $CKV_CACHE_DIR/$NAME.tmp" | sha256sum -c -
-    mv "$CKV_CACHE_DIR/$NAME.tmp" "$CKV_CACHE_DIR/$NAME"
+    parts_join "$NAME" "$SHA" "$CKV_CACHE_DIR/$NAME" || exit 2
   fi
   [ ! -f .devsite/eval-scale-cache.tgz ] || tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
   if ls .devsite/wheels/*.whl >/dev/null 2>&1; then

@@ -2,16 +2,16 @@
 # composable-kv served through vLLM 0.26.0 (issue 16): the CUSTOM backend on the GPU machine.
 #
 # A device call carries at most 64 MiB, the working tree (~7 MB) included, so the vLLM bundle travels
-# in parts of at most 54 MiB (../shared/tools/vllm-bundle.sh splits in 60 MiB: too big with the tree).
+# in parts of at most 54 MiB (gpu/parts.sh; ../shared/tools/vllm-bundle.sh splits in 60 MiB: too big).
 # Once, on the CPU machine, from the repo root (.devsite/ is git-ignored):
 #   ../shared/tools/vllm-bundle.sh        # -> .devsite/vllm-site.tgz (about 30 s; 114.2 MiB on 2026-11-30)
-#   bash gpu/vllm.sh split                # -> .devsite/vllm-site.tgz.parts/p00.. (54 MiB each; 3 for 114.2 MiB),
-#                                         #    .devsite/vllm-site.sha256, .devsite/vllm-site.nparts; prints the calls
+#   bash gpu/vllm.sh split                # -> .devsite/vllm-site.tgz.parts/p00.. (54 MiB each; 3 for 114.2 MiB)
+#                                         #    and .devsite/vllm-site.sha256; prints the calls
 #
 # Device calls, in a row (each within ~30 s of the last, else the machine starts bare and the parts are gone):
 #   1..N. one per part:    carry [".devsite/vllm-site.tgz.parts/pNN"]      command: bash gpu/vllm.sh part pNN
-#   N+1.  carry [".devsite/vllm-site.sha256", ".devsite/vllm-site.nparts"]  command: bash gpu/vllm.sh unpack
-#         (checks that all N parts arrived and the sha256, unpacks to /tmp/vsite, imports vllm)
+#   N+1.  carry [".devsite/vllm-site.sha256"]  command: bash gpu/vllm.sh unpack
+#         (joins the parts and checks the sha256, unpacks to /tmp/vsite, imports vllm)
 #   N+2.  bash gpu/vllm.sh smoke   (~6-7 min: 11 small engines. PASS = CUSTOM with the dense policy gives
 #         TRITON_ATTN's greedy tokens, eager and with CUDA graphs, on vLLM's V2 and V1 model runners, with
 #         chunked prefill mixing decodes and prefills; quest / quest_art captured == eager.)
@@ -26,30 +26,20 @@
 # The vLLM site stays in /tmp/vsite while the machine is warm; a bare machine needs the part calls again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. gpu/parts.sh  # parts_split / parts_take / parts_join, PARTS (default /tmp/parts)
 NAME=vllm-site.tgz
-PART_MIB=54
-PARTS=${PARTS:-/tmp/parts}  # where the part uploads gather (kept while the machine stays warm)
 case "${1:-}" in
   split)  # CPU machine: re-split the bundle in parts that fit one call with the working tree
     [ -f ".devsite/$NAME" ] || { echo "no .devsite/$NAME: run ../shared/tools/vllm-bundle.sh first" >&2; exit 1; }
-    d=".devsite/$NAME.parts"
-    rm -rf "$d" && mkdir -p "$d"
-    split -b "$PART_MIB"M -d -a 2 ".devsite/$NAME" "$d/$NAME.part"
-    for p in "$d/$NAME".part*; do mkdir -p "$d/p${p##*.part}"; mv "$p" "$d/p${p##*.part}/"; done
     sha256sum ".devsite/$NAME" | cut -d' ' -f1 > .devsite/vllm-site.sha256
-    n=$(ls -d "$d"/p* | wc -l); echo "$n" > .devsite/vllm-site.nparts
-    echo "$NAME: sha256 $(cat .devsite/vllm-site.sha256), $n parts of <= $PART_MIB MiB:"
-    for p in "$d"/p*; do echo "  $p: $(stat -c %s "$p"/*) bytes"; done
-    echo "device calls: for each pNN: carry [\"$d/pNN\"] command: bash gpu/vllm.sh part pNN"
-    echo "  then: carry [\".devsite/vllm-site.sha256\", \".devsite/vllm-site.nparts\"] command: bash gpu/vllm.sh unpack"
+    echo "$NAME: sha256 $(cat .devsite/vllm-site.sha256), parts of <= $PART_MIB MiB:"
+    parts_split ".devsite/$NAME"
+    echo "device calls: for each pNN: carry [\".devsite/$NAME.parts/pNN\"] command: bash gpu/vllm.sh part pNN"
+    echo "  then: carry [\".devsite/vllm-site.sha256\"] command: bash gpu/vllm.sh unpack"
     exit 0
     ;;
   part)  # device: keep one uploaded part
-    p=${2:?usage: gpu/vllm.sh part pNN}
-    src=".devsite/$NAME.parts/$p"
-    ls "$src"/"$NAME".part* >/dev/null 2>&1 || { echo "no $src/$NAME.part*: carry [\"$src\"] with this call" >&2; exit 1; }
-    mkdir -p "$PARTS" && cp "$src"/"$NAME".part* "$PARTS"/
-    echo "have $(ls "$PARTS"/"$NAME".part* | wc -l) part(s) in $PARTS"
+    parts_take "$NAME" "${2:?usage: gpu/vllm.sh part pNN}"
     exit 0
     ;;
 esac
@@ -66,15 +56,8 @@ export PYTHONPATH=/tmp/vsite:$EP:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_
 export CKV_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 case "${1:-}" in
   unpack)
-    for f in .devsite/vllm-site.sha256 .devsite/vllm-site.nparts; do
-      [ -f "$f" ] || { echo "no $f: carry [\".devsite/vllm-site.sha256\", \".devsite/vllm-site.nparts\"]" >&2; exit 1; }
-    done
-    want=$(cat .devsite/vllm-site.nparts)
-    n=$(ls "$PARTS"/"$NAME".part* 2>/dev/null | wc -l)
-    [ "$n" -eq "$want" ] || { echo "expected $want parts in $PARTS, found $n: the machine was new or a part call" \
-                                   "was missed; send the part calls again" >&2; exit 1; }
-    cat "$PARTS"/"$NAME".part* > "/tmp/$NAME"
-    echo "$(cat .devsite/vllm-site.sha256)  /tmp/$NAME" | sha256sum -c
+    [ -f .devsite/vllm-site.sha256 ] || { echo "no .devsite/vllm-site.sha256: carry it with this call" >&2; exit 1; }
+    parts_join "$NAME" "$(cat .devsite/vllm-site.sha256)" "/tmp/$NAME"
     rm -rf /tmp/vsite && mkdir -p /tmp/vsite && tar xzf "/tmp/$NAME" -C /tmp/vsite && rm -f "/tmp/$NAME"
     python3 -c "import vllm, vllm.v1.attention.backends.triton_attn; print('vllm', vllm.__version__, 'imports OK')"
     # the entry point as vLLM loads it (every process): CUSTOM must then resolve to our backend

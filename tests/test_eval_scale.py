@@ -84,12 +84,15 @@ def test_tiny_scale_run_and_report(model, tmp_path):
     assert row.count("[") == len(tasks)  # an interval per task
 
 
+def _row(policy, task, acc, mb=10.0):
+    """One result row: accuracy over 50 prompts, mb KV MB read per token."""
+    return {"policy": policy, "task": task, "accuracy": acc, "samples": 50, "kv_bytes_per_token": mb * 1e6,
+            "kv_read_fraction": mb / 100}
+
+
 def test_context_table_intervals_and_target():
-    def row(policy, task, acc, mb):
-        return {"policy": policy, "task": task, "accuracy": acc, "samples": 50, "kv_bytes_per_token": mb * 1e6,
-                "kv_read_fraction": mb / 100}
-    rows = [row("dense", "passkey", 1.0, 100), row("dense", "niah_single", 0.5, 100),
-            row("quest-art", "passkey", 1.0, 10), row("quest-art", "niah_single", 0.46, 10)]
+    rows = [_row("dense", "passkey", 1.0, 100), _row("dense", "niah_single", 0.5, 100),
+            _row("quest-art", "passkey", 1.0, 10), _row("quest-art", "niah_single", 0.46, 10)]
     table = eval_scale.context_table(rows, ["passkey", "niah_single"])
     assert "| dense | 1.00 [0.93, 1.00] | 0.50 [0.37, 0.63] | 0.750 | 100.00 | 100.0 |" in table
     line = eval_scale.target_lines(rows, 32768, ["passkey", "niah_single"])[0]
@@ -97,11 +100,8 @@ def test_context_table_intervals_and_target():
 
 
 def test_a_policy_missing_tasks_has_no_mean_no_point_and_no_target(tmp_path):
-    def row(policy, task, acc):
-        return {"policy": policy, "task": task, "accuracy": acc, "samples": 50, "kv_bytes_per_token": 1e6,
-                "kv_read_fraction": 0.1}
     tasks = ["passkey", "niah_single"]
-    rows = [row("dense", "passkey", 1.0), row("quest-art", "passkey", 1.0)]  # a run stopped after one task
+    rows = [_row("dense", "passkey", 1.0), _row("quest-art", "passkey", 1.0)]  # a run stopped after one task
     table = eval_scale.context_table(rows, tasks)
     assert "| dense | 1.00 [0.93, 1.00] | not run | (1 of 2 tasks) |" in table
     assert "target not checked" in eval_scale.target_lines(rows, 32768, tasks)[0]
@@ -110,14 +110,11 @@ def test_a_policy_missing_tasks_has_no_mean_no_point_and_no_target(tmp_path):
 
 
 def test_art_pairs_bytes_saved_and_the_interval():
-    def row(policy, task, acc, mb):
-        return {"policy": policy, "task": task, "accuracy": acc, "samples": 50, "kv_bytes_per_token": mb * 1e6,
-                "kv_read_fraction": mb / 100}
     tasks = ["passkey", "niah_single"]
-    rows = [row("quest", "passkey", 1.0, 40), row("quest", "niah_single", 0.6, 40),
-            row("quest-art", "passkey", 1.0, 28), row("quest-art", "niah_single", 0.56, 28),
-            row("dense", "passkey", 1.0, 100), row("dense", "niah_single", 0.8, 100),
-            row("dense-art", "passkey", 0.5, 60), row("dense-art", "niah_single", 0.5, 60)]
+    rows = [_row("quest", "passkey", 1.0, 40), _row("quest", "niah_single", 0.6, 40),
+            _row("quest-art", "passkey", 1.0, 28), _row("quest-art", "niah_single", 0.56, 28),
+            _row("dense", "passkey", 1.0, 100), _row("dense", "niah_single", 0.8, 100),
+            _row("dense-art", "passkey", 0.5, 60), _row("dense-art", "niah_single", 0.5, 60)]
     quest, dense, missing = eval_scale.pair_lines(rows, 8192, tasks, [("quest", "quest-art"), ("dense", "dense-art"),
                                                                        ("quest", "nothing")])
     assert "30.0% fewer" in quest and "inside its interval): met" in quest
@@ -126,12 +123,12 @@ def test_art_pairs_bytes_saved_and_the_interval():
 
 
 def test_report_only_and_pairs(tmp_path):
-    rows = [{"policy": p, "task": "passkey", "ctx": 1024, "accuracy": 1.0, "samples": 50, "kv_bytes_per_token": mb,
-             "kv_read_fraction": mb / 100} for p, mb in (("quest", 40.0), ("quest-art", 20.0), ("ltri", 10.0))]
+    rows = [{**_row(p, "passkey", 1.0, mb), "ctx": 1024} for p, mb in (("quest", 40.0), ("quest-art", 20.0),
+                                                                      ("ltri", 10.0))]
     meta = {"model": "m", "device_name": "cpu", "commit": "c", "torch": "t", "transformers": "x", "ctx": 1024,
             "depths": [0.5], "samples_per_depth": 50, "command": "cmd", "seconds": 1.0}
     f = tmp_path / "scale-1024-x.json"
-    f.write_text(__import__("json").dumps({"meta": meta, "rows": rows}))
+    f.write_text(json.dumps({"meta": meta, "rows": rows}))
     ev = tmp_path / "PARETO.md"
     ev.write_text("# ART\n")
     assert eval_scale.main(["report", str(f), "--evaluation", str(ev), "--plots", str(tmp_path / "p"),

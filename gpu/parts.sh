@@ -1,0 +1,36 @@
+# Sourced by gpu/eval_scale.sh and gpu/vllm.sh: a file too big for one device call travels in parts. A call
+# carries at most 64 MiB, the working tree (~7 MB) included, so parts are 54 MiB (not the 60 MiB of
+# ../shared/tools/device-split.sh). Each part is one call to the same warm machine; a machine given back in
+# between starts bare, and the join says so.
+PART_MIB=54
+PARTS=${PARTS:-/tmp/parts}  # where the part uploads gather on the device (kept while the machine stays warm)
+
+parts_split() {  # FILE (here): .devsite/<name>.parts/pNN/<name>.partNN, one folder per call; lists them
+  local f=$1 name d p
+  name=$(basename "$f")
+  d=".devsite/$name.parts"
+  rm -rf "$d" && mkdir -p "$d"
+  split -b "${PART_MIB}M" -d -a 2 "$f" "$d/$name.part"
+  for p in "$d/$name".part*; do mkdir -p "$d/p${p##*.part}"; mv "$p" "$d/p${p##*.part}/"; done
+  for p in "$d"/p*; do echo "  $p: $(stat -c %s "$p"/*) bytes  (carry [\"$p\"])"; done
+}
+
+parts_take() {  # NAME pNN (device): keep the part this call carried
+  local name=$1 src=".devsite/$1.parts/$2"
+  ls "$src/$name".part* >/dev/null 2>&1 || { echo "no $src/$name.part*: carry [\"$src\"] with this call" >&2; return 1; }
+  mkdir -p "$PARTS" && cp "$src/$name".part* "$PARTS/"
+  echo "have $(ls "$PARTS/$name".part* | wc -l) part(s) of $name in $PARTS"
+}
+
+parts_join() {  # NAME SHA256 DEST (device): the parts joined into DEST, checked whole
+  local name=$1 sha=$2 dest=$3 n
+  n=$(ls "$PARTS/$name".part* 2>/dev/null | wc -l)
+  [ "$n" -gt 0 ] && cat "$PARTS/$name".part* > "$dest.tmp"
+  if [ "$n" -eq 0 ] || ! echo "$sha  $dest.tmp" | sha256sum -c --status; then
+    rm -f "$dest.tmp"
+    echo "$n part(s) of $name in $PARTS do not make the file (sha256 differs): a new machine or a missed part" \
+         "call; send the part calls again" >&2
+    return 1
+  fi
+  mv "$dest.tmp" "$dest"
+}
