@@ -549,8 +549,8 @@ class PolicySession:
         if self._record is not None:
             self._record.keys[layer].append(k_real)
             self._record.values[layer].append(v_real)
-            self._record.queries[layer] += list(query[:, :, -self._record.query_tail:].clone())  # g x [Hq, tail, D]
-            if window is None:
+            if window is None:  # the layers a forward observes: their last queries, for a replay's observers
+                self._record.queries[layer] += list(query[:, :, -self._record.query_tail:].clone())  # g x [Hq, tail, D]
                 self._record.scaling[layer] = scaling
         return out.transpose(1, 2)  # [B, T, Hq, D]
 
