@@ -162,6 +162,21 @@ def test_a_recorded_prefill_replays_for_stages_that_read_the_last_queries(tiny_m
     assert [s.pages_read for s in replayed.steps] == [s.pages_read for s in fresh.steps]
 
 
+def test_a_recorded_prefill_replays_on_a_windowed_model(prompts):
+    """Qwen2 with sliding windows from layer 1: a forward observes layer 0 only, and so does a replay."""
+    from tiny_families import tiny_family
+    model = tiny_family("qwen2")
+    pipe = ckv.compile({"name": "snapkv", **OBSERVERS["snapkv"]}, backend="reference")
+    shared = hf.PrefillCache()
+    hf.generate(model, None, prompts, policy=DENSE16, max_new_tokens=2, stop_at_eos=False, prefill_cache=shared)
+    assert sorted(shared.get(prompts).scaling) == [0]
+    fresh = hf.generate(model, None, prompts, policy=pipe, max_new_tokens=6, stop_at_eos=False)
+    replayed = hf.generate(model, None, prompts, policy=pipe, max_new_tokens=6, stop_at_eos=False,
+                           prefill_cache=shared)
+    assert replayed.prefill_source == "replayed" and replayed.sequences == fresh.sequences
+    assert [s.pages_read for s in replayed.steps] == [s.pages_read for s in fresh.steps]
+
+
 @pytest.mark.interpret
 def test_triton_path_decodes_like_the_reference(tiny_model, prompts):
     """The fused Triton kernels (interpreted on CPU) give the same greedy tokens as the reference."""
