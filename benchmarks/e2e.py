@@ -58,6 +58,14 @@ POLICIES = {
 BASELINES = ("flashinfer", "flashinfer-tc", "transformers")
 
 
+def provider_policy(provider: str):
+    """The policy a provider decodes with: a named one, `ckv <config>.yaml` (any YAML policy), or dense pages for
+    the flashinfer baselines (their attention runs in the policy's place)."""
+    if provider.startswith("ckv ") and provider.endswith(".yaml"):
+        return provider[len("ckv "):]
+    return POLICIES.get(provider, POLICIES["ckv dense"]) if provider.startswith("flashinfer") else POLICIES[provider]
+
+
 @dataclass
 class Row:
     model: str
@@ -276,7 +284,7 @@ def run(args) -> tuple[list[Row], float]:
                         attention = None
                         base_prov, _, layers = prov.partition(" [")  # "ckv dense [modules]": transformers' layers
                         layers = layers.rstrip("]") or "auto"
-                        policy = POLICIES.get(base_prov, POLICIES["ckv dense"])  # flashinfer*: dense pages
+                        policy = provider_policy(base_prov)
                         if prov.startswith("flashinfer"):
                             tc = prov == "flashinfer-tc"
                             attention = lambda s, tc=tc: FlashInferAttention(s, tc)  # noqa: E731
@@ -349,9 +357,13 @@ def main(argv=None) -> int:
             ap.error(f"--sizes: {s!r} is not CONTEXTxBATCH (e.g. 32768x16)")
     known = set(POLICIES) | set(BASELINES)
     for p in args.providers:
-        if p not in known and not (p.endswith(" [modules]") and p[:-len(" [modules]")] in POLICIES):
-            ap.error(f"--providers: unknown {p!r}; known: {sorted(known)}, and any ckv one + ' [modules]' "
-                     "(transformers' own decode layers instead of the fused ones)")
+        base = p[:-len(" [modules]")] if p.endswith(" [modules]") else p
+        if base.startswith("ckv ") and base.endswith(".yaml"):
+            if not Path(base[len("ckv "):]).is_file():
+                ap.error(f"--providers: {p!r} names no file; give a policy YAML, e.g. 'ckv configs/quest_art.yaml'")
+        elif p not in known and base not in POLICIES:
+            ap.error(f"--providers: unknown {p!r}; known: {sorted(known)}, 'ckv <policy>.yaml', and any ckv one + "
+                     "' [modules]' (transformers' own decode layers instead of the fused ones)")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     out = Path(args.out)

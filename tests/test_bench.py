@@ -334,3 +334,14 @@ def test_e2e_prompts_from_text_are_windows_of_it():
     assert [len(p) for p in long] == [60, 60] and long[0][25:50] == text
     rand = e2e.make_prompts(2, 7, 50, None)
     assert all(len(p) == 7 and all(10 <= t < 50 for t in p) for p in rand)
+
+
+def test_e2e_providers_take_policy_yaml_and_refuse_unknown_ones(tmp_path, capsys):
+    import e2e
+    assert e2e.provider_policy("ckv configs/quest_art.yaml") == "configs/quest_art.yaml"
+    assert e2e.provider_policy("flashinfer-tc") == e2e.POLICIES["ckv dense"]
+    assert e2e.provider_policy("ckv quest") == e2e.POLICIES["ckv quest"]
+    for bad, says in (("ckv missing.yaml", "names no file"), ("ckv questt", "unknown")):
+        with pytest.raises(SystemExit) as e:
+            e2e.main(["--out", str(tmp_path), "--providers", bad])
+        assert e.value.code == 2 and says in capsys.readouterr().err
