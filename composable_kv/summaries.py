@@ -103,8 +103,8 @@ class KeyMinMax(Summary):
 
     def reset(self, cache, pages, layers=None) -> None:
         for layer in _layers(cache, layers):
-            cache.key_min[layer][pages] = torch.finfo(cache.dtype).max
-            cache.key_max[layer][pages] = torch.finfo(cache.dtype).min
+            cache.key_min[layer].index_fill_(0, pages, torch.finfo(cache.dtype).max)
+            cache.key_max[layer].index_fill_(0, pages, torch.finfo(cache.dtype).min)
 
     def update(self, cache, layer, slots, k, v) -> None:
         idx = slots.page_ids[:, None, None].expand_as(k)
@@ -132,7 +132,7 @@ class ValueNorm(Summary):
 
     def reset(self, cache, pages, layers=None) -> None:
         for layer in _layers(cache, layers):
-            cache.value_norm[layer][pages] = 0.0
+            cache.value_norm[layer].index_fill_(0, pages, 0.0)
 
     def update(self, cache, layer, slots, k, v) -> None:
         norms = v.float().norm(dim=-1)  # [T, Hkv]
@@ -170,8 +170,8 @@ class KeyShadow(Summary):
 
     def reset(self, cache, pages, layers=None) -> None:
         for layer in _layers(cache, layers):
-            cache.shadow_codes[self.bits][layer][pages] = 0
-            cache.shadow_step[self.bits][layer][pages] = 0
+            cache.shadow_codes[self.bits][layer].index_fill_(0, pages, 0)
+            cache.shadow_step[self.bits][layer].index_fill_(0, pages, 0)
 
     def update(self, cache, layer, slots, k, v) -> None:
         if slots.num_tokens:

@@ -174,7 +174,7 @@ class Ltri(ScoringSelector):
         forced = ((pos < self._sink_pages(S))[None] | open_span) & plan.valid  # [B, P]
         state.forced |= forced[:, None, :] & state.valid
         num_spans = table.num_spans[rows]  # [B]
-        ctx.cache.stage_state(self).scored[ctx.layer] = (num_spans, plan.num_pages)
+        ctx.cache.stage_state(self).record_scored(ctx.layer, num_spans, plan.num_pages)
         budget = self.budget_pages(S)
         scores = self.span_scores(ctx.q, table.reps[:, :, :P], num_spans, ctx.sm_scale, rows)  # [B, Hq, P]
         keys = self.span_keys(scores, table.span_of_page[rows, :P], state.forced & state.valid, budget)
@@ -204,6 +204,16 @@ class _LtriState(StageState):
         self.tables: dict[int, sp.SpanTable] = {}
         self.base: dict[int, int] = {}
         self.scored: dict[int, tuple] = {}  # layer -> (num_spans [B], num_pages [B]) when it last scored
+
+    def record_scored(self, layer: int, num_spans: torch.Tensor, num_pages: torch.Tensor) -> None:
+        """Keep a layer's span and page counts [B] in place: a CUDA graph captured once keeps updating the same
+        tensors, whichever of eager steps and replays came last."""
+        held = self.scored.get(layer)
+        if held is None or held[0].shape != num_spans.shape:
+            self.scored[layer] = (num_spans.clone(), num_pages.clone())
+        else:
+            held[0].copy_(num_spans)
+            held[1].copy_(num_pages)
 
     def table(self, layer: int, cache) -> sp.SpanTable:
         t = self.tables.get(layer)
