@@ -1,6 +1,7 @@
 """Where a captured decode step spends its GPU time: torch.profiler over graph replays, kernels by total time.
 
     python benchmarks/profile_step.py --layers 8 --batch 16 --context 32768 --policy "ckv quest+art"
+    --policy takes e2e's providers: a named policy or "ckv <policy>.yaml".
 """
 import argparse
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import POLICIES, SHAPES, SyntheticPrefill, build_model  # noqa: E402
+from e2e import SHAPES, SyntheticPrefill, build_model, provider_policy  # noqa: E402
 
 from composable_kv import hf  # noqa: E402
 
@@ -20,7 +21,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--policy", default="ckv quest+art", choices=sorted(POLICIES))
+    ap.add_argument("--policy", default="ckv quest+art", help="a named e2e policy or 'ckv <policy>.yaml'")
     ap.add_argument("--decode-layers", default="auto", choices=["auto", "fused", "modules"])
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
@@ -28,7 +29,7 @@ def main() -> int:
     model, _ = build_model(args.model, torch.bfloat16, "cuda", None)
     shape = hf.ModelShape.of(model)
     prompts = [[7] * args.context] * args.batch
-    s = hf.PolicySession(model, POLICIES[args.policy], max_total_tokens=args.context + 64, batch_size=args.batch,
+    s = hf.PolicySession(model, provider_policy(args.policy), max_total_tokens=args.context + 64, batch_size=args.batch,
                          layers=args.decode_layers)
     logits = s.prefill(prompts, SyntheticPrefill(shape, model.config.vocab_size, "cuda", torch.bfloat16))
     for _ in range(4):
@@ -38,7 +39,9 @@ def main() -> int:
         for _ in range(5):
             logits = s.decode(logits.argmax(-1))
         torch.cuda.synchronize()
-    print(f"{args.policy} ({s.layers} layers): {args.layers} layers, B={args.batch}, context {args.context}, 5 steps")
+    kv = sum(sum(x.kv_bytes_read) for x in s.steps[-5:]) / 5
+    print(f"{args.policy} ({s.layers} layers): {args.layers} layers, B={args.batch}, context {args.context}, 5 steps, "
+          f"{kv / 1e9:.3f} GB K/V + summaries read per step")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
     return 0
 
