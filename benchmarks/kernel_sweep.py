@@ -1,10 +1,15 @@
 """Kernel timings on the GPU (Llama-8B shapes: 32 q heads, 8 KV heads, D=128, bf16, page 16).
 
     python benchmarks/kernel_sweep.py [--quick] [--out rows.csv]
+    python benchmarks/kernel_sweep.py --parts art_decode --shape qwen-0.5b --batch 16 --ctx 32768
 
 Dense decode vs FlashInfer's BatchDecodeWithPagedKVCacheWrapper (when importable), with a sweep of
 BLOCK pages / warps / stages / splits; Quest score+select vs the summary bytes at HBM speed; Quest-ART
 decode. Random K/V: ART's stop does not fire meaningfully on random keys (nearly flat attention), only its cost is timed.
+
+art_decode: why an ART decode that reads every page is slower than dense decode reading the same bytes. One
+cache, one split count; rows add one ingredient at a time (the order list, a best-first order, the stop rule
+and its chunk, then num_stages / block_pages), each timed from a CUDA graph, with the K/V bytes it read.
 """
 import argparse
 import csv
@@ -23,6 +28,8 @@ from composable_kv.kernels.page_select import triton as select_tk  # noqa: E402
 from composable_kv.kernels.paged_decode import triton as decode_tk  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
+SHAPES = {"llama-8b": (HQ, HKV, D), "qwen-0.5b": (14, 2, 64)}  # (q heads, KV heads, head dim)
+PARTS = ("dense", "pipeline", "host_profile", "select", "select_sweep", "quest_decode", "art_decode")
 
 
 def make(B, ctx, dtype=torch.bfloat16, seed=0, hq=HQ, hkv=HKV, d=D):
@@ -86,13 +93,70 @@ def _pipeline_case(policy, B, ctx, hq, hkv, d):
     return (lambda: pipe.run(q, cache, 0)), pipe
 
 
+def num_splits(B, hkv, P, sms):
+    """composable_kv.fused.default_num_splits on these numbers: about 2 programs per SM, >= 16 pages a split."""
+    if B * hkv >= sms:
+        return 1
+    return max(1, min(32, -(-2 * sms // (B * hkv)), P // 16))
+
+
+def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
+    """The art_decode rows on one cache: [(labels, fn)], each fn one launch_decode with S splits.
+
+    The list holds every page, best-first by the Quest box bound with the request's last page first (the
+    calibrated stop's read order, fused.run_layer's); it, its strided tail LSE and bound terms are built here,
+    once, outside the timed calls. delta 1e-9 never stops: those rows read every page, the bytes dense reads."""
+    from composable_kv.stages import StopRule
+    B, P = table.shape
+    hkv, d = k.shape[1], k.shape[-1]
+    dev = q.device
+    forced = torch.zeros(B, P, dtype=torch.bool, device=dev)  # [B, P]
+    terms = torch.empty(B, hkv, P, dtype=torch.float32, device=dev)  # [B, Hkv, P] U + log n, list order
+    order, count, tail = select_tk.score_select(  # [B, Hkv, P], [B, Hkv], [B, Hkv, P]
+        q, kmin, kmax, table, lens, forced, num_kv_heads=hkv, page_size=PAGE, sm_scale=d ** -0.5, score=1,
+        select=False, budget_pages=0, forced_only=False, certified=True, num_splits=S, max_kept=P,
+        terms_out=terms, last_first=True)
+    ident = torch.arange(P, dtype=torch.int32, device=dev).expand(B, hkv, P).contiguous()  # [B, Hkv, P]
+
+    def dec(lst=order, rule=None, **kw):
+        return lambda: decode_tk.launch_decode(q, k, v, table, lens, lst, count, sm_scale=d ** -0.5, rule=rule,
+                                               tail_lse=tail, bound_terms=terms, num_splits=S,
+                                               out_dtype=q.dtype, **kw)
+
+    def stop(kind, chunk, delta=1e-9):
+        return StopRule(kind=kind, chunk_pages=chunk, delta=delta)
+
+    cases = [(dict(case="dense, natural order"), dec(natural=True)),
+             (dict(case="list, identity order"), dec(ident)),
+             (dict(case="list, best-first order"), dec())]
+    cases += [(dict(case=f"{kind}, never stops", chunk=c), dec(rule=stop(kind, c)))
+              for kind in ("certified", "calibrated") for c in (4, 16, 64)]
+    # num_stages: the kernel's NUM_STAGES pipelines the no-rule loop; these rows show what it does to the ART loop
+    cases += [(dict(case="calibrated, never stops", chunk=16, num_stages=ns),
+               dec(rule=stop("calibrated", 16), num_stages=ns)) for ns in (1, 2, 3, 4)]
+    cases += [(dict(case="calibrated, never stops", chunk=16, block_pages=bp),
+               dec(rule=stop("calibrated", 16), block_pages=bp)) for bp in (4, 8, 16)]
+    cases += [(dict(case="calibrated, delta 0.1", chunk=4), dec(rule=stop("calibrated", 4, delta=0.1)))]
+    return cases
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--parts", default="dense,pipeline,select,quest_decode")
+    ap.add_argument("--parts", default="dense,pipeline,select,quest_decode",
+                    help="comma-separated, of: " + ",".join(PARTS))
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b", help="art_decode's head shape")
+    ap.add_argument("--batch", type=int, default=16, help="art_decode's batch")
+    ap.add_argument("--ctx", type=int, default=32768, help="art_decode's context, tokens (a multiple of 16)")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        ap.error(f"unknown part(s) {','.join(sorted(parts - set(PARTS)))}; parts: {','.join(PARTS)}")
+    if args.batch < 1 or args.ctx < PAGE or args.ctx % PAGE:
+        ap.error(f"--batch must be >= 1 and --ctx a positive multiple of {PAGE}")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
     name = torch.cuda.get_device_name()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
@@ -211,6 +275,33 @@ def main(argv=None):
                 pages = dec()[1].sum().item()
                 emit(op=f"quest2048_decode_{rule_kind}", B=B, ctx=ctx, chunk=chunk, block_pages=bp, num_warps=nw,
                      num_stages=ns, us=round(t, 1), pages_read=pages, TBps=round(pages * PAGE * D * 4 / t / 1e6, 3))
+    if "art_decode" in parts:
+        hq, hkv, d = SHAPES[args.shape]
+        B, ctx = args.batch, args.ctx
+        q, k, v, table, lens, kmin, kmax = make(B, ctx, hq=hq, hkv=hkv, d=d)
+        S = num_splits(B, hkv, ctx // PAGE, sms)
+        page_bytes = 2 * PAGE * d * k.element_size()  # K and V of one page of one KV head
+        table_rows, base = [], None
+        for labels, fn in art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
+            try:
+                pages = int(fn()[1].sum())  # pages_read [B, Hkv], summed
+                tg = bench_graph(fn)
+                t = tg if tg is not None else bench(fn)
+            except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
+                print("skip", labels, type(e).__name__, e, file=sys.stderr)
+                continue
+            base = base or t  # the first row: dense
+            r = dict(op="art_decode", shape=args.shape, B=B, ctx=ctx, splits=S, **labels, us=round(t, 1),
+                     timer="graph" if tg is not None else "eager", pages_read=pages,
+                     GBps=round(pages * page_bytes / t / 1e3, 1), vs_dense=round(t / base, 2))
+            emit(**r)
+            table_rows.append({"chunk": "-", "block_pages": "auto", "num_stages": "auto", **r})
+        print(f"\n{name}, {args.shape} (Hq {hq}, Hkv {hkv}, D {d}), B {B}, ctx {ctx}, {S} splits; "
+              f"auto: launch_decode's default\n")
+        print(harness.markdown_table(table_rows, ["case", "chunk", "block_pages", "num_stages", "us", "timer",
+                                                  "pages_read", "GBps", "vs_dense"]))
+        del q, k, v, table, kmin, kmax
+        torch.cuda.empty_cache()
     if args.out:
         keys = sorted({k for r in rows for k in r})
         with open(args.out, "w", newline="") as f:

@@ -345,3 +345,21 @@ def test_e2e_providers_take_policy_yaml_and_refuse_unknown_ones(tmp_path, capsys
         with pytest.raises(SystemExit) as e:
             e2e.main(["--out", str(tmp_path), "--providers", bad])
         assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_kernel_sweep_art_decode_options(monkeypatch, capsys):
+    """kernel_sweep's art_decode options parse; bad ones, and a missing GPU, exit 2 before any work."""
+    import kernel_sweep
+    assert kernel_sweep.num_splits(16, 2, 32768 // 16, 132) == 9  # Qwen-0.5B, B=16, 32k on an H200
+    assert kernel_sweep.num_splits(64, 8, 2048, 132) == 1 and kernel_sweep.num_splits(1, 2, 20, 132) == 1
+    monkeypatch.setattr(kernel_sweep, "make", lambda *a, **k: pytest.fail("main built a cache"))
+    for argv, says in ((["--shape", "gpt5"], "invalid choice: 'gpt5'"), (["--parts", "art_decod"], "unknown part"),
+                       (["--ctx", "100"], "multiple of 16"), (["--batch", "0"], "--batch")):
+        with pytest.raises(SystemExit) as e:
+            kernel_sweep.main(["--parts", "art_decode", *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err, argv
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: main would run the part")
+    with pytest.raises(SystemExit) as e:
+        kernel_sweep.main(["--parts", "art_decode", "--shape", "qwen-0.5b", "--batch", "2", "--ctx", "256"])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith("error: needs a CUDA GPU")
