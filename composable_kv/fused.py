@@ -40,6 +40,7 @@ class FusedSpec:
     max_forced_pages: int = 1  # static bound on the forced pages per request (sizes the sort)
     shadow_bits: int = 0   # a key-shadow re-ranker runs last (8 or 4), 0 if none
     shadow_budget_tokens: int = 0
+    within_splits: bool = False  # every page, each split's own pages best-first (pipeline.orders_within_splits)
 
 
 def spec(pipeline) -> FusedSpec:
@@ -77,7 +78,8 @@ def make_spec(pipeline) -> FusedSpec:
                          **common)
     if shadow is not None:
         return FusedSpec(True, "", **common)
-    return FusedSpec(True, "", score=ScoreKind.BOX if pipeline.needs_box_bound else ScoreKind.NONE, **common)
+    return FusedSpec(True, "", score=ScoreKind.BOX if pipeline.needs_box_bound else ScoreKind.NONE,
+                     within_splits=pipeline.orders_within_splits, **common)
 
 
 def default_num_splits(cache, plan) -> int:
@@ -146,7 +148,7 @@ def run_layer(pipeline, ctx):
         page_size=plan.page_size, sm_scale=ctx.sm_scale, score=int(sp.score), select=sp.select,
         budget_pages=budget_pages, forced_only=sp.forced_only and plan.any_forcing, certified=certified,
         num_splits=S, max_kept=max(budget_pages, sp.max_forced_pages), terms_out=terms,
-        last_first=kind is StopKind.CALIBRATED)
+        last_first=kind is StopKind.CALIBRATED, within_splits=sp.within_splits)
     out, pages, tau = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
                                               order, count, sm_scale=ctx.sm_scale, rule=rule if kind else None,
                                               tail_lse=tail, bound_terms=terms, num_splits=S, out_dtype=q.dtype)
@@ -210,6 +212,8 @@ def describe(pipeline) -> list[str]:
         steps = ([f"score_select: {what}; {sel}"] if sp.select else []) + [f"shadow_select: {shadow}"]
     else:
         first = "the request's last page, then best-first" if rule.kind is StopKind.CALIBRATED else "best-first"
+        if sp.within_splits:
+            first = f"within each split (split s: pages p = s mod S): {first}"
         steps = [f"score_select: {what}; {sel}; order {first}{extra}"]
     steps += [f"paged_decode: {stop}",
               "merge (only when num_splits > 1): LSE merge of the splits, pages_read, tau_bound"]

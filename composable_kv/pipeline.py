@@ -171,6 +171,12 @@ class DecodePipeline:
         return self.stop_rule.kind.uses_bounds and not scorers[-1].score_is_bound
 
     @property
+    def orders_within_splits(self) -> bool:
+        """No selector: ART reads every page by the box bound, and each split orders only its own pages
+        (p = s mod S; kernels/page_select/README.md, "split-local order") instead of one global sort."""
+        return not self.selectors and self.needs_box_bound and not self.terminal.natural_order
+
+    @property
     def required_summaries(self) -> frozenset[str]:
         need = set()
         for s in self.config.stages:
@@ -335,8 +341,10 @@ class DecodePipeline:
             last = torch.arange(P, device=ctx.q.device) == (plan.num_pages - 1)[:, None]  # [B, P]
             order_key = order_key.masked_fill(last[:, None], float("inf"))
         bounds = state.bounds if state.bounds is not None else box
-        order, count = select_ref.select_pages(order_key.masked_fill(~keep, float("-inf")),
-                                               keep, keep, None)
+        if self.orders_within_splits:
+            order, count = select_ref.order_within_splits(order_key, plan.num_pages, plan.num_splits)
+        else:
+            order, count = select_ref.select_pages(order_key.masked_fill(~keep, float("-inf")), keep, keep, None)
         bounds_in_order = None
         if self.stop_rule.kind is not None and self.stop_rule.kind.uses_bounds:
             if bounds is None:  # the scorer covered every page unscored: no bound, the stop cannot fire

@@ -191,3 +191,60 @@ def test_diagnosis_runs_the_calibrated_rules():
            if rule is not None and rule.kind is StopKind.CALIBRATED]
     assert {b for _, _, b in cal} == {"box", "shadow8"} and len(cal) == len(art_diagnosis.CALIB_DELTAS) + 1
     assert art_diagnosis.wanted("calib-box 0.05", "cert,calib") and not art_diagnosis.wanted("oracle 0.05", "calib")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
+def test_order_within_splits_reference(num_splits):
+    """Split s lists exactly its pages p = s (mod S), best-first, at positions s, s+S, ...; S = 1 is the global
+    order of select_pages."""
+    g = torch.Generator().manual_seed(num_splits)
+    key = torch.randn(3, 2, 23, generator=g).round(decimals=1)  # ties on purpose
+    num_pages = torch.tensor([23, 9, 1])
+    order, count = select_ref.order_within_splits(key, num_pages, num_splits)
+    assert count.tolist() == [[23, 23], [9, 9], [1, 1]]
+    for b in range(3):
+        for h in range(2):
+            n = int(num_pages[b])
+            assert sorted(order[b, h, :n].tolist()) == list(range(n)) and (order[b, h, n:] == -1).all()
+            for s in range(num_splits):
+                mine = order[b, h, s:n:num_splits].tolist()
+                assert all(p % num_splits == s for p in mine)
+                want = sorted(range(s, n, num_splits), key=lambda p: (-key[b, h, p].item(), p))
+                assert mine == want
+    if num_splits == 1:
+        valid = torch.arange(23)[None, None] < num_pages[:, None, None]
+        glob, _ = select_ref.select_pages(key.masked_fill(~valid, float("-inf")), valid & False, valid.expand(3, 2, 23),
+                                          None)
+        assert torch.equal(order, glob)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("score", [1, 2])
+@pytest.mark.parametrize("num_splits", [1, 3, 5])
+@pytest.mark.parametrize("last_first", [False, True])
+def test_score_select_within_splits_matches_reference(score, num_splits, last_first):
+    cache, q, table, seq_lens = make([1, 17, 63, 300], group=2, head_dim=64, device=DEV)
+    n_pages = (seq_lens + cache.page_size - 1) // cache.page_size
+    sm = 64 ** -0.5
+    B, Hkv, P = len(seq_lens), cache.num_kv_heads, table.shape[1]
+    terms = torch.empty(B, Hkv, P, dtype=torch.float32, device=DEV)
+    a, b = (cache.key_min[0], cache.key_max[0]) if score == 1 else (cache.k[0], cache.k[0])
+    order, count, tail = select_tk.score_select(
+        q, a, b, table, seq_lens, torch.zeros_like(table, dtype=torch.bool), num_kv_heads=Hkv,
+        page_size=cache.page_size, sm_scale=sm, score=score, select=False, budget_pages=0, forced_only=False,
+        certified=True, num_splits=num_splits, max_kept=1, terms_out=terms, last_first=last_first,
+        within_splits=True, block_s=16)
+    if score == 1:
+        bound = score_ref.quest_scores(q.cpu(), a.cpu(), b.cpu(), table.cpu(), n_pages.cpu(), sm)
+    else:
+        bound = score_ref.exact_page_max_scores(q.cpu(), a.cpu(), table.cpu(), seq_lens.cpu(), sm)
+    key = bound
+    if last_first:
+        last = torch.arange(P)[None] == (n_pages.cpu() - 1)[:, None]
+        key = bound.masked_fill(last[:, None], float("inf"))
+    want, want_count = select_ref.order_within_splits(key, n_pages.cpu(), num_splits)
+    assert torch.equal(order.cpu(), want) and torch.equal(count.cpu(), want_count)
+    in_order = bound.gather(-1, want.long().clamp(min=0))
+    tok = select_ref.page_token_counts(want, seq_lens.cpu(), cache.page_size)
+    close(select_ref.strided_tail_lse(in_order, tok, want_count, num_splits), tail, 1e-4)
+    close(select_ref.tail_terms(in_order, tok, want_count), terms, 1e-4)

@@ -39,6 +39,29 @@ def select_pages(order_key, forced, candidates, budget_pages: int | None):
     return order.to(torch.int32), count
 
 
+def order_within_splits(order_key, num_pages, num_splits: int):
+    """Every page kept, each split's own pages best-first (kernels/page_select/README.md, "split-local order").
+
+    order_key [B, Hkv, P] fp32 (higher is read earlier); num_pages [B]: the request's pages, positions
+    0 .. num_pages-1. Split s of S owns the pages p = s (mod S) and reads list positions s, s+S, ...
+    (the strided layout): list position k*S + s holds split s's k-th best page (ties: lower position).
+    With S = 1 this is select_pages' order of every page.
+    Returns (order [B, Hkv, P] int32, -1 past count; count [B, Hkv] int32 = num_pages).
+    """
+    B, H, P = order_key.shape
+    S = max(1, int(num_splits))
+    K = -(-P // S)
+    pos = torch.arange(K * S, device=order_key.device)
+    valid = pos < num_pages.long()[:, None]  # [B, K*S]
+    key = torch.nn.functional.pad(order_key, (0, K * S - P), value=float("-inf"))
+    key = key.masked_fill(~valid[:, None], float("-inf")).view(B, H, K, S)  # column s: split s's pages
+    kth = torch.sort(key, dim=2, descending=True, stable=True).indices  # [B, H, K, S]
+    order = (kth * S + torch.arange(S, device=order_key.device)).view(B, H, K * S)[..., :P]
+    count = num_pages.to(torch.int32)[:, None].expand(B, H).contiguous()
+    order = torch.where(pos[:P] < count[..., None], order, torch.full_like(order, -1))
+    return order.to(torch.int32), count
+
+
 def order_to_mask(order, num_positions: int):
     """[B, Hkv, N] positions (-1 pad) -> [B, Hkv, num_positions] bool membership."""
     idx = torch.where(order >= 0, order.long(), torch.full_like(order.long(), num_positions))

@@ -167,6 +167,62 @@ def _score_select_kernel(
 
 
 @triton.jit
+def _score_order_splits_kernel(
+        q_ptr, stride_qb, stride_qh, a_ptr, b_ptr, stride_ap, stride_ah, stride_at,
+        pt_ptr, stride_ptb, seq_ptr, scores_ptr, order_ptr, count_ptr, tail_ptr, terms_ptr,
+        P, sm_scale, num_splits,
+        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+        PAGE: tl.constexpr, SCORE: tl.constexpr, CERTIFIED: tl.constexpr, TERMS: tl.constexpr,
+        LAST_FIRST: tl.constexpr, BLOCK_S: tl.constexpr, KP: tl.constexpr, DOT_F32: tl.constexpr):
+    """Every page kept, split-local order (reference.order_within_splits): program (row, s) scores the pages
+    p = s + k*S of its split, sorts them and writes list positions s + k*S, with their tail LSE and terms."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    row = pid.to(tl.int64) * P
+    seq_len = tl.load(seq_ptr + b)
+    n_pages = (seq_len + PAGE - 1) // PAGE
+    n_mine = (tl.maximum(n_pages - s, 0) + num_splits - 1) // num_splits
+    pt_row = pt_ptr + b.to(tl.int64) * stride_ptb
+    q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)
+    qpos = tl.maximum(q, 0.0)
+    qneg = tl.minimum(q, 0.0)
+    for k0 in range(0, n_mine, BLOCK_S):
+        kb = k0 + tl.arange(0, BLOCK_S)
+        pm = kb < n_mine
+        p = s + kb * num_splits
+        phys = tl.load(pt_row + p, mask=pm, other=0)
+        if SCORE == 1:
+            sc = _box_block(qpos, qneg, a_ptr, b_ptr, stride_ap, stride_ah, phys, h, pm, G, GP, D, DP, DOT_F32)
+        else:
+            sc = _exact_block(q, a_ptr, stride_ap, stride_ah, stride_at, phys, p, h, pm, seq_len,
+                              G, GP, D, DP, PAGE, BLOCK_S, DOT_F32)
+        tl.store(scores_ptr + row + p, sc * sm_scale, mask=pm)
+    tl.debug_barrier()
+    k = tl.arange(0, KP)
+    live = k < n_mine  # [KP]: split slots k; after the sort, slot k < n_mine holds a page
+    p = s + k * num_splits
+    key = tl.load(scores_ptr + row + p, mask=live, other=NEG_INF)
+    if LAST_FIRST:
+        key = tl.where(p == n_pages - 1, float("inf"), key)
+    comp = (_ord32(key).to(tl.int64) << 32) | (4294967295 - k.to(tl.int64))
+    sentinel = tl.full([], -2147483648, tl.int32).to(tl.int64) << 32
+    srt = tl.sort(tl.where(live, comp, sentinel), descending=True)
+    pos = s + (4294967295 - (srt & 4294967295)).to(tl.int32) * num_splits  # the k-th best page of split s
+    tl.store(order_ptr + row + p, tl.where(live, pos, -1), mask=p < P)
+    if s == 0:
+        tl.store(count_ptr + pid, n_pages)
+    if CERTIFIED:
+        bnd = tl.load(scores_ptr + row + pos, mask=live, other=NEG_INF)
+        ntok = tl.where(pos == n_pages - 1, seq_len - (n_pages - 1) * PAGE, PAGE)
+        term = tl.where(live & (ntok > 0), bnd + tl.log(tl.maximum(ntok, 1).to(tl.float32)), NEG_INF)
+        tl.store(tail_ptr + row + p, tl.associative_scan(term, 0, _lse_combine, reverse=True), mask=p < P)
+        if TERMS:
+            tl.store(terms_ptr + row + p, term, mask=p < P)
+
+
+@triton.jit
 def _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, count_ptr, tail_ptr,
                 terms_ptr, forced_ptr, stride_fb, P, budget, num_splits,
                 PAGE: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, FORCED_ONLY: tl.constexpr,
@@ -304,7 +360,7 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
                  sm_scale: float, score: int, select: bool, budget_pages: int, forced_only: bool,
                  certified: bool, num_splits: int, max_kept: int, block_s: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, score_splits: int | None = None,
-                 terms_out=None, last_first: bool = False):
+                 terms_out=None, last_first: bool = False, within_splits: bool = False):
     """Fused scoring + selection for one layer (one launch, no host sync).
 
     score: 0 none (kept pages in natural order), 1 box bound (summary_a/b = key_min/key_max
@@ -318,6 +374,8 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     terms_out: None, or a [B, Hkv, P] fp32 buffer (certified=True, score != 0) that receives each listed
     page's U + log n in list order (reference.tail_terms; -inf past count), for the calibrated stop.
     last_first: the request's last page heads the order (the calibrated stop's read order; score != 0).
+    within_splits: every page kept (no select, not forced_only, score != 0) in the split-local order of
+    reference.order_within_splits: one program per (request, KV head, split), no global sort.
     Returns (order [B, Hkv, P] int32, count [B, Hkv] int32, tail [B, Hkv, P] fp32 or None).
     """
     B, Hq, D = q.shape
@@ -341,12 +399,28 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     b_ = summary_b if score else q
     st = a.stride() if score else (0, 0, 0)
     exact = score == 2
+    elt = a.element_size() if score else 4
+    BLOCK_S = block_s or (16 if exact else max(16, min(128, 32768 // (_pow2(D, 16) * elt))))
+    if within_splits:
+        if select or forced_only or not score:
+            raise ValueError("within_splits: every page is kept and ordered by a score (select=False, "
+                             f"forced_only=False, score != 0), got select={select}, forced_only={forced_only}, "
+                             f"score={score}")
+        S = max(1, int(num_splits))
+        KP = _pow2(-(-P // S), 16)
+        _score_order_splits_kernel[(B * Hkv, S)](
+            q, q.stride(0), q.stride(1), a, b_, st[0], st[1], st[2] if exact else 0,
+            page_table, page_table.stride(0), seq_lens, scores, order, count, tail if certified else scores,
+            terms_out if terms_out is not None else scores, P, float(sm_scale), S,
+            HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), PAGE=page_size, SCORE=score,
+            CERTIFIED=bool(certified), TERMS=terms_out is not None, LAST_FIRST=bool(last_first),
+            BLOCK_S=BLOCK_S, KP=KP, DOT_F32=dot_f32(q, a.dtype), num_warps=num_warps or (4 if KP <= 2048 else 8))
+        return order, count, tail
     KP = _pow2(math.ceil(min(P, SB) / num_splits)) if certified else 1  # count <= SB
     SP = _pow2(num_splits) if certified else 1
     # H100 sweep (benchmarks/kernel_sweep.py, bf16 Llama shapes): 128 pages of box summaries per block (64 KB of
-    # key min+max), 4 warps; 8 warps and 3 stages past 2048 pages. fp32 summaries keep the tile at 64 KB.
-    elt = a.element_size() if score else 4
-    BLOCK_S = block_s or (16 if exact else max(16, min(128, 32768 // (_pow2(D, 16) * elt))))
+    # key min+max, BLOCK_S above), 4 warps; 8 warps and 3 stages past 2048 pages. fp32 summaries keep the tile
+    # at 64 KB.
     nw = num_warps or (4 if BP <= 2048 else 8)
     if num_stages is None:
         num_stages = 3 if BP > 2048 and elt <= 2 else 2
