@@ -147,7 +147,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
         c0 = tl.zeros([], tl.int32)
         active = n_mine > 0
         while active:
-            for jb in tl.range(0, CHUNK, BLOCK_PAGES):
+            for jb in tl.range(0, CHUNK, BLOCK_PAGES, num_stages=NUM_STAGES):  # pipelined when CHUNK > BLOCK
                 m, l, acc, cb = _attend_block(q, m, l, acc, c0 + jb, s, n_mine, num_splits, order_row, pt_row,
                                               k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
                                               mass_row, P_PAD, terms_row, NATURAL, BLOCK_PAGES, PAGE, D, DP,
