@@ -78,6 +78,9 @@ def rules():
     out.append(("cert-exact 0.05", StopRule("certified", CHUNK, delta=0.05), "exact", None))
     for d in CALIB_DELTAS:
         out.append((f"calib-box {d}", StopRule("calibrated", CHUNK, delta=d), "box", None))
+    for d in CALIB_DELTAS:
+        out.append((f"calib-recent-box {d}", StopRule("calibrated", CHUNK, delta=d, calibrate_recent=True), "box",
+                    None))
     out.append(("calib-shadow8 0.05", StopRule("calibrated", CHUNK, delta=0.05), "shadow8", None))
     out.append(("stab-paper fp32", StopRule("stability", CHUNK, **PAPER), None, None))
     out.append(("stab-paper bf16", StopRule("stability", CHUNK, acc_bf16=True, **PAPER), None, None))

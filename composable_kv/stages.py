@@ -76,6 +76,7 @@ class StopRule:
     patience: int = 5                # stability: stable checks in a row before stopping
     delta: float = 0.01              # certified: bound on the softmax mass not read; calibrated: its estimate
     acc_bf16: bool = False           # the running output acc/l is rounded to bf16 after every chunk
+    calibrate_recent: bool = False   # calibrated: the slack of the last chunk's full pages, not of all pages read
 
     def __post_init__(self):
         if self.kind is not None:

@@ -51,10 +51,11 @@ def ref_decode(c, rule, num_splits):
                                    num_splits=num_splits)
 
 
-def check_kernel(lens, group, head_dim, chunk, delta, num_splits, budget=None, *, q_scale=1.0, device=DEV, tol=2e-4):
+def check_kernel(lens, group, head_dim, chunk, delta, num_splits, budget=None, *, q_scale=1.0, device=DEV, tol=2e-4,
+                 recent=False):
     c = inputs(lens, group, head_dim, budget, num_splits, q_scale=q_scale, device=device)
     cache, q, table, seq_lens, order, count, tail, terms, sm = c
-    rule = StopRule("calibrated", chunk, delta=delta)
+    rule = StopRule("calibrated", chunk, delta=delta, calibrate_recent=recent)
     r1 = ref_decode(c, rule, num_splits)
     r2 = decode_tk.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order.to(device), count.to(device),
                                 sm_scale=sm, rule=rule, tail_lse=tail.to(device), bound_terms=terms.to(device),
@@ -71,6 +72,13 @@ def check_kernel(lens, group, head_dim, chunk, delta, num_splits, budget=None, *
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (8, 128)])
 def test_calibrated_decode_kernel_matches_reference(chunk, delta, num_splits, group, head_dim):
     check_kernel(LENS, group, head_dim, chunk, delta, num_splits)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("chunk,delta", [(1, 0.1), (4, 0.3)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_calibrated_recent_decode_kernel_matches_reference(chunk, delta, num_splits):
+    check_kernel(LENS, 3, 64, chunk, delta, num_splits, recent=True)
 
 
 @pytest.mark.interpret
@@ -110,6 +118,9 @@ def test_calibrated_stops_no_later_than_certified(seed, delta, num_splits):
     cert = ref_decode(c, StopRule("certified", 1, delta=delta), num_splits)
     cal = ref_decode(c, StopRule("calibrated", 1, delta=delta), num_splits)
     assert bool((cal.pages_read <= cert.pages_read).all()), (cal.pages_read, cert.pages_read)
+    # the last chunk's slack is at most the max over every chunk read: `recent` stops no later than `all`
+    recent = ref_decode(c, StopRule("calibrated", 1, delta=delta, calibrate_recent=True), num_splits)
+    assert bool((recent.pages_read <= cal.pages_read).all()), (recent.pages_read, cal.pages_read)
 
 
 def test_calibrated_absorbs_a_loose_bound():
@@ -142,6 +153,8 @@ STACKS = {
     "sw_quest_art_calibrated": [{"stage": "sink_window", "sink_tokens": 16, "window_tokens": 32},
                                 {"stage": "quest", "budget_tokens": 96}, dict(CAL, chunk_pages=2)],
     "art_calibrated_box_all": [dict(CAL, delta=0.2)],
+    "quest_art_calibrated_recent": [{"stage": "quest", "budget_tokens": 96}, dict(CAL, calibrate="recent",
+                                                                                 chunk_pages=2)],
     "quest_shadow8_art_calibrated_generic": [{"stage": "quest", "budget_tokens": 160},
                                              {"stage": "key_shadow", "bits": 8, "budget_tokens": 64}, CAL],
 }
@@ -248,3 +261,10 @@ def test_score_select_within_splits_matches_reference(score, num_splits, last_fi
     tok = select_ref.page_token_counts(want, seq_lens.cpu(), cache.page_size)
     close(select_ref.strided_tail_lse(in_order, tok, want_count, num_splits), tail, 1e-4)
     close(select_ref.tail_terms(in_order, tok, want_count), terms, 1e-4)
+
+
+def test_calibrate_recent_is_for_the_calibrated_stop_only():
+    with pytest.raises(ValueError, match="calibrate: 'recent' applies to the calibrated stop only"):
+        ckv.compile(_pol({"stage": "art", "stop": "certified", "calibrate": "recent"}))
+    pipe = ckv.compile(_pol(*STACKS["quest_art_calibrated_recent"]))
+    assert pipe.stop_rule.calibrate_recent and "slack of the last chunk read" in pipe.describe("cpu")

@@ -81,7 +81,6 @@ STACKS = {
     "sw_art_certified_box": [{"stage": "sink_window", "sink_tokens": 32, "window_tokens": 64},
                              {"stage": "art", "stop": "certified", "delta": 0.2, "chunk_pages": 2}],
     "art_certified_box_all": [{"stage": "art", "stop": "certified", "delta": 0.1, "chunk_pages": 1}],
-    "art_calibrated_box_all": [{"stage": "art", "stop": "calibrated", "delta": 0.2, "chunk_pages": 1}],
     "topk_art_stability": [{"stage": "topk", "budget_tokens": 128},
                            {"stage": "art", "stop": "stability", "scale_tol": 0.05, "direction_tol": 0.01,
                             "patience": 1, "chunk_pages": 1}],

@@ -98,7 +98,11 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
         if kind == "calibrated":
             ratio = lse_c - terms_s[..., c0:c0 + C][:, :, :, None]  # [B, Hkv, S, G, c]
             full = tok_ok.sum(-1) == page_size  # [B, Hkv, S, c] only full pages calibrate
-            calib = torch.maximum(calib, ratio.masked_fill(~full[:, :, :, None], NEG_INF).amax(-1))
+            chunk_c = ratio.masked_fill(~full[:, :, :, None], NEG_INF).amax(-1)  # [B, Hkv, S, G]
+            if getattr(rule, "calibrate_recent", False):  # the last chunk's slack, where it has a full page
+                calib = torch.where(chunk_c > NEG_INF, chunk_c, calib)
+            else:
+                calib = torch.maximum(calib, chunk_c)
         if page_mass:
             dst = torch.where(live, p, torch.full_like(p, P))  # [B, Hkv, S, c]
             dst = dst[:, :, :, None].expand_as(lse_c).transpose(2, 3).flatten(3)  # [B, Hkv, G, S*c]

@@ -107,7 +107,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                    PAGE: tl.constexpr, NATURAL: tl.constexpr, RULE: tl.constexpr, CHUNK: tl.constexpr,
                    BLOCK_PAGES: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
                    NUM_STAGES: tl.constexpr, TOK: tl.constexpr, PAGE_MASS: tl.constexpr,
-                   ACC_BF16: tl.constexpr):
+                   ACC_BF16: tl.constexpr, CALIB_RECENT: tl.constexpr):
     pid = tl.program_id(0)
     s = tl.program_id(1)
     b = pid // HKV
@@ -147,12 +147,17 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
         c0 = tl.zeros([], tl.int32)
         active = n_mine > 0
         while active:
+            cchunk = tl.full([GP], NEG_INF, tl.float32)
             for jb in tl.range(0, CHUNK, BLOCK_PAGES, num_stages=NUM_STAGES):  # pipelined when CHUNK > BLOCK
                 m, l, acc, cb = _attend_block(q, m, l, acc, c0 + jb, s, n_mine, num_splits, order_row, pt_row,
                                               k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
                                               mass_row, P_PAD, terms_row, NATURAL, BLOCK_PAGES, PAGE, D, DP,
                                               DOT_F32, TOK, G, GP, PAGE_MASS, RULE == 3)
-                calib = tl.maximum(calib, cb)
+                cchunk = tl.maximum(cchunk, cb)
+            if CALIB_RECENT:  # the last chunk's slack, where it had a full page
+                calib = tl.where(cchunk > NEG_INF, cchunk, calib)
+            else:
+                calib = tl.maximum(calib, cchunk)
             has_more = c0 + CHUNK < n_mine
             o = acc / tl.maximum(l, 1e-30)[:, None]  # [GP, DP] the running output
             if ACC_BF16:  # kept in bf16 between chunks, as a bf16 accumulator would
@@ -331,7 +336,8 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
         int(rule.patience) if R == 1 else 0, thr,
         HKV=Hkv, G=G, GP=GP, D=D, DP=DP, PAGE=PAGE, NATURAL=bool(natural), RULE=R, CHUNK=chunk,
         BLOCK_PAGES=block_pages, SPLIT=split, DOT_F32=dot_f32, NUM_STAGES=num_stages, TOK=max(16, block_pages * PAGE),
-        PAGE_MASS=with_mass, ACC_BF16=bool(R and getattr(rule, "acc_bf16", False)), num_warps=num_warps)
+        PAGE_MASS=with_mass, ACC_BF16=bool(R and getattr(rule, "acc_bf16", False)),
+        CALIB_RECENT=bool(R == 3 and getattr(rule, "calibrate_recent", False)), num_warps=num_warps)
     if split:
         _merge_kernel[(B * Hq,)](pm, pl, pacc, ppages, prem, out, out.stride(0), out.stride(1), pages,
                                  tau if R == 2 else out, lse, S, HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
