@@ -58,6 +58,7 @@ CHUNK = 4  # pages between two checks (the configs' chunk_pages)
 PAPER = dict(scale_tol=1e-7, direction_tol=1e-3, patience=5)
 DELTAS = (0.01, 0.05, 0.2)
 CALIB_DELTAS = (0.02, 0.05, 0.1, 0.2)  # the calibrated (heuristic) stop's targets
+CALIB_RECENT_DELTAS = (0.002, 0.005, 0.01, 0.02, 0.05)  # calibrate: recent (it underestimates: smaller deltas)
 PCA_RANK = 16
 SOUND = ("box", "ball", "min", "pca16", "shadow8")  # the sound page bounds compared (besides the exact max)
 BYTES_NOTE = {  # per (page, KV head), bf16 cache: what the certified stop reads besides K/V
@@ -78,7 +79,7 @@ def rules():
     out.append(("cert-exact 0.05", StopRule("certified", CHUNK, delta=0.05), "exact", None))
     for d in CALIB_DELTAS:
         out.append((f"calib-box {d}", StopRule("calibrated", CHUNK, delta=d), "box", None))
-    for d in CALIB_DELTAS:
+    for d in CALIB_RECENT_DELTAS:
         out.append((f"calib-recent-box {d}", StopRule("calibrated", CHUNK, delta=d, calibrate_recent=True), "box",
                     None))
     out.append(("calib-shadow8 0.05", StopRule("calibrated", CHUNK, delta=0.05), "shadow8", None))
