@@ -202,7 +202,9 @@ def test_diagnosis_runs_the_calibrated_rules():
     import art_diagnosis
     cal = [(name, rule, bound) for name, rule, bound, _ in art_diagnosis.rules()
            if rule is not None and rule.kind is StopKind.CALIBRATED]
-    assert {b for _, _, b in cal} == {"box", "shadow8"} and len(cal) == len(art_diagnosis.CALIB_DELTAS) + 1
+    assert {b for _, _, b in cal} == {"box", "shadow8"}
+    assert len(cal) == len(art_diagnosis.CALIB_DELTAS) + len(art_diagnosis.CALIB_RECENT_DELTAS) + 1
+    assert sum(r.calibrate_recent for _, r, _ in cal) == len(art_diagnosis.CALIB_RECENT_DELTAS)
     assert art_diagnosis.wanted("calib-box 0.05", "cert,calib") and not art_diagnosis.wanted("oracle 0.05", "calib")
 
 
@@ -268,3 +270,24 @@ def test_calibrate_recent_is_for_the_calibrated_stop_only():
         ckv.compile(_pol({"stage": "art", "stop": "certified", "calibrate": "recent"}))
     pipe = ckv.compile(_pol(*STACKS["quest_art_calibrated_recent"]))
     assert pipe.stop_rule.calibrate_recent and "slack of the last chunk read" in pipe.describe("cpu")
+
+
+@pytest.mark.parametrize("recent", [False, True])
+def test_calibrated_uses_the_certificate_until_a_full_page_is_read(recent):
+    """chunk 1, the request's partial last page first: after it no full page has calibrated, so the estimate is
+    the certificate's and a split does not stop where the certified stop would not."""
+    c = inputs([40, 300], 2, 64, None, 1, q_scale=4.0)
+    cache, q, table, seq_lens, order, count, tail, terms, sm = c
+    S = cache.page_size
+    n_pages = (seq_lens.cpu() + S - 1) // S
+    last = torch.arange(order.shape[-1])[None] == (n_pages - 1)[:, None]
+    bound = score_ref.quest_scores(q.cpu(), cache.key_min[0].cpu(), cache.key_max[0].cpu(), table.cpu(), n_pages, sm)
+    key = bound.masked_fill(last[:, None], float("inf"))  # the calibrated stop's read order
+    order, count = select_ref.order_within_splits(key, n_pages, 1)
+    in_order = bound.gather(-1, order.long().clamp(min=0))
+    tok = select_ref.page_token_counts(order, seq_lens.cpu(), S)
+    c = (cache, q, table, seq_lens, order, count, select_ref.strided_tail_lse(in_order, tok, count, 1),
+         select_ref.tail_terms(in_order, tok, count), sm)
+    cal = ref_decode(c, StopRule("calibrated", 1, delta=0.2, calibrate_recent=recent), 1).pages_read
+    cert = ref_decode(c, StopRule("certified", 1, delta=0.2), 1).pages_read
+    assert bool((cal >= torch.minimum(cert, torch.full_like(cert, 2))).all()), (cal, cert)

@@ -126,7 +126,9 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
             nxt = tail_s[..., c0 + C] if c0 + C < n_per else torch.full_like(m[..., 0], NEG_INF)
             log_z = m + torch.log(l.clamp(min=1e-30))  # [B, Hkv, S, G]
             # calibrated: c <= 0 for a sound bound; the clamp keeps rounding from making it stop later than certified
-            est = nxt[..., None] + calib.clamp(max=0.0) if kind == "calibrated" else nxt[..., None]  # per head
+            # no full page seen yet (calib -inf): the certificate's estimate (c = 0)
+            c = torch.where(calib > NEG_INF, calib.clamp(max=0.0), torch.zeros_like(calib))
+            est = nxt[..., None] + c if kind == "calibrated" else nxt[..., None]  # per head
             stop = has_more & (est - log_z <= math.log(rule.delta / (1 - rule.delta))).all(-1)
             rem = torch.where(stop, nxt, rem)
             active = active & ~stop

@@ -178,7 +178,8 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                 nxt = tl.load(tail_row + nidx, mask=has_more & (nidx < N), other=NEG_INF)
                 log_z = m * LN2 + tl.log(tl.maximum(l, 1e-30))
                 if RULE == 3:
-                    est = nxt + tl.minimum(calib, 0.0)  # [GP] log unread mass, from the ratio seen so far
+                    # [GP] log unread mass from the ratio seen so far; no full page seen yet: the certificate
+                    est = nxt + tl.where(calib > NEG_INF, tl.minimum(calib, 0.0), 0.0)
                 else:
                     est = nxt
                 ok = ((est - log_z) <= log_thr) | ~hv
