@@ -94,6 +94,15 @@ class LayerContext:
             return score_tk
         return score_ref
 
+    @property
+    def page_select(self):
+        """select_pages / order_to_mask / strided_tail_lse of this backend (kernels/page_select): one Triton
+        launch each, or the torch reference (a dozen sort, gather and scatter launches each)."""
+        if self.backend == "triton":
+            from .kernels.page_select import triton as select_tk
+            return select_tk
+        return select_ref
+
     def quest_bound(self) -> torch.Tensor:
         """Quest's box bound on every page, max over the group: [B, Hkv, P] fp32, scaled."""
         c = self.cache
@@ -104,7 +113,8 @@ class LayerContext:
 class SelectionState:
     """Pages still in play for one layer. All masks [B, Hkv, P]."""
 
-    def __init__(self, plan: StepPlan, num_kv_heads: int):
+    def __init__(self, plan: StepPlan, num_kv_heads: int, page_select=select_ref):
+        self.page_select = page_select  # LayerContext.page_select: the backend's selection kernels
         B, P = plan.valid.shape
         self.valid = plan.valid[:, None, :].expand(B, num_kv_heads, P)
         self.forced = plan.forced[:, None, :].expand(B, num_kv_heads, P).clone()
@@ -117,8 +127,8 @@ class SelectionState:
     def narrow(self, scores: torch.Tensor, budget_pages: int, *, is_bound: bool) -> None:
         scores = scores.masked_fill(~self.valid, float("-inf"))
         forced = self.forced & self.valid
-        order, count = select_ref.select_pages(scores, forced, self.candidates & self.valid, budget_pages)
-        self.candidates = select_ref.order_to_mask(order, scores.shape[-1])
+        order, count = self.page_select.select_pages(scores, forced, self.candidates & self.valid, budget_pages)
+        self.candidates = self.page_select.order_to_mask(order, scores.shape[-1])
         self.scored = True
         self.order_key = scores
         self.bounds = scores if is_bound else None
@@ -329,7 +339,7 @@ class DecodePipeline:
             order = torch.arange(P, device=ctx.q.device, dtype=torch.int32).expand(B, Hkv, P)
             order = torch.where(plan.valid[:, None], order, torch.full_like(order, -1))
             return order.contiguous(), plan.num_pages[:, None].expand(B, Hkv).to(torch.int32), None
-        state = SelectionState(plan, Hkv)
+        state = SelectionState(plan, Hkv, ctx.page_select)
         for sel in self.selectors:
             sel.apply(ctx, state)
         keep = state.kept()
@@ -344,7 +354,7 @@ class DecodePipeline:
         if self.orders_within_splits:
             order, count = select_ref.order_within_splits(order_key, plan.num_pages, plan.num_splits)
         else:
-            order, count = select_ref.select_pages(order_key.masked_fill(~keep, float("-inf")), keep, keep, None)
+            order, count = ctx.page_select.select_pages(order_key.masked_fill(~keep, float("-inf")), keep, keep, None)
         bounds_in_order = None
         if self.stop_rule.kind is not None and self.stop_rule.kind.uses_bounds:
             if bounds is None:  # the scorer covered every page unscored: no bound, the stop cannot fire
@@ -358,7 +368,7 @@ class DecodePipeline:
         tail = terms = None
         if rule.kind is not None and rule.kind.uses_bounds:
             tokens = select_ref.page_token_counts(order, ctx.plan.seq_lens, ctx.page_size)
-            tail = select_ref.strided_tail_lse(bounds_in_order, tokens, count, ctx.plan.num_splits)
+            tail = ctx.page_select.strided_tail_lse(bounds_in_order, tokens, count, ctx.plan.num_splits)
             if rule.kind is StopKind.CALIBRATED:
                 terms = select_ref.tail_terms(bounds_in_order, tokens, count)
         c = ctx.cache

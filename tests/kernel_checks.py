@@ -71,8 +71,10 @@ def check_select(B, H, P, budget, *, device="cpu", seed=0, ties=False, n_forced=
     forced &= valid
     cand = valid & (torch.rand(B, H, P, generator=g) < 0.9)
     args = [t.to(device) for t in (key, forced, cand)]
+    if budget == "per_request":  # a budget per request, broadcast over the KV heads (snapkv's)
+        budget = torch.randint(0, P, (B, 1, 1), generator=g)
     o1, c1 = select_ref.select_pages(*[t.cpu() for t in args], budget)
-    o2, c2 = select_tk.select_pages(*args, budget)
+    o2, c2 = select_tk.select_pages(*args, budget.to(device) if isinstance(budget, torch.Tensor) else budget)
     assert torch.equal(c1, c2.cpu()), (c1, c2)
     assert torch.equal(o1, o2.cpu()), (o1, o2)
     return o1, c1, key, lens

@@ -27,7 +27,7 @@ def test_page_scores_gpu(group, head_dim, dtype):
     check_scores(LENS, group, head_dim, device="cuda", dtype=dt, tol=1e-4 if dt == torch.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("budget", [None, 0, 5, 100, 3000])
+@pytest.mark.parametrize("budget", [None, 0, 5, 100, 3000, "per_request"])
 @pytest.mark.parametrize("P", [37, 1024, 5000])
 def test_select_pages_gpu(budget, P):
     check_select(4, 8, P, budget, device="cuda", ties=True, seed=P)

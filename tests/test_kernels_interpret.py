@@ -37,10 +37,10 @@ def test_score_select_split_scoring(score, splits, budget, certified, num_splits
                        num_splits=num_splits, block_s=16)
 
 
-@pytest.mark.parametrize("budget", [None, 0, 1, 3, 7, 50])
+@pytest.mark.parametrize("budget", [None, 0, 1, 3, 7, 50, "per_request"])
 @pytest.mark.parametrize("ties", [False, True])
 def test_select_pages(budget, ties):
-    check_select(3, 2, 37, budget, device=DEV, ties=ties, seed=budget or 0)
+    check_select(3, 2, 37, budget, device=DEV, ties=ties, seed=budget if isinstance(budget, int) else 5)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 5])

@@ -267,9 +267,11 @@ def _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, 
 
 
 @triton.jit
-def _select_kernel(key_ptr, forced_ptr, cand_ptr, keys_ptr, order_ptr, count_ptr, P, budget,
-                   HAS_BUDGET: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr):
+def _select_kernel(key_ptr, forced_ptr, cand_ptr, keys_ptr, order_ptr, count_ptr, P, budget, budget_ptr,
+                   HAS_BUDGET: tl.constexpr, ROW_BUDGET: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
+    if ROW_BUDGET:  # one budget per (request, KV head)
+        budget = tl.load(budget_ptr + pid)
     row = pid.to(tl.int64) * P
     offs = tl.arange(0, BP)
     inP = offs < P
@@ -321,9 +323,11 @@ def select_pages(order_key, forced, candidates, budget_pages: int | None):
     BP = _pow2(P, 16)
     SB = BP  # kept count is data-dependent here: sort the whole row
     keys = torch.empty(1, dtype=torch.int64, device=key.device)
+    row_budget = isinstance(budget_pages, torch.Tensor)  # broadcastable to [B, H, 1], as in the reference
+    budgets = budget_pages.expand(B, H, 1).reshape(B * H).to(torch.int32).contiguous() if row_budget else count
     _select_kernel[(B * H,)](key, forced, cand, keys, order, count, P,
-                             0 if budget_pages is None else int(budget_pages),
-                             HAS_BUDGET=budget_pages is not None, BP=BP, SORT_BLOCK=SB,
+                             0 if budget_pages is None or row_budget else int(budget_pages), budgets,
+                             HAS_BUDGET=budget_pages is not None, ROW_BUDGET=row_budget, BP=BP, SORT_BLOCK=SB,
                              num_warps=4 if BP <= 1024 else 8)
     return order, count
 
