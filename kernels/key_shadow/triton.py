@@ -17,7 +17,7 @@ import triton.language as tl
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 
 from ..page_score.triton import _load_q_group, _pow2
-from ..page_select.triton import _keep_top, _ord32, _tail_lse, _write_order, sort_block_for
+from ..page_select.triton import _keep_top, _ord32, _program_row, _tail_lse, _write_order, sort_block_for
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -91,12 +91,7 @@ def _shadow_select_kernel(
         PREC: tl.constexpr):
     # FROM_LIST: score only the previous selector's list (cand_order[:cand_count]); else every page.
     pid = tl.program_id(0)
-    b = pid // HKV
-    h = pid % HKV
-    row = pid.to(tl.int64) * P
-    seq_len = tl.load(seq_ptr + b)
-    n_pages = (seq_len + PAGE - 1) // PAGE
-    pt_row = pt_ptr + b.to(tl.int64) * stride_ptb
+    b, h, row, seq_len, n_pages, pt_row = _program_row(pid, seq_ptr, pt_ptr, stride_ptb, P, HKV, PAGE)
     offs = tl.arange(0, BP)
     valid = offs < n_pages
     q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP).to(tl.float32)

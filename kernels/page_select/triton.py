@@ -106,6 +106,16 @@ def _tail_lse(order_row, bound_row, tail_row, count, seq_len, n_pages, num_split
 
 
 @triton.jit
+def _program_row(pid, seq_ptr, pt_ptr, stride_ptb, P, HKV: tl.constexpr, PAGE: tl.constexpr):
+    """A (request, KV head) program's request b, head h, row offset into [B * Hkv, P] buffers, sequence
+    length, page count and page-table row."""
+    b = pid // HKV
+    seq_len = tl.load(seq_ptr + b)
+    return (b, pid % HKV, pid.to(tl.int64) * P, seq_len, (seq_len + PAGE - 1) // PAGE,
+            pt_ptr + b.to(tl.int64) * stride_ptb)
+
+
+@triton.jit
 def _score_select_kernel(
         q_ptr, stride_qb, stride_qh,
         a_ptr, b_ptr, stride_ap, stride_ah, stride_at,  # key_min/key_max [pages, Hkv, D] or k cache twice
@@ -122,12 +132,7 @@ def _score_select_kernel(
     # SCORE_SPLITS > 1: program (pid, s) scores the s-th slice of the pages; the slice that arrives last
     # (a per-row counter in arrivals_ptr, reset by that program) selects for the whole row.
     pid = tl.program_id(0)
-    b = pid // HKV
-    h = pid % HKV
-    row = pid.to(tl.int64) * P
-    seq_len = tl.load(seq_ptr + b)
-    n_pages = (seq_len + PAGE - 1) // PAGE
-    pt_row = pt_ptr + b.to(tl.int64) * stride_ptb
+    b, h, row, seq_len, n_pages, pt_row = _program_row(pid, seq_ptr, pt_ptr, stride_ptb, P, HKV, PAGE)
     if SCORE != 0:
         q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)
         qpos = tl.maximum(q, 0.0)
@@ -178,13 +183,8 @@ def _score_order_splits_kernel(
     p = s + k*S of its split, sorts them and writes list positions s + k*S, with their tail LSE and terms."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
-    b = pid // HKV
-    h = pid % HKV
-    row = pid.to(tl.int64) * P
-    seq_len = tl.load(seq_ptr + b)
-    n_pages = (seq_len + PAGE - 1) // PAGE
+    b, h, row, seq_len, n_pages, pt_row = _program_row(pid, seq_ptr, pt_ptr, stride_ptb, P, HKV, PAGE)
     n_mine = (tl.maximum(n_pages - s, 0) + num_splits - 1) // num_splits
-    pt_row = pt_ptr + b.to(tl.int64) * stride_ptb
     q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)
     qpos = tl.maximum(q, 0.0)
     qneg = tl.minimum(q, 0.0)
