@@ -175,6 +175,30 @@ def test_span_kernel_half_precision():
     check_span_scores(2, 64, 4, [9, 4], dtype=torch.float16, tol=2e-2)
 
 
+def check_window_reps(B, Hkv, D, W, R, *, seed=0, device="cpu", dtype=torch.float32, tol=1e-4):
+    from composable_kv.kernels.window_kmeans import reference as km_ref, triton as km_tk
+    g = torch.Generator().manual_seed(seed)
+    S, P = 16, 12
+    k_pages = torch.randn(B * P + 3, Hkv, S, D, generator=g).to(dtype)
+    page_table = torch.randperm(B * P + 3, generator=g)[:B * P].view(B, P).to(torch.int32)
+    covered = torch.randint(0, P - W, (B + 2,), generator=g)
+    rows = torch.randperm(B + 2, generator=g)[:B]
+    full = (covered[rows] + W) * S  # half the requests have a full window
+    seq_lens = torch.where(torch.arange(B) % 2 == 0, full + torch.randint(0, S, (B,), generator=g), full - 1)
+    args = (rows, page_table, seq_lens.to(torch.int32), k_pages, covered, W, S, R)
+    want, want_closing = km_ref.window_reps(*args)
+    got, closing = km_tk.window_reps(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
+    assert torch.equal(closing.cpu(), want_closing)
+    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.parametrize("B,Hkv,D,W,R", [(3, 2, 64, 4, 4), (2, 1, 128, 2, 3), (2, 3, 64, 1, 5)])
+def test_window_kmeans_kernel_matches_reference(B, Hkv, D, W, R):
+    check_window_reps(B, Hkv, D, W, R, seed=B + D + W + R)
+
+
 # -- the stage ----------------------------------------------------------------------------------------
 
 def ltri_policy(budget=64, terminal=None, dense_layers=(), **kw):
@@ -308,11 +332,10 @@ def test_bad_vote_is_a_clear_error():
 @needs_kernels
 def test_stage_with_triton_scorer_equals_reference(monkeypatch):
     from composable_kv.pipeline import LayerContext
-    from composable_kv.policies import ltri
     pipe, cache, ids, q, *_ = run(ltri_policy(64, max_span_pages=2), [63, 111, 300], group=4)
     ctx = LayerContext(q, cache, 0, pipe.current_plan, 32 ** -0.5)
     a = pipe.select(ctx)
-    monkeypatch.setattr(ltri, "_FORCE_TRITON", True)
+    monkeypatch.setattr(sp, "FORCE_TRITON", True)
     b = pipe.select(ctx)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 

@@ -1,11 +1,11 @@
-"""Ltri span scoring on the GPU: kernel vs reference over a larger grid, and the stage on CUDA."""
+"""Ltri on the GPU: the span-score and window k-means kernels vs their references, and the stage on CUDA."""
 import pytest
 import torch
 
 import composable_kv as ckv
 
 from helpers import build_cache
-from test_ltri import check_span_scores, ltri_policy
+from test_ltri import check_span_scores, check_window_reps, ltri_policy
 
 pytestmark = pytest.mark.gpu
 
@@ -21,6 +21,12 @@ def test_span_kernel_grid(group, head_dim, R, dtype, tol):
 @pytest.mark.parametrize("q_scale", [100.0, 1000.0])
 def test_span_kernel_extreme_logits(q_scale):
     check_span_scores(4, 128, 4, [5, 300], q_scale=q_scale, device="cuda")
+
+
+@pytest.mark.parametrize("B,Hkv,D,W,R", [(16, 8, 128, 4, 4), (3, 2, 64, 2, 3), (5, 3, 64, 8, 8)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-3)])
+def test_window_kmeans_kernel_grid(B, Hkv, D, W, R, dtype, tol):
+    check_window_reps(B, Hkv, D, W, R, seed=B * W, device="cuda", dtype=dtype, tol=tol)
 
 
 @pytest.mark.parametrize("terminal", [None, {"stage": "art", "stop": "certified", "delta": 0.01}])

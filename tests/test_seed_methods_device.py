@@ -1,5 +1,7 @@
 """attention_predictor and ltri on the device: equal to their host implementation (tests/host_seed_reference.py)
 piece by piece and end to end, on the HF device decode path too, with no host sync in a decode step."""
+import os
+
 import pytest
 import torch
 
@@ -119,10 +121,15 @@ def assert_same_steps(a, b):
         torch.testing.assert_close(xa, xb, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("vote", ["group", "layer"])
-def test_ltri_stage_equals_host_over_decode_steps(vote):
+@pytest.mark.parametrize("vote,kernels", [("group", False), ("layer", False), ("group", True)])
+def test_ltri_stage_equals_host_over_decode_steps(vote, kernels, monkeypatch):
     """Sequences first met at decode (index from the cache's keys), spans closed by decode tokens,
-    a finished request replaced mid-run."""
+    a finished request replaced mid-run. kernels: ltri's Triton kernels (span scores, window k-means) under
+    TRITON_INTERPRET, as on the GPU."""
+    if kernels:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("TRITON_INTERPRET is not set (tests/conftest.py sets it on a machine without CUDA)")
+        monkeypatch.setattr(sp, "FORCE_TRITON", True)
     pipe = ckv.compile(_ltri_pol(vote=vote), backend="reference")
     got = run_steps(pipe, 40, lens=[100, 230, 47], churn_at=17)
     want = run_steps(host.host_pipeline(pipe), 40, lens=[100, 230, 47], churn_at=17)

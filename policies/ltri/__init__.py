@@ -128,7 +128,7 @@ class Ltri(ScoringSelector):
     def span_scores(self, q, reps, num_spans, sm_scale, rows=None):
         """[B, Hq, NS] per-head span scores (reps [R, Hkv, NS, Rr, D] read at `rows` [B]): the Triton
         kernel on CUDA, else the torch reference."""
-        if q.is_cuda or _FORCE_TRITON:
+        if q.is_cuda or sp.FORCE_TRITON:
             from composable_kv.kernels.span_score import triton as span_tk
             return span_tk.span_scores(q, reps, num_spans, sm_scale, rows=rows)
         return span_ref.span_scores(q, reps, num_spans, sm_scale, rows=rows)
@@ -227,5 +227,3 @@ class _LtriState(StageState):
         self.rows.release(seq_id)
         self.base.pop(seq_id, None)
 
-
-_FORCE_TRITON = False  # tests set this to run the Triton span scorer under TRITON_INTERPRET on CPU

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from composable_kv.kernels.window_kmeans.reference import kmeans_reps, window_reps
 from composable_kv.seq_rows import grown
 
 import torch
@@ -172,32 +173,6 @@ def reps_by_attention(k: torch.Tensor, received: torch.Tensor, span_of_page: tor
     return reps * (size > 0).view(1, num, 1, 1).to(reps.dtype)
 
 
-def kmeans_reps(keys: torch.Tensor, token_span: torch.Tensor, first: torch.Tensor, size: torch.Tensor, R: int,
-                iters: int = 2) -> torch.Tensor:
-    """R k-means centroids per span and head (init: evenly spaced tokens; `iters` Lloyd steps, Euclidean).
-
-    keys [H, N, D]; token_span [N] the span of each token (-1: none); span s's tokens are the
-    contiguous keys[:, first[s] : first[s] + size[s]]. -> [H, NS, R, D] fp32 (NS = len(first))."""
-    H, N, D = keys.shape
-    NS = first.shape[0]
-    dev = keys.device
-    keys = keys.float()
-    init = ((torch.arange(R, device=dev)[None, :] + 0.5) * size[:, None] / R).long()  # [NS, R]
-    cent = keys[:, (first[:, None] + init).clamp(0, max(N - 1, 0))]  # [H, NS, R, D]
-    real = token_span >= 0
-    span = token_span.clamp(min=0)  # [N]
-    for _ in range(iters):
-        norms = (cent * cent).sum(-1)  # [H, NS, R]
-        dist = norms[:, span] - 2 * torch.einsum("hnd,hnrd->hnr", keys, cent[:, span])  # [H, N, R]
-        slot = span * R + dist.argmin(-1)  # [H, N]
-        ones = real.to(keys.dtype).expand(H, N)
-        count = keys.new_zeros(H, NS * R).scatter_add_(1, slot, ones)  # [H, NS*R]
-        total = keys.new_zeros(H, NS * R, D).scatter_add_(1, slot[..., None].expand(H, N, D), keys * ones[..., None])
-        mean = (total / count.clamp(min=1)[..., None]).view(H, NS, R, D)
-        cent = torch.where(count.view(H, NS, R, 1) > 0, mean, cent)
-    return cent
-
-
 def reps_by_kmeans(k: torch.Tensor, span_of_page: torch.Tensor, num: int, page_size: int, R: int) -> torch.Tensor:
     """Per span and KV head, R k-means centroids of its keys: [Hkv, num, R, D] (k's dtype). Needs no
     query: it serves sequences whose prefill was not observed (k . k stands in for the attention map)."""
@@ -206,6 +181,9 @@ def reps_by_kmeans(k: torch.Tensor, span_of_page: torch.Tensor, num: int, page_s
     starts, ends = span_bounds(span_of_page, num)
     cent = kmeans_reps(k[:, :tok_span.shape[0]], tok_span, starts * S, (ends - starts) * S, R)
     return cent.to(k.dtype)
+
+
+FORCE_TRITON = False  # tests set this to run ltri's Triton kernels (span scores, window k-means) on CPU
 
 
 @dataclass
@@ -329,20 +307,16 @@ class SpanTable:
         (k-means reps). Device ops on every row, applied where due (at most one span per row and call:
         one decode token fills at most one page). rows [B]; page_table [B, P]; seq_lens [B] (with the
         new token); k_pages [num_pages, Hkv, S, D] (this layer's keys)."""
-        W, S = window_pages, page_size
-        B, P = page_table.shape
-        Hkv, D = k_pages.shape[1], k_pages.shape[3]
+        W = window_pages
         Rr, cap = self.reps.shape[3], self.reps.shape[2]
         dev = rows.device
         cov = self.covered[rows]  # [B]
-        closing = seq_lens.long() // S >= cov + W  # [B]
-        pages = (cov[:, None] + torch.arange(W, device=dev)).clamp(max=P - 1)  # [B, W]
-        keys = k_pages[page_table.long().gather(1, pages)]  # [B, W, Hkv, S, D]
-        keys = keys.permute(2, 0, 1, 3, 4).reshape(Hkv, B * W * S, D)
-        n = W * S
-        token_span = torch.arange(B, device=dev)[:, None].expand(B, n).reshape(-1)  # [B*n]
-        reps = kmeans_reps(keys, token_span, torch.arange(B, device=dev) * n, torch.full((B,), n, device=dev), Rr)
-        reps = reps.transpose(0, 1).to(self.reps.dtype)  # [B, Hkv, Rr, D]
+        if k_pages.is_cuda or FORCE_TRITON:  # one launch instead of ~50 torch ops
+            from composable_kv.kernels.window_kmeans import triton as kmeans_tk
+            reps, closing = kmeans_tk.window_reps(rows, page_table, seq_lens, k_pages, self.covered, W, page_size, Rr)
+        else:
+            reps, closing = window_reps(rows, page_table, seq_lens, k_pages, self.covered, W, page_size, Rr)
+        reps = reps.to(self.reps.dtype)  # [B, Hkv, Rr, D]
         ns = self.num_spans[rows]  # [B]
         slot = ns.clamp(max=cap - 1)
         self.reps[rows, :, slot] = torch.where(closing[:, None, None, None], reps, self.reps[rows, :, slot])
