@@ -199,6 +199,37 @@ def test_window_kmeans_kernel_matches_reference(B, Hkv, D, W, R):
     check_window_reps(B, Hkv, D, W, R, seed=B + D + W + R)
 
 
+def check_span_votes(B, Hkv, G, P, budget, vote, *, seed=0, device="cpu"):
+    from composable_kv.kernels.span_vote import reference as vote_ref, triton as vote_tk
+    g = torch.Generator().manual_seed(seed)
+    span_of_page = torch.full((B, P), -1, dtype=torch.long)
+    for b in range(B):  # sink page 0, spans of 1-3 pages, then the open span
+        p, sid = 1, 0
+        while p < P - 2:
+            w = int(torch.randint(1, 4, (1,), generator=g))
+            span_of_page[b, p:min(p + w, P - 2)] = sid
+            p, sid = p + w, sid + 1
+    NS = P
+    scores = (torch.randn(B, Hkv * G, NS, generator=g) * 2).round() / 2  # ties on purpose
+    n_spans = span_of_page.amax(-1) + 1
+    scores[torch.arange(NS)[None, None].expand_as(scores) >= n_spans[:, None, None]] = float("-inf")
+    scores[torch.rand(B, Hkv * G, NS, generator=g) < 0.1] = float("-inf")  # spans a head did not score
+    forced = (span_of_page < 0)[:, None, :].expand(B, Hkv, P) | (torch.rand(B, Hkv, P, generator=g) < 0.1)
+    want = vote_ref.span_votes(scores, span_of_page, forced, budget, vote)
+    got = vote_tk.span_votes(scores.to(device), span_of_page.to(device), forced.to(device), budget, vote)
+    for w, x in zip(want, got):
+        assert torch.equal(w, x.cpu()), (w - x.cpu()).abs().max()
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.parametrize("vote,B,Hkv,G,P,budget", [
+    ("group", 3, 2, 4, 40, 6), ("group", 2, 1, 1, 17, 1000), ("group", 2, 3, 7, 70, 25), ("group", 2, 2, 3, 33, 0),
+    ("layer", 3, 2, 4, 40, 25), ("layer", 2, 1, 1, 17, 3), ("layer", 2, 3, 7, 70, 1000)])
+def test_span_votes_kernel_matches_reference(vote, B, Hkv, G, P, budget):
+    check_span_votes(B, Hkv, G, P, budget, vote, seed=B * P + budget)
+
+
 # -- the stage ----------------------------------------------------------------------------------------
 
 def ltri_policy(budget=64, terminal=None, dense_layers=(), **kw):

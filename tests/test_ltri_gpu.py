@@ -1,11 +1,11 @@
-"""Ltri on the GPU: the span-score and window k-means kernels vs their references, and the stage on CUDA."""
+"""Ltri on the GPU: the span-score, span-vote and window k-means kernels vs their references, and the stage."""
 import pytest
 import torch
 
 import composable_kv as ckv
 
 from helpers import build_cache
-from test_ltri import check_span_scores, check_window_reps, ltri_policy
+from test_ltri import check_span_scores, check_span_votes, check_window_reps, ltri_policy
 
 pytestmark = pytest.mark.gpu
 
@@ -21,6 +21,13 @@ def test_span_kernel_grid(group, head_dim, R, dtype, tol):
 @pytest.mark.parametrize("q_scale", [100.0, 1000.0])
 def test_span_kernel_extreme_logits(q_scale):
     check_span_scores(4, 128, 4, [5, 300], q_scale=q_scale, device="cuda")
+
+
+@pytest.mark.parametrize("vote", ["group", "layer"])
+@pytest.mark.parametrize("G,P", [(1, 33), (4, 700), (7, 2048)])
+@pytest.mark.parametrize("budget", [0, 64, 100000])
+def test_span_votes_kernel_grid(vote, G, P, budget):
+    check_span_votes(4, 2, G, P, budget, vote, seed=P + budget, device="cuda")
 
 
 @pytest.mark.parametrize("B,Hkv,D,W,R", [(16, 8, 128, 4, 4), (3, 2, 64, 2, 3), (5, 3, 64, 8, 8)])

@@ -34,6 +34,7 @@ import torch
 
 from composable_kv.policies.ltri import spans as sp
 from composable_kv.kernels.span_score import reference as span_ref
+from composable_kv.kernels.span_vote import reference as vote_ref
 from composable_kv.seq_rows import SequenceRows
 from composable_kv.stages import GraphSupport, ScoringSelector, StageState, param, register_stage
 from composable_kv.ints import cdiv
@@ -135,34 +136,22 @@ class Ltri(ScoringSelector):
 
     def span_keys(self, scores, span_of_page, forced, budget_pages):
         """Rank spans by votes then best score; return the page order key [B, Hkv, P]: -rank on a
-        span's pages, 1 (read first) on pages outside spans (the forced sink and open span).
+        span's pages, 1 (read first) on pages outside spans (the forced sink and open span). The ballots
+        are one Triton launch on CUDA (kernels/span_vote), else the torch reference.
 
         scores [B, Hq, NS]; span_of_page [B, P]; forced [B, Hkv, P] (pages read anyway)."""
-        B, Hq, NS = scores.shape
-        Hkv = forced.shape[1]
-        G = Hq // Hkv
-        s = scores.view(B, Hkv, G, NS)
-        onehot = span_of_page.clamp(min=0)[:, None, :].expand(B, Hkv, -1)
-        free_pages = (~forced & (span_of_page >= 0)[:, None, :]).float()
-        size = torch.zeros(B, Hkv, NS + 1, device=scores.device).scatter_add_(
-            -1, torch.where(span_of_page[:, None, :] >= 0, onehot, NS), free_pages)[..., :NS]  # [B, Hkv, NS]
-        avail = (budget_pages - forced.sum(-1)).clamp(min=0).float()  # [B, Hkv]
-        order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # [B, Hkv, G, NS]
-        sz = size[:, :, None, :].expand_as(s).gather(-1, order)
-        before = sz.cumsum(-1) - sz
-        ballot = (before < avail[:, :, None, None]) & torch.isfinite(s.gather(-1, order))
-        votes = torch.zeros_like(s).scatter_(-1, order, ballot.float())  # [B, Hkv, G, NS]
-        if self.vote == "layer":
-            votes = votes.sum((1, 2), keepdim=True).expand(B, Hkv, 1, NS)[:, :, 0]
-            best = s.amax((1, 2), keepdim=True).expand(B, Hkv, 1, NS)[:, :, 0]
+        if scores.is_cuda or sp.FORCE_TRITON:
+            from composable_kv.kernels.span_vote import triton as vote_tk
+            votes, best = vote_tk.span_votes(scores, span_of_page, forced, budget_pages, self.vote)
         else:
-            votes, best = votes.sum(2), s.amax(2)  # [B, Hkv, NS]
+            votes, best = vote_ref.span_votes(scores, span_of_page, forced, budget_pages, self.vote)  # [B, Hkv, NS]
+        NS = scores.shape[-1]
         by_best = torch.sort(best, dim=-1, descending=True, stable=True).indices
         by_votes = torch.sort(votes.gather(-1, by_best), dim=-1, descending=True, stable=True).indices
         ranked = by_best.gather(-1, by_votes)
-        rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(NS, device=s.device).expand_as(ranked))
+        rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(NS, device=scores.device).expand_as(ranked))
         key = (-rank.float()).masked_fill(~torch.isfinite(best), float("-inf"))  # [B, Hkv, NS]
-        page_key = key.gather(-1, onehot)
+        page_key = key.gather(-1, span_of_page.clamp(min=0)[:, None, :].expand(-1, key.shape[1], -1))
         return page_key.masked_fill((span_of_page < 0)[:, None, :], 1.0)  # sink / open span: read first
 
     def apply(self, ctx, state) -> None:
