@@ -9,7 +9,8 @@ decode. Random K/V: ART's stop does not fire meaningfully on random keys (nearly
 
 art_decode: why an ART decode that reads every page is slower than dense decode reading the same bytes. One
 cache, one split count; rows add one ingredient at a time (the order list, a best-first order, the stop rule
-and its chunk, then num_stages / block_pages), each timed from a CUDA graph, with the K/V bytes it read.
+and its chunk, then num_stages / block_pages), each timed from a CUDA graph, with the K/V bytes it read;
+then the ordering launch before it (art_order rows: one global sort against the split-local order).
 """
 import argparse
 import csv
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import harness  # noqa: E402
 from composable_kv.cuda_graphs import host_us as _host_us  # noqa: E402
+from composable_kv.fused import splits_for  # noqa: E402
 from composable_kv.kernels.page_select import triton as select_tk  # noqa: E402
 from composable_kv.kernels.paged_decode import triton as decode_tk  # noqa: E402
 
@@ -93,29 +95,30 @@ def _pipeline_case(policy, B, ctx, hq, hkv, d):
     return (lambda: pipe.run(q, cache, 0)), pipe
 
 
-def num_splits(B, hkv, P, sms):
-    """composable_kv.fused.default_num_splits on these numbers: about 2 programs per SM, >= 16 pages a split."""
-    if B * hkv >= sms:
-        return 1
-    return max(1, min(32, -(-2 * sms // (B * hkv)), P // 16))
+def art_order(q, table, lens, kmin, kmax, S, within_splits=True):
+    """dense + ART's score_select (fused.run_layer's launch 1): every page, best-first by the Quest box bound,
+    the request's last page first; split-local order (the pipeline's) or one global order.
+    -> (order [B, Hkv, P], count [B, Hkv], tail [B, Hkv, P], terms [B, Hkv, P])."""
+    B, P = table.shape
+    hkv, d = kmin.shape[1], kmin.shape[-1]
+    terms = torch.empty(B, hkv, P, dtype=torch.float32, device=q.device)  # [B, Hkv, P] U + log n, list order
+    order, count, tail = select_tk.score_select(
+        q, kmin, kmax, table, lens, torch.zeros(B, P, dtype=torch.bool, device=q.device), num_kv_heads=hkv,
+        page_size=PAGE, sm_scale=d ** -0.5, score=1, select=False, budget_pages=0, forced_only=False,
+        certified=True, num_splits=S, max_kept=P, terms_out=terms, last_first=True, within_splits=within_splits)
+    return order, count, tail, terms
 
 
 def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
     """The art_decode rows on one cache: [(labels, fn)], each fn one launch_decode with S splits.
 
-    The list holds every page, best-first by the Quest box bound with the request's last page first (the
-    calibrated stop's read order, fused.run_layer's); it, its strided tail LSE and bound terms are built here,
-    once, outside the timed calls. delta 1e-9 never stops: those rows read every page, the bytes dense reads."""
+    The list is the pipeline's (art_order), built here once, outside the timed calls. delta 1e-9 never
+    stops: those rows read every page, the bytes dense reads."""
     from composable_kv.stages import StopRule
     B, P = table.shape
     hkv, d = k.shape[1], k.shape[-1]
     dev = q.device
-    forced = torch.zeros(B, P, dtype=torch.bool, device=dev)  # [B, P]
-    terms = torch.empty(B, hkv, P, dtype=torch.float32, device=dev)  # [B, Hkv, P] U + log n, list order
-    order, count, tail = select_tk.score_select(  # [B, Hkv, P], [B, Hkv], [B, Hkv, P]
-        q, kmin, kmax, table, lens, forced, num_kv_heads=hkv, page_size=PAGE, sm_scale=d ** -0.5, score=1,
-        select=False, budget_pages=0, forced_only=False, certified=True, num_splits=S, max_kept=P,
-        terms_out=terms, last_first=True)
+    order, count, tail, terms = art_order(q, table, lens, kmin, kmax, S)
     ident = torch.arange(P, dtype=torch.int32, device=dev).expand(B, hkv, P).contiguous()  # [B, Hkv, P]
 
     def dec(lst=order, rule=None, **kw):
@@ -279,7 +282,7 @@ def main(argv=None):
         hq, hkv, d = SHAPES[args.shape]
         B, ctx = args.batch, args.ctx
         q, k, v, table, lens, kmin, kmax = make(B, ctx, hq=hq, hkv=hkv, d=d)
-        S = num_splits(B, hkv, ctx // PAGE, sms)
+        S = splits_for(B * hkv, ctx // PAGE, sms)  # as the pipeline splits this batch
         page_bytes = 2 * PAGE * d * k.element_size()  # K and V of one page of one KV head
         table_rows, base = [], None
         for labels, fn in art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
@@ -300,6 +303,13 @@ def main(argv=None):
               f"auto: launch_decode's default\n")
         print(harness.markdown_table(table_rows, ["case", "chunk", "block_pages", "num_stages", "us", "timer",
                                                   "pages_read", "GBps", "vs_dense"]))
+        for within in (False, True):  # launch 1 of dense + ART: one global sort, or each split its own pages
+            fn = lambda w=within: art_order(q, table, lens, kmin, kmax, S, w)  # noqa: E731
+            tg = bench_graph(fn)
+            t = tg if tg is not None else bench(fn)
+            emit(op="art_order", shape=args.shape, B=B, ctx=ctx, splits=S,
+                 order="split-local" if within else "global", us=round(t, 1),
+                 timer="graph" if tg is not None else "eager", vs_dense=round(t / base, 2) if base else None)
         del q, k, v, table, kmin, kmax
         torch.cuda.empty_cache()
     if args.out:

@@ -87,13 +87,15 @@ def default_num_splits(cache, plan) -> int:
     dev = cache.device
     if dev.type != "cuda":
         return 1
-    sms = select_tk.sm_count(dev)
-    work = plan.batch_size * cache.num_kv_heads
-    if work >= sms:
+    return splits_for(plan.batch_size * cache.num_kv_heads, plan.max_pages, select_tk.sm_count(dev))
+
+
+def splits_for(rows: int, max_pages: int, sms: int) -> int:
+    """Splits of `rows` (request, KV head) programs over `max_pages` pages on `sms` SMs: about 2 programs per
+    SM, at least ~16 pages a split, at most 32; 1 when the rows alone fill the GPU."""
+    if rows >= sms:
         return 1
-    splits = cdiv(2 * sms, work)
-    max_by_pages = max(1, plan.max_pages // 16)  # at least ~16 pages per split
-    return int(max(1, min(splits, max_by_pages, 32)))
+    return int(max(1, min(cdiv(2 * sms, rows), max(1, max_pages // 16), 32)))
 
 
 def _rule_for(pipeline, layer):

@@ -4,7 +4,8 @@
 #   1. benchmarks/kernel_sweep.py --parts art_decode: why the ART decode reads every page slower than dense
 #      (Qwen2.5-0.5B shape, B=16, 32k: order list, stop rules, chunk sizes, pipelining stages, block sizes);
 #   2. benchmarks/e2e.py on the real 32k model and 16 x 32k essay tokens: dense, dense + ART (calibrated 0.1 and
-#      calibrate: recent 0.01, checked every 4, 16 or 64 pages), Quest 2048 with and without ART, FlashInfer-TC.
+#      calibrate: recent 0.01, checked every 4, 16 or 64 pages), Quest 2048 with and without ART, FlashInfer-TC,
+#      transformers' generate (SDPA).
 #   carry [".devsite/flashinfer-py312.tgz", ".devsite/wheels", ".devsite/eval-scale-cache.tgz"]
 #   command: CKV_COMMIT=<commit> OUT=$OUT bash gpu/art_e2e.sh
 set -euo pipefail
@@ -27,6 +28,6 @@ providers="ckv dense,ckv $C/dense_art_calibrated_0.1.yaml,ckv $C/dense_art_calib
 providers+=",ckv $C/dense_art_calibrated_recent_0.01.yaml,ckv $C/dense_art_calibrated_recent_0.01_chunk16.yaml"
 providers+=",ckv $C/dense_art_calibrated_recent_0.01_chunk64.yaml"
 providers+=",ckv quest,ckv $C/quest2048_art_calibrated_0.1.yaml,ckv $C/quest2048_art_calibrated_recent_0.01.yaml"
-providers+=",flashinfer-tc"
+providers+=",flashinfer-tc,transformers"
 timeout 300 python benchmarks/e2e.py --out "$OUT/e2e" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
   --text essays --sizes 32768x16 --providers "$providers" 2>&1 | tee "$OUT/e2e/log.txt"

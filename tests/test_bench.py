@@ -350,8 +350,8 @@ def test_e2e_providers_take_policy_yaml_and_refuse_unknown_ones(tmp_path, capsys
 def test_kernel_sweep_art_decode_options(monkeypatch, capsys):
     """kernel_sweep's art_decode options parse; bad ones, and a missing GPU, exit 2 before any work."""
     import kernel_sweep
-    assert kernel_sweep.num_splits(16, 2, 32768 // 16, 132) == 9  # Qwen-0.5B, B=16, 32k on an H200
-    assert kernel_sweep.num_splits(64, 8, 2048, 132) == 1 and kernel_sweep.num_splits(1, 2, 20, 132) == 1
+    assert kernel_sweep.splits_for(16 * 2, 32768 // 16, 132) == 9  # Qwen-0.5B, B=16, 32k on an H200
+    assert kernel_sweep.splits_for(64 * 8, 2048, 132) == 1 and kernel_sweep.splits_for(1 * 2, 20, 132) == 1
     monkeypatch.setattr(kernel_sweep, "make", lambda *a, **k: pytest.fail("main built a cache"))
     for argv, says in ((["--shape", "gpt5"], "invalid choice: 'gpt5'"), (["--parts", "art_decod"], "unknown part"),
                        (["--ctx", "100"], "multiple of 16"), (["--batch", "0"], "--batch")):

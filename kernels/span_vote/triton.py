@@ -64,9 +64,10 @@ def _span_votes_kernel(score_ptr, stride_sb, stride_sh, sop_ptr, stride_pb, forc
         tie = live & (key == hi[:, None])
         before_tie = above[:, None] + tl.cumsum(tl.where(tie, sz, 0), axis=1) - tl.where(tie, sz, 0)
         everyone = tl.sum(sz, axis=1) < avail  # [GP]: every live span fits
+        # avail = 0 votes for nothing: no G(t) < 0, so hi stays the top key and no tie fits
         fits = everyone[:, None].to(tl.int32) + (key > hi[:, None]).to(tl.int32) + \
             (tie & (before_tie < avail)).to(tl.int32)
-        ballot = live & (fits > 0) & (tl.zeros([GP, NSP], tl.int64) + avail > 0)
+        ballot = live & (fits > 0)
         votes += tl.sum(ballot.to(tl.float32), axis=0)
     for hh in range(h_lo, h_lo + n_h):
         row = (b.to(tl.int64) * HKV + hh) * NS
