@@ -1,7 +1,7 @@
 """Kernel timings on the GPU (Llama-8B shapes: 32 q heads, 8 KV heads, D=128, bf16, page 16).
 
     python benchmarks/kernel_sweep.py [--quick] [--out rows.csv]
-    python benchmarks/kernel_sweep.py --parts art_decode --shape qwen-0.5b --batch 16 --ctx 32768
+    python benchmarks/kernel_sweep.py --parts art_decode --shape qwen-0.5b --batch 16 --ctx 32768 [--tune]
 
 Dense decode vs FlashInfer's BatchDecodeWithPagedKVCacheWrapper (when importable), with a sweep of
 BLOCK pages / warps / stages / splits; Quest score+select vs the summary bytes at HBM speed; Quest-ART
@@ -129,9 +129,12 @@ def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
     def stop(kind, chunk, delta=1e-9):
         return StopRule(kind=kind, chunk_pages=chunk, delta=delta)
 
+    phys = torch.empty_like(order)  # [B, Hkv, P] the list's physical pages (score_select's phys_out)
+    phys.copy_(table.long().gather(1, order.long().clamp(min=0).flatten(1)).view_as(order))
     cases = [(dict(case="dense, natural order"), dec(natural=True)),
              (dict(case="list, identity order"), dec(ident)),
-             (dict(case="list, best-first order"), dec())]
+             (dict(case="list, best-first order"), dec()),
+             (dict(case="list, best-first order, physical pages"), dec(phys=phys))]
     cases += [(dict(case=f"{kind}, never stops", chunk=c), dec(rule=stop(kind, c)))
               for kind in ("certified", "calibrated") for c in (4, 16, 64)]
     # num_stages: the kernel's NUM_STAGES pipelines the no-rule loop; these rows show what it does to the ART loop
@@ -140,7 +143,31 @@ def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
     cases += [(dict(case="calibrated, never stops", chunk=16, block_pages=bp),
                dec(rule=stop("calibrated", 16), block_pages=bp)) for bp in (4, 8, 16)]
     cases += [(dict(case="calibrated, delta 0.1", chunk=4), dec(rule=stop("calibrated", 4, delta=0.1)))]
+    # the pipeline's dense + ART launch (fused.run_layer: physical pages) and dense, at each BLOCK_PAGES:
+    # what --tune records
+    cases += [(dict(case="dense, natural order", block_pages=bp, tune="dense"), dec(natural=True, block_pages=bp))
+              for bp in TUNE_BLOCKS]
+    cases += [(dict(case="calibrated, never stops, physical pages", chunk=16, block_pages=bp, tune="art"),
+               dec(rule=stop("calibrated", 16), phys=phys, block_pages=bp)) for bp in TUNE_BLOCKS]
     return cases
+
+
+TUNE_BLOCKS = (2, 4, 8, 16)
+
+
+def record_tuning(rows, q, k, S, gpu):
+    """The fastest BLOCK_PAGES of the tune rows, per kind, into kernels/paged_decode/tuned.json."""
+    from composable_kv.kernels.page_score.triton import _pow2
+    from composable_kv.kernels.paged_decode import tuning
+    entries = {}
+    for kind in ("dense", "art"):
+        mine = [r for r in rows if r.get("tune") == kind]
+        if mine:
+            best = min(mine, key=lambda r: r["us"])
+            entries[tuning.key(_pow2(k.shape[-1], 16), k.element_size(), PAGE, S > 1, kind == "art")] = \
+                best["block_pages"]
+    tuning.record(gpu, entries)
+    print(f"recorded in {tuning.TUNED}: {gpu}: {entries}")
 
 
 def main(argv=None):
@@ -152,6 +179,9 @@ def main(argv=None):
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b", help="art_decode's head shape")
     ap.add_argument("--batch", type=int, default=16, help="art_decode's batch")
     ap.add_argument("--ctx", type=int, default=32768, help="art_decode's context, tokens (a multiple of 16)")
+    ap.add_argument("--tune", action="store_true",
+                    help="art_decode: record the fastest BLOCK_PAGES (dense, dense + ART) for this GPU in "
+                         "kernels/paged_decode/tuned.json, which launch_decode then uses")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
@@ -299,6 +329,8 @@ def main(argv=None):
                      GBps=round(pages * page_bytes / t / 1e3, 1), vs_dense=round(t / base, 2))
             emit(**r)
             table_rows.append({"chunk": "-", "block_pages": "auto", "num_stages": "auto", **r})
+        if args.tune:
+            record_tuning(rows, q, k, S, name)
         print(f"\n{name}, {args.shape} (Hq {hq}, Hkv {hkv}, D {d}), B {B}, ctx {ctx}, {S} splits; "
               f"auto: launch_decode's default\n")
         print(harness.markdown_table(table_rows, ["case", "chunk", "block_pages", "num_stages", "us", "timer",

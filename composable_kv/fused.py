@@ -145,15 +145,20 @@ def run_layer(pipeline, ctx):
         a, b = c.key_min[layer], c.key_max[layer]
     else:
         a = b = None
+    phys = None
+    if sp.within_splits:  # the decode then addresses K/V by physical page, one dependent load fewer
+        phys = torch.empty(plan.batch_size, c.num_kv_heads, plan.page_table.shape[1], dtype=torch.int32,
+                           device=q.device)
     order, count, tail = select_tk.score_select(
         q, a, b, plan.page_table, plan.seq_lens, plan.forced, num_kv_heads=c.num_kv_heads,
         page_size=plan.page_size, sm_scale=ctx.sm_scale, score=int(sp.score), select=sp.select,
         budget_pages=budget_pages, forced_only=sp.forced_only and plan.any_forcing, certified=certified,
         num_splits=S, max_kept=max(budget_pages, sp.max_forced_pages), terms_out=terms,
-        last_first=kind is StopKind.CALIBRATED, within_splits=sp.within_splits)
+        last_first=kind is StopKind.CALIBRATED, within_splits=sp.within_splits, phys_out=phys)
     out, pages, tau = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
                                               order, count, sm_scale=ctx.sm_scale, rule=rule if kind else None,
-                                              tail_lse=tail, bound_terms=terms, num_splits=S, out_dtype=q.dtype)
+                                              tail_lse=tail, bound_terms=terms, num_splits=S, out_dtype=q.dtype,
+                                              phys=phys)
     return DecodeOut(out, pages, tau)
 
 

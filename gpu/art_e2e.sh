@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue 14, end to end: does ART pay? One GPU call (about 4 min on the H200), after the model parts are on the
 # machine (gpu/eval_scale.sh, step 1):
-#   1. benchmarks/kernel_sweep.py --parts art_decode: why the ART decode reads every page slower than dense
-#      (Qwen2.5-0.5B shape, B=16, 32k: order list, stop rules, chunk sizes, pipelining stages, block sizes);
-#   2. benchmarks/e2e.py on the real 32k model and 16 x 32k essay tokens: dense, dense + ART (calibrated 0.1 and
-#      calibrate: recent 0.01, checked every 4, 16 or 64 pages), Quest 2048 with and without ART, FlashInfer-TC,
-#      transformers' generate (SDPA).
+#   1. benchmarks/kernel_sweep.py --parts art_decode --tune: why the ART decode reads every page slower than dense
+#      (Qwen2.5-0.5B shape, B=16, 32k: order list, physical pages, stop rules, chunk sizes, stages, block sizes),
+#      and this GPU's fastest BLOCK_PAGES for dense and dense + ART, recorded for launch_decode;
+#   2. benchmarks/e2e.py on the real 32k model and 16 x 32k essay tokens: dense, dense + ART (calibrated 0.1-0.3
+#      and calibrate: recent 0.01, checked every 4, 8 or 16 pages), Quest 1024, Quest 2048 with and without ART,
+#      FlashInfer-TC, transformers' generate (SDPA).
 #   carry [".devsite/flashinfer-py312.tgz", ".devsite/wheels", ".devsite/eval-scale-cache.tgz"]
 #   command: CKV_COMMIT=<commit> OUT=$OUT bash gpu/art_e2e.sh
 set -euo pipefail
@@ -21,13 +22,16 @@ tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
 tar xzf .devsite/flashinfer-py312.tgz -C "$SITE"
 python -m pip install -q --no-index --no-deps --target "$SITE" .devsite/wheels/*.whl
 export PYTHONPATH="$SITE:$PWD"
-timeout 150 python benchmarks/kernel_sweep.py --parts art_decode --shape qwen-0.5b --batch 16 --ctx 32768 \
+# --tune: the fastest BLOCK_PAGES of dense and of dense + ART on this GPU go to kernels/paged_decode/tuned.json,
+# which every decode below (ours dense included) then uses; the table comes back in $OUT/sweep to be committed
+timeout 150 python benchmarks/kernel_sweep.py --parts art_decode --shape qwen-0.5b --batch 16 --ctx 32768 --tune \
   --out "$OUT/sweep/art_decode.csv" 2>&1 | tee "$OUT/sweep/art_decode.log"
+cp kernels/paged_decode/tuned.json "$OUT/sweep/"
 C=benchmarks/art/configs
-providers="ckv dense,ckv $C/dense_art_calibrated_0.1.yaml,ckv $C/dense_art_calibrated_0.1_chunk16.yaml"
-providers+=",ckv $C/dense_art_calibrated_recent_0.01.yaml,ckv $C/dense_art_calibrated_recent_0.01_chunk16.yaml"
-providers+=",ckv $C/dense_art_calibrated_recent_0.01_chunk64.yaml"
-providers+=",ckv quest,ckv $C/quest2048_art_calibrated_0.1.yaml,ckv $C/quest2048_art_calibrated_recent_0.01.yaml"
+providers="ckv dense,ckv $C/dense_art_calibrated_0.1_chunk16.yaml,ckv $C/dense_art_calibrated_0.2_chunk16.yaml"
+providers+=",ckv $C/dense_art_calibrated_0.2_chunk8.yaml,ckv $C/dense_art_calibrated_0.3_chunk16.yaml"
+providers+=",ckv $C/dense_art_calibrated_recent_0.01_chunk16.yaml,ckv $C/dense_art_calibrated_0.1.yaml"
+providers+=",ckv quest,ckv $C/quest2048.yaml,ckv $C/quest2048_art_calibrated_0.2.yaml"
 providers+=",flashinfer-tc,transformers"
 timeout 300 python benchmarks/e2e.py --out "$OUT/e2e" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
   --text essays --sizes 32768x16 --providers "$providers" 2>&1 | tee "$OUT/e2e/log.txt"

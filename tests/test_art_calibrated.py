@@ -63,6 +63,12 @@ def check_kernel(lens, group, head_dim, chunk, delta, num_splits, budget=None, *
     assert torch.equal(r1.pages_read, r2.pages_read.cpu()), (r1.pages_read, r2.pages_read)
     close(r1.out, r2.out, tol)
     assert r1.tau_bound is None and r2.tau_bound is None  # no certificate to report
+    # the list's physical pages given (score_select's phys_out): the same pages read, the same output
+    phys = table.cpu().gather(1, order.long().clamp(min=0).flatten(1)).view_as(order).to(torch.int32)
+    r3 = decode_tk.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order.to(device), count.to(device),
+                                sm_scale=sm, rule=rule, tail_lse=tail.to(device), bound_terms=terms.to(device),
+                                num_splits=num_splits, phys=phys.to(device))
+    assert torch.equal(r2.pages_read, r3.pages_read) and torch.equal(r2.out, r3.out)
     return r1
 
 
@@ -244,11 +250,12 @@ def test_score_select_within_splits_matches_reference(score, num_splits, last_fi
     B, Hkv, P = len(seq_lens), cache.num_kv_heads, table.shape[1]
     terms = torch.empty(B, Hkv, P, dtype=torch.float32, device=DEV)
     a, b = (cache.key_min[0], cache.key_max[0]) if score == 1 else (cache.k[0], cache.k[0])
+    phys = torch.empty(B, Hkv, P, dtype=torch.int32, device=DEV)
     order, count, tail = select_tk.score_select(
         q, a, b, table, seq_lens, torch.zeros_like(table, dtype=torch.bool), num_kv_heads=Hkv,
         page_size=cache.page_size, sm_scale=sm, score=score, select=False, budget_pages=0, forced_only=False,
         certified=True, num_splits=num_splits, max_kept=1, terms_out=terms, last_first=last_first,
-        within_splits=True, block_s=16)
+        within_splits=True, block_s=16, phys_out=phys)
     if score == 1:
         bound = score_ref.quest_scores(q.cpu(), a.cpu(), b.cpu(), table.cpu(), n_pages.cpu(), sm)
     else:
@@ -259,6 +266,8 @@ def test_score_select_within_splits_matches_reference(score, num_splits, last_fi
         key = bound.masked_fill(last[:, None], float("inf"))
     want, want_count = select_ref.order_within_splits(key, n_pages.cpu(), num_splits)
     assert torch.equal(order.cpu(), want) and torch.equal(count.cpu(), want_count)
+    want_phys = table.cpu().gather(1, want.long().clamp(min=0).flatten(1)).view_as(want)
+    assert torch.equal(phys.cpu(), torch.where(want >= 0, want_phys, -1).to(torch.int32))
     in_order = bound.gather(-1, want.long().clamp(min=0))
     tok = select_ref.page_token_counts(want, seq_lens.cpu(), cache.page_size)
     close(select_ref.strided_tail_lse(in_order, tok, want_count, num_splits), tail, 1e-4)

@@ -174,10 +174,10 @@ def _score_select_kernel(
 @triton.jit
 def _score_order_splits_kernel(
         q_ptr, stride_qb, stride_qh, a_ptr, b_ptr, stride_ap, stride_ah, stride_at,
-        pt_ptr, stride_ptb, seq_ptr, scores_ptr, order_ptr, count_ptr, tail_ptr, terms_ptr,
+        pt_ptr, stride_ptb, seq_ptr, scores_ptr, order_ptr, phys_ptr, count_ptr, tail_ptr, terms_ptr,
         P, sm_scale, num_splits,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-        PAGE: tl.constexpr, SCORE: tl.constexpr, CERTIFIED: tl.constexpr, TERMS: tl.constexpr,
+        PAGE: tl.constexpr, SCORE: tl.constexpr, CERTIFIED: tl.constexpr, TERMS: tl.constexpr, PHYS: tl.constexpr,
         LAST_FIRST: tl.constexpr, BLOCK_S: tl.constexpr, KP: tl.constexpr, DOT_F32: tl.constexpr):
     """Every page kept, split-local order (reference.order_within_splits): program (row, s) scores the pages
     p = s + k*S of its split, sorts them and writes list positions s + k*S, with their tail LSE and terms."""
@@ -211,6 +211,8 @@ def _score_order_splits_kernel(
     srt = tl.sort(tl.where(live, comp, sentinel), descending=True)
     pos = s + (4294967295 - (srt & 4294967295)).to(tl.int32) * num_splits  # the k-th best page of split s
     tl.store(order_ptr + row + p, tl.where(live, pos, -1), mask=p < P)
+    if PHYS:
+        tl.store(phys_ptr + row + p, tl.load(pt_row + pos, mask=live, other=-1), mask=p < P)
     if s == 0:
         tl.store(count_ptr + pid, n_pages)
     if CERTIFIED:
@@ -364,7 +366,7 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
                  sm_scale: float, score: int, select: bool, budget_pages: int, forced_only: bool,
                  certified: bool, num_splits: int, max_kept: int, block_s: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, score_splits: int | None = None,
-                 terms_out=None, last_first: bool = False, within_splits: bool = False):
+                 terms_out=None, last_first: bool = False, within_splits: bool = False, phys_out=None):
     """Fused scoring + selection for one layer (one launch, no host sync).
 
     score: 0 none (kept pages in natural order), 1 box bound (summary_a/b = key_min/key_max
@@ -380,6 +382,8 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     last_first: the request's last page heads the order (the calibrated stop's read order; score != 0).
     within_splits: every page kept (no select, not forced_only, score != 0) in the split-local order of
     reference.order_within_splits: one program per (request, KV head, split), no global sort.
+    phys_out: None, or (within_splits only) a contiguous int32 [B, Hkv, P] buffer that receives
+    page_table[b, order] (-1 past count), for paged_decode's `phys`.
     Returns (order [B, Hkv, P] int32, count [B, Hkv] int32, tail [B, Hkv, P] fp32 or None).
     """
     B, Hq, D = q.shape
@@ -410,16 +414,23 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
             raise ValueError("within_splits: every page is kept and ordered by a score (select=False, "
                              f"forced_only=False, score != 0), got select={select}, forced_only={forced_only}, "
                              f"score={score}")
+        if phys_out is not None and (phys_out.shape != (B, Hkv, P) or phys_out.dtype != torch.int32
+                                     or not phys_out.is_contiguous()):
+            raise ValueError(f"phys_out: expected a contiguous int32 [B, Hkv, P] = {[B, Hkv, P]} buffer, got "
+                             f"{list(phys_out.shape)} {phys_out.dtype}")
         S = max(1, int(num_splits))
         KP = _pow2(-(-P // S), 16)
         _score_order_splits_kernel[(B * Hkv, S)](
             q, q.stride(0), q.stride(1), a, b_, st[0], st[1], st[2] if exact else 0,
-            page_table, page_table.stride(0), seq_lens, scores, order, count, tail if certified else scores,
-            terms_out if terms_out is not None else scores, P, float(sm_scale), S,
-            HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), PAGE=page_size, SCORE=score,
-            CERTIFIED=bool(certified), TERMS=terms_out is not None, LAST_FIRST=bool(last_first),
+            page_table, page_table.stride(0), seq_lens, scores, order, order if phys_out is None else phys_out,
+            count, tail if certified else scores, terms_out if terms_out is not None else scores, P,
+            float(sm_scale), S, HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), PAGE=page_size, SCORE=score,
+            CERTIFIED=bool(certified), TERMS=terms_out is not None, PHYS=phys_out is not None,
+            LAST_FIRST=bool(last_first),
             BLOCK_S=BLOCK_S, KP=KP, DOT_F32=dot_f32(q, a.dtype), num_warps=num_warps or (4 if KP <= 2048 else 8))
         return order, count, tail
+    if phys_out is not None:
+        raise ValueError("phys_out is written by the split-local order only (within_splits=True)")
     KP = _pow2(math.ceil(min(P, SB) / num_splits)) if certified else 1  # count <= SB
     SP = _pow2(num_splits) if certified else 1
     # H100 sweep (benchmarks/kernel_sweep.py, bf16 Llama shapes): 128 pages of box summaries per block (64 KB of

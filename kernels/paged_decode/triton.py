@@ -15,6 +15,7 @@ import triton.language as tl
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 from ..page_score.triton import _pow2
 from .output import DecodeOut
+from . import tuning
 
 NEG_INF = tl.constexpr(float("-inf"))
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -33,26 +34,32 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_ptr, v_ptr,
-                  stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD, terms_row,
-                  NATURAL: tl.constexpr, BLOCK_PAGES: tl.constexpr, PAGE: tl.constexpr,
+def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, phys_row, last_phys, last_n,
+                  k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD, terms_row,
+                  NATURAL: tl.constexpr, PHYS: tl.constexpr, BLOCK_PAGES: tl.constexpr, PAGE: tl.constexpr,
                   D: tl.constexpr, DP: tl.constexpr, DOT_F32: tl.constexpr, TOK: tl.constexpr,
                   G: tl.constexpr, GP: tl.constexpr, PAGE_MASS: tl.constexpr, CALIB: tl.constexpr):
     """Online softmax over BLOCK_PAGES pages of this split (its j0-th.. in list order). m in log2 units.
     PAGE_MASS: also store each page's log mass (natural log, unnormalised) at mass_row[g * P_PAD + pos].
     CALIB: also return max over the block's pages of (log mass - terms_row[list index]) per head [GP]
-    (the calibrated stop's observed ratio of mass to bound); -inf otherwise."""
+    (the calibrated stop's observed ratio of mass to bound); -inf otherwise.
+    PHYS: phys_row holds each list entry's physical page, so K/V wait on one load, not two; the request's
+    last page (physical last_phys) holds last_n tokens."""
     tok = tl.arange(0, TOK)
     j = j0 + tok // PAGE
     t = tok % PAGE
     lv = (j < n_mine) & (tok < BLOCK_PAGES * PAGE)
     idx = s + j * num_splits
-    if NATURAL:
-        pos = idx
+    if PHYS:
+        phys = tl.load(phys_row + idx, mask=lv, other=0)
+        tv = lv & (t < tl.where(phys == last_phys, last_n, PAGE))  # [BN]
     else:
-        pos = tl.load(order_row + idx, mask=lv, other=0)
-    phys = tl.load(pt_row + pos, mask=lv, other=0)
-    tv = lv & (pos * PAGE + t < seq_len)  # [BN]
+        if NATURAL:
+            pos = idx
+        else:
+            pos = tl.load(order_row + idx, mask=lv, other=0)
+        phys = tl.load(pt_row + pos, mask=lv, other=0)
+        tv = lv & (pos * PAGE + t < seq_len)  # [BN]
     d = tl.arange(0, DP)
     offs = phys.to(tl.int64)[:, None] * stride_kp + h * stride_kh + t[:, None] * stride_kt + d[None, :]
     if DP == D:
@@ -99,12 +106,13 @@ def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_
 
 @triton.jit
 def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt,
-                   pt_ptr, stride_ptb, seq_ptr, order_ptr, count_ptr, tail_ptr, terms_ptr,
+                   pt_ptr, stride_ptb, seq_ptr, order_ptr, phys_ptr, count_ptr, tail_ptr, terms_ptr,
                    out_ptr, stride_ob, stride_oh, pages_ptr, tau_ptr,
                    pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, mass_ptr, lse_ptr, P_PAD,
                    N, qk_scale, num_splits, scale_tol, direction_tol, patience, log_thr,
                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                   PAGE: tl.constexpr, NATURAL: tl.constexpr, RULE: tl.constexpr, CHUNK: tl.constexpr,
+                   PAGE: tl.constexpr, NATURAL: tl.constexpr, PHYS: tl.constexpr, RULE: tl.constexpr,
+                   CHUNK: tl.constexpr,
                    BLOCK_PAGES: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
                    NUM_STAGES: tl.constexpr, TOK: tl.constexpr, PAGE_MASS: tl.constexpr,
                    ACC_BF16: tl.constexpr, CALIB_RECENT: tl.constexpr):
@@ -120,7 +128,10 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
         count = tl.load(count_ptr + pid)
     n_mine = (tl.maximum(count - s, 0) + num_splits - 1) // num_splits
     order_row = order_ptr + pid.to(tl.int64) * N
+    phys_row = phys_ptr + pid.to(tl.int64) * N
     pt_row = pt_ptr + b.to(tl.int64) * stride_ptb
+    last_n = seq_len - (n_pages - 1) * PAGE  # tokens in the request's last page
+    last_phys = tl.load(pt_row + tl.maximum(n_pages - 1, 0)) if PHYS else 0
     mass_row = mass_ptr + (b.to(tl.int64) * (HKV * G) + h * G) * P_PAD
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
@@ -132,10 +143,10 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
     rem = tl.full([], NEG_INF, tl.float32)
     if RULE == 0:
         for j0 in tl.range(0, n_mine, BLOCK_PAGES, num_stages=NUM_STAGES):
-            m, l, acc, _ = _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, k_ptr, v_ptr,
-                                         stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD,
-                                         order_row, NATURAL, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP,
-                                         PAGE_MASS, False)
+            m, l, acc, _ = _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, phys_row,
+                                         last_phys, last_n, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h,
+                                         seq_len, qk_scale, mass_row, P_PAD, order_row, NATURAL, PHYS,
+                                         BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, False)
         pages = n_mine
     else:
         tail_row = tail_ptr + pid.to(tl.int64) * N
@@ -150,9 +161,10 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
             cchunk = tl.full([GP], NEG_INF, tl.float32)
             for jb in tl.range(0, CHUNK, BLOCK_PAGES, num_stages=NUM_STAGES):  # pipelined when CHUNK > BLOCK
                 m, l, acc, cb = _attend_block(q, m, l, acc, c0 + jb, s, n_mine, num_splits, order_row, pt_row,
-                                              k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale,
-                                              mass_row, P_PAD, terms_row, NATURAL, BLOCK_PAGES, PAGE, D, DP,
-                                              DOT_F32, TOK, G, GP, PAGE_MASS, RULE == 3)
+                                              phys_row, last_phys, last_n, k_ptr, v_ptr, stride_kp, stride_kh,
+                                              stride_kt, h, seq_len, qk_scale, mass_row, P_PAD, terms_row,
+                                              NATURAL, PHYS, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP,
+                                              PAGE_MASS, RULE == 3)
                 cchunk = tl.maximum(cchunk, cb)
             if CALIB_RECENT:  # the last chunk's slack, where it had a full page
                 calib = tl.where(cchunk > NEG_INF, cchunk, calib)
@@ -261,9 +273,11 @@ def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, out_ptr, strid
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
                   rule=None, tail_lse=None, bound_terms=None, num_splits: int = 1, natural: bool = False,
                   out_dtype=torch.float32, block_pages: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, page_mass=None):
+                  num_stages: int | None = None, page_mass=None, phys=None):
     """Launch decode (+ merge when num_splits > 1). natural=True: list position i is page i, count =
     the request's pages (order/count unused). Returns (out [B, Hq, D] out_dtype, pages_read, tau).
+    phys: None, or [B, Hkv, N] int32, the physical page of each list entry (page_table[b, order], as
+    score_select's phys_out writes it): K/V are then addressed without the order -> page-table chain.
     page_mass: None, or a pair (page_lse [B, Hq, P] fp32 pre-filled with -inf, lse [B, Hq] fp32) that
     the kernels fill (see reference.paged_decode); P = page_table.shape[1]."""
     B, Hq, D = q.shape
@@ -279,8 +293,17 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     if R == 3 and bound_terms is None:
         raise ValueError("calibrated stop needs bound_terms (page_select.tail_terms, or score_select's terms_out)")
     N = page_table.shape[1] if natural else order.shape[-1]
+    if phys is not None and (natural or phys.shape != order.shape or phys.dtype != torch.int32
+                             or not phys.is_contiguous()):
+        raise ValueError(f"phys: expected a contiguous int32 tensor shaped like order {list(order.shape) if order is not None else None} "
+                         f"(not with natural=True), got {list(phys.shape)} {phys.dtype}")
     chunk = int(rule.chunk_pages) if R else 0
     is_cuda = dev.type == "cuda"
+    if block_pages is None and is_cuda:  # measured on this GPU (tuning.py), if recorded
+        block_pages = tuning.block_pages(dev, tuning.key(_pow2(D, 16), k_cache.element_size(), PAGE, S > 1,
+                                                         bool(R)))
+        if block_pages is not None and R:
+            block_pages = math.gcd(block_pages, chunk)  # a divisor of the check interval
     if block_pages is None:
         # H100 sweep (benchmarks/kernel_sweep.py): 256 tokens per block without splits, 64 with splits
         tokens = (256 if S == 1 and not R else 128 if S == 1 else 64) if is_cuda else 64
@@ -328,14 +351,16 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     _decode_kernel[(B * Hkv, S)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, st[0], st[1], st[2],
         page_table, page_table.stride(0), seq_lens,
-        dummy if natural else order, dummy if natural else count, tail_lse if R in (2, 3) else dummy,
+        dummy if natural else order, dummy if phys is None else phys, dummy if natural else count,
+        tail_lse if R in (2, 3) else dummy,
         bound_terms if R == 3 else dummy,
         out, out.stride(0), out.stride(1), pages, tau if R == 2 else out,
         pm, pl, pacc, ppages, prem, mass, lse, P_pad,
         N, float(sm_scale) * 1.4426950408889634, S,
         float(rule.scale_tol) if R == 1 else 0.0, float(rule.direction_tol) if R == 1 else 0.0,
         int(rule.patience) if R == 1 else 0, thr,
-        HKV=Hkv, G=G, GP=GP, D=D, DP=DP, PAGE=PAGE, NATURAL=bool(natural), RULE=R, CHUNK=chunk,
+        HKV=Hkv, G=G, GP=GP, D=D, DP=DP, PAGE=PAGE, NATURAL=bool(natural), PHYS=phys is not None, RULE=R,
+        CHUNK=chunk,
         BLOCK_PAGES=block_pages, SPLIT=split, DOT_F32=dot_f32, NUM_STAGES=num_stages, TOK=max(16, block_pages * PAGE),
         PAGE_MASS=with_mass, ACC_BF16=bool(R and getattr(rule, "acc_bf16", False)),
         CALIB_RECENT=bool(R == 3 and getattr(rule, "calibrate_recent", False)), num_warps=num_warps)
@@ -349,7 +374,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
 
 def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
                  rule=None, tail_lse=None, bound_terms=None, num_splits: int = 1,
-                 page_mass: bool = False) -> DecodeOut:
+                 page_mass: bool = False, phys=None) -> DecodeOut:
     """Same contract as reference.paged_decode. `rule`: any object with the StopRule fields
     (kind, chunk_pages, scale_tol, direction_tol, patience, delta, acc_bf16); None reads every listed page."""
     B, Hq = q.shape[:2]
@@ -362,7 +387,8 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
                                     sm_scale=sm_scale, rule=rule,
                                     tail_lse=None if tail_lse is None else tail_lse.float().contiguous(),
                                     bound_terms=None if bound_terms is None else bound_terms.float().contiguous(),
-                                    num_splits=num_splits, page_mass=mass)
+                                    num_splits=num_splits, page_mass=mass,
+                                    phys=None if phys is None else phys.to(torch.int32).contiguous())
     if mass is None:
         return DecodeOut(out, pages, tau)
     return DecodeOut(out, pages, tau, mass[0], mass[1])
