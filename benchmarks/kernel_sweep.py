@@ -147,8 +147,36 @@ def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
     # what --tune records
     cases += [(dict(case="dense, natural order", block_pages=bp, tune="dense"), dec(natural=True, block_pages=bp))
               for bp in TUNE_BLOCKS]
-    cases += [(dict(case="calibrated, never stops, physical pages", chunk=16, block_pages=bp, tune="art"),
-               dec(rule=stop("calibrated", 16), phys=phys, block_pages=bp)) for bp in TUNE_BLOCKS]
+    cases += [(dict(case=f"calibrated, never stops, physical pages, {loop}", chunk=16, block_pages=bp, tune="art",
+                    loop=loop), dec(rule=stop("calibrated", 16), phys=phys, block_pages=bp, flat=loop == "flat"))
+              for loop in ("chunks", "flat") for bp in TUNE_BLOCKS]
+    cases += [(dict(case="certified, never stops, physical pages, flat", chunk=16, block_pages=8),
+               dec(rule=stop("certified", 16), phys=phys, block_pages=8, flat=True)),
+              (dict(case="calibrated, delta 0.1, physical pages, flat", chunk=16, block_pages=8),
+               dec(rule=stop("calibrated", 16, delta=0.1), phys=phys, block_pages=8, flat=True))]
+    return cases
+
+
+def art_split_cases(q, k, v, table, lens, kmin, kmax, S):
+    """More programs: dense + ART's launch at 2x and 4x the pipeline's split count (each split orders and
+    stops on its own pages, so this changes what is read on real attention; here nothing stops)."""
+    from composable_kv.stages import StopRule
+    d = k.shape[-1]
+    cases = []
+    for mult in (1, 2, 4):
+        order, count, tail, terms = art_order(q, table, lens, kmin, kmax, S * mult)
+        phys = table.long().gather(1, order.long().clamp(min=0).flatten(1)).view_as(order).to(torch.int32)
+        for flat in (False, True):
+            cases.append((dict(case=f"calibrated, never stops, physical pages, {'flat' if flat else 'chunks'}, "
+                                    f"{S * mult} splits", chunk=16, block_pages=8),
+                          lambda o=order, c=count, t=tail, tm=terms, p=phys, f=flat, m=mult: decode_tk.launch_decode(
+                              q, k, v, table, lens, o, c, sm_scale=d ** -0.5, rule=StopRule("calibrated", 16, delta=1e-9),
+                              tail_lse=t, bound_terms=tm, num_splits=S * m, out_dtype=q.dtype, phys=p, block_pages=8,
+                              flat=f)))
+        cases.append((dict(case=f"dense, natural order, {S * mult} splits", block_pages=16),
+                      lambda m=mult: decode_tk.launch_decode(q, k, v, table, lens, None, None, sm_scale=d ** -0.5,
+                                                             natural=True, num_splits=S * m, out_dtype=q.dtype,
+                                                             block_pages=16)))
     return cases
 
 
@@ -164,8 +192,10 @@ def record_tuning(rows, q, k, S, gpu):
         mine = [r for r in rows if r.get("tune") == kind]
         if mine:
             best = min(mine, key=lambda r: r["us"])
-            entries[tuning.key(_pow2(k.shape[-1], 16), k.element_size(), PAGE, S > 1, kind == "art")] = \
-                best["block_pages"]
+            key = tuning.key(_pow2(k.shape[-1], 16), k.element_size(), PAGE, S > 1, kind == "art")
+            entries[key] = best["block_pages"]
+            if kind == "art":
+                entries[key + "/loop"] = best["loop"]
     tuning.record(gpu, entries)
     print(f"recorded in {tuning.TUNED}: {gpu}: {entries}")
 
@@ -315,7 +345,8 @@ def main(argv=None):
         S = splits_for(B * hkv, ctx // PAGE, sms)  # as the pipeline splits this batch
         page_bytes = 2 * PAGE * d * k.element_size()  # K and V of one page of one KV head
         table_rows, base = [], None
-        for labels, fn in art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
+        for labels, fn in art_decode_cases(q, k, v, table, lens, kmin, kmax, S) + \
+                art_split_cases(q, k, v, table, lens, kmin, kmax, S):
             try:
                 pages = int(fn()[1].sum())  # pages_read [B, Hkv], summed
                 tg = bench_graph(fn)

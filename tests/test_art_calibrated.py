@@ -69,6 +69,11 @@ def check_kernel(lens, group, head_dim, chunk, delta, num_splits, budget=None, *
                                 sm_scale=sm, rule=rule, tail_lse=tail.to(device), bound_terms=terms.to(device),
                                 num_splits=num_splits, phys=phys.to(device))
     assert torch.equal(r2.pages_read, r3.pages_read) and torch.equal(r2.out, r3.out)
+    # the one-loop read (launch_decode's flat): the chunked loop's pages and output
+    r4 = decode_tk.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order.to(device), count.to(device),
+                                sm_scale=sm, rule=rule, tail_lse=tail.to(device), bound_terms=terms.to(device),
+                                num_splits=num_splits, phys=phys.to(device), flat=True)
+    assert torch.equal(r2.pages_read, r4.pages_read) and torch.equal(r2.out, r4.out)
     return r1
 
 
@@ -139,6 +144,15 @@ def test_calibrated_absorbs_a_loose_bound():
     cal = ref_decode(loose, rule_cal, 1).pages_read
     assert int(cal.sum()) < int(loose[5].sum())
     assert torch.equal(cal, ref_decode(tight, rule_cal, 1).pages_read)
+
+
+def test_flat_is_refused_where_it_does_not_apply():
+    c = inputs([40, 300], 2, 64, None, 1)
+    cache, q, table, seq_lens, order, count, tail, terms, sm = c
+    for rule in (StopRule("stability", 2), StopRule("calibrated", 1, delta=0.1, acc_bf16=True), None):
+        with pytest.raises(ValueError, match="flat: the one-loop read"):
+            decode_tk.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order, count, sm_scale=sm, rule=rule,
+                                   tail_lse=tail, bound_terms=terms, flat=True)
 
 
 def test_calibrated_needs_its_bound_terms():

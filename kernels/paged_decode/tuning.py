@@ -4,7 +4,8 @@
 and records the fastest in tuned.json, keyed by the GPU's name and the launch's kind. launch_decode takes
 the recorded value when its caller names none; a GPU or kind with no record keeps launch_decode's
 built-in rule. BLOCK_PAGES does not change which pages are read or where a stop rule checks (it
-divides the check interval), only how many pages one step of the loop loads.
+divides the check interval), only how many pages one step of the loop loads; nor does the ART loop's form
+(key + "/loop": "flat" or "chunks", launch_decode's `flat`).
 """
 from __future__ import annotations
 
@@ -32,17 +33,23 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def block_pages(dev: torch.device, k: str) -> int | None:
-    """The recorded BLOCK_PAGES for launch kind k on CUDA device dev, or None."""
+def value(dev: torch.device, k: str):
+    """The recorded value of key k on CUDA device dev, or None."""
     if dev.type != "cuda":
         return None
     name = _device_name(dev.index if dev.index is not None else torch.cuda.current_device())
-    v = _table(str(TUNED)).get(name, {}).get(k)
+    return _table(str(TUNED)).get(name, {}).get(k)
+
+
+def block_pages(dev: torch.device, k: str) -> int | None:
+    """The recorded BLOCK_PAGES for launch kind k on CUDA device dev, or None."""
+    v = value(dev, k)
     return int(v) if v else None
 
 
-def record(gpu: str, entries: dict[str, int], path: Path = TUNED) -> None:
-    """Merge {kind key: block_pages} for GPU `gpu` into the table at path."""
+def record(gpu: str, entries: dict[str, int | str], path: Path = TUNED) -> None:
+    """Merge {key: value} for GPU `gpu` into the table at path: a launch kind's BLOCK_PAGES, and for ART
+    kinds (key + "/loop") "flat" or "chunks"."""
     table = json.loads(path.read_text()) if path.exists() else {}
     table.setdefault(gpu, {}).update(entries)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
