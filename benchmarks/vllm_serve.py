@@ -16,6 +16,13 @@
                steps. Writes $OUT/vllm-bench-<name>.json and prints a markdown row per shape next to the
                floor (weights + dense KV bytes per step / the copy bandwidth measured in the same run).
 
+  needle       accuracy through vLLM on the real 32k model (Qwen2.5-Coder-0.5B-Instruct, `--model`, fetched and
+               de-quantized by composable_kv.assets into a plain HF folder): the evaluation at scale's prompts
+               (composable_kv.eval.tasks, chat template, the same seeds, depths and n = 50 per task), greedy,
+               token ids in and out (our tokenizer decodes and scores, as `ckv eval` does). One backend or
+               CUSTOM policy per call; writes $OUT/vllm-needle-<name>.json and markdown rows with Wilson 95%
+               intervals, comparable cell by cell with EVALUATION.md's rows of our own runtime.
+
 Every engine runs in its own subprocess (a clean start per backend and mode).
 """
 import argparse
@@ -24,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import harness  # benchmarks/harness.py (this folder is on sys.path when run as a script)
 
@@ -178,9 +186,71 @@ def bench(backend, policy, contexts, batches, new_tokens):
                          title=f"vLLM {name}")
 
 
+def needle_prompts(model_name, tasks, ctx, samples_per_depth, path):
+    """Convert the model (cached), build the prompts, write them to `path`: -> (model folder, tokenizer, samples,
+    stop token ids)."""
+    import torch
+    from composable_kv import assets, hf
+    from composable_kv.eval import scale, tasks as T
+    model = assets.load_model(model_name, dtype=torch.bfloat16, device="cpu")  # writes the converted folder
+    tok = assets.load_tokenizer(model_name)
+    folder = str(assets.converted_model_dir(model_name, torch.bfloat16))
+    eos = sorted(hf._eos_ids(model, tok))
+    if not (Path(folder) / "config.json").is_file():
+        sys.exit(f"needle: no converted model at {folder} (composable_kv.assets could not write it; see above)")
+    del model
+    essays = assets.load_essays() if any(T.needs_essays(t) for t in tasks) else None
+    samples = [s for t in tasks for s in T.build_samples(t, tok, ctx, depths=scale.SCALE_DEPTHS,
+                                                         samples_per_depth=samples_per_depth, essays=essays,
+                                                         prompt_format="chat")]
+    with open(path, "w") as f:
+        json.dump({"model": folder, "stop": eos, "prompts": [s.prompt_ids for s in samples],
+                   "max_new": [s.max_new_tokens for s in samples]}, f)
+    return folder, tok, samples
+
+
+def needle_one(backend, path, ctx):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    doc = json.load(open(path))
+    llm = engine(backend, model=doc["model"], eager=False, max_model_len=ctx,  # prompt + answer <= ctx
+                 max_num_seqs=16, gpu_memory_utilization=0.6, enable_prefix_caching=False)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, stop_token_ids=doc["stop"], detokenize=False)
+              for n in doc["max_new"]]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in doc["prompts"]], params, use_tqdm=False)
+    print("RESULT " + json.dumps([[int(t) for t in o.outputs[0].token_ids] for o in outs]), flush=True)
+
+
+def needle(backend, policy, model_name, tasks, ctx, samples_per_depth):
+    from composable_kv.eval import evaluate, tasks as T
+    path = f"/tmp/ckv-needle-{ctx}.json"
+    folder, tok, samples = needle_prompts(model_name, tasks, ctx, samples_per_depth, path)
+    name = backend if backend != "CUSTOM" else f"CUSTOM:{policy}"
+    env = {"CKV_POLICY": policy} if backend == "CUSTOM" else {}
+    generated = child(["--needle-one", backend, path, str(ctx)], env)
+    rows = []
+    for task in tasks:
+        mine = [(s, g) for s, g in zip(samples, generated) if s.task == task]
+        scores = [T.score_sample(s, tok.decode(g, skip_special_tokens=True)) for s, g in mine]
+        acc = sum(scores) / len(scores)
+        lo, hi = evaluate.wilson_interval(acc, len(scores))
+        rows.append(dict(backend=backend, policy=name, model=model_name, task=task, ctx=ctx, samples=len(scores),
+                         accuracy=acc, ci_low=lo, ci_high=hi,
+                         outputs=[tok.decode(g, skip_special_tokens=True) for _, g in mine]))
+        print(f"| {name} | {task} | {ctx} | {len(scores)} | {acc:.2f} [{lo:.2f}, {hi:.2f}] |", flush=True)
+    mean = sum(r["accuracy"] for r in rows) / len(rows)
+    table = "| backend:policy | task | context | n | accuracy [95% CI] |\n|---|---|---|---|---|\n" + "\n".join(
+        f"| {r['policy']} | {r['task']} | {r['ctx']} | {r['samples']} | {r['accuracy']:.2f} "
+        f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] |" for r in rows) + f"\n\nmean accuracy over the tasks: {mean:.3f}"
+    harness.write_report(os.environ.get("OUT", "."), f"vllm-needle-{ctx}-{name.replace(':', '-')}",
+                         harness.run_meta(), rows, table, title=f"vLLM needle accuracy, {name}, {model_name}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--smoke-one"]:
         run_smoke_one(sys.argv[2], sys.argv[3] == "eager")
+    elif sys.argv[1:2] == ["--needle-one"]:
+        needle_one(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif sys.argv[1:2] == ["--bench-one"]:
         b, n, c, bs, nt = sys.argv[2:7]
         bench_one(b, n, [int(x) for x in c.split(",")], [int(x) for x in bs.split(",")], int(nt))
@@ -194,8 +264,24 @@ if __name__ == "__main__":
         b.add_argument("--contexts", default="16384,32768")
         b.add_argument("--batches", default="16,64")
         b.add_argument("--new-tokens", type=int, default=128)
+        n = sub.add_parser("needle")
+        n.add_argument("backend", choices=["CUSTOM", "TRITON_ATTN", "FLASH_ATTN", "FLASHINFER"])
+        n.add_argument("--policy", default="dense", help="CKV_POLICY for CUSTOM (path or shipped name)")
+        n.add_argument("--model", default="qwen2.5-coder-0.5b")
+        n.add_argument("--ctx", type=int, default=32768)
+        n.add_argument("--task", action="append", help="repeatable (default: niah_single niah_multikey "
+                                                       "niah_multivalue niah_multiquery)")
+        n.add_argument("--samples-per-depth", type=int, default=10, help="x 5 depths (10: n = 50 per task)")
         a = ap.parse_args()
-        if a.cmd == "smoke":
+        if a.cmd == "needle":
+            from composable_kv.eval.tasks import RETRIEVAL_TASKS
+            bad = [t for t in a.task or [] if t not in RETRIEVAL_TASKS]
+            if bad or a.ctx < 1024 or a.samples_per_depth < 1:
+                ap.error(f"needle: tasks from {', '.join(RETRIEVAL_TASKS)} (got {bad}), --ctx >= 1024, "
+                         "--samples-per-depth >= 1")
+            needle(a.backend, a.policy, a.model, a.task or ["niah_single", "niah_multikey", "niah_multivalue",
+                                                            "niah_multiquery"], a.ctx, a.samples_per_depth)
+        elif a.cmd == "smoke":
             smoke()
         else:
             bench(a.backend, a.policy, [int(x) for x in a.contexts.split(",")],

@@ -398,14 +398,23 @@ def load_model(model: str | os.PathLike | None = None, *, dtype=None, device: st
         lm = _from_pretrained(AutoModelForCausalLM, folder, dtype=dtype)
     else:
         # De-quantizing a GGUF takes ~25 s on 2 cores; keep the result as safetensors (loads in < 1 s).
-        digest = hashlib.sha256(str((folder / gguf).resolve()).encode()).hexdigest()[:12]
-        converted = cache_dir() / "converted" / f"{Path(gguf).stem}-{digest}-{str(dtype).removeprefix('torch.')}"
+        converted = converted_model_dir(model, dtype)
         if (converted / "config.json").is_file():
             lm = _from_pretrained(AutoModelForCausalLM, converted, dtype=dtype)
         else:
             lm = _from_pretrained(AutoModelForCausalLM, folder, dtype=dtype, gguf_file=gguf)
             _save_converted(lm, converted)
     return lm.to(device).eval()
+
+
+def converted_model_dir(model: str | os.PathLike | None, dtype) -> Path:
+    """Where load_model keeps a GGUF model de-quantized to ``dtype`` as a plain HF folder (written on its
+    first load); a model that is already an HF folder is its own folder."""
+    folder, gguf = _split_model_path(resolve_model_path(model))
+    if gguf is None:
+        return folder
+    digest = hashlib.sha256(str((folder / gguf).resolve()).encode()).hexdigest()[:12]
+    return cache_dir() / "converted" / f"{Path(gguf).stem}-{digest}-{str(dtype).removeprefix('torch.')}"
 
 
 def _from_pretrained(auto_cls, folder: Path, **kwargs):

@@ -14,10 +14,8 @@ set -euo pipefail
 export CKV_CACHE_DIR=${CKV_CACHE_DIR:-/tmp/ckv-cache}
 OUT=${OUT:-$PWD/art-e2e-out}
 SITE=${SITE:-/tmp/site}
-NAME=qwen2.5-coder-0.5b.gguf
 mkdir -p "$OUT/sweep" "$OUT/e2e" "$SITE" "$CKV_CACHE_DIR"
-[ -f "$CKV_CACHE_DIR/$NAME" ] || parts_join "$NAME" 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 \
-  "$CKV_CACHE_DIR/$NAME"
+model_join
 tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
 tar xzf .devsite/flashinfer-py312.tgz -C "$SITE"
 python -m pip install -q --no-index --no-deps --target "$SITE" .devsite/wheels/*.whl

@@ -37,8 +37,7 @@
 # for report: RESULTS (default benchmarks/eval_scale), EVALUATION (default EVALUATION.md).
 set -euo pipefail
 . "$(dirname "$0")/parts.sh"  # parts_split / parts_take / parts_join, PARTS (default /tmp/parts)
-SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
-NAME=qwen2.5-coder-0.5b.gguf
+NAME=$QWEN_GGUF
 GGUF_WHEEL=gguf==0.19.0
 export CKV_CACHE_DIR=${CKV_CACHE_DIR:-/tmp/ckv-cache}
 MODEL=${MODEL:-qwen2.5-coder-0.5b}
@@ -85,7 +84,7 @@ run() {
   [ $# -ge 1 ] || { echo "usage: bash gpu/eval_scale.sh run CTX [CTX ...]" >&2; exit 2; }
   mkdir -p "$CKV_CACHE_DIR" "$SITE" "$OUT"
   if [ "$MODEL" = qwen2.5-coder-0.5b ] && [ ! -f "$CKV_CACHE_DIR/$NAME" ]; then
-    parts_join "$NAME" "$SHA" "$CKV_CACHE_DIR/$NAME" || exit 2
+    model_join || exit 2
   fi
   [ ! -f .devsite/eval-scale-cache.tgz ] || tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
   if ls .devsite/wheels/*.whl >/dev/null 2>&1; then

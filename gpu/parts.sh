@@ -34,3 +34,12 @@ parts_join() {  # NAME SHA256 DEST (device): the parts joined into DEST, checked
   fi
   mv "$dest.tmp" "$dest"
 }
+
+# The 32k model (Qwen2.5-Coder-0.5B-Instruct GGUF), sent as parts by `gpu/eval_scale.sh part pNN`.
+QWEN_GGUF=qwen2.5-coder-0.5b.gguf
+QWEN_GGUF_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+
+model_join() {  # (device) the 32k model's parts joined into $CKV_CACHE_DIR, once per machine
+  mkdir -p "$CKV_CACHE_DIR"
+  [ -f "$CKV_CACHE_DIR/$QWEN_GGUF" ] || parts_join "$QWEN_GGUF" "$QWEN_GGUF_SHA" "$CKV_CACHE_DIR/$QWEN_GGUF"
+}

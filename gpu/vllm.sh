@@ -22,6 +22,11 @@
 #         run command: bash gpu/vllm.sh bench CUSTOM quest_art
 #      Each: decode tokens/s at contexts 16384, 32768 x batches 16, 64 (random model with Qwen2.5-Coder-0.5B's
 #      shape, bf16, CUDA graphs, 128 new tokens), markdown rows on stdout, JSON in $OUT/vllm-bench-*.json.
+#   Accuracy (issue 16): after the 32k model's parts (`bash gpu/eval_scale.sh part pNN`, 11 calls) on the same machine,
+#         run carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"]
+#             command: bash gpu/vllm.sh needle FLASH_ATTN  |  bash gpu/vllm.sh needle CUSTOM quest_art  [CTX]
+#      Each: the evaluation at scale's prompts (4 needle tasks x 50, chat template) through vLLM on the real
+#      model, greedy; accuracy with Wilson intervals in $OUT/vllm-needle-*.json/.md.
 #   Optional: bash gpu/vllm.sh test   (tests/test_vllm_*.py with vllm importable, on the GPU machine).
 # The vLLM site stays in /tmp/vsite while the machine is warm; a bare machine needs the part calls again.
 set -euo pipefail
@@ -72,11 +77,22 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; print
     backend=${2:?usage: gpu/vllm.sh bench BACKEND [POLICY]}
     python3 benchmarks/vllm_serve.py bench "$backend" --policy "${3:-dense}" 2>&1 | tee "$OUT/vllm-bench-$backend-${3:-}.log"
     ;;
+  needle)  # after the 32k model's parts (gpu/eval_scale.sh part pNN, same machine);
+           # carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"] (essays, tokenizer, the gguf wheel)
+    backend=${2:?usage: gpu/vllm.sh needle BACKEND [POLICY] [CTX]}
+    export CKV_CACHE_DIR=${CKV_CACHE_DIR:-/tmp/ckv-cache}
+    model_join
+    tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .devsite/wheels/*.whl >/dev/null 2>&1
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+    python3 benchmarks/vllm_serve.py needle "$backend" --policy "${3:-dense}" --ctx "${4:-32768}" 2>&1 \
+      | tee "$OUT/vllm-needle-$backend-${3:-}.log"
+    ;;
   test)
     python3 -m pytest -q -rs tests/test_vllm_adapter.py tests/test_vllm_backend.py 2>&1 | tee "$OUT/vllm-tests.log"
     ;;
   *)
-    echo "usage: gpu/vllm.sh {split|part pNN|unpack|smoke|bench BACKEND [POLICY]|test}  (the calls are in this file's header)" >&2
+    echo "usage: gpu/vllm.sh {split|part pNN|unpack|smoke|bench BACKEND [POLICY]|needle BACKEND [POLICY] [CTX]|test}  (the calls are in this file's header)" >&2
     exit 2
     ;;
 esac
