@@ -4,7 +4,7 @@
 #   1. benchmarks/kernel_sweep.py --parts art_decode --tune: why the ART decode reads every page slower than dense
 #      (Qwen2.5-0.5B shape, B=16, 32k: order list, physical pages, stop rules, chunk sizes, stages, block sizes),
 #      and this GPU's fastest BLOCK_PAGES for dense and dense + ART, recorded for launch_decode;
-#   2. benchmarks/e2e.py on the real 32k model and 16 x 32k essay tokens: dense, dense + ART (calibrated 0.1-0.3
+#   2. benchmarks/e2e.py on the real 32k model and 16 x 32k essay tokens (then 64 x 32k, fewer providers): dense, dense + ART (calibrated 0.1-0.3
 #      and calibrate: recent 0.01, checked every 4, 8 or 16 pages), Quest 1024, Quest 2048 with and without ART,
 #      FlashInfer-TC, transformers' generate (SDPA).
 #   carry [".devsite/flashinfer-py312.tgz", ".devsite/wheels", ".devsite/eval-scale-cache.tgz"]
@@ -33,3 +33,9 @@ providers+=",ckv quest,ckv $C/quest2048.yaml,ckv $C/quest2048_art_calibrated_0.2
 providers+=",flashinfer-tc,transformers"
 timeout 300 python benchmarks/e2e.py --out "$OUT/e2e" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
   --text essays --sizes 32768x16 --providers "$providers" 2>&1 | tee "$OUT/e2e/log.txt"
+# B = 64: attention is ~80% of the step there, where a read of half the bytes can show
+providers="ckv dense,ckv $C/dense_art_calibrated_0.3_chunk16.yaml,ckv $C/dense_art_calibrated_0.2_chunk8.yaml"
+providers+=",ckv quest,flashinfer-tc"
+mkdir -p "$OUT/e2e64"
+timeout 300 python benchmarks/e2e.py --out "$OUT/e2e64" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
+  --text essays --sizes 32768x64 --providers "$providers" 2>&1 | tee "$OUT/e2e64/log.txt"
