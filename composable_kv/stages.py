@@ -76,7 +76,9 @@ class StopRule:
     patience: int = 5                # stability: stable checks in a row before stopping
     delta: float = 0.01              # certified: bound on the softmax mass not read; calibrated: its estimate
     acc_bf16: bool = False           # the running output acc/l is rounded to bf16 after every chunk
-    calibrate_recent: bool = False   # calibrated: the slack of the last chunk's full pages, not of all pages read
+    calibrate: str = "all"           # calibrated: the slack c from every full page read ("all"), the last chunk's
+                                     # ("recent"), or the first chunk's, the stop point then set from the bounds
+                                     # ("once")
 
     def __post_init__(self):
         if self.kind is not None:

@@ -24,6 +24,10 @@ class Art(TerminalStage):
                      delta; the unread mass can exceed delta (kernels/paged_decode/README.md).
     calibrate: recent  the calibrated stop's c from the last chunk's full pages only (the pages read just
                      before the unread ones, whose slack resembles theirs), not the max over every page read.
+    calibrate: once  c from the first chunk's full pages; the stop point is then set once, before reading on,
+                     from the bounds alone: the first chunk end e where LSE_{j >= e}(U_j + log n_j) + c is at most
+                     logit(delta) above log(Z_first + sum_{C <= j < e} e^{U_j + log n_j + c}) for every head.
+                     The rest reads like a plain list, with no checks (kernels/paged_decode/README.md).
     accumulate: bf16 rounds the running output o = acc/l to bf16 after every chunk (in the reference and
                 the Triton kernel): a change below half a bf16 ulp of every element leaves o unchanged,
                 so the stability check sees exactly zero change.
@@ -45,9 +49,10 @@ class Art(TerminalStage):
     direction_tol: float = param(1e-3, "stability: 1 - cos between successive outputs", min=0.0, max=2.0)
     patience: int = param(5, "stability: stable checks in a row before stopping", min=1)
     chunk_pages: int = param(4, "pages read between two checks", min=1, max=64)
-    calibrate: str = param("all", "calibrated: the slack c from every full page read (all), or from the last "
-                           "chunk's full pages (recent: closer to the unread pages, stops earlier)",
-                           choices=("all", "recent"))
+    calibrate: str = param("all", "calibrated: the slack c from every full page read (all), from the last "
+                           "chunk's full pages (recent: closer to the unread pages, stops earlier), or from the "
+                           "first chunk's, the stop point then set from the bounds (once: no checks after it)",
+                           choices=("all", "recent", "once"))
     accumulate: str = param("fp32", "running output between chunks: fp32, or rounded to bf16 after every chunk "
                             "(a bf16 accumulator; small changes round to zero)", choices=("fp32", "bf16"))
     order: str = param("score", "read order: the last scorer's scores (Quest's box bound without one), or "
@@ -59,6 +64,9 @@ class Art(TerminalStage):
         if self.calibrate != "all" and self.stop != "calibrated":
             raise ValueError(f"calibrate: {self.calibrate!r} applies to the calibrated stop only (stop: calibrated), "
                              f"got stop: {self.stop}")
+        if self.calibrate == "once" and self.accumulate == "bf16":
+            raise ValueError("calibrate: 'once' reads on without checks, so a bf16 running output does not apply "
+                             "(accumulate: fp32)")
         if self.chunk_pages & (self.chunk_pages - 1):
             raise ValueError(f"chunk_pages: expected a power of two (1, 2, 4, ... 64), got {self.chunk_pages}")
 
@@ -74,6 +82,8 @@ class Art(TerminalStage):
             rule = f"calibrated stop (heuristic, NOT certified: estimated unread mass <= delta={self.delta})"
             if self.calibrate == "recent":
                 rule = rule[:-1] + ", slack of the last chunk read)"
+            elif self.calibrate == "once":
+                rule = rule[:-1] + ", slack of the first chunk, stop point then set from the bounds)"
         else:
             rule = (f"stability stop (heuristic, NOT certified: scale_tol={self.scale_tol}, "
                     f"direction_tol={self.direction_tol}, patience={self.patience})")
@@ -83,7 +93,7 @@ class Art(TerminalStage):
     def stop_rule(self) -> StopRule:
         return StopRule(kind=self.stop, chunk_pages=self.chunk_pages, scale_tol=self.scale_tol,
                         direction_tol=self.direction_tol, patience=self.patience, delta=self.delta,
-                        acc_bf16=self.accumulate == "bf16", calibrate_recent=self.calibrate == "recent")
+                        acc_bf16=self.accumulate == "bf16", calibrate=self.calibrate)
 
     @staticmethod
     def error_bound(tau_bound, value_norm_max, out_norm):

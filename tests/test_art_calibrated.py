@@ -4,6 +4,7 @@ pipeline against the generic one, and its relation to the certified stop.
 Under TRITON_INTERPRET=1 on CPU (tests/conftest.py sets it when CUDA is absent); the gpu-marked grid runs
 compiled on the GPU.
 """
+import math
 import os
 
 import pytest
@@ -52,10 +53,10 @@ def ref_decode(c, rule, num_splits):
 
 
 def check_kernel(lens, group, head_dim, chunk, delta, num_splits, budget=None, *, q_scale=1.0, device=DEV, tol=2e-4,
-                 recent=False):
+                 calibrate="all"):
     c = inputs(lens, group, head_dim, budget, num_splits, q_scale=q_scale, device=device)
     cache, q, table, seq_lens, order, count, tail, terms, sm = c
-    rule = StopRule("calibrated", chunk, delta=delta, calibrate_recent=recent)
+    rule = StopRule("calibrated", chunk, delta=delta, calibrate=calibrate)
     r1 = ref_decode(c, rule, num_splits)
     r2 = decode_tk.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order.to(device), count.to(device),
                                 sm_scale=sm, rule=rule, tail_lse=tail.to(device), bound_terms=terms.to(device),
@@ -69,6 +70,8 @@ def check_kernel(lens, group, head_dim, chunk, delta, num_splits, budget=None, *
                                 sm_scale=sm, rule=rule, tail_lse=tail.to(device), bound_terms=terms.to(device),
                                 num_splits=num_splits, phys=phys.to(device))
     assert torch.equal(r2.pages_read, r3.pages_read) and torch.equal(r2.out, r3.out)
+    if calibrate == "once":  # no flat form (refused: test_flat_is_refused_where_it_does_not_apply)
+        return r1
     # the one-loop read (launch_decode's flat): the chunked loop's pages and output
     r4 = decode_tk.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order.to(device), count.to(device),
                                 sm_scale=sm, rule=rule, tail_lse=tail.to(device), bound_terms=terms.to(device),
@@ -89,7 +92,33 @@ def test_calibrated_decode_kernel_matches_reference(chunk, delta, num_splits, gr
 @pytest.mark.parametrize("chunk,delta", [(1, 0.1), (4, 0.3)])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_calibrated_recent_decode_kernel_matches_reference(chunk, delta, num_splits):
-    check_kernel(LENS, 3, 64, chunk, delta, num_splits, recent=True)
+    check_kernel(LENS, 3, 64, chunk, delta, num_splits, calibrate="recent")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("chunk,delta", [(1, 0.1), (2, 0.3), (4, 0.5)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("q_scale", [1.0, 4.0])
+def test_calibrated_once_decode_kernel_matches_reference(chunk, delta, num_splits, q_scale):
+    r = check_kernel(LENS, 3, 64, chunk, delta, num_splits, q_scale=q_scale, calibrate="once")
+    if (chunk, q_scale) == (1, 4.0):  # peaked attention: the bounds' stop point leaves pages unread
+        assert int(r.pages_read.sum()) < sum(-(-n // 16) for n in LENS) * 2
+
+
+def test_calibrated_once_stops_where_the_bound_estimate_first_allows():
+    """once_stop_slot against a hand count: one split of 8 slots, chunk 2, bounds of equal pages."""
+    from composable_kv.kernels.paged_decode.reference import once_stop_slot
+    n, C = 8, 2
+    terms = torch.zeros(1, 1, 1, n)  # every page's U + log n = 0
+    tail = torch.logcumsumexp(terms.flip(-1), -1).flip(-1)  # tail[e] = log(n - e)
+    pos = torch.arange(n).view(1, 1, 1, n)
+    m, l = torch.zeros(1, 1, 1, 1), torch.full((1, 1, 1, 1), 2.0)  # Z_first = 2 (the first chunk's 2 pages)
+    calib = torch.zeros(1, 1, 1, 1)  # slack 0: masses equal their bounds
+    for delta in (0.2, 0.4, 0.55, 0.7):
+        thr = math.log(delta / (1 - delta))
+        # stop at the first e in {2, 4, 6} with (n - e) / e <= delta / (1 - delta), i.e. unread / read
+        want = next((e for e in (2, 4, 6) if math.log((n - e) / e) <= thr + 1e-6), n)
+        assert int(once_stop_slot(m, l, calib, tail, pos, C, thr)) == want, delta
 
 
 @pytest.mark.interpret
@@ -130,7 +159,7 @@ def test_calibrated_stops_no_later_than_certified(seed, delta, num_splits):
     cal = ref_decode(c, StopRule("calibrated", 1, delta=delta), num_splits)
     assert bool((cal.pages_read <= cert.pages_read).all()), (cal.pages_read, cert.pages_read)
     # the last chunk's slack is at most the max over every chunk read: `recent` stops no later than `all`
-    recent = ref_decode(c, StopRule("calibrated", 1, delta=delta, calibrate_recent=True), num_splits)
+    recent = ref_decode(c, StopRule("calibrated", 1, delta=delta, calibrate="recent"), num_splits)
     assert bool((recent.pages_read <= cal.pages_read).all()), (recent.pages_read, cal.pages_read)
 
 
@@ -149,7 +178,8 @@ def test_calibrated_absorbs_a_loose_bound():
 def test_flat_is_refused_where_it_does_not_apply():
     c = inputs([40, 300], 2, 64, None, 1)
     cache, q, table, seq_lens, order, count, tail, terms, sm = c
-    for rule in (StopRule("stability", 2), StopRule("calibrated", 1, delta=0.1, acc_bf16=True), None):
+    for rule in (StopRule("stability", 2), StopRule("calibrated", 1, delta=0.1, acc_bf16=True),
+                 StopRule("calibrated", 2, delta=0.1, calibrate="once"), None):
         with pytest.raises(ValueError, match="flat: the one-loop read"):
             decode_tk.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order, count, sm_scale=sm, rule=rule,
                                    tail_lse=tail, bound_terms=terms, flat=True)
@@ -175,6 +205,9 @@ STACKS = {
     "art_calibrated_box_all": [dict(CAL, delta=0.2)],
     "quest_art_calibrated_recent": [{"stage": "quest", "budget_tokens": 96}, dict(CAL, calibrate="recent",
                                                                                  chunk_pages=2)],
+    "quest_art_calibrated_once": [{"stage": "quest", "budget_tokens": 96}, dict(CAL, calibrate="once",
+                                                                               chunk_pages=2)],
+    "art_calibrated_once_box_all": [dict(CAL, delta=0.3, calibrate="once", chunk_pages=2)],
     "quest_shadow8_art_calibrated_generic": [{"stage": "quest", "budget_tokens": 160},
                                              {"stage": "key_shadow", "bits": 8, "budget_tokens": 64}, CAL],
 }
@@ -223,8 +256,10 @@ def test_diagnosis_runs_the_calibrated_rules():
     cal = [(name, rule, bound) for name, rule, bound, _ in art_diagnosis.rules()
            if rule is not None and rule.kind is StopKind.CALIBRATED]
     assert {b for _, _, b in cal} == {"box", "shadow8"}
-    assert len(cal) == len(art_diagnosis.CALIB_DELTAS) + len(art_diagnosis.CALIB_RECENT_DELTAS) + 1
-    assert sum(r.calibrate_recent for _, r, _ in cal) == len(art_diagnosis.CALIB_RECENT_DELTAS)
+    assert len(cal) == (len(art_diagnosis.CALIB_DELTAS) + len(art_diagnosis.CALIB_RECENT_DELTAS)
+                        + len(art_diagnosis.CALIB_ONCE_DELTAS) + 1)
+    assert sum(r.calibrate == "recent" for _, r, _ in cal) == len(art_diagnosis.CALIB_RECENT_DELTAS)
+    assert sum(r.calibrate == "once" for _, r, _ in cal) == len(art_diagnosis.CALIB_ONCE_DELTAS)
     assert art_diagnosis.wanted("calib-box 0.05", "cert,calib") and not art_diagnosis.wanted("oracle 0.05", "calib")
 
 
@@ -292,7 +327,13 @@ def test_calibrate_recent_is_for_the_calibrated_stop_only():
     with pytest.raises(ValueError, match="calibrate: 'recent' applies to the calibrated stop only"):
         ckv.compile(_pol({"stage": "art", "stop": "certified", "calibrate": "recent"}))
     pipe = ckv.compile(_pol(*STACKS["quest_art_calibrated_recent"]))
-    assert pipe.stop_rule.calibrate_recent and "slack of the last chunk read" in pipe.describe("cpu")
+    assert pipe.stop_rule.calibrate == "recent" and "slack of the last chunk read" in pipe.describe("cpu")
+    with pytest.raises(ValueError, match="calibrate: 'once' applies to the calibrated stop only"):
+        ckv.compile(_pol({"stage": "art", "stop": "certified", "calibrate": "once"}))
+    with pytest.raises(ValueError, match="calibrate: 'once' reads on without checks"):
+        ckv.compile(_pol({"stage": "art", "stop": "calibrated", "calibrate": "once", "accumulate": "bf16"}))
+    pipe = ckv.compile(_pol(*STACKS["quest_art_calibrated_once"]))
+    assert pipe.stop_rule.calibrate == "once" and "stop point then set from the bounds" in pipe.describe("cpu")
 
 
 @pytest.mark.parametrize("recent", [False, True])
@@ -311,6 +352,6 @@ def test_calibrated_uses_the_certificate_until_a_full_page_is_read(recent):
     tok = select_ref.page_token_counts(order, seq_lens.cpu(), S)
     c = (cache, q, table, seq_lens, order, count, select_ref.strided_tail_lse(in_order, tok, count, 1),
          select_ref.tail_terms(in_order, tok, count), sm)
-    cal = ref_decode(c, StopRule("calibrated", 1, delta=0.2, calibrate_recent=recent), 1).pages_read
+    cal = ref_decode(c, StopRule("calibrated", 1, delta=0.2, calibrate="recent" if recent else "all"), 1).pages_read
     cert = ref_decode(c, StopRule("certified", 1, delta=0.2), 1).pages_read
     assert bool((cal >= torch.minimum(cert, torch.full_like(cert, 2))).all()), (cal, cert)

@@ -37,6 +37,8 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
         raise ValueError(f"{kind} stop needs tail_lse (page_select.strided_tail_lse)")
     if kind == "calibrated" and bound_terms is None:
         raise ValueError("calibrated stop needs bound_terms (page_select.tail_terms)")
+    calibrate = getattr(rule, "calibrate", "all") if kind == "calibrated" else "all"
+    thr = math.log(rule.delta / (1 - rule.delta)) if kind in ("certified", "calibrated") else 0.0
 
     def split_view(x, fill):  # [B, Hkv, N] -> [B, Hkv, S, n_per]
         x = torch.nn.functional.pad(x, (0, n_per * S - N), value=fill)
@@ -99,9 +101,9 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
             ratio = lse_c - terms_s[..., c0:c0 + C][:, :, :, None]  # [B, Hkv, S, G, c]
             full = tok_ok.sum(-1) == page_size  # [B, Hkv, S, c] only full pages calibrate
             chunk_c = ratio.masked_fill(~full[:, :, :, None], NEG_INF).amax(-1)  # [B, Hkv, S, G]
-            if getattr(rule, "calibrate_recent", False):  # the last chunk's slack, where it has a full page
+            if calibrate == "recent":  # the last chunk's slack, where it has a full page
                 calib = torch.where(chunk_c > NEG_INF, chunk_c, calib)
-            else:
+            elif calibrate == "all" or c0 == 0:  # once: the first chunk's
                 calib = torch.maximum(calib, chunk_c)
         if page_mass:
             dst = torch.where(live, p, torch.full_like(p, P))  # [B, Hkv, S, c]
@@ -122,6 +124,10 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
             stable_run = torch.where(read_now, torch.where(stable, stable_run + 1, 0), stable_run)
             prev_o = torch.where(read_now[..., None, None], o, prev_o)
             active = active & ~(has_more & (stable_run >= rule.patience))
+        elif calibrate == "once":
+            if c0 == 0:
+                stop_at = once_stop_slot(m, l, calib, tail_s, pos_s, C, thr)  # [B, Hkv, S]
+            active = active & ~(has_more & (c0 + C >= stop_at))
         elif kind in ("certified", "calibrated"):
             nxt = tail_s[..., c0 + C] if c0 + C < n_per else torch.full_like(m[..., 0], NEG_INF)
             log_z = m + torch.log(l.clamp(min=1e-30))  # [B, Hkv, S, G]
@@ -129,7 +135,7 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
             # no full page seen yet (calib -inf): the certificate's estimate (c = 0)
             c = torch.where(calib > NEG_INF, calib.clamp(max=0.0), torch.zeros_like(calib))
             est = nxt[..., None] + c if kind == "calibrated" else nxt[..., None]  # per head
-            stop = has_more & (est - log_z <= math.log(rule.delta / (1 - rule.delta))).all(-1)
+            stop = has_more & (est - log_z <= thr).all(-1)
             rem = torch.where(stop, nxt, rem)
             active = active & ~stop
         active = active & has_more
@@ -139,6 +145,36 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
         res.page_lse = page_lse[..., :P].reshape(B, Hq, P)
         res.lse = torch.logsumexp(m + torch.log(l), dim=2).reshape(B, Hq)
     return res
+
+
+def lse2(a, b):
+    """log(e^a + e^b), written as the Triton kernel computes it (-inf when both are)."""
+    mx = torch.maximum(a, b)
+    mxs = torch.where(torch.isinf(mx) & (mx < 0), torch.zeros_like(mx), mx)
+    return mxs + torch.log(torch.exp(a - mxs) + torch.exp(b - mxs))
+
+
+def once_stop_slot(m, l, calib, tail_s, pos_s, C: int, thr: float):
+    """`calibrate: once`: after the first chunk, each split's stop slot from the bounds alone. With c the first
+    chunk's slack (<= 0; 0 without a full page) and T_e = tail_s[..., e] (LSE of U_j + log n_j over the split's
+    slots j >= e), the first chunk end e (a multiple of C) with slots left where, for every head,
+        T_e + c - log(Z_first + e^(c + log(e^T_C - e^T_e))) <= thr;
+    else the split's length (no stop). m, l, calib [B, Hkv, S, G]; tail_s, pos_s [B, Hkv, S, n_per]."""
+    n_per = pos_s.shape[-1]
+    ends = torch.arange(C, n_per, C, device=m.device)  # [K] chunk ends, as slots of the split
+    if len(ends) == 0:
+        return torch.full(m.shape[:3], n_per, dtype=torch.long, device=m.device)
+    c = torch.where(calib > NEG_INF, calib.clamp(max=0.0), torch.zeros_like(calib))  # [B, Hkv, S, G]
+    log_z = m + torch.log(l.clamp(min=1e-30))
+    cand = pos_s[..., ends] >= 0  # [B, Hkv, S, K] slots left at e
+    t_e = tail_s[..., ends].masked_fill(~cand, NEG_INF)
+    t_c = tail_s[..., C:C + 1].masked_fill(~cand[..., :1], NEG_INF)  # [B, Hkv, S, 1]
+    d = torch.where(cand, (t_e - t_c).clamp(max=0.0), torch.full_like(t_e, NEG_INF))
+    between = t_c + torch.log((1 - torch.exp(d)).clamp(min=0.0))  # LSE over slots [C, e)
+    est_read = lse2(log_z[..., None], c[..., None] + between[:, :, :, None])  # [B, Hkv, S, G, K]
+    est_unread = t_e[:, :, :, None] + c[..., None]
+    stop = cand & (est_unread - est_read <= thr).all(-2)  # [B, Hkv, S, K]
+    return torch.where(stop, ends, torch.full_like(ends, n_per)).amin(-1)
 
 
 def _merge_splits(m, l, acc, pages_read, rem, B, Hq, D) -> DecodeOut:

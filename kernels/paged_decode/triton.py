@@ -115,7 +115,8 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                    CHUNK: tl.constexpr,
                    BLOCK_PAGES: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
                    NUM_STAGES: tl.constexpr, TOK: tl.constexpr, PAGE_MASS: tl.constexpr,
-                   ACC_BF16: tl.constexpr, CALIB_RECENT: tl.constexpr, FLAT: tl.constexpr):
+                   ACC_BF16: tl.constexpr, CALIB_RECENT: tl.constexpr, FLAT: tl.constexpr, ONCE: tl.constexpr,
+                   KC: tl.constexpr):
     pid = tl.program_id(0)
     s = tl.program_id(1)
     b = pid // HKV
@@ -148,6 +149,39 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                                          seq_len, qk_scale, mass_row, P_PAD, order_row, NATURAL, PHYS,
                                          BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, False)
         pages = n_mine
+    elif ONCE:  # calibrate: once (reference.once_stop_slot): the first chunk, the stop from the bounds, the rest
+        tail_row = tail_ptr + pid.to(tl.int64) * N
+        terms_row = terms_ptr + pid.to(tl.int64) * N
+        calib = tl.full([GP], NEG_INF, tl.float32)
+        for jb in tl.range(0, CHUNK, BLOCK_PAGES, num_stages=NUM_STAGES):
+            m, l, acc, cb = _attend_block(q, m, l, acc, jb, s, n_mine, num_splits, order_row, pt_row, phys_row,
+                                          last_phys, last_n, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h,
+                                          seq_len, qk_scale, mass_row, P_PAD, terms_row, NATURAL, PHYS,
+                                          BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, True)
+            calib = tl.maximum(calib, cb)
+        c = tl.where(calib > NEG_INF, tl.minimum(calib, 0.0), 0.0)  # [GP]
+        log_z = m * LN2 + tl.log(tl.maximum(l, 1e-30))
+        e = (tl.arange(0, KC) + 1) * CHUNK  # [KC] chunk ends, as slots of this split
+        cand = e < n_mine
+        t_e = tl.load(tail_row + s + e * num_splits, mask=cand, other=NEG_INF)
+        t_c = tl.load(tail_row + s + CHUNK * num_splits, mask=CHUNK < n_mine, other=NEG_INF)
+        dd = tl.where(cand, tl.minimum(t_e - t_c, 0.0), NEG_INF)
+        between = t_c + tl.log(tl.maximum(1.0 - tl.exp(dd), 0.0))  # [KC] LSE of the bounds over slots [C, e)
+        xa = log_z[:, None] + tl.zeros([GP, KC], tl.float32)
+        xb = c[:, None] + between[None, :]
+        mx = tl.maximum(xa, xb)
+        mxs = tl.where(mx == NEG_INF, 0.0, mx)
+        est_read = mxs + tl.log(tl.exp(xa - mxs) + tl.exp(xb - mxs))  # [GP, KC]
+        est_unread = t_e[None, :] + c[:, None]
+        ok = ((est_unread - est_read) <= log_thr) | ~(g < G)[:, None]
+        stop_k = cand & (tl.min(ok.to(tl.int32), axis=0) > 0)
+        lim = tl.min(tl.where(stop_k, e, n_mine), axis=0)
+        for jb in tl.range(CHUNK, lim, BLOCK_PAGES, num_stages=NUM_STAGES):
+            m, l, acc, _ = _attend_block(q, m, l, acc, jb, s, lim, num_splits, order_row, pt_row, phys_row,
+                                         last_phys, last_n, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h,
+                                         seq_len, qk_scale, mass_row, P_PAD, terms_row, NATURAL, PHYS,
+                                         BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, False)
+        pages = tl.minimum(lim, n_mine)
     elif FLAT:  # certified or calibrated in one pipelined loop over the blocks (see launch_decode's `flat`)
         tail_row = tail_ptr + pid.to(tl.int64) * N
         terms_row = terms_ptr + pid.to(tl.int64) * N
@@ -348,13 +382,17 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
         tokens = min(tokens, max(PAGE, 65536 // (DP * k_cache.element_size())))
         target = max(1, tokens // PAGE)
         block_pages = min(chunk, target) if R else target
-    flat_ok = R in (2, 3) and not getattr(rule, "acc_bf16", False)
+    once = R == 3 and getattr(rule, "calibrate", "all") == "once"
+    if once and getattr(rule, "acc_bf16", False):
+        raise ValueError("calibrate: 'once' reads on without checks: no bf16 running output (acc_bf16=False)")
+    flat_ok = R in (2, 3) and not getattr(rule, "acc_bf16", False) and not once
     if flat is None:
         flat = flat_ok and is_cuda and tuning.value(dev, tuning.key(_pow2(D, 16), k_cache.element_size(), PAGE,
                                                                     S > 1, True) + "/loop") == "flat"
     if flat and not flat_ok:
         raise ValueError(f"flat: the one-loop read implements the certified and calibrated stops without bf16 "
-                         f"rounding, not {kind!r}{' with acc_bf16' if R else ''}; pass flat=False")
+                         f"rounding or calibrate: once, not {kind!r}{' with acc_bf16 or once' if R else ''}; "
+                         "pass flat=False")
     if not R:
         chunk = block_pages
     if R and chunk % block_pages:
@@ -407,7 +445,8 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
         CHUNK=chunk,
         BLOCK_PAGES=block_pages, SPLIT=split, DOT_F32=dot_f32, NUM_STAGES=num_stages, TOK=max(16, block_pages * PAGE),
         PAGE_MASS=with_mass, ACC_BF16=bool(R and getattr(rule, "acc_bf16", False)),
-        CALIB_RECENT=bool(R == 3 and getattr(rule, "calibrate_recent", False)), FLAT=bool(flat),
+        CALIB_RECENT=bool(R == 3 and getattr(rule, "calibrate", "all") == "recent"), FLAT=bool(flat), ONCE=once,
+        KC=_pow2(-(-(-(-N // S)) // max(chunk, 1)), 16),
         num_warps=num_warps)
     if split:
         _merge_kernel[(B * Hq,)](pm, pl, pacc, ppages, prem, out, out.stride(0), out.stride(1), pages,
