@@ -154,6 +154,10 @@ def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
                dec(rule=stop("certified", 16), phys=phys, block_pages=8, flat=True)),
               (dict(case="calibrated, delta 0.1, physical pages, flat", chunk=16, block_pages=8),
                dec(rule=stop("calibrated", 16, delta=0.1), phys=phys, block_pages=8, flat=True))]
+    # calibrate: once: the first chunk, the stop point from the bounds, then a plain list read (no checks)
+    cases += [(dict(case="calibrated once, never stops, physical pages", chunk=16, block_pages=bp),
+               dec(rule=StopRule(kind="calibrated", chunk_pages=16, delta=1e-9, calibrate="once"), phys=phys,
+                   block_pages=bp)) for bp in (8, 16)]
     return cases
 
 
