@@ -105,6 +105,21 @@ def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, ph
 
 
 @triton.jit
+def _bound_stop(tail_row, nidx, N, may, m, l, calib, hv, log_thr, CALIBRATED: tl.constexpr):
+    """The certified / calibrated test at list slot nidx (the split's next unread one) where `may` (pages left,
+    not stopped): -> (stop, the tail LSE there). Calibrated: the tail scaled by the slack seen, [GP] per head;
+    before any full page was seen (calib -inf) the certificate's estimate."""
+    nxt = tl.load(tail_row + nidx, mask=may & (nidx < N), other=NEG_INF)
+    log_z = m * LN2 + tl.log(tl.maximum(l, 1e-30))
+    if CALIBRATED:
+        est = nxt + tl.where(calib > NEG_INF, tl.minimum(calib, 0.0), 0.0)
+    else:
+        est = nxt
+    ok = ((est - log_z) <= log_thr) | ~hv
+    return may & (tl.min(ok.to(tl.int32), axis=0) > 0), nxt
+
+
+@triton.jit
 def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt,
                    pt_ptr, stride_ptb, seq_ptr, order_ptr, phys_ptr, count_ptr, tail_ptr, terms_ptr,
                    out_ptr, stride_ob, stride_oh, pages_ptr, tau_ptr,
@@ -203,15 +218,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                 calib = tl.where(chunk_end, tl.maximum(calib, cchunk), calib)
             cchunk = tl.where(chunk_end, NEG_INF, cchunk)
             check = chunk_end & (e < lim)  # a chunk ended, pages remain, not stopped
-            nidx = s + e * num_splits
-            nxt = tl.load(tail_row + nidx, mask=check & (nidx < N), other=NEG_INF)
-            log_z = m * LN2 + tl.log(tl.maximum(l, 1e-30))
-            if RULE == 3:
-                est = nxt + tl.where(calib > NEG_INF, tl.minimum(calib, 0.0), 0.0)
-            else:
-                est = nxt
-            ok = ((est - log_z) <= log_thr) | ~hv
-            stop = check & (tl.min(ok.to(tl.int32), axis=0) > 0)
+            stop, nxt = _bound_stop(tail_row, s + e * num_splits, N, check, m, l, calib, hv, log_thr, RULE == 3)
             rem = tl.where(stop, nxt, rem)
             lim = tl.where(stop, e, lim)
         pages = lim
@@ -253,16 +260,8 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                 prev_o = o
                 stop = has_more & (run >= patience)
             else:  # certified (2) or calibrated (3)
-                nidx = s + (c0 + CHUNK) * num_splits
-                nxt = tl.load(tail_row + nidx, mask=has_more & (nidx < N), other=NEG_INF)
-                log_z = m * LN2 + tl.log(tl.maximum(l, 1e-30))
-                if RULE == 3:
-                    # [GP] log unread mass from the ratio seen so far; no full page seen yet: the certificate
-                    est = nxt + tl.where(calib > NEG_INF, tl.minimum(calib, 0.0), 0.0)
-                else:
-                    est = nxt
-                ok = ((est - log_z) <= log_thr) | ~hv
-                stop = has_more & (tl.min(ok.to(tl.int32), axis=0) > 0)
+                stop, nxt = _bound_stop(tail_row, s + (c0 + CHUNK) * num_splits, N, has_more, m, l, calib, hv,
+                                        log_thr, RULE == 3)
                 rem = tl.where(stop, nxt, rem)
             c0 += CHUNK
             active = has_more & ~stop
