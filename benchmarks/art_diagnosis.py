@@ -59,7 +59,8 @@ PAPER = dict(scale_tol=1e-7, direction_tol=1e-3, patience=5)
 DELTAS = (0.01, 0.05, 0.2)
 CALIB_DELTAS = (0.02, 0.05, 0.1, 0.2)  # the calibrated (heuristic) stop's targets
 CALIB_RECENT_DELTAS = (0.002, 0.005, 0.01, 0.02, 0.05)  # calibrate: recent (it underestimates: smaller deltas)
-CALIB_ONCE_DELTAS = (0.05, 0.1, 0.2, 0.3)  # calibrate: once (the first chunk's slack, the stop from the bounds)
+CALIB_ONCE_DELTAS = (0.02, 0.05, 0.1, 0.2)  # calibrate: once (the first chunk's slack, the stop from the bounds)
+CHUNK16_DELTAS = (0.1, 0.2, 0.3)  # calibrate: all every 16 pages (the e2e configs' check interval), to compare
 PCA_RANK = 16
 SOUND = ("box", "ball", "min", "pca16", "shadow8")  # the sound page bounds compared (besides the exact max)
 BYTES_NOTE = {  # per (page, KV head), bf16 cache: what the certified stop reads besides K/V
@@ -83,8 +84,10 @@ def rules():
     for d in CALIB_RECENT_DELTAS:
         out.append((f"calib-recent-box {d}", StopRule("calibrated", CHUNK, delta=d, calibrate="recent"), "box",
                     None))
-    for d in CALIB_ONCE_DELTAS:
-        out.append((f"calib-once-box {d}", StopRule("calibrated", CHUNK, delta=d, calibrate="once"), "box", None))
+    for d in CHUNK16_DELTAS:  # every 16 pages, as the e2e configs check
+        out.append((f"calib16-box {d}", StopRule("calibrated", 16, delta=d), "box", None))
+    for d in CALIB_ONCE_DELTAS:  # a first chunk of 16 pages gives the slack
+        out.append((f"calib16-once-box {d}", StopRule("calibrated", 16, delta=d, calibrate="once"), "box", None))
     out.append(("calib-shadow8 0.05", StopRule("calibrated", CHUNK, delta=0.05), "shadow8", None))
     out.append(("stab-paper fp32", StopRule("stability", CHUNK, **PAPER), None, None))
     out.append(("stab-paper bf16", StopRule("stability", CHUNK, acc_bf16=True, **PAPER), None, None))

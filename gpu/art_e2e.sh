@@ -29,13 +29,13 @@ C=benchmarks/art/configs
 providers="ckv dense,ckv $C/dense_art_calibrated_0.1_chunk16.yaml,ckv $C/dense_art_calibrated_0.2_chunk16.yaml"
 providers+=",ckv $C/dense_art_calibrated_0.2_chunk8.yaml,ckv $C/dense_art_calibrated_0.3_chunk16.yaml"
 providers+=",ckv $C/dense_art_calibrated_recent_0.01_chunk16.yaml,ckv $C/dense_art_calibrated_0.1.yaml"
-providers+=",ckv $C/dense_art_calibrated_once_0.2_chunk16.yaml,ckv $C/dense_art_calibrated_once_0.3_chunk16.yaml"
+providers+=",ckv $C/dense_art_calibrated_once_0.05_chunk16.yaml,ckv $C/dense_art_calibrated_once_0.1_chunk16.yaml"
 providers+=",ckv quest,ckv $C/quest2048.yaml,ckv $C/quest2048_art_calibrated_0.2.yaml"
 providers+=",flashinfer-tc,transformers"
 timeout 300 python benchmarks/e2e.py --out "$OUT/e2e" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
   --text essays --sizes 32768x16 --providers "$providers" 2>&1 | tee "$OUT/e2e/log.txt"
 # B = 64: attention is ~80% of the step there, where a read of half the bytes can show
-providers="ckv dense,ckv $C/dense_art_calibrated_0.3_chunk16.yaml,ckv $C/dense_art_calibrated_once_0.3_chunk16.yaml"
+providers="ckv dense,ckv $C/dense_art_calibrated_0.3_chunk16.yaml,ckv $C/dense_art_calibrated_once_0.05_chunk16.yaml"
 providers+=",ckv quest,flashinfer-tc"
 mkdir -p "$OUT/e2e64"
 timeout 300 python benchmarks/e2e.py --out "$OUT/e2e64" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \

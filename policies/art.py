@@ -26,8 +26,8 @@ class Art(TerminalStage):
                      before the unread ones, whose slack resembles theirs), not the max over every page read.
     calibrate: once  c from the first chunk's full pages; the stop point is then set once, before reading on,
                      from the bounds alone: the first chunk end e where LSE_{j >= e}(U_j + log n_j) + c is at most
-                     logit(delta) above log(Z_first + sum_{C <= j < e} e^{U_j + log n_j + c}) for every head.
-                     The rest reads like a plain list, with no checks (kernels/paged_decode/README.md).
+                     logit(delta) above log Z_first (the first chunk's mass) for every head. The rest reads like
+                     a plain list, with no checks (kernels/paged_decode/README.md).
     accumulate: bf16 rounds the running output o = acc/l to bf16 after every chunk (in the reference and
                 the Triton kernel): a change below half a bf16 ulp of every element leaves o unchanged,
                 so the stability check sees exactly zero change.

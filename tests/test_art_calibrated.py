@@ -106,18 +106,19 @@ def test_calibrated_once_decode_kernel_matches_reference(chunk, delta, num_split
 
 
 def test_calibrated_once_stops_where_the_bound_estimate_first_allows():
-    """once_stop_slot against a hand count: one split of 8 slots, chunk 2, bounds of equal pages."""
+    """once_stop_slot against a hand count: one split of 8 slots, chunk 2, every page's U + log n = 0, so
+    T_e = log(8 - e); the first chunk's mass Z_1 = 2 and slack c = log 0.5."""
     from composable_kv.kernels.paged_decode.reference import once_stop_slot
     n, C = 8, 2
-    terms = torch.zeros(1, 1, 1, n)  # every page's U + log n = 0
-    tail = torch.logcumsumexp(terms.flip(-1), -1).flip(-1)  # tail[e] = log(n - e)
+    terms = torch.zeros(1, 1, 1, n)
+    tail = torch.logcumsumexp(terms.flip(-1), -1).flip(-1)
     pos = torch.arange(n).view(1, 1, 1, n)
-    m, l = torch.zeros(1, 1, 1, 1), torch.full((1, 1, 1, 1), 2.0)  # Z_first = 2 (the first chunk's 2 pages)
-    calib = torch.zeros(1, 1, 1, 1)  # slack 0: masses equal their bounds
+    m, l = torch.zeros(1, 1, 1, 1), torch.full((1, 1, 1, 1), 2.0)
+    calib = torch.full((1, 1, 1, 1), math.log(0.5))
     for delta in (0.2, 0.4, 0.55, 0.7):
         thr = math.log(delta / (1 - delta))
-        # stop at the first e in {2, 4, 6} with (n - e) / e <= delta / (1 - delta), i.e. unread / read
-        want = next((e for e in (2, 4, 6) if math.log((n - e) / e) <= thr + 1e-6), n)
+        # the first e in {2, 4, 6} with 0.5 * (8 - e) / 2 <= delta / (1 - delta)
+        want = next((e for e in (2, 4, 6) if math.log(0.5 * (n - e) / 2) <= thr + 1e-6), n)
         assert int(once_stop_slot(m, l, calib, tail, pos, C, thr)) == want, delta
 
 
@@ -257,7 +258,7 @@ def test_diagnosis_runs_the_calibrated_rules():
            if rule is not None and rule.kind is StopKind.CALIBRATED]
     assert {b for _, _, b in cal} == {"box", "shadow8"}
     assert len(cal) == (len(art_diagnosis.CALIB_DELTAS) + len(art_diagnosis.CALIB_RECENT_DELTAS)
-                        + len(art_diagnosis.CALIB_ONCE_DELTAS) + 1)
+                        + len(art_diagnosis.CALIB_ONCE_DELTAS) + len(art_diagnosis.CHUNK16_DELTAS) + 1)
     assert sum(r.calibrate == "recent" for _, r, _ in cal) == len(art_diagnosis.CALIB_RECENT_DELTAS)
     assert sum(r.calibrate == "once" for _, r, _ in cal) == len(art_diagnosis.CALIB_ONCE_DELTAS)
     assert art_diagnosis.wanted("calib-box 0.05", "cert,calib") and not art_diagnosis.wanted("oracle 0.05", "calib")

@@ -147,19 +147,14 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
     return res
 
 
-def lse2(a, b):
-    """log(e^a + e^b), written as the Triton kernel computes it (-inf when both are)."""
-    mx = torch.maximum(a, b)
-    mxs = torch.where(torch.isinf(mx) & (mx < 0), torch.zeros_like(mx), mx)
-    return mxs + torch.log(torch.exp(a - mxs) + torch.exp(b - mxs))
-
-
 def once_stop_slot(m, l, calib, tail_s, pos_s, C: int, thr: float):
     """`calibrate: once`: after the first chunk, each split's stop slot from the bounds alone. With c the first
-    chunk's slack (<= 0; 0 without a full page) and T_e = tail_s[..., e] (LSE of U_j + log n_j over the split's
-    slots j >= e), the first chunk end e (a multiple of C) with slots left where, for every head,
-        T_e + c - log(Z_first + e^(c + log(e^T_C - e^T_e))) <= thr;
-    else the split's length (no stop). m, l, calib [B, Hkv, S, G]; tail_s, pos_s [B, Hkv, S, n_per]."""
+    chunk's slack (<= 0; 0 without a full page), Z_1 = e^(m + log l) its mass and T_e = tail_s[..., e] (the LSE
+    of U_j + log n_j over the split's slots j >= e): the first chunk end e (a multiple of C) with slots left
+    where T_e + c - log Z_1 <= thr for every head; else the split's length (no stop). The pages read after the
+    first chunk are not counted in Z (a lower estimate of the read mass: counting them at their bound + c, the
+    first chunk's best-page slack, overstated them and stopped far too early; benchmarks/art/README.md).
+    m, l, calib [B, Hkv, S, G]; tail_s, pos_s [B, Hkv, S, n_per]."""
     n_per = pos_s.shape[-1]
     ends = torch.arange(C, n_per, C, device=m.device)  # [K] chunk ends, as slots of the split
     if len(ends) == 0:
@@ -168,12 +163,8 @@ def once_stop_slot(m, l, calib, tail_s, pos_s, C: int, thr: float):
     log_z = m + torch.log(l.clamp(min=1e-30))
     cand = pos_s[..., ends] >= 0  # [B, Hkv, S, K] slots left at e
     t_e = tail_s[..., ends].masked_fill(~cand, NEG_INF)
-    t_c = tail_s[..., C:C + 1].masked_fill(~cand[..., :1], NEG_INF)  # [B, Hkv, S, 1]
-    d = torch.where(cand, (t_e - t_c).clamp(max=0.0), torch.full_like(t_e, NEG_INF))
-    between = t_c + torch.log((1 - torch.exp(d)).clamp(min=0.0))  # LSE over slots [C, e)
-    est_read = lse2(log_z[..., None], c[..., None] + between[:, :, :, None])  # [B, Hkv, S, G, K]
-    est_unread = t_e[:, :, :, None] + c[..., None]
-    stop = cand & (est_unread - est_read <= thr).all(-2)  # [B, Hkv, S, K]
+    est = t_e[:, :, :, None] + (c - log_z)[..., None]  # [B, Hkv, S, G, K]
+    stop = cand & (est <= thr).all(-2)
     return torch.where(stop, ends, torch.full_like(ends, n_per)).amin(-1)
 
 

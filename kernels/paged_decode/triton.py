@@ -179,16 +179,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
         e = (tl.arange(0, KC) + 1) * CHUNK  # [KC] chunk ends, as slots of this split
         cand = e < n_mine
         t_e = tl.load(tail_row + s + e * num_splits, mask=cand, other=NEG_INF)
-        t_c = tl.load(tail_row + s + CHUNK * num_splits, mask=CHUNK < n_mine, other=NEG_INF)
-        dd = tl.where(cand, tl.minimum(t_e - t_c, 0.0), NEG_INF)
-        between = t_c + tl.log(tl.maximum(1.0 - tl.exp(dd), 0.0))  # [KC] LSE of the bounds over slots [C, e)
-        xa = log_z[:, None] + tl.zeros([GP, KC], tl.float32)
-        xb = c[:, None] + between[None, :]
-        mx = tl.maximum(xa, xb)
-        mxs = tl.where(mx == NEG_INF, 0.0, mx)
-        est_read = mxs + tl.log(tl.exp(xa - mxs) + tl.exp(xb - mxs))  # [GP, KC]
-        est_unread = t_e[None, :] + c[:, None]
-        ok = ((est_unread - est_read) <= log_thr) | ~(g < G)[:, None]
+        ok = ((t_e[None, :] + (c - log_z)[:, None]) <= log_thr) | ~(g < G)[:, None]  # [GP, KC]
         stop_k = cand & (tl.min(ok.to(tl.int32), axis=0) > 0)
         lim = tl.min(tl.where(stop_k, e, n_mine), axis=0)
         for jb in tl.range(CHUNK, lim, BLOCK_PAGES, num_stages=NUM_STAGES):
