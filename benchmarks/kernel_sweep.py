@@ -98,15 +98,18 @@ def _pipeline_case(policy, B, ctx, hq, hkv, d):
 def art_order(q, table, lens, kmin, kmax, S, within_splits=True):
     """dense + ART's score_select (fused.run_layer's launch 1): every page, best-first by the Quest box bound,
     the request's last page first; split-local order (the pipeline's) or one global order.
-    -> (order [B, Hkv, P], count [B, Hkv], tail [B, Hkv, P], terms [B, Hkv, P])."""
+    -> (order [B, Hkv, P], count [B, Hkv], tail [B, Hkv, P], terms [B, Hkv, P], phys [B, Hkv, P] or None:
+    the list's physical pages, written by the split-local order as the pipeline asks)."""
     B, P = table.shape
     hkv, d = kmin.shape[1], kmin.shape[-1]
     terms = torch.empty(B, hkv, P, dtype=torch.float32, device=q.device)  # [B, Hkv, P] U + log n, list order
+    phys = torch.empty(B, hkv, P, dtype=torch.int32, device=q.device) if within_splits else None
     order, count, tail = select_tk.score_select(
         q, kmin, kmax, table, lens, torch.zeros(B, P, dtype=torch.bool, device=q.device), num_kv_heads=hkv,
         page_size=PAGE, sm_scale=d ** -0.5, score=1, select=False, budget_pages=0, forced_only=False,
-        certified=True, num_splits=S, max_kept=P, terms_out=terms, last_first=True, within_splits=within_splits)
-    return order, count, tail, terms
+        certified=True, num_splits=S, max_kept=P, terms_out=terms, last_first=True, within_splits=within_splits,
+        phys_out=phys)
+    return order, count, tail, terms, phys
 
 
 def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
@@ -118,7 +121,7 @@ def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
     B, P = table.shape
     hkv, d = k.shape[1], k.shape[-1]
     dev = q.device
-    order, count, tail, terms = art_order(q, table, lens, kmin, kmax, S)
+    order, count, tail, terms, phys = art_order(q, table, lens, kmin, kmax, S)
     ident = torch.arange(P, dtype=torch.int32, device=dev).expand(B, hkv, P).contiguous()  # [B, Hkv, P]
 
     def dec(lst=order, rule=None, **kw):
@@ -129,8 +132,6 @@ def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
     def stop(kind, chunk, delta=1e-9):
         return StopRule(kind=kind, chunk_pages=chunk, delta=delta)
 
-    phys = torch.empty_like(order)  # [B, Hkv, P] the list's physical pages (score_select's phys_out)
-    phys.copy_(table.long().gather(1, order.long().clamp(min=0).flatten(1)).view_as(order))
     cases = [(dict(case="dense, natural order"), dec(natural=True)),
              (dict(case="list, identity order"), dec(ident)),
              (dict(case="list, best-first order"), dec()),
@@ -154,6 +155,26 @@ def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
                dec(rule=stop("certified", 16), phys=phys, block_pages=8, flat=True)),
               (dict(case="calibrated, delta 0.1, physical pages, flat", chunk=16, block_pages=8),
                dec(rule=stop("calibrated", 16, delta=0.1), phys=phys, block_pages=8, flat=True))]
+    # a whole dense + ART layer: score_select then the decode (two launches), or the decode ordering its own
+    # pages (one launch, order_from): what --tune records as "/order"
+    def layer(one, rule, bp):
+        if one:
+            return lambda: decode_tk.launch_decode(q, k, v, table, lens, None, None, sm_scale=d ** -0.5, rule=rule,
+                                                   num_splits=S, out_dtype=q.dtype, block_pages=bp,
+                                                   order_from=(kmin, kmax))
+
+        def two():
+            o, c, t, tm, ph = art_order(q, table, lens, kmin, kmax, S)
+            return decode_tk.launch_decode(q, k, v, table, lens, o, c, sm_scale=d ** -0.5, rule=rule, tail_lse=t,
+                                           bound_terms=tm, num_splits=S, out_dtype=q.dtype, block_pages=bp,
+                                           phys=ph)
+        return two
+    for once in (False, True):
+        rule = StopRule(kind="calibrated", chunk_pages=16, delta=1e-9, calibrate="once" if once else "all")
+        cases += [(dict(case=f"layer: order + decode, calibrated{' once' if once else ''}, never stops, "
+                             f"{'one launch' if one else 'two launches'}", chunk=16, block_pages=8,
+                        order="decode" if one else "separate", tune="art-order" if not once else None),
+                   layer(one, rule, 8)) for one in (False, True)]
     # calibrate: once: the first chunk, the stop point from the bounds, then a plain list read (no checks)
     cases += [(dict(case="calibrated once, never stops, physical pages", chunk=16, block_pages=bp),
                dec(rule=StopRule(kind="calibrated", chunk_pages=16, delta=1e-9, calibrate="once"), phys=phys,
@@ -168,8 +189,7 @@ def art_split_cases(q, k, v, table, lens, kmin, kmax, S):
     d = k.shape[-1]
     cases = []
     for mult in (1, 2, 4):
-        order, count, tail, terms = art_order(q, table, lens, kmin, kmax, S * mult)
-        phys = table.long().gather(1, order.long().clamp(min=0).flatten(1)).view_as(order).to(torch.int32)
+        order, count, tail, terms, phys = art_order(q, table, lens, kmin, kmax, S * mult)
         for flat in (False, True):
             cases.append((dict(case=f"calibrated, never stops, physical pages, {'flat' if flat else 'chunks'}, "
                                     f"{S * mult} splits", chunk=16, block_pages=8),
@@ -200,6 +220,10 @@ def record_tuning(rows, q, k, S, gpu):
             entries[key] = best["block_pages"]
             if kind == "art":
                 entries[key + "/loop"] = best["loop"]
+    mine = [r for r in rows if r.get("tune") == "art-order"]
+    if mine:
+        entries[tuning.key(_pow2(k.shape[-1], 16), k.element_size(), PAGE, S > 1, True) + "/order"] = \
+            min(mine, key=lambda r: r["us"])["order"]
     tuning.record(gpu, entries)
     print(f"recorded in {tuning.TUNED}: {gpu}: {entries}")
 

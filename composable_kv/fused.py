@@ -145,6 +145,12 @@ def run_layer(pipeline, ctx):
         a, b = c.key_min[layer], c.key_max[layer]
     else:
         a = b = None
+    if sp.within_splits and decode_tk.order_in_decode(q, c.k[layer], S):
+        # measured faster on this GPU (kernel_sweep --tune): each split orders its own pages in the decode launch
+        out, pages, tau = decode_tk.launch_decode(q, c.k[layer], c.v[layer], plan.page_table, plan.seq_lens,
+                                                  None, None, sm_scale=ctx.sm_scale, rule=rule, num_splits=S,
+                                                  out_dtype=q.dtype, order_from=(c.key_min[layer], c.key_max[layer]))
+        return DecodeOut(out, pages, tau)
     phys = None
     if sp.within_splits:  # the decode then addresses K/V by physical page, one dependent load fewer
         phys = torch.empty(plan.batch_size, c.num_kv_heads, plan.page_table.shape[1], dtype=torch.int32,

@@ -356,3 +356,59 @@ def test_calibrated_uses_the_certificate_until_a_full_page_is_read(recent):
     cal = ref_decode(c, StopRule("calibrated", 1, delta=0.2, calibrate="recent" if recent else "all"), 1).pages_read
     cert = ref_decode(c, StopRule("certified", 1, delta=0.2), 1).pages_read
     assert bool((cal >= torch.minimum(cert, torch.full_like(cert, 2))).all()), (cal, cert)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("rule", [StopRule("certified", 2, delta=0.3), StopRule("calibrated", 2, delta=0.2),
+                                  StopRule("calibrated", 4, delta=0.2, calibrate="recent"),
+                                  StopRule("calibrated", 2, delta=0.05, calibrate="once")],
+                         ids=["certified", "calibrated", "recent", "once"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_orders_its_own_pages_as_score_select_would(rule, num_splits):
+    """launch_decode(order_from=...) (one launch) against score_select(within_splits) + launch_decode (two)."""
+    cache, q, table, seq_lens = make([1, 17, 63, 300], group=2, head_dim=64, device=DEV, q_scale=3.0)
+    B, Hkv, P, sm = len(seq_lens), cache.num_kv_heads, table.shape[1], 64 ** -0.5
+    kmin, kmax = cache.key_min[0], cache.key_max[0]
+    cal = rule.kind is StopKind.CALIBRATED
+    terms = torch.empty(B, Hkv, P, dtype=torch.float32, device=DEV) if cal else None
+    phys = torch.empty(B, Hkv, P, dtype=torch.int32, device=DEV)
+    order, count, tail = select_tk.score_select(
+        q, kmin, kmax, table, seq_lens, torch.zeros_like(table, dtype=torch.bool), num_kv_heads=Hkv,
+        page_size=cache.page_size, sm_scale=sm, score=1, select=False, budget_pages=0, forced_only=False,
+        certified=True, num_splits=num_splits, max_kept=1, terms_out=terms, last_first=cal, within_splits=True,
+        phys_out=phys)
+    two = decode_tk.launch_decode(q, cache.k[0], cache.v[0], table, seq_lens, order, count, sm_scale=sm, rule=rule,
+                                  tail_lse=tail, bound_terms=terms, num_splits=num_splits, phys=phys, flat=False)
+    one = decode_tk.launch_decode(q, cache.k[0], cache.v[0], table, seq_lens, None, None, sm_scale=sm, rule=rule,
+                                  num_splits=num_splits, order_from=(kmin, kmax), flat=False)
+    assert torch.equal(two[1], one[1]) and torch.equal(two[0], one[0])
+    if rule.kind is StopKind.CERTIFIED:
+        assert torch.equal(two[2], one[2])
+    if cal and num_splits == 1:  # the calibrated stops fire on these peaked logits: the comparison covers a stop
+        assert int(one[1].sum()) < int((seq_lens + 15).div(16, rounding_mode="floor").sum()) * Hkv
+
+
+def test_order_from_refuses_what_it_replaces():
+    cache, q, table, seq_lens = make([40, 300], group=2, head_dim=64)
+    kmin, kmax = cache.key_min[0], cache.key_max[0]
+    with pytest.raises(ValueError, match="order_from: for the certified and calibrated stops"):
+        decode_tk.launch_decode(q, cache.k[0], cache.v[0], table, seq_lens, None, None, sm_scale=0.125,
+                                rule=StopRule("stability", 2), order_from=(kmin, kmax))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", ["art_calibrated_box_all", "art_calibrated_once_box_all"])
+def test_pipeline_ordering_in_the_decode_equals_generic(name, monkeypatch):
+    """fused.run_layer's one-launch dense + ART (taken where tuning.py records it faster) against the generic
+    path: the same pages and outputs as the two-launch form that test_calibrated_fused_equals_generic checks."""
+    calls = []
+    real = decode_tk.launch_decode
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("order_from") is not None)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(decode_tk, "order_in_decode", lambda q, k_cache, num_splits: True)
+    monkeypatch.setattr(decode_tk, "launch_decode", spy)
+    check_pipeline(_pol(*STACKS[name]), [1, 17, 63, 111, 333], group=4, head_dim=64, num_layers=2, num_splits=3,
+                   device=DEV)
+    assert any(calls)

@@ -181,8 +181,22 @@ def _score_order_splits_kernel(
         LAST_FIRST: tl.constexpr, BLOCK_S: tl.constexpr, KP: tl.constexpr, DOT_F32: tl.constexpr):
     """Every page kept, split-local order (reference.order_within_splits): program (row, s) scores the pages
     p = s + k*S of its split, sorts them and writes list positions s + k*S, with their tail LSE and terms."""
-    pid = tl.program_id(0)
-    s = tl.program_id(1)
+    order_split(tl.program_id(0), tl.program_id(1), q_ptr, stride_qb, stride_qh, a_ptr, b_ptr, stride_ap,
+                stride_ah, stride_at, pt_ptr, stride_ptb, seq_ptr, scores_ptr, order_ptr, phys_ptr, count_ptr,
+                tail_ptr, terms_ptr, P, sm_scale, num_splits, HKV, G, GP, D, DP, PAGE, SCORE, CERTIFIED, TERMS,
+                PHYS, LAST_FIRST, BLOCK_S, KP, DOT_F32)
+
+
+@triton.jit
+def order_split(pid, s, q_ptr, stride_qb, stride_qh, a_ptr, b_ptr, stride_ap, stride_ah, stride_at,
+                pt_ptr, stride_ptb, seq_ptr, scores_ptr, order_ptr, phys_ptr, count_ptr, tail_ptr, terms_ptr,
+                P, sm_scale, num_splits,
+                HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                PAGE: tl.constexpr, SCORE: tl.constexpr, CERTIFIED: tl.constexpr, TERMS: tl.constexpr,
+                PHYS: tl.constexpr, LAST_FIRST: tl.constexpr, BLOCK_S: tl.constexpr, KP: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    """_score_order_splits_kernel's work for row pid, split s; also run at the head of the ART decode
+    (paged_decode's `order_from`: one launch). It writes and reads back only split s's slots of scores."""
     b, h, row, seq_len, n_pages, pt_row = _program_row(pid, seq_ptr, pt_ptr, stride_ptb, P, HKV, PAGE)
     n_mine = (tl.maximum(n_pages - s, 0) + num_splits - 1) // num_splits
     q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)
@@ -408,7 +422,7 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
     st = a.stride() if score else (0, 0, 0)
     exact = score == 2
     elt = a.element_size() if score else 4
-    BLOCK_S = block_s or (16 if exact else max(16, min(128, 32768 // (_pow2(D, 16) * elt))))
+    BLOCK_S = block_s or (16 if exact else box_block_s(D, elt))
     if within_splits:
         if select or forced_only or not score:
             raise ValueError("within_splits: every page is kept and ordered by a score (select=False, "
@@ -455,6 +469,11 @@ def score_select(q, summary_a, summary_b, page_table, seq_lens, forced, *, num_k
         DOT_F32=dot_f32(q, a.dtype) if score else True, NUM_STAGES=num_stages, SCORE_SPLITS=splits,
         num_warps=nw)
     return order, count, tail
+
+
+def box_block_s(D: int, elt: int) -> int:
+    """Pages of box summaries scored per block: 64 KB of key min + max (H100 sweep, kernel_sweep.py)."""
+    return max(16, min(128, 32768 // (_pow2(D, 16) * elt)))
 
 
 _SMS: dict = {}

@@ -16,6 +16,8 @@ from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 
 from ..page_score.triton import _pow2
 from .output import DecodeOut
 from . import tuning
+from ..page_score.triton import dot_f32 as score_dot_f32
+from ..page_select.triton import box_block_s, order_split
 
 NEG_INF = tl.constexpr(float("-inf"))
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -125,20 +127,28 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                    out_ptr, stride_ob, stride_oh, pages_ptr, tau_ptr,
                    pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, mass_ptr, lse_ptr, P_PAD,
                    N, qk_scale, num_splits, scale_tol, direction_tol, patience, log_thr,
+                   sa_ptr, sb_ptr, stride_sap, stride_sah, scores_ptr, o_scale,
                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                    PAGE: tl.constexpr, NATURAL: tl.constexpr, PHYS: tl.constexpr, RULE: tl.constexpr,
                    CHUNK: tl.constexpr,
                    BLOCK_PAGES: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
                    NUM_STAGES: tl.constexpr, TOK: tl.constexpr, PAGE_MASS: tl.constexpr,
                    ACC_BF16: tl.constexpr, CALIB_RECENT: tl.constexpr, FLAT: tl.constexpr, ONCE: tl.constexpr,
-                   KC: tl.constexpr):
+                   KC: tl.constexpr, ORDER: tl.constexpr, O_BLOCK_S: tl.constexpr, O_KP: tl.constexpr,
+                   O_DOT_F32: tl.constexpr):
     pid = tl.program_id(0)
+    if ORDER:  # launch_decode's order_from: this split orders its own pages first (page_select.order_split)
+        order_split(pid, tl.program_id(1), q_ptr, stride_qb, stride_qh, sa_ptr, sb_ptr, stride_sap, stride_sah, 0,
+                    pt_ptr, stride_ptb, seq_ptr, scores_ptr, order_ptr, phys_ptr, count_ptr, tail_ptr, terms_ptr,
+                    N, o_scale, num_splits, HKV, G, GP, D, DP, PAGE, 1, True, RULE == 3, PHYS, RULE == 3,
+                    O_BLOCK_S, O_KP, O_DOT_F32)
+        tl.debug_barrier()  # its slots of order, phys, tail and terms, written above, read below
     s = tl.program_id(1)
     b = pid // HKV
     h = pid % HKV
     seq_len = tl.load(seq_ptr + b)
     n_pages = (seq_len + PAGE - 1) // PAGE
-    if NATURAL:
+    if NATURAL or ORDER:  # ORDER: every page is listed (split 0 writes count for the caller, not read here)
         count = n_pages
     else:
         count = tl.load(count_ptr + pid)
@@ -330,7 +340,8 @@ def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, out_ptr, strid
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
                   rule=None, tail_lse=None, bound_terms=None, num_splits: int = 1, natural: bool = False,
                   out_dtype=torch.float32, block_pages: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, page_mass=None, phys=None, flat: bool | None = None):
+                  num_stages: int | None = None, page_mass=None, phys=None, flat: bool | None = None,
+                  order_from=None):
     """Launch decode (+ merge when num_splits > 1). natural=True: list position i is page i, count =
     the request's pages (order/count unused). Returns (out [B, Hq, D] out_dtype, pages_read, tau).
     phys: None, or [B, Hkv, N] int32, the physical page of each list entry (page_table[b, order], as
@@ -339,6 +350,10 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     blocks, the stop checked at each chunk end and applied by masking the later blocks (no memory traffic,
     their compute still runs), instead of a `while` over chunks whose pipelined blocks drain before every
     check. Same pages read, same outputs. None: this GPU's tuned choice (tuning.py), else chunked.
+    order_from (certified and calibrated stops): (key_min, key_max) [pages, Hkv, D], the Quest box summaries.
+    Each split first orders its own pages as score_select(within_splits=True, phys_out=...) would (the
+    calibrated stop's order: the request's last page first), in the same launch; order, count, tail_lse,
+    bound_terms and phys are then allocated here (pass None). Same pages and outputs as the two launches.
     page_mass: None, or a pair (page_lse [B, Hq, P] fp32 pre-filled with -inf, lse [B, Hq] fp32) that
     the kernels fill (see reference.paged_decode); P = page_table.shape[1]."""
     B, Hq, D = q.shape
@@ -349,6 +364,17 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     kind = rule.kind if rule is not None else None
     R = RULES[kind]
     S = max(1, int(num_splits))
+    if order_from is not None:
+        if R not in (2, 3) or natural or order is not None or phys is not None or tail_lse is not None:
+            raise ValueError("order_from: for the certified and calibrated stops, with order, count, tail_lse, "
+                             "bound_terms and phys left to it (None) and natural=False")
+        P_ = page_table.shape[1]
+        order = torch.empty(B, Hkv, P_, dtype=torch.int32, device=dev)  # [B, Hkv, P] each split's slots
+        count = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
+        tail_lse = torch.empty(B, Hkv, P_, dtype=torch.float32, device=dev)
+        bound_terms = torch.empty_like(tail_lse) if R == 3 else None
+        phys = torch.empty_like(order)
+        o_scores = torch.empty_like(tail_lse)
     if R in (2, 3) and tail_lse is None:
         raise ValueError(f"{kind} stop needs tail_lse (page_select.strided_tail_lse)")
     if R == 3 and bound_terms is None:
@@ -431,12 +457,15 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
         N, float(sm_scale) * 1.4426950408889634, S,
         float(rule.scale_tol) if R == 1 else 0.0, float(rule.direction_tol) if R == 1 else 0.0,
         int(rule.patience) if R == 1 else 0, thr,
+        *(_order_args(order_from, o_scores, sm_scale) if order_from is not None else (dummy, dummy, 0, 0, dummy, 0.0)),
         HKV=Hkv, G=G, GP=GP, D=D, DP=DP, PAGE=PAGE, NATURAL=bool(natural), PHYS=phys is not None, RULE=R,
         CHUNK=chunk,
         BLOCK_PAGES=block_pages, SPLIT=split, DOT_F32=dot_f32, NUM_STAGES=num_stages, TOK=max(16, block_pages * PAGE),
         PAGE_MASS=with_mass, ACC_BF16=bool(R and getattr(rule, "acc_bf16", False)),
         CALIB_RECENT=bool(R == 3 and getattr(rule, "calibrate", "all") == "recent"), FLAT=bool(flat), ONCE=once,
-        KC=_pow2(-(-(-(-N // S)) // max(chunk, 1)), 16),
+        KC=_pow2(-(-(-(-N // S)) // max(chunk, 1)), 16), ORDER=order_from is not None,
+        O_BLOCK_S=_order_block_s(order_from, D), O_KP=_pow2(-(-N // S), 16),
+        O_DOT_F32=order_from is not None and score_dot_f32(q, order_from[0].dtype),
         num_warps=num_warps)
     if split:
         _merge_kernel[(B * Hq,)](pm, pl, pacc, ppages, prem, out, out.stride(0), out.stride(1), pages,
@@ -444,6 +473,26 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
                                  SPP=_pow2(S), CERTIFIED=R == 2, PAGE_MASS=with_mass,
                                  num_warps=1 if DP <= 64 else 2)
     return out, pages, tau
+
+
+def order_in_decode(q, k_cache, num_splits: int) -> bool:
+    """Whether dense + ART should order its pages inside the decode launch on this GPU (tuning.py's record
+    for this launch kind; no record, or not CUDA: no)."""
+    return q.device.type == "cuda" and tuning.order_in_decode(q.device, _pow2(q.shape[-1], 16),
+                                                              k_cache.element_size(), k_cache.shape[2],
+                                                              num_splits > 1)
+
+
+def _order_args(order_from, scores, sm_scale):
+    kmin, kmax = order_from
+    if kmin.shape != kmax.shape or kmin.stride() != kmax.stride() or kmin.stride(-1) != 1:
+        raise ValueError(f"order_from: key_min and key_max must share a shape and strides, unit-stride in D, got "
+                         f"{list(kmin.shape)} {kmin.stride()} and {list(kmax.shape)} {kmax.stride()}")
+    return kmin, kmax, kmin.stride(0), kmin.stride(1), scores, float(sm_scale)
+
+
+def _order_block_s(order_from, D):
+    return 16 if order_from is None else box_block_s(D, order_from[0].element_size())
 
 
 def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,

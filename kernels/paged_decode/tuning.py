@@ -5,7 +5,8 @@ and records the fastest in tuned.json, keyed by the GPU's name and the launch's 
 the recorded value when its caller names none; a GPU or kind with no record keeps launch_decode's
 built-in rule. BLOCK_PAGES does not change which pages are read or where a stop rule checks (it
 divides the check interval), only how many pages one step of the loop loads; nor does the ART loop's form
-(key + "/loop": "flat" or "chunks", launch_decode's `flat`).
+(key + "/loop": "flat" or "chunks", launch_decode's `flat`), nor where dense + ART orders its pages
+(key + "/order": "decode" or "separate", launch_decode's `order_from`).
 """
 from __future__ import annotations
 
@@ -47,9 +48,15 @@ def block_pages(dev: torch.device, k: str) -> int | None:
     return int(v) if v else None
 
 
+def order_in_decode(dev: torch.device, head_dim_padded: int, elt_bytes: int, page: int, split: bool) -> bool:
+    """Dense + ART on this GPU orders its pages inside the decode launch (launch_decode's order_from) rather
+    than in score_select before it: recorded as key + "/order" = "decode" (else "separate")."""
+    return value(dev, key(head_dim_padded, elt_bytes, page, split, True) + "/order") == "decode"
+
+
 def record(gpu: str, entries: dict[str, int | str], path: Path = TUNED) -> None:
     """Merge {key: value} for GPU `gpu` into the table at path: a launch kind's BLOCK_PAGES, and for ART
-    kinds (key + "/loop") "flat" or "chunks"."""
+    kinds (key + "/loop") "flat" or "chunks" and (key + "/order") "decode" or "separate"."""
     table = json.loads(path.read_text()) if path.exists() else {}
     table.setdefault(gpu, {}).update(entries)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
