@@ -245,8 +245,10 @@ def test_calibrated_is_declared_not_certified(capsys):
 @pytest.mark.parametrize("num_splits", [1, 4, 8])
 @pytest.mark.parametrize("group,head_dim", [(4, 64), (7, 128), (8, 128)])
 @pytest.mark.parametrize("budget", [None, 64])
-def test_calibrated_decode_kernel_gpu_grid(chunk, delta, num_splits, group, head_dim, budget):
-    check_kernel([1, 17, 300, 1000, 4000, 8191], group, head_dim, chunk, delta, num_splits, budget, device="cuda")
+@pytest.mark.parametrize("calibrate", ["all", "once"])
+def test_calibrated_decode_kernel_gpu_grid(chunk, delta, num_splits, group, head_dim, budget, calibrate):
+    check_kernel([1, 17, 300, 1000, 4000, 8191], group, head_dim, chunk, delta, num_splits, budget, device="cuda",
+                 calibrate=calibrate)
 
 
 def test_diagnosis_runs_the_calibrated_rules():
@@ -365,13 +367,27 @@ def test_calibrated_uses_the_certificate_until_a_full_page_is_read(recent):
                          ids=["certified", "calibrated", "recent", "once"])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_orders_its_own_pages_as_score_select_would(rule, num_splits):
+    check_order_in_decode(rule, num_splits, [1, 17, 63, 300], 2, 64, DEV)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", [StopRule("certified", 8, delta=0.3), StopRule("calibrated", 16, delta=0.2),
+                                  StopRule("calibrated", 16, delta=0.05, calibrate="once")],
+                         ids=["certified", "calibrated", "once"])
+@pytest.mark.parametrize("num_splits", [1, 4, 9])
+@pytest.mark.parametrize("group,head_dim,dtype", [(7, 64, torch.bfloat16), (4, 128, torch.float32)])
+def test_decode_orders_its_own_pages_gpu(rule, num_splits, group, head_dim, dtype):
+    check_order_in_decode(rule, num_splits, [1, 17, 300, 1000, 4000, 8191], group, head_dim, "cuda", dtype)
+
+
+def check_order_in_decode(rule, num_splits, lens, group, head_dim, device, dtype=torch.float32):
     """launch_decode(order_from=...) (one launch) against score_select(within_splits) + launch_decode (two)."""
-    cache, q, table, seq_lens = make([1, 17, 63, 300], group=2, head_dim=64, device=DEV, q_scale=3.0)
-    B, Hkv, P, sm = len(seq_lens), cache.num_kv_heads, table.shape[1], 64 ** -0.5
+    cache, q, table, seq_lens = make(lens, group=group, head_dim=head_dim, device=device, q_scale=3.0, dtype=dtype)
+    B, Hkv, P, sm = len(seq_lens), cache.num_kv_heads, table.shape[1], head_dim ** -0.5
     kmin, kmax = cache.key_min[0], cache.key_max[0]
     cal = rule.kind is StopKind.CALIBRATED
-    terms = torch.empty(B, Hkv, P, dtype=torch.float32, device=DEV) if cal else None
-    phys = torch.empty(B, Hkv, P, dtype=torch.int32, device=DEV)
+    terms = torch.empty(B, Hkv, P, dtype=torch.float32, device=device) if cal else None
+    phys = torch.empty(B, Hkv, P, dtype=torch.int32, device=device)
     order, count, tail = select_tk.score_select(
         q, kmin, kmax, table, seq_lens, torch.zeros_like(table, dtype=torch.bool), num_kv_heads=Hkv,
         page_size=cache.page_size, sm_scale=sm, score=1, select=False, budget_pages=0, forced_only=False,
@@ -385,7 +401,7 @@ def test_decode_orders_its_own_pages_as_score_select_would(rule, num_splits):
     if rule.kind is StopKind.CERTIFIED:
         assert torch.equal(two[2], one[2])
     if cal and num_splits == 1:  # the calibrated stops fire on these peaked logits: the comparison covers a stop
-        assert int(one[1].sum()) < int((seq_lens + 15).div(16, rounding_mode="floor").sum()) * Hkv
+        assert int(one[1].sum()) < int((seq_lens.cpu() + 15).div(16, rounding_mode="floor").sum()) * Hkv
 
 
 def test_order_from_refuses_what_it_replaces():
