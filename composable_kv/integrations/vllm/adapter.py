@@ -18,6 +18,7 @@ import torch
 from ... import summaries as summ
 from ...cache import AppendSlots
 from ...errors import TensorContractError
+from ...kernels import backend_for
 from ...pipeline import DecodePipeline, DecodeResult, StepPlan
 
 
@@ -91,10 +92,21 @@ class VllmPagedCache:
         if not self._summaries:
             return
         T = slot_mapping.shape[0]
+        rest = self._summaries
+        if summ.KEY_MINMAX in self.summaries:  # first: a key shadow quantizes against the new min/max
+            if backend_for(self.device) == "triton":  # one launch (kernels/minmax_write)
+                from ...kernels.minmax_write import triton as minmax
+            else:
+                from ...kernels.minmax_write import reference as minmax
+            minmax.minmax_write(slot_mapping, key[:T], self.key_min[layer], self.key_max[layer], self.page_size,
+                                self.trash_page)
+            rest = [s for s in rest if s.name != summ.KEY_MINMAX]
+        if not rest:
+            return
         slots, fresh = slots_from_mapping(slot_mapping, self.page_size, self.trash_page)
-        for s in self._summaries:
+        for s in rest:
             s.reset(self, fresh, layers=(layer,))
-        for s in self._summaries:  # dependencies first (a key shadow quantizes against the new min/max)
+        for s in rest:  # dependencies first
             s.update(self, layer, slots, key[:T], value[:T])
 
 
