@@ -241,27 +241,36 @@ def pareto_plot(rows: Sequence[dict], ctx: int, path: Path, model: str, tasks: S
     """Mean accuracy over the tasks against KV MB read per token, one labelled point per policy that ran every
     task, the Pareto frontier drawn; returns a note if a label found no free place, if no policy ran every
     task (no plot), or if matplotlib is missing."""
+    summary = {n: s for n, s in policy_summary(rows, tasks).items() if s["complete"]}
+    if not summary:
+        return f"{path.name}: not drawn, no policy ran every task at {ctx} tokens"
+    names = list(summary)
+    return frontier_plot(names, [summary[n]["mb"] for n in names], [summary[n]["mean_acc"] for n in names], path,
+                         xlabel="KV MB read per generated token (all layers, log scale)", title=f"{model}, {ctx} tokens")
+
+
+def frontier_plot(names: Sequence[str], xs: Sequence[float], ys: Sequence[float], path: Path, *, xlabel: str,
+                  title: str, higher_x_better: bool = False) -> str | None:
+    """Accuracy (y, higher is better) against a cost or a speed (x, log scale), one labelled point per name, the
+    Pareto frontier drawn; returns a note if a label found no free place, or if matplotlib is missing."""
     from .evaluate import _NO_MATPLOTLIB, _pyplot, place_labels
 
     plt = _pyplot()
     if plt is None:
         return _NO_MATPLOTLIB
-    summary = {n: s for n, s in policy_summary(rows, tasks).items() if s["complete"]}
-    if not summary:
-        return f"{path.name}: not drawn, no policy ran every task at {ctx} tokens"
-    names = list(summary)
-    xs = [summary[n]["mb"] for n in names]
-    ys = [summary[n]["mean_acc"] for n in names]
+    sx = -1 if higher_x_better else 1  # compare on sx * x: lower is better
+
+    def dominated(x, y):
+        return any(sx * x2 <= sx * x and y2 > y or sx * x2 < sx * x and y2 >= y for x2, y2 in zip(xs, ys))
     fig, ax = plt.subplots(figsize=(9, 6))
     ax.plot(xs, ys, "o", color="tab:blue")
     ax.set_xscale("log")  # sparse policies read a few % of dense: a log axis spreads them
-    front = sorted((x, y) for x, y in zip(xs, ys) if not any(x2 <= x and y2 > y or x2 < x and y2 >= y
-                                                             for x2, y2 in zip(xs, ys)))
-    ax.step([x for x, _ in front], [y for _, y in front], where="post", color="tab:orange", lw=1,
-            label="Pareto frontier")
-    ax.set_xlabel("KV MB read per generated token (all layers, log scale)")
+    front = sorted((x, y) for x, y in zip(xs, ys) if not dominated(x, y))
+    ax.step([x for x, _ in front], [y for _, y in front], where="pre" if higher_x_better else "post",
+            color="tab:orange", lw=1, label="Pareto frontier")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("mean accuracy over the tasks")
-    ax.set_title(f"{model}, {ctx} tokens")
+    ax.set_title(title)
     ax.set_xlim(min(xs) / 2, max(xs) * 2)
     ax.set_ylim(-0.05, 1.15)
     ax.grid(alpha=0.3)
