@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, end to end: does ART pay? One GPU call (about 4 min on the H200), after the model parts are on the
+# Issue 14, end to end: does ART pay? One GPU call (at most 580 s: run it with timeout_s 600), after the model parts are on the
 # machine (gpu/eval_scale.sh, step 1):
 #   1. benchmarks/kernel_sweep.py --parts art_decode --tune: why the ART decode reads every page slower than dense
 #      (Qwen2.5-0.5B shape, B=16, 32k: order list, physical pages, stop rules, chunk sizes, stages, block sizes),
@@ -32,11 +32,11 @@ providers+=",ckv $C/dense_art_calibrated_recent_0.01_chunk16.yaml,ckv $C/dense_a
 providers+=",ckv $C/dense_art_calibrated_once_0.05_chunk16.yaml,ckv $C/dense_art_calibrated_once_0.1_chunk16.yaml"
 providers+=",ckv quest,ckv $C/quest2048.yaml,ckv $C/quest2048_art_calibrated_0.2.yaml"
 providers+=",flashinfer-tc,transformers"
-timeout 300 python benchmarks/e2e.py --out "$OUT/e2e" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
+timeout 250 python benchmarks/e2e.py --out "$OUT/e2e" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
   --text essays --sizes 32768x16 --providers "$providers" 2>&1 | tee "$OUT/e2e/log.txt"
 # B = 64: attention is ~80% of the step there, where a read of half the bytes can show
 providers="ckv dense,ckv $C/dense_art_calibrated_0.3_chunk16.yaml,ckv $C/dense_art_calibrated_once_0.05_chunk16.yaml"
 providers+=",ckv quest,flashinfer-tc"
 mkdir -p "$OUT/e2e64"
-timeout 300 python benchmarks/e2e.py --out "$OUT/e2e64" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
+timeout 180 python benchmarks/e2e.py --out "$OUT/e2e64" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
   --text essays --sizes 32768x64 --providers "$providers" 2>&1 | tee "$OUT/e2e64/log.txt"
