@@ -60,7 +60,7 @@ def bench_graph(fn, n=20):
         return None
 
 
-def flashinfer_decode(q, k, v, table, lens, graph=False):
+def flashinfer_decode(q, k, v, table, lens, graph=False, tensor_cores=False):
     if harness.flashinfer() is None:
         print("flashinfer unavailable: its rows are left out", file=sys.stderr)
         return None
@@ -69,7 +69,7 @@ def flashinfer_decode(q, k, v, table, lens, graph=False):
     last = torch.full((B,), PAGE, dtype=torch.int32, device="cuda")
     w = harness.flashinfer_decode(indptr, table.flatten().contiguous(), last, num_q_heads=q.shape[1],
                                   num_kv_heads=k.shape[1], head_dim=k.shape[-1], page_size=PAGE, dtype=q.dtype,
-                                  graph=graph)
+                                  graph=graph, tensor_cores=tensor_cores)
     return lambda: w.run(q, (k, v))
 
 
@@ -132,7 +132,12 @@ def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
     def stop(kind, chunk, delta=1e-9):
         return StopRule(kind=kind, chunk_pages=chunk, delta=delta)
 
-    cases = [(dict(case="dense, natural order"), dec(natural=True)),
+    cases = [(dict(case="dense, natural order"), dec(natural=True))]
+    for tc in (False, True):  # the strongest dense decodes we can run, same cache, same graph timer
+        fi = flashinfer_decode(q, k, v, table, lens, graph=True, tensor_cores=tc)
+        if fi is not None:
+            cases.append((dict(case=f"FlashInfer decode{', tensor cores' if tc else ''} (dense)"), fi))
+    cases += [
              (dict(case="list, identity order"), dec(ident)),
              (dict(case="list, best-first order"), dec()),
              (dict(case="list, best-first order, physical pages"), dec(phys=phys))]
@@ -376,7 +381,8 @@ def main(argv=None):
         for labels, fn in art_decode_cases(q, k, v, table, lens, kmin, kmax, S) + \
                 art_split_cases(q, k, v, table, lens, kmin, kmax, S):
             try:
-                pages = int(fn()[1].sum())  # pages_read [B, Hkv], summed
+                res = fn()
+                pages = int(res[1].sum()) if isinstance(res, tuple) else B * hkv * (ctx // PAGE)  # FlashInfer: all
                 tg = bench_graph(fn)
                 t = tg if tg is not None else bench(fn)
             except Exception as e:  # noqa: BLE001 (out of shared memory etc.)

@@ -410,6 +410,11 @@ def test_order_from_refuses_what_it_replaces():
     with pytest.raises(ValueError, match="order_from: for the certified and calibrated stops"):
         decode_tk.launch_decode(q, cache.k[0], cache.v[0], table, seq_lens, None, None, sm_scale=0.125,
                                 rule=StopRule("stability", 2), order_from=(kmin, kmax))
+    n = (seq_lens + 15) // 16
+    count = n[:, None].expand(len(seq_lens), cache.num_kv_heads).to(torch.int32)  # a caller's own count
+    with pytest.raises(ValueError, match="order_from: for the certified and calibrated stops"):
+        decode_tk.launch_decode(q, cache.k[0], cache.v[0], table, seq_lens, None, count, sm_scale=0.125,
+                                rule=StopRule("certified", 2, delta=0.1), order_from=(kmin, kmax))
 
 
 @pytest.mark.interpret

@@ -365,7 +365,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     R = RULES[kind]
     S = max(1, int(num_splits))
     if order_from is not None:
-        if R not in (2, 3) or natural or order is not None or phys is not None or tail_lse is not None:
+        if R not in (2, 3) or natural or any(x is not None for x in (order, count, tail_lse, bound_terms, phys)):
             raise ValueError("order_from: for the certified and calibrated stops, with order, count, tail_lse, "
                              "bound_terms and phys left to it (None) and natural=False")
         P_ = page_table.shape[1]
@@ -382,8 +382,9 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     N = page_table.shape[1] if natural else order.shape[-1]
     if phys is not None and (natural or phys.shape != order.shape or phys.dtype != torch.int32
                              or not phys.is_contiguous()):
-        raise ValueError(f"phys: expected a contiguous int32 tensor shaped like order {list(order.shape) if order is not None else None} "
-                         f"(not with natural=True), got {list(phys.shape)} {phys.dtype}")
+        want = None if order is None else list(order.shape)
+        raise ValueError(f"phys: expected a contiguous int32 tensor shaped like order {want} (not with "
+                         f"natural=True), got {list(phys.shape)} {phys.dtype}")
     chunk = int(rule.chunk_pages) if R else 0
     is_cuda = dev.type == "cuda"
     if block_pages is None and is_cuda:  # measured on this GPU (tuning.py), if recorded

@@ -20,6 +20,7 @@ TUNED = Path(__file__).with_name("tuned.json")
 
 
 def key(head_dim_padded: int, elt_bytes: int, page: int, split: bool, ruled: bool) -> str:
+    """A launch kind: "dense" is any read without a stop rule (natural order or a page list), "art" one with."""
     return f"D{head_dim_padded}/{elt_bytes}B/page{page}/{'split' if split else 'single'}/{'art' if ruled else 'dense'}"
 
 
@@ -38,8 +39,12 @@ def value(dev: torch.device, k: str):
     """The recorded value of key k on CUDA device dev, or None."""
     if dev.type != "cuda":
         return None
-    name = _device_name(dev.index if dev.index is not None else torch.cuda.current_device())
-    return _table(str(TUNED)).get(name, {}).get(k)
+    return _lookup(dev.index if dev.index is not None else torch.cuda.current_device(), k)
+
+
+@lru_cache(maxsize=None)
+def _lookup(index: int, k: str):
+    return _table(str(TUNED)).get(_device_name(index), {}).get(k)
 
 
 def block_pages(dev: torch.device, k: str) -> int | None:
@@ -61,3 +66,4 @@ def record(gpu: str, entries: dict[str, int | str], path: Path = TUNED) -> None:
     table.setdefault(gpu, {}).update(entries)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     _table.cache_clear()
+    _lookup.cache_clear()
