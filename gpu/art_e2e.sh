@@ -5,7 +5,7 @@
 #      (Qwen2.5-0.5B shape, B=16, 32k: order list, physical pages, stop rules, chunk sizes, stages, block sizes),
 #      and this GPU's fastest BLOCK_PAGES for dense and dense + ART, recorded for launch_decode;
 #   2. benchmarks/e2e.py on the real 32k model and 16 x 32k essay tokens (then 64 x 32k, fewer providers): dense, dense + ART (calibrated 0.1-0.3
-#      and calibrate: recent 0.01, checked every 4, 8 or 16 pages), Quest 1024, Quest 2048 with and without ART,
+#      and calibrate: once 0.1-0.3, checked every 16 pages), Quest 1024, Quest 2048 with and without ART,
 #      FlashInfer-TC, transformers' generate (SDPA).
 #   carry [".devsite/flashinfer-py312.tgz", ".devsite/wheels", ".devsite/eval-scale-cache.tgz"]
 #   command: CKV_COMMIT=<commit> OUT=$OUT bash gpu/art_e2e.sh
@@ -21,22 +21,25 @@ tar xzf .devsite/flashinfer-py312.tgz -C "$SITE"
 python -m pip install -q --no-index --no-deps --target "$SITE" .devsite/wheels/*.whl
 export PYTHONPATH="$SITE:$PWD"
 # --tune: the fastest BLOCK_PAGES of dense and of dense + ART on this GPU go to kernels/paged_decode/tuned.json,
-# which every decode below (ours dense included) then uses; the table comes back in $OUT/sweep to be committed
-timeout 150 python benchmarks/kernel_sweep.py --parts art_decode --shape qwen-0.5b --batch 16 --ctx 32768 --tune \
-  --out "$OUT/sweep/art_decode.csv" 2>&1 | tee "$OUT/sweep/art_decode.log"
+# which every decode below (ours dense included) then uses; the table comes back in $OUT/sweep to be committed.
+# SWEEP=0 skips it and uses the committed tuned.json.
+if [ "${SWEEP:-1}" != 0 ]; then
+  timeout 150 python benchmarks/kernel_sweep.py --parts art_decode --shape qwen-0.5b --batch 16 --ctx 32768 --tune \
+    --out "$OUT/sweep/art_decode.csv" 2>&1 | tee "$OUT/sweep/art_decode.log"
+fi
 cp kernels/paged_decode/tuned.json "$OUT/sweep/"
 C=benchmarks/art/configs
-providers="ckv dense,ckv $C/dense_art_calibrated_0.1_chunk16.yaml,ckv $C/dense_art_calibrated_0.2_chunk16.yaml"
-providers+=",ckv $C/dense_art_calibrated_0.2_chunk8.yaml,ckv $C/dense_art_calibrated_0.3_chunk16.yaml"
-providers+=",ckv $C/dense_art_calibrated_recent_0.01_chunk16.yaml,ckv $C/dense_art_calibrated_0.1.yaml"
-providers+=",ckv $C/dense_art_calibrated_once_0.05_chunk16.yaml,ckv $C/dense_art_calibrated_once_0.1_chunk16.yaml"
-providers+=",ckv quest,ckv $C/quest2048.yaml,ckv $C/quest2048_art_calibrated_0.2.yaml"
-providers+=",flashinfer-tc,transformers"
-timeout 250 python benchmarks/e2e.py --out "$OUT/e2e" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
-  --text essays --sizes 32768x16 --providers "$providers" 2>&1 | tee "$OUT/e2e/log.txt"
+once="ckv $C/dense_art_calibrated_once_0.1_chunk16.yaml,ckv $C/dense_art_calibrated_once_0.2_chunk16.yaml"
+once+=",ckv $C/dense_art_calibrated_once_0.3_chunk16.yaml"
+# PROVIDERS / PROVIDERS64 replace the lists below (comma-separated e2e.py providers)
+providers="ckv dense,$once,ckv $C/dense_art_calibrated_0.3_chunk16.yaml"
+providers+=",ckv quest,ckv $C/quest2048.yaml,ckv $C/quest2048_art_calibrated_0.2.yaml,flashinfer-tc,transformers"
+timeout ${E2E_TIMEOUT:-250} python benchmarks/e2e.py --out "$OUT/e2e" --models qwen2.5-0.5b-shape \
+  --model-path qwen2.5-coder-0.5b --text essays --sizes 32768x16 --providers "${PROVIDERS:-$providers}" 2>&1 \
+  | tee "$OUT/e2e/log.txt"
 # B = 64: attention is ~80% of the step there, where a read of half the bytes can show
-providers="ckv dense,ckv $C/dense_art_calibrated_0.3_chunk16.yaml,ckv $C/dense_art_calibrated_once_0.05_chunk16.yaml"
-providers+=",ckv quest,flashinfer-tc"
+providers="ckv dense,$once,ckv quest,flashinfer-tc"
 mkdir -p "$OUT/e2e64"
-timeout 180 python benchmarks/e2e.py --out "$OUT/e2e64" --models qwen2.5-0.5b-shape --model-path qwen2.5-coder-0.5b \
-  --text essays --sizes 32768x64 --providers "$providers" 2>&1 | tee "$OUT/e2e64/log.txt"
+timeout ${E2E64_TIMEOUT:-180} python benchmarks/e2e.py --out "$OUT/e2e64" --models qwen2.5-0.5b-shape \
+  --model-path qwen2.5-coder-0.5b --text essays --sizes 32768x64 --providers "${PROVIDERS64:-$providers}" 2>&1 \
+  | tee "$OUT/e2e64/log.txt"

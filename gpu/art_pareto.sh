@@ -26,7 +26,8 @@ NEW=(dense_art_natural_fp32 dense_art_natural_bf16 dense_art_calibrated_0.02 den
      quest2048_art_calibrated_recent_0.005 quest2048_art_calibrated_recent_0.01 quest2048_art_calibrated_recent_0.02
      dense_art_calibrated_0.1_chunk16 dense_art_calibrated_0.2_chunk16 dense_art_calibrated_0.2_chunk8
      dense_art_calibrated_0.3_chunk16 dense_art_calibrated_recent_0.01_chunk16 dense_art_calibrated_once_0.02_chunk16
-     dense_art_calibrated_once_0.05_chunk16 dense_art_calibrated_once_0.1_chunk16)
+     dense_art_calibrated_once_0.05_chunk16 dense_art_calibrated_once_0.1_chunk16
+     dense_art_calibrated_once_0.2_chunk16 dense_art_calibrated_once_0.3_chunk16)
 BASES=(dense dense-art streaming snapkv snapkv-art quest quest-art quest-art-calibrated)
 PAIRS=(dense:dense-art dense:dense+art-natural-fp32 dense:dense+art-natural-bf16 dense:dense-art-cal-0.02
        dense:dense-art-cal-0.05 dense:dense-art-cal-0.1 dense:dense-art-cal-0.2 streaming:streaming+art-natural-bf16 streaming:streaming-art-cal-0.02
@@ -38,7 +39,8 @@ PAIRS=(dense:dense-art dense:dense+art-natural-fp32 dense:dense+art-natural-bf16
        quest-2048:quest-2048-art-cal-recent-0.005 quest-2048:quest-2048-art-cal-recent-0.01
        quest-2048:quest-2048-art-cal-recent-0.02 dense:dense-art-cal-0.1-c16 dense:dense-art-cal-0.2-c16
        dense:dense-art-cal-0.2-c8 dense:dense-art-cal-0.3-c16 dense:dense-art-cal-recent-0.01-c16
-       dense:dense-art-cal-once-0.02-c16 dense:dense-art-cal-once-0.05-c16 dense:dense-art-cal-once-0.1-c16)
+       dense:dense-art-cal-once-0.02-c16 dense:dense-art-cal-once-0.05-c16 dense:dense-art-cal-once-0.1-c16
+       dense:dense-art-cal-once-0.2-c16 dense:dense-art-cal-once-0.3-c16)
 RESULTS=${RESULTS:-benchmarks/art/pareto}
 REPORT=${REPORT:-benchmarks/art/PARETO.md}
 

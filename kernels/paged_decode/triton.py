@@ -395,8 +395,10 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     if block_pages is None:
         # H100 sweep (benchmarks/kernel_sweep.py): 256 tokens per block without splits, 64 with splits
         tokens = (256 if S == 1 and not R else 128 if S == 1 else 64) if is_cuda else 64
-        # a K tile of at most 64 KB: fp32 at head_dim 128 with 256 tokens failed every S=1 GPU test
-        tokens = min(tokens, max(PAGE, 65536 // (DP * k_cache.element_size())))
+        # a K tile of at most 64 KB (32 KB with a stop rule, whose loop holds more state): on the H200, fp32 at
+        # head_dim 128 needed 279 KB of shared memory with a 256-token tile without a rule, and with a
+        # 128-token tile under the calibrated rule (limit 227 KB)
+        tokens = min(tokens, max(PAGE, (32768 if R else 65536) // (DP * k_cache.element_size())))
         target = max(1, tokens // PAGE)
         block_pages = min(chunk, target) if R else target
     once = R == 3 and getattr(rule, "calibrate", "all") == "once"
