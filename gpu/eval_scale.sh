@@ -9,12 +9,12 @@
 #
 #  0. Here (the CPU machine, from the project's root, with the network), once:
 #       bash gpu/eval_scale.sh prepare
-#     writes .devsite/qwen2.5-coder-0.5b.gguf.parts/p00 ... p10 (../shared/tools/long-model-parts.sh, re-split in 44 MiB
+#     writes .devsite/qwen2.5-coder-0.5b.gguf.parts/p00 ... p11 (../shared/tools/long-model-parts.sh, re-split in 40 MiB
 #     parts: a call carries the working tree (~15 MB) too, 64 MiB in all),
 #     .devsite/eval-scale-cache.tgz (tokenizer converted from the GGUF, essays, attention_predictor and write_gate
 #     weights trained for this model) and .devsite/wheels/gguf-0.19.0-*.whl. It refuses to finish without the
 #     trained weights and prints the commands that train them.
-#  1. GPU calls 1-11, one per part:  carry [".devsite/qwen2.5-coder-0.5b.gguf.parts/pNN"]
+#  1. GPU calls 1-12, one per part:  carry [".devsite/qwen2.5-coder-0.5b.gguf.parts/pNN"]
 #                                    command: bash gpu/eval_scale.sh part pNN
 #  2. GPU calls 12-15, one per context (<= 10 min each):
 #                                    carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"]

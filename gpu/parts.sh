@@ -1,8 +1,8 @@
 # Sourced by gpu/eval_scale.sh and gpu/vllm.sh: a file too big for one device call travels in parts. A call
-# carries at most 64 MiB, the working tree (~15 MB, growing) included, so parts are 44 MiB (not the 60 MiB of
+# carries at most 64 MiB, the working tree (22 MB on 2026-11-30, growing) included, so parts are 40 MiB (not the 60 MiB of
 # ../shared/tools/device-split.sh). Each part is one call to the same warm machine; a machine given back in
 # between starts bare, and the join says so.
-PART_MIB=44
+PART_MIB=40
 PARTS=${PARTS:-/tmp/parts}  # where the part uploads gather on the device (kept while the machine stays warm)
 
 parts_split() {  # FILE (here): .devsite/<name>.parts/pNN/<name>.partNN, one folder per call; lists them

@@ -2,10 +2,10 @@
 # composable-kv served through vLLM 0.26.0 (issue 16): the CUSTOM backend on the GPU machine.
 #
 # A device call carries at most 64 MiB, the working tree (~7 MB) included, so the vLLM bundle travels
-# in parts of at most 44 MiB (gpu/parts.sh; ../shared/tools/vllm-bundle.sh splits in 60 MiB: too big).
+# in parts of at most 40 MiB (gpu/parts.sh; ../shared/tools/vllm-bundle.sh splits in 60 MiB: too big).
 # Once, on the CPU machine, from the repo root (.devsite/ is git-ignored):
 #   ../shared/tools/vllm-bundle.sh        # -> .devsite/vllm-site.tgz (about 30 s; 114.2 MiB on 2026-11-30)
-#   bash gpu/vllm.sh split                # -> .devsite/vllm-site.tgz.parts/p00.. (44 MiB each; 3 for 114.2 MiB)
+#   bash gpu/vllm.sh split                # -> .devsite/vllm-site.tgz.parts/p00.. (40 MiB each; 3 for 114.2 MiB)
 #                                         #    and .devsite/vllm-site.sha256; prints the calls
 #
 # Device calls, in a row (each within ~30 s of the last, else the machine starts bare and the parts are gone):
