@@ -24,12 +24,16 @@ if str(ROOT) not in sys.path:
 from composable_kv import hf  # noqa: E402
 from composable_kv.eval import scale  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import e2e  # noqa: E402  (benchmarks/e2e.py: its providers' policies)
+
 DENSE_MATH = ("flashinfer-tc", "flashinfer", "transformers")  # providers that decode dense attention
 
 
 def policy_name(provider: str) -> str | None:
+    """The accuracy row's policy name: as e2e.py resolves the provider (`ckv quest` there is Quest 2048)."""
     if provider.startswith("ckv "):
-        return hf.compile_policy(provider[len("ckv "):]).name
+        return hf.compile_policy(e2e.POLICIES.get(provider, provider[len("ckv "):])).name
     return "dense" if provider in DENSE_MATH else None
 
 

@@ -156,9 +156,9 @@ def once_stop_slot(m, l, calib, tail_s, pos_s, C: int, thr: float):
     first chunk's best-page slack, overstated them and stopped far too early; benchmarks/art/README.md).
     m, l, calib [B, Hkv, S, G]; tail_s, pos_s [B, Hkv, S, n_per]."""
     n_per = pos_s.shape[-1]
-    ends = torch.arange(C, n_per, C, device=m.device)  # [K] chunk ends, as slots of the split
-    if len(ends) == 0:
+    if n_per <= C:  # one chunk: nothing to stop before
         return torch.full(m.shape[:3], n_per, dtype=torch.long, device=m.device)
+    ends = torch.arange(C, n_per, C, device=m.device)  # [K] chunk ends, as slots of the split
     c = torch.where(calib > NEG_INF, calib.clamp(max=0.0), torch.zeros_like(calib))  # [B, Hkv, S, G]
     log_z = m + torch.log(l.clamp(min=1e-30))
     cand = pos_s[..., ends] >= 0  # [B, Hkv, S, K] slots left at e
