@@ -137,12 +137,13 @@ def smoke():
 SHORT = 32  # decode steps of the shorter timed generate
 
 
-def bench_one(backend, name, contexts, batches, new_tokens):
+def bench_one(backend, name, contexts, batches, new_tokens, tp=1):
     import torch
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     llm = engine(backend, model=QWEN, eager=False, max_model_len=max(contexts) + new_tokens + 64,
-                 max_num_seqs=max(batches), gpu_memory_utilization=0.6, enable_prefix_caching=True)
+                 max_num_seqs=max(batches), gpu_memory_utilization=0.6, enable_prefix_caching=True,
+                 tensor_parallel_size=tp)
     bw = harness.copy_bandwidth("cuda", 2 << 30)
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(QWEN)
@@ -170,7 +171,7 @@ def bench_one(backend, name, contexts, batches, new_tokens):
                 spans.append(time.perf_counter() - t0)
             t_decode = spans[1] - spans[0]
             floor = bw / (weight_bytes + B * (ctx + SHORT + new_tokens // 2) * kv_per_token) * B
-            rows.append(dict(backend=backend, policy=name, context=ctx, batch=B, new_tokens=new_tokens,
+            rows.append(dict(backend=backend, policy=name, tp=tp, context=ctx, batch=B, new_tokens=new_tokens,
                              prefill_s=t_prefill, decode_s=t_decode, short_s=spans[0],
                              tokens_per_s=B * new_tokens / t_decode,
                              floor_tokens_per_s=floor, copy_GBps=bw / 1e9))
@@ -180,14 +181,18 @@ def bench_one(backend, name, contexts, batches, new_tokens):
     print("RESULT " + json.dumps(rows), flush=True)
 
 
-def bench(backend, policy, contexts, batches, new_tokens):
+def bench(backend, policy, contexts, batches, new_tokens, tp=1):
+    import torch
+    if tp > torch.cuda.device_count():
+        sys.exit(f"bench --tp {tp}: this machine has {torch.cuda.device_count()} GPU(s); use --tp <= that "
+                 "(two GPUs: the nvidia-h200-x2 machine)")
     if not os.path.isdir(QWEN):
         save_qwen_shape()
-    name = backend if backend != "CUSTOM" else f"CUSTOM:{policy}"
+    name = (backend if backend != "CUSTOM" else f"CUSTOM:{policy}") + (f":tp{tp}" if tp > 1 else "")
     env = {"CKV_POLICY": policy} if backend == "CUSTOM" else {}
     print("| backend:policy | context | batch | decode tokens/s | floor tokens/s (dense bytes) | note |\n|---|---|---|---|---|---|")
     rows = child(["--bench-one", backend, name, ",".join(map(str, contexts)), ",".join(map(str, batches)),
-                  str(new_tokens)], env)
+                  str(new_tokens), str(tp)], env)
     table = "\n".join(f"| {r['backend']}:{r['policy']} | {r['context']} | {r['batch']} | {r['tokens_per_s']:,.0f} "
                       f"| {r['floor_tokens_per_s']:,.0f} |" for r in rows)
     harness.write_report(os.environ.get("OUT", "."), f"vllm-bench-{name.replace(':', '-')}", harness.run_meta(),
@@ -262,8 +267,8 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--needle-one"]:
         needle_one(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif sys.argv[1:2] == ["--bench-one"]:
-        b, n, c, bs, nt = sys.argv[2:7]
-        bench_one(b, n, [int(x) for x in c.split(",")], [int(x) for x in bs.split(",")], int(nt))
+        b, n, c, bs, nt, tp = sys.argv[2:8]
+        bench_one(b, n, [int(x) for x in c.split(",")], [int(x) for x in bs.split(",")], int(nt), int(tp))
     else:
         ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         sub = ap.add_subparsers(dest="cmd", required=True)
@@ -274,6 +279,7 @@ if __name__ == "__main__":
         b.add_argument("--contexts", default="16384,32768")
         b.add_argument("--batches", default="16,64")
         b.add_argument("--new-tokens", type=int, default=128)
+        b.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (the two-GPU machine: 2)")
         n = sub.add_parser("needle")
         n.add_argument("backend", choices=["CUSTOM", "TRITON_ATTN", "FLASH_ATTN", "FLASHINFER"])
         n.add_argument("--policy", default="dense", help="CKV_POLICY for CUSTOM (path or shipped name)")
@@ -294,5 +300,7 @@ if __name__ == "__main__":
         elif a.cmd == "smoke":
             smoke()
         else:
+            if a.tp < 1:
+                ap.error(f"bench: --tp must be >= 1, got {a.tp}")
             bench(a.backend, a.policy, [int(x) for x in a.contexts.split(",")],
-                  [int(x) for x in a.batches.split(",")], a.new_tokens)
+                  [int(x) for x in a.batches.split(",")], a.new_tokens, a.tp)

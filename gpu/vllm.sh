@@ -27,6 +27,8 @@
 #             command: bash gpu/vllm.sh needle FLASH_ATTN  |  bash gpu/vllm.sh needle CUSTOM quest_art  [CTX]
 #      Each: the evaluation at scale's prompts (4 needle tasks x 50, chat template) through vLLM on the real
 #      model, greedy; accuracy with Wilson intervals in $OUT/vllm-needle-*.json/.md.
+#   Two GPUs (kind nvidia-h200-x2, the same part calls): TP=2 bash gpu/vllm.sh bench FLASH_ATTN, then
+#         TP=2 bash gpu/vllm.sh bench CUSTOM quest_art (tensor_parallel_size=2; the file names end in -tp2).
 #   Optional: bash gpu/vllm.sh test   (tests/test_vllm_*.py with vllm importable, on the GPU machine).
 # The vLLM site stays in /tmp/vsite while the machine is warm; a bare machine needs the part calls again.
 set -euo pipefail
@@ -75,7 +77,8 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; print
     ;;
   bench)
     backend=${2:?usage: gpu/vllm.sh bench BACKEND [POLICY]}
-    python3 benchmarks/vllm_serve.py bench "$backend" --policy "${3:-dense}" 2>&1 | tee "$OUT/vllm-bench-$backend-${3:-}.log"
+    python3 benchmarks/vllm_serve.py bench "$backend" --policy "${3:-dense}" --tp "${TP:-1}" 2>&1 \
+      | tee "$OUT/vllm-bench-$backend-${3:-}.log"
     ;;
   needle)  # after the 32k model's parts (gpu/eval_scale.sh part pNN, same machine);
            # carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"] (essays, tokenizer, the gguf wheel)
