@@ -1,7 +1,7 @@
 """Per-layer decode cost of the seed methods against Quest, as the graph path runs them (issue 17).
 
     python benchmarks/seed_methods_cost.py [--device cuda] [--batch 16] [--ctx 32768] [--shape llama-8b]
-                                           [--out DIR]
+                                           [--out DIR] [--profile]
 
 One sparse layer of one decode step (selection + paged decode + the stage's state update) on random
 K/V, captured once as a CUDA graph and replayed (on the CPU: eager, the reference backend; timing only).
@@ -12,7 +12,9 @@ Rows, at the same budget and terminal:
                         `predict` = a step that predicts (no calibration)
   attention_predictor-cheap   history 16, CNN every 4 steps, calibration every 10 (mean over the replays)
   ltri                  span close (k-means of the open window), span scores, vote, span-to-page expansion
-ratio = ms / quest's ms with the same terminal. Targets (issue 17, H200, B=16, 32k):
+ratio = ms / quest's ms with the same terminal. --profile adds, per method, where one eager layer spends its
+device time (torch.profiler: the kernels, launches a layer and each one's time) to the report:
+seed_methods_profile.md. Targets (issue 17, H200, B=16, 32k):
 attention_predictor <= 1.5x, ltri <= 1.2x. The ltri index is built from the cache's keys (k-means
 reps; the prefill path picks reps by attention, same decode cost).
 """
@@ -75,7 +77,36 @@ def time_layer(pipe, cache, q, device, reps: int) -> float:
     return harness.graph_ms(lambda: pipe.run(q, cache, 0), warmup_ms=10, rep_ms=max(50, reps * 5), calls=1)
 
 
-def rows_for(shape, B, ctx, device, terminal, budget, reps) -> list[dict]:
+def profile_layer(pipe, cache, q, device, calls: int = 5, top: int = 15) -> tuple[int, float, list[tuple]]:
+    """One eager layer under torch.profiler: (launches a layer, device us a layer, [(kernel, calls a layer,
+    us a layer)] the `top` costliest). On the CPU: the ops and their CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            pipe.run(q, cache, 0)
+        if cuda:
+            torch.cuda.synchronize()
+    events = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) if cuda \
+            else e.self_cpu_time_total
+        if us > 0 and (not cuda or getattr(e, "device_type", None) != torch.autograd.DeviceType.CPU):
+            events.append((e.key, e.count / calls, us / calls))
+    events.sort(key=lambda t: -t[2])
+    return round(sum(c for _, c, _ in events)), sum(u for _, _, u in events), events[:top]
+
+
+def profile_table(name: str, terminal: str, prof, device) -> str:
+    launches, total, events = prof
+    what = "kernel launches" if device.type == "cuda" else "torch ops (CPU, nested ops counted too)"
+    rows = "\n".join(f"| `{k[:70]}` | {c:g} | {u:.1f} |" for k, c, u in events)
+    return (f"### {name} ({terminal}): {launches} {what}, {total:.1f} us a layer\n\n"
+            f"| kernel / op | calls a layer | us a layer |\n|---|---:|---:|\n{rows}\n")
+
+
+def rows_for(shape, B, ctx, device, terminal, budget, reps, profiles=None) -> list[dict]:
     backend = "triton" if device.type == "cuda" else "reference"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     weights = _random_weights()
@@ -93,6 +124,9 @@ def rows_for(shape, B, ctx, device, terminal, budget, reps) -> list[dict]:
                     hist.steps.fill_(2)
                     hist.seeded.fill_(False)
             ms = time_layer(pipe, cache, q, device, reps)
+            if profiles is not None:
+                profiles.append(profile_table(name + (f" ({tag})" if tag else ""), terminal,
+                                              profile_layer(pipe, cache, q, device), device))
             base = ms if name == "quest" else base
             rows.append({"method": name + (f" ({tag})" if tag else ""), "terminal": terminal, "shape": shape,
                          "batch": B, "ctx": ctx, "budget": budget, "ms_per_layer": round(ms, 4),
@@ -114,13 +148,15 @@ def main(argv=None) -> int:
     p.add_argument("--terminals", default="attend,art")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=None, help="folder for the report (.json rows and .md table)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one eager layer per method (seed_methods_profile.md in --out, or printed)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; use --device cpu (small --batch/--ctx)")
-    rows = []
+    rows, profiles = [], [] if args.profile else None
     for terminal in args.terminals.split(","):
-        rows += rows_for(args.shape, args.batch, args.ctx, device, terminal, args.budget, args.reps)
+        rows += rows_for(args.shape, args.batch, args.ctx, device, terminal, args.budget, args.reps, profiles)
     meta = harness.run_meta()
     how = "CUDA-graph replay" if device.type == "cuda" else "eager"
     table = harness.markdown_table(rows)
@@ -128,6 +164,15 @@ def main(argv=None) -> int:
     if args.out:
         harness.write_report(args.out, "seed_methods_cost", meta, rows, f"One sparse layer per decode step, {how}.\n\n"
                              + table, title="Seed methods: per-layer cost against Quest")
+    if profiles:
+        text = (f"# Seed methods: where one eager layer's time goes\n\n{meta['gpu']}, commit {meta['commit']}, "
+                f"B={args.batch}, ctx={args.ctx}, {args.shape}; torch.profiler over 5 eager layers, per layer.\n\n"
+                + "\n".join(profiles))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "seed_methods_profile.md").write_text(text)
+        else:
+            print(text)
     return 0
 
 
