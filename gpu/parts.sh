@@ -1,12 +1,15 @@
 # Sourced by gpu/eval_scale.sh and gpu/vllm.sh: a file too big for one device call travels in parts. A call
-# carries at most 64 MiB, the working tree (22 MB on 2026-11-30, growing) included, so parts are 40 MiB (not the 60 MiB of
+# carries at most 64 MiB, the working tree (22.9 MB on 2026-11-30, growing) included, so parts are sized from
+# the tree when split (PART_MIB, 40 MiB then; not the 60 MiB of
 # ../shared/tools/device-split.sh). Each part is one call to the same warm machine; a machine given back in
 # between starts bare, and the join says so.
-PART_MIB=40
 PARTS=${PARTS:-/tmp/parts}  # where the part uploads gather on the device (kept while the machine stays warm)
 
 parts_split() {  # FILE (here): .devsite/<name>.parts/pNN/<name>.partNN, one folder per call; lists them
-  local f=$1 name d p
+  local f=$1 name d p tree
+  # the largest part that fits one call beside the tracked tree, with 2 MiB to spare (40 MiB at 22.9 MB)
+  tree=$(git ls-files -z | xargs -0 cat | wc -c)
+  PART_MIB=${PART_MIB:-$(( (64 * 1048576 - tree) / 1048576 - 2 ))}
   name=$(basename "$f")
   d=".devsite/$name.parts"
   rm -rf "$d" && mkdir -p "$d"

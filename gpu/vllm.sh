@@ -39,7 +39,7 @@ case "${1:-}" in
   split)  # CPU machine: re-split the bundle in parts that fit one call with the working tree
     [ -f ".devsite/$NAME" ] || { echo "no .devsite/$NAME: run ../shared/tools/vllm-bundle.sh first" >&2; exit 1; }
     sha256sum ".devsite/$NAME" | cut -d' ' -f1 > .devsite/vllm-site.sha256
-    echo "$NAME: sha256 $(cat .devsite/vllm-site.sha256), parts of <= $PART_MIB MiB:"
+    echo "$NAME: sha256 $(cat .devsite/vllm-site.sha256), parts that fit one call beside the tree:"
     parts_split ".devsite/$NAME"
     echo "device calls: for each pNN: carry [\".devsite/$NAME.parts/pNN\"] command: bash gpu/vllm.sh part pNN"
     echo "  then: carry [\".devsite/vllm-site.sha256\"] command: bash gpu/vllm.sh unpack"
