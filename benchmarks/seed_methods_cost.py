@@ -11,6 +11,7 @@ Rows, at the same budget and terminal:
                         `cycle` = mean over calibrate_every consecutive steps (one of them dense),
                         `predict` = a step that predicts (no calibration)
   attention_predictor-cheap   history 16, CNN every 4 steps, calibration every 10 (mean over the replays)
+  attention_predictor-lean    history 8, CNN every 8 steps, calibration every 10
   ltri                  span close (k-means of the open window), span scores, vote, span-to-page expansion
 ratio = ms / quest's ms with the same terminal. --profile adds, per method, where one eager layer spends its
 device time (torch.profiler: the kernels, launches a layer and each one's time) to the report:
@@ -54,6 +55,10 @@ def policies(budget: int, terminal: str, weights: str) -> dict:
         "attention_predictor-cheap": [{"stage": "attention_predictor", "budget_tokens": budget, "weights": weights,
                                        "history_steps": 16, "run_every": 4, "calibrate_every": 10,
                                        "calibrate_first": False}, art],
+        # configs/eval/attention_predictor-lean.yaml's setting: 1/64 of the default's CNN work per step on average
+        "attention_predictor-lean": [{"stage": "attention_predictor", "budget_tokens": budget, "weights": weights,
+                                      "history_steps": 8, "run_every": 8, "calibrate_every": 10,
+                                      "calibrate_first": False}, art],
         "ltri": [{"stage": "ltri", "budget_tokens": budget}, art],
     }
 
