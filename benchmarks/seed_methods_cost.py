@@ -111,12 +111,14 @@ def profile_table(name: str, terminal: str, prof, device) -> str:
             f"| kernel / op | calls a layer | us a layer |\n|---|---:|---:|\n{rows}\n")
 
 
-def rows_for(shape, B, ctx, device, terminal, budget, reps, profiles=None) -> list[dict]:
+def rows_for(shape, B, ctx, device, terminal, budget, reps, profiles=None, methods=None) -> list[dict]:
     backend = "triton" if device.type == "cuda" else "reference"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     weights = _random_weights()
     rows, base = [], None
     for name, stages in policies(budget, terminal, weights).items():
+        if methods is not None and name not in methods:
+            continue
         pipe, cache, q = build(name, stages, shape, B, ctx, device, dtype, backend)
         settings = [("", None)]
         if name == "attention_predictor":
@@ -153,15 +155,25 @@ def main(argv=None) -> int:
     p.add_argument("--terminals", default="attend,art")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=None, help="folder for the report (.json rows and .md table)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated rows to run (default: all; quest first, as the others' baseline)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one eager layer per method (seed_methods_profile.md in --out, or printed)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    methods = None
+    if args.methods:
+        methods = args.methods.split(",")
+        known = list(policies(1, "attend", None))
+        bad = [m for m in methods if m not in known]
+        if bad or methods[0] != "quest":
+            p.error(f"--methods: from {', '.join(known)}, quest first (the baseline); got {args.methods}")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; use --device cpu (small --batch/--ctx)")
     rows, profiles = [], [] if args.profile else None
     for terminal in args.terminals.split(","):
-        rows += rows_for(args.shape, args.batch, args.ctx, device, terminal, args.budget, args.reps, profiles)
+        rows += rows_for(args.shape, args.batch, args.ctx, device, terminal, args.budget, args.reps, profiles,
+                         methods)
     meta = harness.run_meta()
     how = "CUDA-graph replay" if device.type == "cuda" else "eager"
     table = harness.markdown_table(rows)
