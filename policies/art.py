@@ -88,7 +88,9 @@ class Art(TerminalStage):
             rule = (f"stability stop (heuristic, NOT certified: scale_tol={self.scale_tol}, "
                     f"direction_tol={self.direction_tol}, patience={self.patience})")
         acc = ", running output rounded to bf16" if self.accumulate == "bf16" else ""
-        return f"{rule}, checked every {self.chunk_pages} pages, {self.order} order{acc}"
+        when = (f"checked once, after the first {self.chunk_pages} pages of each split"
+                if self.stop == "calibrated" and self.calibrate == "once" else f"checked every {self.chunk_pages} pages")
+        return f"{rule}, {when}, {self.order} order{acc}"
 
     def stop_rule(self) -> StopRule:
         return StopRule(kind=self.stop, chunk_pages=self.chunk_pages, scale_tol=self.scale_tol,
