@@ -158,13 +158,8 @@ def art_decode_cases(q, k, v, table, lens, kmin, kmax, S):
     # what --tune records
     cases += [(dict(case="dense, natural order", block_pages=bp, tune="dense"), dec(natural=True, block_pages=bp))
               for bp in TUNE_BLOCKS]
-    cases += [(dict(case=f"calibrated, never stops, physical pages, {loop}", chunk=16, block_pages=bp, tune="art",
-                    loop=loop), dec(rule=stop("calibrated", 16), phys=phys, block_pages=bp, flat=loop == "flat"))
-              for loop in ("chunks", "flat") for bp in TUNE_BLOCKS]
-    cases += [(dict(case="certified, never stops, physical pages, flat", chunk=16, block_pages=8),
-               dec(rule=stop("certified", 16), phys=phys, block_pages=8, flat=True)),
-              (dict(case="calibrated, delta 0.1, physical pages, flat", chunk=16, block_pages=8),
-               dec(rule=stop("calibrated", 16, delta=0.1), phys=phys, block_pages=8, flat=True))]
+    cases += [(dict(case="calibrated, never stops, physical pages", chunk=16, block_pages=bp, tune="art"),
+               dec(rule=stop("calibrated", 16), phys=phys, block_pages=bp)) for bp in TUNE_BLOCKS]
     # a whole dense + ART layer: score_select then the decode (two launches), or the decode ordering its own
     # pages (one launch, order_from): what --tune records as "/order"
     def layer(one, rule, bp):
@@ -200,13 +195,11 @@ def art_split_cases(q, k, v, table, lens, kmin, kmax, S):
     cases = []
     for mult in (1, 2, 4):
         order, count, tail, terms, phys = art_order(q, table, lens, kmin, kmax, S * mult)
-        for flat in (False, True):
-            cases.append((dict(case=f"calibrated, never stops, physical pages, {'flat' if flat else 'chunks'}, "
-                                    f"{S * mult} splits", chunk=16, block_pages=8),
-                          lambda o=order, c=count, t=tail, tm=terms, p=phys, f=flat, m=mult: decode_tk.launch_decode(
-                              q, k, v, table, lens, o, c, sm_scale=d ** -0.5, rule=StopRule("calibrated", 16, delta=1e-9),
-                              tail_lse=t, bound_terms=tm, num_splits=S * m, out_dtype=q.dtype, phys=p, block_pages=8,
-                              flat=f)))
+        cases.append((dict(case=f"calibrated, never stops, physical pages, {S * mult} splits", chunk=16,
+                           block_pages=8),
+                      lambda o=order, c=count, t=tail, tm=terms, p=phys, m=mult: decode_tk.launch_decode(
+                          q, k, v, table, lens, o, c, sm_scale=d ** -0.5, rule=StopRule("calibrated", 16, delta=1e-9),
+                          tail_lse=t, bound_terms=tm, num_splits=S * m, out_dtype=q.dtype, phys=p, block_pages=8)))
         cases.append((dict(case=f"dense, natural order, {S * mult} splits", block_pages=16),
                       lambda m=mult: decode_tk.launch_decode(q, k, v, table, lens, None, None, sm_scale=d ** -0.5,
                                                              natural=True, num_splits=S * m, out_dtype=q.dtype,
@@ -228,8 +221,6 @@ def record_tuning(rows, q, k, S, gpu):
             best = min(mine, key=lambda r: r["us"])
             key = tuning.key(_pow2(k.shape[-1], 16), k.element_size(), PAGE, S > 1, kind == "art")
             entries[key] = best["block_pages"]
-            if kind == "art":
-                entries[key + "/loop"] = best["loop"]
     mine = [r for r in rows if r.get("tune") == "art-order"]
     if mine:
         entries[tuning.key(_pow2(k.shape[-1], 16), k.element_size(), PAGE, S > 1, True) + "/order"] = \

@@ -83,6 +83,8 @@ class StopRule:
     def __post_init__(self):
         if self.kind is not None:
             self.kind = StopKind(self.kind)
+        if self.calibrate not in ("all", "recent", "once"):
+            raise ValueError(f"calibrate: expected 'all', 'recent' or 'once', got {self.calibrate!r}")
 
 
 @dataclass(frozen=True)

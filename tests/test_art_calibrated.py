@@ -70,13 +70,6 @@ def check_kernel(lens, group, head_dim, chunk, delta, num_splits, budget=None, *
                                 sm_scale=sm, rule=rule, tail_lse=tail.to(device), bound_terms=terms.to(device),
                                 num_splits=num_splits, phys=phys.to(device))
     assert torch.equal(r2.pages_read, r3.pages_read) and torch.equal(r2.out, r3.out)
-    if calibrate == "once":  # no flat form (refused: test_flat_is_refused_where_it_does_not_apply)
-        return r1
-    # the one-loop read (launch_decode's flat): the chunked loop's pages and output
-    r4 = decode_tk.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order.to(device), count.to(device),
-                                sm_scale=sm, rule=rule, tail_lse=tail.to(device), bound_terms=terms.to(device),
-                                num_splits=num_splits, phys=phys.to(device), flat=True)
-    assert torch.equal(r2.pages_read, r4.pages_read) and torch.equal(r2.out, r4.out)
     return r1
 
 
@@ -176,14 +169,9 @@ def test_calibrated_absorbs_a_loose_bound():
     assert torch.equal(cal, ref_decode(tight, rule_cal, 1).pages_read)
 
 
-def test_flat_is_refused_where_it_does_not_apply():
-    c = inputs([40, 300], 2, 64, None, 1)
-    cache, q, table, seq_lens, order, count, tail, terms, sm = c
-    for rule in (StopRule("stability", 2), StopRule("calibrated", 1, delta=0.1, acc_bf16=True),
-                 StopRule("calibrated", 2, delta=0.1, calibrate="once"), None):
-        with pytest.raises(ValueError, match="flat: the one-loop read"):
-            decode_tk.paged_decode(q, cache.k[0], cache.v[0], table, seq_lens, order, count, sm_scale=sm, rule=rule,
-                                   tail_lse=tail, bound_terms=terms, flat=True)
+def test_stop_rule_refuses_an_unknown_calibration():
+    with pytest.raises(ValueError, match="calibrate: expected 'all', 'recent' or 'once'"):
+        StopRule("calibrated", 4, delta=0.1, calibrate="ONCE")
 
 
 def test_calibrated_needs_its_bound_terms():
@@ -394,9 +382,9 @@ def check_order_in_decode(rule, num_splits, lens, group, head_dim, device, dtype
         certified=True, num_splits=num_splits, max_kept=1, terms_out=terms, last_first=cal, within_splits=True,
         phys_out=phys)
     two = decode_tk.launch_decode(q, cache.k[0], cache.v[0], table, seq_lens, order, count, sm_scale=sm, rule=rule,
-                                  tail_lse=tail, bound_terms=terms, num_splits=num_splits, phys=phys, flat=False)
+                                  tail_lse=tail, bound_terms=terms, num_splits=num_splits, phys=phys)
     one = decode_tk.launch_decode(q, cache.k[0], cache.v[0], table, seq_lens, None, None, sm_scale=sm, rule=rule,
-                                  num_splits=num_splits, order_from=(kmin, kmax), flat=False)
+                                  num_splits=num_splits, order_from=(kmin, kmax))
     assert torch.equal(two[1], one[1]) and torch.equal(two[0], one[0])
     if rule.kind is StopKind.CERTIFIED:
         assert torch.equal(two[2], one[2])

@@ -14,8 +14,8 @@ def test_record_merges_per_gpu_and_kind(tmp_path):
     tuning.record("GPU A", {k_art: 8}, path)
     tuning.record("GPU A", {k_dense: 4}, path)
     tuning.record("GPU B", {k_art: 2}, path)
-    tuning.record("GPU A", {k_art: 16, k_art + "/loop": "flat"}, path)
-    assert json.loads(path.read_text()) == {"GPU A": {k_art: 16, k_art + "/loop": "flat", k_dense: 4},
+    tuning.record("GPU A", {k_art: 16, k_art + "/order": "decode"}, path)
+    assert json.loads(path.read_text()) == {"GPU A": {k_art: 16, k_art + "/order": "decode", k_dense: 4},
                                             "GPU B": {k_art: 2}}
 
 
@@ -23,9 +23,6 @@ def test_the_committed_table_is_well_formed():
     table = json.loads(tuning.TUNED.read_text())
     for gpu, entries in table.items():
         for k, v in entries.items():
-            if k.endswith("/loop"):
-                assert v in ("flat", "chunks") and k.split("/")[4] == "art", (gpu, k, v)
-                continue
             if k.endswith("/order"):  # where a dense + ART layer orders its pages: in the decode launch or before
                 assert v in ("decode", "separate") and k.split("/")[4] == "art", (gpu, k, v)
                 continue

@@ -133,7 +133,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                    CHUNK: tl.constexpr,
                    BLOCK_PAGES: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
                    NUM_STAGES: tl.constexpr, TOK: tl.constexpr, PAGE_MASS: tl.constexpr,
-                   ACC_BF16: tl.constexpr, CALIB_RECENT: tl.constexpr, FLAT: tl.constexpr, ONCE: tl.constexpr,
+                   ACC_BF16: tl.constexpr, CALIB_RECENT: tl.constexpr, ONCE: tl.constexpr,
                    KC: tl.constexpr, ORDER: tl.constexpr, O_BLOCK_S: tl.constexpr, O_KP: tl.constexpr,
                    O_DOT_F32: tl.constexpr):
     pid = tl.program_id(0)
@@ -198,31 +198,6 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                                          seq_len, qk_scale, mass_row, P_PAD, terms_row, NATURAL, PHYS,
                                          BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, False)
         pages = tl.minimum(lim, n_mine)
-    elif FLAT:  # certified or calibrated in one pipelined loop over the blocks (see launch_decode's `flat`)
-        tail_row = tail_ptr + pid.to(tl.int64) * N
-        terms_row = terms_ptr + pid.to(tl.int64) * N
-        calib = tl.full([GP], NEG_INF, tl.float32)
-        cchunk = tl.full([GP], NEG_INF, tl.float32)
-        hv = g < G
-        lim = n_mine  # pages this split reads: n_mine, or the chunk end where it stopped
-        for jb in tl.range(0, n_mine, BLOCK_PAGES, num_stages=NUM_STAGES):
-            m, l, acc, cb = _attend_block(q, m, l, acc, jb, s, lim, num_splits, order_row, pt_row, phys_row,
-                                          last_phys, last_n, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h,
-                                          seq_len, qk_scale, mass_row, P_PAD, terms_row, NATURAL, PHYS,
-                                          BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, RULE == 3)
-            cchunk = tl.maximum(cchunk, cb)
-            e = jb + BLOCK_PAGES
-            chunk_end = (e % CHUNK == 0) & (e <= lim)
-            if CALIB_RECENT:
-                calib = tl.where(chunk_end & (cchunk > NEG_INF), cchunk, calib)
-            else:
-                calib = tl.where(chunk_end, tl.maximum(calib, cchunk), calib)
-            cchunk = tl.where(chunk_end, NEG_INF, cchunk)
-            check = chunk_end & (e < lim)  # a chunk ended, pages remain, not stopped
-            stop, nxt = _bound_stop(tail_row, s + e * num_splits, N, check, m, l, calib, hv, log_thr, RULE == 3)
-            rem = tl.where(stop, nxt, rem)
-            lim = tl.where(stop, e, lim)
-        pages = lim
     else:
         tail_row = tail_ptr + pid.to(tl.int64) * N
         terms_row = terms_ptr + pid.to(tl.int64) * N
@@ -340,16 +315,11 @@ def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, ppages_ptr, prem_ptr, out_ptr, strid
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
                   rule=None, tail_lse=None, bound_terms=None, num_splits: int = 1, natural: bool = False,
                   out_dtype=torch.float32, block_pages: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, page_mass=None, phys=None, flat: bool | None = None,
-                  order_from=None):
+                  num_stages: int | None = None, page_mass=None, phys=None, order_from=None):
     """Launch decode (+ merge when num_splits > 1). natural=True: list position i is page i, count =
     the request's pages (order/count unused). Returns (out [B, Hq, D] out_dtype, pages_read, tau).
     phys: None, or [B, Hkv, N] int32, the physical page of each list entry (page_table[b, order], as
     score_select's phys_out writes it): K/V are then addressed without the order -> page-table chain.
-    flat (certified and calibrated stops, no bf16 rounding): one software-pipelined loop over the split's
-    blocks, the stop checked at each chunk end and applied by masking the later blocks (no memory traffic,
-    their compute still runs), instead of a `while` over chunks whose pipelined blocks drain before every
-    check. Same pages read, same outputs. None: this GPU's tuned choice (tuning.py), else chunked.
     order_from (certified and calibrated stops): (key_min, key_max) [pages, Hkv, D], the Quest box summaries.
     Each split first orders its own pages as score_select(within_splits=True, phys_out=...) would (the
     calibrated stop's order: the request's last page first), in the same launch; order, count, tail_lse,
@@ -404,14 +374,6 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
     once = R == 3 and getattr(rule, "calibrate", "all") == "once"
     if once and getattr(rule, "acc_bf16", False):
         raise ValueError("calibrate: 'once' reads on without checks: no bf16 running output (acc_bf16=False)")
-    flat_ok = R in (2, 3) and not getattr(rule, "acc_bf16", False) and not once
-    if flat is None:
-        flat = flat_ok and is_cuda and tuning.value(dev, tuning.key(_pow2(D, 16), k_cache.element_size(), PAGE,
-                                                                    S > 1, True) + "/loop") == "flat"
-    if flat and not flat_ok:
-        raise ValueError(f"flat: the one-loop read implements the certified and calibrated stops without bf16 "
-                         f"rounding or calibrate: once, not {kind!r}{' with acc_bf16 or once' if R else ''}; "
-                         "pass flat=False")
     if not R:
         chunk = block_pages
     if R and chunk % block_pages:
@@ -465,9 +427,9 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
         CHUNK=chunk,
         BLOCK_PAGES=block_pages, SPLIT=split, DOT_F32=dot_f32, NUM_STAGES=num_stages, TOK=max(16, block_pages * PAGE),
         PAGE_MASS=with_mass, ACC_BF16=bool(R and getattr(rule, "acc_bf16", False)),
-        CALIB_RECENT=bool(R == 3 and getattr(rule, "calibrate", "all") == "recent"), FLAT=bool(flat), ONCE=once,
-        KC=_pow2(-(-(-(-N // S)) // max(chunk, 1)), 16), ORDER=order_from is not None,
-        O_BLOCK_S=_order_block_s(order_from, D), O_KP=_pow2(-(-N // S), 16),
+        CALIB_RECENT=bool(R == 3 and getattr(rule, "calibrate", "all") == "recent"), ONCE=once,
+        KC=_pow2(triton.cdiv(triton.cdiv(N, S), max(chunk, 1)), 16), ORDER=order_from is not None,
+        O_BLOCK_S=_order_block_s(order_from, D), O_KP=_pow2(triton.cdiv(N, S), 16),
         O_DOT_F32=order_from is not None and score_dot_f32(q, order_from[0].dtype),
         num_warps=num_warps)
     if split:
@@ -500,7 +462,7 @@ def _order_block_s(order_from, D):
 
 def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_scale: float,
                  rule=None, tail_lse=None, bound_terms=None, num_splits: int = 1,
-                 page_mass: bool = False, phys=None, flat: bool | None = None) -> DecodeOut:
+                 page_mass: bool = False, phys=None) -> DecodeOut:
     """Same contract as reference.paged_decode. `rule`: any object with the StopRule fields
     (kind, chunk_pages, scale_tol, direction_tol, patience, delta, acc_bf16); None reads every listed page."""
     B, Hq = q.shape[:2]
@@ -514,7 +476,7 @@ def paged_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm_
                                     tail_lse=None if tail_lse is None else tail_lse.float().contiguous(),
                                     bound_terms=None if bound_terms is None else bound_terms.float().contiguous(),
                                     num_splits=num_splits, page_mass=mass,
-                                    phys=None if phys is None else phys.to(torch.int32).contiguous(), flat=flat)
+                                    phys=None if phys is None else phys.to(torch.int32).contiguous())
     if mass is None:
         return DecodeOut(out, pages, tau)
     return DecodeOut(out, pages, tau, mass[0], mass[1])

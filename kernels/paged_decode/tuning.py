@@ -4,9 +4,8 @@
 and records the fastest in tuned.json, keyed by the GPU's name and the launch's kind. launch_decode takes
 the recorded value when its caller names none; a GPU or kind with no record keeps launch_decode's
 built-in rule. BLOCK_PAGES does not change which pages are read or where a stop rule checks (it
-divides the check interval), only how many pages one step of the loop loads; nor does the ART loop's form
-(key + "/loop": "flat" or "chunks", launch_decode's `flat`), nor where dense + ART orders its pages
-(key + "/order": "decode" or "separate", launch_decode's `order_from`).
+divides the check interval), only how many pages one step of the loop loads; nor does where dense + ART
+orders its pages (key + "/order": "decode" or "separate", launch_decode's `order_from`).
 """
 from __future__ import annotations
 
@@ -61,7 +60,7 @@ def order_in_decode(dev: torch.device, head_dim_padded: int, elt_bytes: int, pag
 
 def record(gpu: str, entries: dict[str, int | str], path: Path = TUNED) -> None:
     """Merge {key: value} for GPU `gpu` into the table at path: a launch kind's BLOCK_PAGES, and for ART
-    kinds (key + "/loop") "flat" or "chunks" and (key + "/order") "decode" or "separate"."""
+    kinds (key + "/order") "decode" or "separate"."""
     table = json.loads(path.read_text()) if path.exists() else {}
     table.setdefault(gpu, {}).update(entries)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
