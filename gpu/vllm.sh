@@ -27,6 +27,7 @@
 #             command: bash gpu/vllm.sh needle FLASH_ATTN  |  bash gpu/vllm.sh needle CUSTOM quest_art  [CTX]
 #      Each: the evaluation at scale's prompts (4 needle tasks x 50, chat template) through vLLM on the real
 #      model, greedy; accuracy with Wilson intervals in $OUT/vllm-needle-*.json/.md.
+#   BENCH_ARGS passes more flags to `vllm_serve.py bench` (e.g. "--contexts 32768": the issue's 32k cells only).
 #   Two GPUs (kind nvidia-h200-x2, the same part calls): TP=2 bash gpu/vllm.sh bench FLASH_ATTN, then
 #         TP=2 bash gpu/vllm.sh bench CUSTOM quest_art (tensor_parallel_size=2; the file names end in -tp2).
 #   Optional: bash gpu/vllm.sh test   (tests/test_vllm_*.py with vllm importable, on the GPU machine).
@@ -77,7 +78,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; print
     ;;
   bench)
     backend=${2:?usage: gpu/vllm.sh bench BACKEND [POLICY]}
-    python3 benchmarks/vllm_serve.py bench "$backend" --policy "${3:-dense}" --tp "${TP:-1}" 2>&1 \
+    python3 benchmarks/vllm_serve.py bench "$backend" --policy "${3:-dense}" --tp "${TP:-1}" ${BENCH_ARGS:-} 2>&1 \
       | tee "$OUT/vllm-bench-$backend-${3:-}.log"
     ;;
   needle)  # after the 32k model's parts (gpu/eval_scale.sh part pNN, same machine);
