@@ -61,7 +61,7 @@ printf 'Metadata-Version: 2.1\nName: composable-kv\nVersion: 0.1.0\n' > "$EP/com
 printf '[vllm.general_plugins]\ncomposable_kv = composable_kv.integrations.vllm:register\n' \
   > "$EP/composable_kv-0.1.0.dist-info/entry_points.txt"
 export PYTHONPATH=/tmp/vsite:$EP:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
-export CKV_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+export CKV_COMMIT=${CKV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  # the device copy's .git can be stale: pass it
 case "${1:-}" in
   unpack)
     [ -f .devsite/vllm-site.sha256 ] || { echo "no .devsite/vllm-site.sha256: carry it with this call" >&2; exit 1; }
