@@ -10,8 +10,10 @@ Rows, at the same budget and terminal:
   attention_predictor   CNN over the history of every (request, KV head) + decode with the page-mass output;
                         `cycle` = mean over calibrate_every consecutive steps (one of them dense),
                         `predict` = a step that predicts (no calibration)
-  attention_predictor-cheap   history 16, CNN every 4 steps, calibration every 10 (mean over the replays)
-  attention_predictor-lean    history 8, CNN every 8 steps, calibration every 10
+  attention_predictor-cheap   history 16, CNN every 4 steps, calibration every 10 (mean over 20 steps)
+  attention_predictor-lean    history 8, CNN every 8 steps, calibration every 10 (mean over 40 steps)
+  On CUDA a row's time is one CUDA graph of a whole cycle of the stage's clock (cycle_steps) divided by its
+  steps, so the CNN's and the dense step's turns count; the median of single-step replays would hide them.
   ltri                  span close (k-means of the open window), span scores, vote, span-to-page expansion
 ratio = ms / quest's ms with the same terminal. --profile adds, per method, where one eager layer spends its
 device time (torch.profiler: the kernels, launches a layer and each one's time) to the report:
@@ -22,6 +24,7 @@ reps; the prefill path picks reps by attention, same decode cost).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -73,13 +76,25 @@ def build(name, stages, shape, B, ctx, device, dtype, backend):
     return pipe, cache, q
 
 
+def cycle_steps(pipe) -> int:
+    """Decode steps after which a stage's periodic work repeats: attention_predictor's CNN every run_every steps
+    and its dense step every calibrate_every; 1 for stages with no clock."""
+    n = 1
+    for stage in pipe.selectors:
+        if stage.name == "attention_predictor":
+            n = math.lcm(n, stage.run_every, stage.calibrate_every if stage.calibrate_every < 10 ** 6 else 1)
+    return n
+
+
 def time_layer(pipe, cache, q, device, reps: int) -> float:
-    """Median ms of one layer's pipe.run: replayed from a CUDA graph on CUDA, eager elsewhere."""
+    """Mean ms a step of one layer's pipe.run over a whole cycle of the stage's clock (cycle_steps): on CUDA one
+    graph of the cycle's steps, replayed (median over replays / steps), eager elsewhere (median of single steps)."""
     for _ in range(3):  # grows the stage's tables, builds indexes, compiles kernels
         pipe.run(q, cache, 0)
     if device.type != "cuda":
         return harness.median_ms(lambda: pipe.run(q, cache, 0), calls=reps)
-    return harness.graph_ms(lambda: pipe.run(q, cache, 0), warmup_ms=10, rep_ms=max(50, reps * 5), calls=1)
+    return harness.graph_ms(lambda: pipe.run(q, cache, 0), warmup_ms=10, rep_ms=max(50, reps * 5),
+                            calls=cycle_steps(pipe))
 
 
 def profile_layer(pipe, cache, q, device, calls: int = 5, top: int = 15) -> tuple[int, float, list[tuple]]:
@@ -133,7 +148,8 @@ def rows_for(shape, B, ctx, device, terminal, budget, reps, profiles=None, metho
             ms = time_layer(pipe, cache, q, device, reps)
             if profiles is not None:
                 profiles.append(profile_table(name + (f" ({tag})" if tag else ""), terminal,
-                                              profile_layer(pipe, cache, q, device), device))
+                                              profile_layer(pipe, cache, q, device, max(5, cycle_steps(pipe))),
+                                              device))
             base = ms if name == "quest" else base
             rows.append({"method": name + (f" ({tag})" if tag else ""), "terminal": terminal, "shape": shape,
                          "batch": B, "ctx": ctx, "budget": budget, "ms_per_layer": round(ms, 4),
@@ -183,7 +199,7 @@ def main(argv=None) -> int:
                              + table, title="Seed methods: per-layer cost against Quest")
     if profiles:
         text = (f"# Seed methods: where one eager layer's time goes\n\n{meta['gpu']}, commit {meta['commit']}, "
-                f"B={args.batch}, ctx={args.ctx}, {args.shape}; torch.profiler over 5 eager layers, per layer.\n\n"
+                f"B={args.batch}, ctx={args.ctx}, {args.shape}; torch.profiler over a cycle of each stage's clock (at least 5 eager layers), per layer.\n\n"
                 + "\n".join(profiles))
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -16,3 +16,18 @@ def test_profile_lists_the_layers_ops_with_their_time():
     text = bench.profile_table("quest", "attend", (launches, total, events), dev)
     assert text.startswith("### quest (attend): ") and "torch ops (CPU" in text
     assert text.count("\n| `") == len(events)
+
+
+def test_a_row_is_timed_over_a_whole_cycle_of_the_stages_clock():
+    """The CNN's turns (run_every) and the dense calibration steps (calibrate_every) count in a row's time:
+    its graph holds the least common multiple of the two periods."""
+    import composable_kv as ckv
+    want = {"quest": 1, "ltri": 1, "attention_predictor": 5, "attention_predictor-cheap": 20,
+            "attention_predictor-lean": 40}
+    pipes = {name: ckv.compile({"name": name, "page_size": 16, "stages": stages}, backend="reference")
+             for name, stages in bench.policies(64, "attend", weights="unused.pt").items()}
+    assert {name: bench.cycle_steps(pipe) for name, pipe in pipes.items()} == want
+    pipe = pipes["attention_predictor"]
+    pipe.selectors[0].calibrate_every = 10 ** 9  # the `predict` row: no calibration step
+    pipe.selectors[0].run_every = 3
+    assert bench.cycle_steps(pipe) == 3
