@@ -123,8 +123,12 @@ class SelectionState:
         self.scored = False
         self.order_key: torch.Tensor | None = None
         self.bounds: torch.Tensor | None = None
+        self.selected: tuple[torch.Tensor, torch.Tensor] | None = None  # the last narrow's (order, count)
 
     def narrow(self, scores: torch.Tensor, budget_pages: int, *, is_bound: bool) -> None:
+        """Keep the forced pages and the best-scoring candidates, up to the budget. Its kept pages, best-first,
+        are the read order when the stage that narrows is the last selector (DecodePipeline.select): a stage
+        calls it last in its apply."""
         scores = scores.masked_fill(~self.valid, float("-inf"))
         forced = self.forced & self.valid
         order, count = self.page_select.select_pages(scores, forced, self.candidates & self.valid, budget_pages)
@@ -132,6 +136,7 @@ class SelectionState:
         self.scored = True
         self.order_key = scores
         self.bounds = scores if is_bound else None
+        self.selected = order, count
 
     def keep_all_candidates(self) -> None:
         """A scoring stage whose budget holds every candidate keeps them all, without scores."""
@@ -341,26 +346,37 @@ class DecodePipeline:
             return order.contiguous(), plan.num_pages[:, None].expand(B, Hkv).to(torch.int32), None
         state = SelectionState(plan, Hkv, ctx.page_select)
         for sel in self.selectors:
+            state.selected = None
             sel.apply(ctx, state)
-        keep = state.kept()
         box = ctx.quest_bound() if self.needs_box_bound else None
         order_key = state.order_key if state.scored else box
-        if order_key is None or self.terminal.natural_order:  # natural order
+        bounds = state.bounds if state.bounds is not None else box
+        if state.selected is not None and not self.terminal.natural_order \
+                and self.stop_rule.kind is not StopKind.CALIBRATED:
+            # the last selector narrowed: its kept pages, best-first by its scores, are this read order
+            order, count = state.selected
+        elif order_key is None or self.terminal.natural_order:  # natural order
             order_key = -torch.arange(P, device=ctx.q.device, dtype=torch.float32).expand(B, Hkv, P)
+            order, count = self._order_kept(ctx, state, order_key)
         elif self.stop_rule.kind is StopKind.CALIBRATED:  # the request's last page first (paged_decode/README.md)
             last = torch.arange(P, device=ctx.q.device) == (plan.num_pages - 1)[:, None]  # [B, P]
-            order_key = order_key.masked_fill(last[:, None], float("inf"))
-        bounds = state.bounds if state.bounds is not None else box
-        if self.orders_within_splits:
-            order, count = select_ref.order_within_splits(order_key, plan.num_pages, plan.num_splits)
+            order, count = self._order_kept(ctx, state, order_key.masked_fill(last[:, None], float("inf")))
         else:
-            order, count = ctx.page_select.select_pages(order_key.masked_fill(~keep, float("-inf")), keep, keep, None)
+            order, count = self._order_kept(ctx, state, order_key)
         bounds_in_order = None
         if self.stop_rule.kind is not None and self.stop_rule.kind.uses_bounds:
             if bounds is None:  # the scorer covered every page unscored: no bound, the stop cannot fire
                 bounds = torch.full((B, Hkv, P), float("inf"), device=ctx.q.device)
             bounds_in_order = bounds.gather(-1, order.long().clamp(min=0))
         return order, count, bounds_in_order
+
+    def _order_kept(self, ctx: LayerContext, state: SelectionState, order_key: torch.Tensor):
+        """The kept pages best-first by order_key [B, Hkv, P]: (order [B, Hkv, P], count [B, Hkv])."""
+        plan = ctx.plan
+        if self.orders_within_splits:
+            return select_ref.order_within_splits(order_key, plan.num_pages, plan.num_splits)
+        keep = state.kept()
+        return ctx.page_select.select_pages(order_key.masked_fill(~keep, float("-inf")), keep, keep, None)
 
     def run_generic(self, ctx: LayerContext, decode_fn) -> DecodeResult:
         order, count, bounds_in_order = self.select(ctx)

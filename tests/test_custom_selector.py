@@ -108,3 +108,34 @@ def test_stage_protocol_hooks_are_declared_not_discovered():
     assert stages["attention_predictor"]().observes_page_mass and not stages["quest"]().observes_page_mass
     assert stages["ltri"].graph_support is stages["quest"].graph_support is GraphSupport.ALWAYS
     assert stages["attend"]().stop_rule().kind is None and stages["art"]().stop_rule().kind == "certified"
+
+
+@pytest.mark.parametrize("stages", [
+    [{"stage": "quest", "budget_tokens": 64}, {"stage": "attend"}],
+    [{"stage": "topk", "budget_tokens": 48}, {"stage": "art", "stop": "certified", "delta": 0.05}],
+    [{"stage": "sink_window", "sink_tokens": 16, "window_tokens": 32}, {"stage": "quest", "budget_tokens": 96},
+     {"stage": "key_shadow", "bits": 8, "budget_tokens": 64}, {"stage": "art", "stop": "certified", "delta": 0.01}],
+], ids=["quest", "topk_art", "sink_window_quest_shadow_art"])
+def test_the_last_selectors_narrow_is_the_read_order(stages, monkeypatch):
+    """select() reads the last selector's kept pages in its narrow's order instead of selecting them again: the
+    same order, count and bounds as ordering the kept pages anew."""
+    from composable_kv.pipeline import LayerContext, SelectionState
+    pipe = ckv.compile({"name": "t", "stages": stages}, backend="reference")
+    cache, ids, _, _ = build_cache([70, 300, 161], num_kv_heads=2, summaries=pipe.required_summaries, seed=3)
+    pipe.plan(cache, ids)
+    ctx = LayerContext(torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1)), cache, 0, pipe._plan,
+                       16 ** -0.5, "reference")
+    reused = pipe.select(ctx)
+    narrow = SelectionState.narrow
+
+    def narrow_forgetting(self, *a, **kw):
+        narrow(self, *a, **kw)
+        self.selected = None  # select() must order the kept pages itself
+
+    monkeypatch.setattr(SelectionState, "narrow", narrow_forgetting)
+    anew = pipe.select(ctx)
+    assert (reused[1] < 20).all() and (reused[1] > 0).all()  # a real selection: not every page
+    for got, want in zip(reused, anew):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)
