@@ -28,6 +28,10 @@
 #      Each: the evaluation at scale's prompts (4 needle tasks x 50, chat template) through vLLM on the real
 #      model, greedy; accuracy with Wilson intervals in $OUT/vllm-needle-*.json/.md.
 #   BENCH_ARGS passes more flags to `vllm_serve.py bench` (e.g. "--contexts 32768": the issue's 32k cells only).
+#   Times seen (H200, 8335024): unpack 33 s; bench FLASH_ATTN at 32k only 139 s; bench CUSTOM at 32k only over 150 s
+#   (vLLM's Triton prefill of 80 prompts of 32k, then our kernels' compiles in the graph capture: give it 300 s);
+#   needle FLASH_ATTN 196 s, needle CUSTOM quest_art 307 s (model conversion and engine start included).
+#   A machine goes back 30 s after a call: send the next call at once, or the parts are gone.
 #   Two GPUs (kind nvidia-h200-x2, the same part calls): TP=2 bash gpu/vllm.sh bench FLASH_ATTN, then
 #         TP=2 bash gpu/vllm.sh bench CUSTOM quest_art (tensor_parallel_size=2; the file names end in -tp2).
 #   Optional: bash gpu/vllm.sh test   (tests/test_vllm_*.py with vllm importable, on the GPU machine).
