@@ -40,6 +40,15 @@ from composable_kv.stages import GraphSupport, ScoringSelector, StageState, para
 from composable_kv.ints import cdiv
 
 
+def spans_by_votes_then_best(votes: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Span ids [B, Hkv, NS] by votes, then best score, both descending; ties: the lower id. One sort of an int64
+    key: the votes above the score's float bits mapped to integers in the floats' order.
+    votes [B, Hkv, NS] (whole counts), best [B, Hkv, NS] fp32."""
+    bits = (best.float() + 0.0).contiguous().view(torch.int32).long()  # + 0.0: -0.0 becomes 0.0, a tie as floats
+    as_int = torch.where(bits >= 0, bits + 2 ** 31, -1 - bits)  # [0, 2^32), ordered as the floats
+    return torch.sort(votes.long() * 2 ** 32 + as_int, dim=-1, descending=True, stable=True).indices
+
+
 @register_stage
 @dataclass
 class Ltri(ScoringSelector):
@@ -146,9 +155,7 @@ class Ltri(ScoringSelector):
         else:
             votes, best = vote_ref.span_votes(scores, span_of_page, forced, budget_pages, self.vote)  # [B, Hkv, NS]
         NS = scores.shape[-1]
-        by_best = torch.sort(best, dim=-1, descending=True, stable=True).indices
-        by_votes = torch.sort(votes.gather(-1, by_best), dim=-1, descending=True, stable=True).indices
-        ranked = by_best.gather(-1, by_votes)
+        ranked = spans_by_votes_then_best(votes, best)  # [B, Hkv, NS]
         rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(NS, device=scores.device).expand_as(ranked))
         key = (-rank.float()).masked_fill(~torch.isfinite(best), float("-inf"))  # [B, Hkv, NS]
         page_key = key.gather(-1, span_of_page.clamp(min=0)[:, None, :].expand(-1, key.shape[1], -1))
