@@ -175,28 +175,62 @@ def test_span_kernel_half_precision():
     check_span_scores(2, 64, 4, [9, 4], dtype=torch.float16, tol=2e-2)
 
 
-def check_window_reps(B, Hkv, D, W, R, *, seed=0, device="cpu", dtype=torch.float32, tol=1e-4):
-    from composable_kv.kernels.window_kmeans import reference as km_ref, triton as km_tk
+def _span_table(N, Hkv, D, R, pages, dtype, g, device):
+    """A SpanTable of N rows filled with random values (so a write to the wrong place shows)."""
+    t = sp.SpanTable(Hkv, R, D, dtype, device)
+    t.ensure(N, pages)
+    t.reps.copy_(torch.randn(t.reps.shape, generator=g).to(dtype))
+    t.span_of_page.copy_(torch.randint(-1, 9, t.span_of_page.shape, generator=g))
+    t.num_spans.copy_(torch.randint(0, pages - 1, (N,), generator=g))
+    t.covered.copy_(torch.randint(0, 4, (N,), generator=g))
+    return t
+
+
+def check_close_windows(monkeypatch, B, N, Hkv, D, W, R, *, steps=5, seed=0, device="cpu", dtype=torch.float32,
+                        tol=1e-5):
+    """SpanTable.close_windows with the kernels (on `device`) against its torch path (CPU) over `steps` calls:
+    table rows `rows` (a permutation, not arange), windows full and not, one always a token short (its last
+    page partial), one row at the span capacity (slot clamp). Returns the number of windows closed."""
     g = torch.Generator().manual_seed(seed)
-    S, P = 16, 12
-    k_pages = torch.randn(B * P + 3, Hkv, S, D, generator=g).to(dtype)
+    S, P = 16, 4 + W * steps  # pages a request's page table holds: covered starts below 4, one close a step
+    want = _span_table(N, Hkv, D, R, P, dtype, g, "cpu")
+    cap = want.reps.shape[2]
+    rows = torch.randperm(N, generator=g)[:B]
+    assert not torch.equal(rows, torch.arange(B))
+    want.num_spans[rows[-1]] = cap - 1  # its second close writes slot cap - 1 again
+    got = sp.SpanTable(Hkv, R, D, dtype, device)
+    got.ensure(N, P)
+    for name in ("reps", "span_of_page", "num_spans", "covered"):
+        getattr(got, name).copy_(getattr(want, name))
+    k_pages = torch.randn(B * P + 3, Hkv, S, D, generator=g).to(dtype)  # [pages, Hkv, S, D]
     page_table = torch.randperm(B * P + 3, generator=g)[:B * P].view(B, P).to(torch.int32)
-    covered = torch.randint(0, P - W, (B + 2,), generator=g)
-    rows = torch.randperm(B + 2, generator=g)[:B]
-    full = (covered[rows] + W) * S  # half the requests have a full window
-    seq_lens = torch.where(torch.arange(B) % 2 == 0, full + torch.randint(0, S, (B,), generator=g), full - 1)
-    args = (rows, page_table, seq_lens.to(torch.int32), k_pages, covered, W, S, R)
-    want, want_closing = km_ref.window_reps(*args)
-    got, closing = km_tk.window_reps(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
-    assert torch.equal(closing.cpu(), want_closing)
-    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+    seq_lens = (want.covered[rows] + W) * S - 1  # [B] every window a token short
+    grow = torch.randint(0, 2 * W * S, (steps, B), generator=g)
+    grow[:, 0] = 0
+    grow[:, -1] = W * S
+    cov0, closed = want.covered.clone(), 0
+    for step in range(steps):
+        before = want.covered.clone()
+        monkeypatch.setattr(sp, "FORCE_TRITON", False)
+        want.close_windows(rows, page_table, seq_lens.to(torch.int32), k_pages, W, S)
+        monkeypatch.setattr(sp, "FORCE_TRITON", True)
+        got.close_windows(*[a.to(device) for a in (rows, page_table, seq_lens.to(torch.int32), k_pages)], W, S)
+        closed += int((want.covered - before).sum()) // W
+        for name in ("span_of_page", "num_spans", "covered"):
+            assert torch.equal(getattr(got, name).cpu(), getattr(want, name)), (step, name)
+        torch.testing.assert_close(got.reps.cpu(), want.reps, rtol=tol, atol=tol)
+        seq_lens += grow[step]
+    assert want.covered[rows[0]] == cov0[rows[0]] and want.num_spans[rows[-1]] == cap - 1 + steps - 1
+    return closed
 
 
 @pytest.mark.interpret
 @needs_kernels
-@pytest.mark.parametrize("B,Hkv,D,W,R", [(3, 2, 64, 4, 4), (2, 1, 128, 2, 3), (2, 3, 64, 1, 5)])
-def test_window_kmeans_kernel_matches_reference(B, Hkv, D, W, R):
-    check_window_reps(B, Hkv, D, W, R, seed=B + D + W + R)
+@pytest.mark.parametrize("B,N,Hkv,D,W,R,dtype,tol", [(4, 6, 2, 64, 2, 4, torch.float32, 1e-5),
+                                                     (3, 5, 1, 128, 1, 3, torch.bfloat16, 1e-2),
+                                                     (3, 4, 3, 64, 4, 5, torch.float32, 1e-5)])
+def test_close_windows_kernels_equal_torch(monkeypatch, B, N, Hkv, D, W, R, dtype, tol):
+    assert check_close_windows(monkeypatch, B, N, Hkv, D, W, R, seed=B + D + W + R, dtype=dtype, tol=tol) >= 6
 
 
 def check_span_votes(B, Hkv, G, P, budget, vote, *, seed=0, device="cpu"):

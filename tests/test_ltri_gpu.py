@@ -5,7 +5,7 @@ import torch
 import composable_kv as ckv
 
 from helpers import build_cache
-from test_ltri import check_span_scores, check_span_votes, check_window_reps, ltri_policy
+from test_ltri import check_close_windows, check_span_scores, check_span_votes, ltri_policy
 
 pytestmark = pytest.mark.gpu
 
@@ -30,10 +30,10 @@ def test_span_votes_kernel_grid(vote, G, P, budget):
     check_span_votes(4, 2, G, P, budget, vote, seed=P + budget, device="cuda")
 
 
-@pytest.mark.parametrize("B,Hkv,D,W,R", [(16, 8, 128, 4, 4), (3, 2, 64, 2, 3), (5, 3, 64, 8, 8)])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-3)])
-def test_window_kmeans_kernel_grid(B, Hkv, D, W, R, dtype, tol):
-    check_window_reps(B, Hkv, D, W, R, seed=B * W, device="cuda", dtype=dtype, tol=tol)
+@pytest.mark.parametrize("B,N,Hkv,D,W,R", [(16, 20, 8, 128, 4, 4), (3, 5, 2, 64, 2, 3), (5, 7, 3, 64, 8, 8)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_close_windows_kernels_grid(monkeypatch, B, N, Hkv, D, W, R, dtype, tol):
+    check_close_windows(monkeypatch, B, N, Hkv, D, W, R, steps=6, seed=B * W, device="cuda", dtype=dtype, tol=tol)
 
 
 @pytest.mark.parametrize("terminal", [None, {"stage": "art", "stop": "certified", "delta": 0.01}])

@@ -1,5 +1,5 @@
 """k-means representative keys in torch (the oracle; see README.md): of contiguous spans of keys, and of the
-decode window ltri closes as a span (`window_reps`, which triton.py computes in one launch)."""
+decode window ltri closes as a span (`window_reps`; triton.close_windows does the whole close in the table)."""
 import torch
 
 

@@ -1,10 +1,11 @@
-"""The decode window's k-means reps in one Triton launch (same contract as reference.window_reps).
+"""ltri's decode-window close in two Triton launches (same result as SpanTable.close_windows' torch path).
 
-One program per (request, KV head): the window's W * S keys [N, D] in registers (fp32), the reference's
-initial centroids (evenly spaced tokens), then its Lloyd steps: distances by one dot, argmin, new means by
-a one-hot dot. Dots in IEEE fp32, so it matches the torch reference up to summation order.
+Launch 1, a program per (request, KV head): if the request's open window is full, the window's W * S keys
+[N, D] in registers (fp32), the reference's initial centroids (evenly spaced tokens), then its Lloyd steps
+(distances by one dot, argmin, new means by a one-hot dot), stored in the table's dtype at the row's next
+span slot; else it returns before any key load. Launch 2, a program per request: a closing row's pages,
+span count and covered page. Dots in IEEE fp32: the reps match the torch reference up to summation order.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -14,14 +15,15 @@ from ..page_score.triton import _pow2
 
 @triton.jit
 def _window_kmeans_kernel(rows_ptr, pt_ptr, stride_pb, seq_ptr, k_ptr, stride_kp, stride_kh, stride_kt,
-                          cov_ptr, out_ptr, closing_ptr, P, HKV: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
-                          NP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                          ITERS: tl.constexpr):
+                          cov_ptr, ns_ptr, reps_ptr, stride_rr, stride_rh, stride_rs, P, CAP,
+                          W: tl.constexpr, S: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                          R: tl.constexpr, RP: tl.constexpr, ITERS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    cov = tl.load(cov_ptr + tl.load(rows_ptr + b)).to(tl.int32)
-    if h == 0:
-        tl.store(closing_ptr + b, (tl.load(seq_ptr + b) // S >= cov + W).to(tl.int8))
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    cov = tl.load(cov_ptr + row).to(tl.int32)
+    if tl.load(seq_ptr + b) // S < cov + W:  # the window is not full: nothing closes
+        return
     n: tl.constexpr = W * S
     pt_row = pt_ptr + b.to(tl.int64) * stride_pb
     d = tl.arange(0, DP)
@@ -46,22 +48,47 @@ def _window_kmeans_kernel(rows_ptr, pt_ptr, stride_pb, seq_ptr, k_ptr, stride_kp
         count = tl.sum(onehot, axis=0)  # [RP]
         total = tl.dot(tl.trans(onehot), keys, input_precision="ieee")  # [RP, DP]
         cent = tl.where(count[:, None] > 0, total / tl.maximum(count, 1.0)[:, None], cent)
-    base = (b.to(tl.int64) * HKV + h) * R
-    tl.store(out_ptr + (base + r)[:, None] * D + d[None, :], cent, mask=rv[:, None] & dv[None, :])
+    span = tl.minimum(tl.load(ns_ptr + row), CAP - 1)
+    out = reps_ptr + row * stride_rr + h * stride_rh + span * stride_rs
+    tl.store(out + r[:, None] * D + d[None, :], cent.to(reps_ptr.dtype.element_ty), mask=rv[:, None] & dv[None, :])
 
 
-def window_reps(rows, page_table, seq_lens, k_pages, covered, window_pages: int, page_size: int, R: int,
-                iters: int = 2):
-    """Same contract as reference.window_reps: (reps [B, Hkv, R, D] fp32, closing [B] bool)."""
+@triton.jit
+def _close_spans_kernel(rows_ptr, seq_ptr, cov_ptr, ns_ptr, sop_ptr, stride_sr, PCAP,
+                        W: tl.constexpr, S: tl.constexpr, WP: tl.constexpr):
+    b = tl.program_id(0)
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    cov = tl.load(cov_ptr + row)
+    if tl.load(seq_ptr + b) // S < cov + W:
+        return
+    ns = tl.load(ns_ptr + row)
+    p = cov + tl.arange(0, WP)
+    tl.store(sop_ptr + row * stride_sr + p, ns + tl.zeros([WP], ns.dtype), mask=(p < cov + W) & (p < PCAP))
+    tl.store(ns_ptr + row, ns + 1)
+    tl.store(cov_ptr + row, cov + W)
+
+
+def close_windows(rows, page_table, seq_lens, k_pages, covered, num_spans, span_of_page, reps, window_pages: int,
+                  page_size: int, iters: int = 2) -> None:
+    """SpanTable.close_windows on the table's tensors, in place: where the open window of `rows[b]` is full
+    (seq_lens[b] // page_size >= covered + window_pages), k-means reps of its keys go to
+    reps[row, :, min(num_spans, cap - 1)], its pages get span id num_spans, then num_spans += 1 and
+    covered += window_pages. Two launches, no host sync.
+
+    rows [B]; page_table [B, P]; seq_lens [B]; k_pages [pages, Hkv, S, D]; covered, num_spans [N] long;
+    span_of_page [N, cap] long; reps [N, Hkv, cap, R, D]."""
     B, P = page_table.shape
     Hkv, S, D = k_pages.shape[1], k_pages.shape[2], k_pages.shape[3]
+    R, cap = reps.shape[3], reps.shape[2]
     if S != page_size:
-        raise ValueError(f"window_reps: k_pages holds pages of {S} tokens, page_size is {page_size}")
-    out = torch.empty(B, Hkv, R, D, dtype=torch.float32, device=k_pages.device)
-    closing = torch.empty(B, dtype=torch.int8, device=k_pages.device)
-    st = k_pages.stride()
+        raise ValueError(f"close_windows: k_pages holds pages of {S} tokens, page_size is {page_size}")
+    if reps.stride(4) != 1 or reps.stride(3) != D or span_of_page.stride(1) != 1:
+        raise ValueError("close_windows: reps [N, Hkv, cap, R, D] and span_of_page need contiguous last dims")
+    W = window_pages
+    sk, sr = k_pages.stride(), reps.stride()
     _window_kmeans_kernel[(B, Hkv)](
-        rows, page_table, page_table.stride(0), seq_lens, k_pages, st[0], st[1], st[2], covered, out, closing, P,
-        HKV=Hkv, W=window_pages, S=S, NP=_pow2(window_pages * S, 16), D=D, DP=_pow2(D, 16), R=R,
-        RP=_pow2(R, 16), ITERS=iters, num_warps=4)
-    return out, closing.bool()
+        rows, page_table, page_table.stride(0), seq_lens, k_pages, sk[0], sk[1], sk[2], covered, num_spans, reps,
+        sr[0], sr[1], sr[2], P, cap, W=W, S=S, NP=_pow2(W * S, 16), D=D, DP=_pow2(D, 16), R=R, RP=_pow2(R, 16),
+        ITERS=iters, num_warps=4)
+    _close_spans_kernel[(B,)](rows, seq_lens, covered, num_spans, span_of_page, span_of_page.stride(0),
+                              span_of_page.shape[1], W=W, S=S, WP=_pow2(W), num_warps=1)

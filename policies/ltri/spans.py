@@ -304,18 +304,20 @@ class SpanTable:
     def close_windows(self, rows: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
                       k_pages: torch.Tensor, window_pages: int, page_size: int) -> None:
         """Decode tokens: a row whose open span holds `window_pages` full pages closes them as a new span
-        (k-means reps). Device ops on every row, applied where due (at most one span per row and call:
-        one decode token fills at most one page). rows [B]; page_table [B, P]; seq_lens [B] (with the
-        new token); k_pages [num_pages, Hkv, S, D] (this layer's keys)."""
+        (k-means reps). At most one span per row and call (one decode token fills at most one page). On CUDA
+        (or FORCE_TRITON) two Triton launches that skip rows whose window is not full; else torch ops on
+        every row, applied where due. rows [B]; page_table [B, P]; seq_lens [B] (with the new token);
+        k_pages [num_pages, Hkv, S, D] (this layer's keys)."""
+        if k_pages.is_cuda or FORCE_TRITON:
+            from composable_kv.kernels.window_kmeans import triton as kmeans_tk
+            kmeans_tk.close_windows(rows, page_table, seq_lens, k_pages, self.covered, self.num_spans,
+                                    self.span_of_page, self.reps, window_pages, page_size)
+            return
         W = window_pages
         Rr, cap = self.reps.shape[3], self.reps.shape[2]
         dev = rows.device
         cov = self.covered[rows]  # [B]
-        if k_pages.is_cuda or FORCE_TRITON:  # one launch instead of ~50 torch ops
-            from composable_kv.kernels.window_kmeans import triton as kmeans_tk
-            reps, closing = kmeans_tk.window_reps(rows, page_table, seq_lens, k_pages, self.covered, W, page_size, Rr)
-        else:
-            reps, closing = window_reps(rows, page_table, seq_lens, k_pages, self.covered, W, page_size, Rr)
+        reps, closing = window_reps(rows, page_table, seq_lens, k_pages, self.covered, W, page_size, Rr)
         reps = reps.to(self.reps.dtype)  # [B, Hkv, Rr, D]
         ns = self.num_spans[rows]  # [B]
         slot = ns.clamp(max=cap - 1)
