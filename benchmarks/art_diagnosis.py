@@ -12,6 +12,8 @@ query, written after the prefill). Then, per setting (what is kept and in which 
   sink_window    64 sink + `--window-tokens` recent tokens, natural order (StreamingLLM)
   snapkv         SnapKV at `--budget` tokens, ART reads by vote (window and later pages first)
   quest          Quest at `--budget` tokens, best-first by its box bound
+  ltri           Ltri-LLM at `--budget` tokens (spans from the prompt's attention, whole spans best-first by votes;
+                 the capture then keeps every prompt query, which its span index reads)
   dense_box_last, quest_last   the same, with the request's last page first (the calibrated stop's order)
 
 the kept set and order come from the project's own `pipeline.select`, and every stop rule runs through
@@ -113,6 +115,7 @@ def settings(args):
                         dict(art, order="natural")],
         "snapkv": [{"stage": "snapkv", "budget_tokens": args.budget, "window": args.snap_window}, art],
         "quest": [{"stage": "quest", "budget_tokens": args.budget}, art],
+        "ltri": [{"stage": "ltri", "budget_tokens": args.budget}, art],
         # the calibrated stop's read order: as above, but the request's last page first
         "dense_box_last": [calib],
         "quest_last": [{"stage": "quest", "budget_tokens": args.budget}, calib],
@@ -124,7 +127,8 @@ def settings(args):
 # ---------------------------------------------------------------------------------------------
 
 def capture(args):
-    """Dense prefill of ctx + queries essay tokens -> per layer (k, v [Hkv, T, D], q [Hq, W + NQ, D]), scale."""
+    """Dense prefill of ctx + queries essay tokens -> per layer (k, v [Hkv, T, D], q [Hq, W + NQ, D],
+    the prompt's queries [Hq, ctx, D] when a setting reads them all (ltri), else None), scale."""
     from composable_kv import assets, traces
 
     dtype = getattr(torch, args.dtype)
@@ -135,10 +139,12 @@ def capture(args):
         raise SystemExit(f"error: --ctx {args.ctx} + --queries {args.queries}: the essays hold only "
                          f"{ids.shape[1]} tokens; lower --ctx")
     W = args.snap_window
+    every_query = wanted("ltri", args.settings)
     grabbed, scale = {}, {}
 
     def grab(li, query, key, value, scaling):  # query [1, Hq, T, D], key/value [1, Hkv, T, D], post-RoPE
-        grabbed[li] = (key[0].clone(), value[0].clone(), query[0, :, args.ctx - W:].clone())
+        grabbed[li] = (key[0].clone(), value[0].clone(), query[0, :, args.ctx - W:].clone(),
+                       query[0, :, :args.ctx].clone() if every_query else None)
         scale[li] = scaling
 
     traces.forward_with_hook(lm, ids.to(args.device), grab)
@@ -152,8 +158,9 @@ def capture(args):
 # Per layer
 # ---------------------------------------------------------------------------------------------
 
-def layer_cache(k, v, q_window, args, snap_stages, sm_scale):
-    """One sequence per decode query b: prompt (observed by the snapkv stages), then tokens ctx..ctx+b."""
+def layer_cache(k, v, q_window, q_prompt_all, args, observers, sm_scale):
+    """One sequence per decode query b: prompt (observed by the stages that read it: snapkv, ltri), then tokens
+    ctx..ctx+b. q_prompt_all [Hq, ctx, D] or None: then only the last snap_window queries are real."""
     Hkv, T, D = k.shape
     NQ, ctx = args.queries, args.ctx
     pages = sum(-(-(ctx + b + 1) // PAGE) for b in range(NQ)) + 1
@@ -161,13 +168,16 @@ def layer_cache(k, v, q_window, args, snap_stages, sm_scale):
                              device=args.device, summaries=frozenset({"key_minmax", "value_norm", "key_shadow_int8"}),
                              validate=False)
     kk, vv = k.transpose(0, 1)[None].to(cache.dtype), v.transpose(0, 1)[None].to(cache.dtype)  # [1, T, Hkv, D]
-    q_prompt = torch.zeros(1, q_window.shape[0], ctx, D, device=args.device)
-    q_prompt[0, :, ctx - args.snap_window:] = q_window[:, :args.snap_window].float()  # only these vote
+    if q_prompt_all is not None:
+        q_prompt = q_prompt_all[None].float()
+    else:
+        q_prompt = torch.zeros(1, q_window.shape[0], ctx, D, device=args.device)
+        q_prompt[0, :, ctx - args.snap_window:] = q_window[:, :args.snap_window].float()  # only these vote
     sids = []
     for b in range(NQ):
         sid = cache.add_sequence()
         cache.append([sid], [ctx], kk[:, :ctx], vv[:, :ctx])
-        for st in snap_stages:
+        for st in observers:
             st.observe_prefill(cache, [sid], 0, q_prompt, k[None, :, :ctx], None, sm_scale)
         cache.append([sid], [b + 1], kk[:, ctx:ctx + b + 1], vv[:, ctx:ctx + b + 1])
         sids.append(sid)
@@ -308,10 +318,10 @@ def oracle_pages(mass_order, kept_mass, count, delta):
     return pages.gather(-1, (tau <= delta).float().argmax(-1, keepdim=True))[..., 0]
 
 
-def run_layer(layer, k, v, q, args, sm_scale, pipes):
+def run_layer(layer, k, v, q, q_prompt_all, args, sm_scale, pipes):
     NQ, W = args.queries, args.snap_window
-    snap = [p.selectors[0] for p in pipes.values() if p.selectors and p.selectors[0].name == "snapkv"]
-    cache, sids = layer_cache(k, v, q, args, snap, sm_scale)
+    observers = [p.selectors[0] for p in pipes.values() if p.selectors and p.selectors[0].observes_prefill]
+    cache, sids = layer_cache(k, v, q, q_prompt_all, args, observers, sm_scale)
     qd = q[:, W:W + NQ].transpose(0, 1).float().contiguous()  # [NQ, Hq, D] decode queries
     B, Hq, D = qd.shape
     Hkv = cache.num_kv_heads
@@ -465,6 +475,17 @@ def write_markdown(path, meta, rows, slack, checks, sparse_layers):
              "*stopped* = share of (layer, head, query) where the rule stopped before the end of the list; "
              "*tau > delta* = share of (layer, head, query) whose true tau exceeds the rule's delta (certified: "
              "must be 0; calibrated: the heuristic's misses).", ""]
+    lines += ["## Selection: the dense softmax mass on the kept pages", "",
+              "Per (layer, KV head, query), the share of the dense softmax mass (the group's query heads averaged) "
+              "that the kept pages hold, before any stop; p10: of the (layer, KV head) means over the queries.", "",
+              "| setting | pages kept | kept mass (mean) | kept mass (p10) |", "|---|---:|---:|---:|"]
+    for sname in meta["settings"]:
+        sel = {(r["layer"], r["head"]): r for r in R if r["setting"] == sname}.values()  # the same for every rule
+        kept = sorted(r["kept_mass"] for r in sel)
+        if kept:
+            lines.append(f"| {sname} | {mean([r['pages_kept'] for r in sel]):.1f} | {mean(kept):.3f} "
+                         f"| {kept[len(kept) // 10]:.3f} |")
+    lines.append("")
     names = [r[0] for r in rules()]
     for sname in meta["settings"]:
         lines += [f"## {sname}", "",
@@ -639,7 +660,8 @@ def main(argv=None):
     p.add_argument("--window-tokens", type=int, default=1024, help="sink_window's recent tokens (default: %(default)s)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: every layer)")
     p.add_argument("--settings", default=None, help="comma-separated settings to run (default: all: "
-                                                    "dense_natural, dense_box, sink_window, snapkv, quest)")
+                                                    "dense_natural, dense_box, sink_window, snapkv, quest, ltri, "
+                                                    "dense_box_last, quest_last)")
     p.add_argument("--rules", default=None, help="comma-separated rule-name prefixes, e.g. cert-box,calib,oracle "
                                                  "(default: every rule)")
     p.add_argument("--device", default="cpu")
@@ -673,8 +695,8 @@ def main(argv=None):
     rows, slack, checks = [], [], []
     print(f"captured {len(grabbed)} layers in {time.time() - t0:.0f} s", file=sys.stderr)
     for layer in layers:
-        k, v, q = grabbed[layer]
-        r, s, c = run_layer(layer, k, v, q, args, sm_scale, pipes)
+        k, v, q, q_prompt_all = grabbed[layer]
+        r, s, c = run_layer(layer, k, v, q, q_prompt_all, args, sm_scale, pipes)
         rows += r
         slack += s
         checks += c
