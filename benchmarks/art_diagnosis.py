@@ -14,6 +14,7 @@ query, written after the prefill). Then, per setting (what is kept and in which 
   quest          Quest at `--budget` tokens, best-first by its box bound
   ltri           Ltri-LLM at `--budget` tokens (spans from the prompt's attention, whole spans best-first by votes;
                  the capture then keeps every prompt query, which its span index reads)
+  ltri_span4, ltri_span2, ltri_span1   the same with spans of at most 4, 2, 1 pages (the stage's default is 8)
   dense_box_last, quest_last   the same, with the request's last page first (the calibrated stop's order)
 
 the kept set and order come from the project's own `pipeline.select`, and every stop rule runs through
@@ -116,6 +117,9 @@ def settings(args):
         "snapkv": [{"stage": "snapkv", "budget_tokens": args.budget, "window": args.snap_window}, art],
         "quest": [{"stage": "quest", "budget_tokens": args.budget}, art],
         "ltri": [{"stage": "ltri", "budget_tokens": args.budget}, art],
+        # shorter spans: at most 4, 2, 1 pages (the stage's default is 8)
+        **{f"ltri_span{n}": [{"stage": "ltri", "budget_tokens": args.budget, "max_span_pages": n}, art]
+           for n in (4, 2, 1)},
         # the calibrated stop's read order: as above, but the request's last page first
         "dense_box_last": [calib],
         "quest_last": [{"stage": "quest", "budget_tokens": args.budget}, calib],
@@ -661,7 +665,7 @@ def main(argv=None):
     p.add_argument("--layers", default=None, help="comma-separated layers (default: every layer)")
     p.add_argument("--settings", default=None, help="comma-separated settings to run (default: all: "
                                                     "dense_natural, dense_box, sink_window, snapkv, quest, ltri, "
-                                                    "dense_box_last, quest_last)")
+                                                    "ltri_span4/2/1, dense_box_last, quest_last)")
     p.add_argument("--rules", default=None, help="comma-separated rule-name prefixes, e.g. cert-box,calib,oracle "
                                                  "(default: every rule)")
     p.add_argument("--device", default="cpu")
