@@ -14,7 +14,8 @@ query, written after the prefill). Then, per setting (what is kept and in which 
   quest          Quest at `--budget` tokens, best-first by its box bound
   ltri           Ltri-LLM at `--budget` tokens (spans from the prompt's attention, whole spans best-first by votes;
                  the capture then keeps every prompt query, which its span index reads)
-  ltri_span4, ltri_span2, ltri_span1   the same with spans of at most 4, 2, 1 pages (the stage's default is 8)
+  ltri_attn8, ltri_attn2   ltri with reps picked by the prompt's last 32 queries' attention instead of k-means,
+                 spans of at most 8 pages (the setting until 2026-11-30) or 2 (the default)
   dense_box_last, quest_last   the same, with the request's last page first (the calibrated stop's order)
 
 the kept set and order come from the project's own `pipeline.select`, and every stop rule runs through
@@ -117,9 +118,9 @@ def settings(args):
         "snapkv": [{"stage": "snapkv", "budget_tokens": args.budget, "window": args.snap_window}, art],
         "quest": [{"stage": "quest", "budget_tokens": args.budget}, art],
         "ltri": [{"stage": "ltri", "budget_tokens": args.budget}, art],
-        # shorter spans: at most 4, 2, 1 pages (the stage's default is 8)
-        **{f"ltri_span{n}": [{"stage": "ltri", "budget_tokens": args.budget, "max_span_pages": n}, art]
-           for n in (4, 2, 1)},
+        # ltri's reps picked by the prompt's last 32 queries' attention, spans of at most 8 (the old setting) or 2 pages
+        **{f"ltri_attn{n}": [{"stage": "ltri", "budget_tokens": args.budget, "obs_queries": 32, "max_span_pages": n},
+                             art] for n in (8, 2)},
         # the calibrated stop's read order: as above, but the request's last page first
         "dense_box_last": [calib],
         "quest_last": [{"stage": "quest", "budget_tokens": args.budget}, calib],
@@ -665,7 +666,7 @@ def main(argv=None):
     p.add_argument("--layers", default=None, help="comma-separated layers (default: every layer)")
     p.add_argument("--settings", default=None, help="comma-separated settings to run (default: all: "
                                                     "dense_natural, dense_box, sink_window, snapkv, quest, ltri, "
-                                                    "ltri_span4/2/1, dense_box_last, quest_last)")
+                                                    "ltri_attn8, ltri_attn2, dense_box_last, quest_last)")
     p.add_argument("--rules", default=None, help="comma-separated rule-name prefixes, e.g. cert-box,calib,oracle "
                                                  "(default: every rule)")
     p.add_argument("--device", default="cpu")

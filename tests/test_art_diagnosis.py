@@ -26,10 +26,10 @@ def test_selectors_report_the_mass_they_keep(budget):
     q_tail = q_all[:, args.ctx - args.snap_window:]
     pipes = {name: ckv.compile({"name": name, "page_size": diag.PAGE, "dense_layers": [], "stages": stages},
                                backend="reference")
-             for name, stages in diag.settings(args).items() if name in ("quest", "ltri", "ltri_span2", "snapkv")}
+             for name, stages in diag.settings(args).items() if name in ("quest", "ltri", "ltri_attn8", "snapkv")}
     rows, _, _ = diag.run_layer(3, k, v, q_tail, q_all[:, :args.ctx], args, D ** -0.5, pipes)
     by = {r["setting"]: r for r in rows}
-    assert set(by) == {"quest", "ltri", "ltri_span2", "snapkv"}
+    assert set(by) == {"quest", "ltri", "ltri_attn8", "snapkv"}
     for r in rows:
         assert 0 < r["kept_mass"] <= 1 + 1e-5 and r["pages_kept"] > 0
         if budget >= T:  # the budget holds every page: all the mass is kept

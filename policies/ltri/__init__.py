@@ -6,10 +6,11 @@ Our choices (the paper gives no exact formulas; see also policies/ltri/spans.py)
     on [b, i]) - (mass on the w pages before b), and 1-D NMS (radius `nms_pages`; a peak must exceed
     the sequence's median T by `min_score`).
     Spans are page aligned, shared by a layer's KV heads, at most `max_span_pages` long.
-  * Each span keeps `reps_per_span` representative keys per KV head: the keys that received the
-    most attention from the prompt's last `obs_queries` queries (prefill), or k-means centroids
-    when no query was seen (spans closed during decode; sequences whose prefill was not observed,
-    where k . k stands in for the attention map).
+  * Each span keeps `reps_per_span` representative keys per KV head: k-means centroids of its keys
+    (the default, `obs_queries: 0`), or the keys that received the most attention from the prompt's
+    last `obs_queries` queries. Measured on needle tasks (NOTES.md), the attention-picked keys lose the
+    needles and the centroids do not; spans closed during decode and sequences whose prefill was not
+    observed (k . k stands in for the attention map) use centroids either way.
   * Decode tokens: the pages after the last span are an open span that is always read; each time
     `decode_span_pages` full pages have gathered there, they close as a new span (k-means reps; at most
     one span per layer and step, which one decode token per step never exceeds).
@@ -65,8 +66,9 @@ class Ltri(ScoringSelector):
     tri_window_pages: int = param(4, "pages each side of a boundary the triangle score looks at", min=1, max=64)
     nms_pages: int = param(2, "NMS radius in pages (boundaries at least this far apart)", min=1, max=256)
     min_score: float = param(0.05, "margin over the median triangle score a boundary must exceed", min=-1.0, max=1.0)
-    max_span_pages: int = param(8, "longer spans are split evenly", min=1, max=4096)
-    obs_queries: int = param(32, "prompt's last queries whose attention picks the reps (0: k-means)", min=0)
+    max_span_pages: int = param(2, "longer spans are split evenly (2: as many rep keys per page as Quest's "
+                                "min/max at reps_per_span 4)", min=1, max=4096)
+    obs_queries: int = param(0, "0: k-means reps; N > 0: the prompt's last N queries' attention picks them", min=0)
     decode_span_pages: int = param(4, "decode pages that close a new span", min=1, max=256)
     sink_tokens: int = param(16, "leading tokens always read and never in a span", min=0)
     vote: str = param("group", "who votes on a KV head's spans", choices=("group", "layer"))
