@@ -246,3 +246,21 @@ def test_combination_problem():
     assert "--block-size 16 is not a multiple of the policy's page_size 32: pass --block-size 32" in why
     why = serving.combination_problem(pipe, **(ok | {"kv_cache_dtype": "float16", "block_size": 48}))
     assert "--kv-cache-dtype float16 differs from the model's bfloat16" in why and "--block-size 48" in why
+
+
+def test_prefill_kernel_choice(monkeypatch):
+    monkeypatch.delenv(serving.PREFILL_ENV, raising=False)
+    assert serving.prefill_kernel(3)[0] == "flash_attn"  # auto: FA3 / FA4 where vLLM has it
+    assert serving.prefill_kernel(4)[0] == "flash_attn"
+    kernel, why = serving.prefill_kernel(2)  # FA2 binaries are not in the GPU machine's bundle
+    assert kernel == "triton" and "no FlashAttention 3/4" in why
+    assert serving.prefill_kernel(None)[0] == "triton"
+    monkeypatch.setenv(serving.PREFILL_ENV, "triton")
+    assert serving.prefill_kernel(3) == ("triton", "CKV_VLLM_PREFILL=triton")
+    monkeypatch.setenv(serving.PREFILL_ENV, "Flash_Attn")
+    assert serving.prefill_kernel(3)[0] == "flash_attn"
+    with pytest.raises(serving.ServingPolicyError, match="set CKV_VLLM_PREFILL=triton"):
+        serving.prefill_kernel(None)
+    monkeypatch.setenv(serving.PREFILL_ENV, "sdpa")
+    with pytest.raises(serving.ServingPolicyError, match="'sdpa': choose one of auto, flash_attn, triton"):
+        serving.prefill_kernel(3)

@@ -182,3 +182,67 @@ def test_impl_write_and_decode_equal_the_adapter(policy_env, monkeypatch, tmp_pa
     assert torch.isfinite(out[2]).all()  # the padding row read nothing and wrote a finite value
     assert 0 < want.pages_read[0].sum() < 2 * 10 and want.pages_read[2].sum() == 0  # quest + the stop selected
     assert md.plan is not None  # the step's plan, kept for the next layers
+
+
+def paged_varlen_attention(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+                           causal, block_table, fa_version):
+    """What vLLM's flash_attn_varlen_func computes with a paged KV cache (k, v: [blocks, S, Hkv, D]): request b's
+    queries are the last ones of its seqused_k[b] tokens (causal, aligned bottom-right), read through its blocks."""
+    assert causal and fa_version in (3, 4) and k.shape[1:] == (S, HKV, D) and k.stride(-1) == 1
+    for b in range(len(seqused_k)):
+        q0, q1, n = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(seqused_k[b])
+        pages = block_table[b, :-(-n // S)].long()
+        kb, vb = (t[pages].reshape(-1, HKV, D)[:n].repeat_interleave(G, 1) for t in (k, v))  # [n, Hq, D]
+        s = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), kb.float()) * softmax_scale
+        pos = torch.arange(n - (q1 - q0), n)
+        s = s.masked_fill(torch.arange(n)[None, None, :] > pos[None, :, None], float("-inf"))
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vb.float()).to(out.dtype)
+
+
+def test_impl_prefill_runs_flash_attention_on_the_paged_cache(policy_env, monkeypatch):
+    """With the FlashAttention prefill, the impl hands vLLM's flash_attn_varlen_func the K and V halves of the
+    cache as [blocks, S, Hkv, D] views, the block table and the context lengths; a mixed batch's decode rows
+    still go through our pipeline. Checked against attention over the contiguous K/V each request wrote."""
+    from composable_kv.integrations.vllm import backend
+    from composable_kv.integrations.vllm.backend import CkvAttentionImpl, CkvAttentionMetadata
+    from vllm.v1.attention.backends import fa_utils
+    engine = types.SimpleNamespace(model_config=types.SimpleNamespace(get_total_num_hidden_layers=lambda: 4))
+    monkeypatch.setattr(backend, "get_current_vllm_config", lambda: engine)
+    monkeypatch.setattr(CkvAttentionImpl, "_flash_attn_version", staticmethod(lambda head_size: 3))
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", paged_varlen_attention, raising=False)
+    monkeypatch.setattr(TritonAttentionImpl, "do_kv_cache_update",
+                        lambda self, layer, k, v, kv_cache, slots: store_kv(kv_cache, k, v, slots))
+    monkeypatch.delenv(serving.PREFILL_ENV, raising=False)
+    impl = CkvAttentionImpl(HKV * G, D, D ** -0.5, HKV, None, None, "auto")
+    assert impl.prefill_kernel == "flash_attn"
+    layer = types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    g = torch.Generator().manual_seed(1)
+    kv = vllm_kv_cache(30, torch.float32)
+    ctx, new = [37, 0], [20, 45]  # request 0 extends 37 cached tokens by 20 (chunked prefill), request 1 is new
+    table = torch.zeros(2, 8, dtype=torch.int32)
+    blocks = (torch.randperm(29, generator=g) + 1).to(torch.int32)
+    table[0, :4], table[1, :3] = blocks[:4], blocks[4:7]
+    total = [c + n for c, n in zip(ctx, new)]
+    keys = [torch.randn(n, HKV, D, generator=g) for n in total]
+    vals = [torch.randn(n, HKV, D, generator=g) for n in total]
+    slots = [table[b, torch.arange(n) // S].long() * S + torch.arange(n) % S for b, n in enumerate(total)]
+    store_kv(kv, keys[0][:ctx[0]], vals[0][:ctx[0]], slots[0][:ctx[0]])  # the cached context
+    step_slots = torch.cat([slots[0][ctx[0]:], slots[1]])
+    k_new, v_new = torch.cat([keys[0][ctx[0]:], keys[1]]), torch.cat([vals[0][ctx[0]:], vals[1]])
+    impl.do_kv_cache_update(layer, k_new, v_new, kv, step_slots)
+    q = torch.randn(sum(new), HKV * G, D, generator=g)
+    prefill = types.SimpleNamespace(num_actual_tokens=sum(new), query_start_loc=torch.tensor([0, 20, 65]),
+                                    max_query_len=45, seq_lens=torch.tensor(total, dtype=torch.int32),
+                                    max_seq_len=max(total), block_table=table)
+    md = CkvAttentionMetadata(0, 0, table[:0], torch.zeros(0, dtype=torch.int32), prefill)
+    out = torch.full((sum(new) + 3, HKV * G, D), float("nan"))  # 3 padded tokens stay untouched
+    impl.forward(layer, torch.cat([q, q[:3]]), None, None, kv, md, out)
+    for b, (q0, q1) in enumerate([(0, 20), (20, 65)]):
+        qs = q[q0:q1].transpose(0, 1)  # [Hq, n_new, D]
+        k = keys[b].repeat_interleave(G, 1).transpose(0, 1)
+        v = vals[b].repeat_interleave(G, 1).transpose(0, 1)
+        n_new, n = q1 - q0, total[b]
+        allowed = torch.arange(n)[None, :] <= torch.arange(n - n_new, n)[:, None]
+        want = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=allowed).transpose(0, 1)
+        torch.testing.assert_close(out[q0:q1], want, atol=1e-5, rtol=1e-5)
+    assert out[sum(new):].isnan().all()

@@ -1,14 +1,15 @@
 """The vLLM 0.26.0 attention backend that serves a composable-kv policy (registered as CUSTOM by `register`).
 
-It is TRITON_ATTN with the decode replaced: the same KV-cache layout, the same cache writes and the same
-prefill (vLLM's Triton `unified_attention`), so the only difference from the reference backend is what
-a single-token decode reads. Per step, the builder splits the batch: decode requests (first in the batch:
+It is TRITON_ATTN with the decode replaced: the same KV-cache layout and the same cache writes. Prefill
+runs in vLLM's FlashAttention 3 on the same cache (FLASH_ATTN's layout is TRITON_ATTN's) where vLLM has it,
+else in vLLM's Triton `unified_attention` ($CKV_VLLM_PREFILL, policy.prefill_kernel; the engine logs
+which). So the only difference from the reference backends is what a single-token decode reads. Per step, the builder splits the batch: decode requests (first in the batch:
 the V2 model runner, vLLM 0.26's default for dense models, sorts them first; the V1 runner reorders
 by reorder_batch_threshold = 1) get our pipeline; the rest of the batch keeps TRITON_ATTN metadata.
 Per layer (forward_includes_kv_cache_update = False, inherited: vLLM calls the write hook, then forward):
   do_kv_cache_update: vLLM's own write, then the policy's page summaries for the written blocks
                       (adapter.VllmPagedCache.write: side buffers indexed by block id);
-  forward:            the prefill part through TritonAttentionImpl.forward; the decode part through
+  forward:            the prefill part through FlashAttention (or TritonAttentionImpl.forward); the decode part through
                       adapter.decode on vLLM's cache in place (the step's plan is built by the first
                       layer and shared, so a captured graph rebuilds it on every replay).
 K/V reach the cache only through do_kv_cache_update: the fusions that would bypass it (RoPE + cache
@@ -24,6 +25,7 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.triton_attn import (
@@ -33,7 +35,9 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from ...pipeline import StepPlan
 from .adapter import VllmPagedCache, decode, plan_decode
-from .policy import ServingPolicyError, check_model, combination_problem, serving_pipeline
+from .policy import ServingPolicyError, check_model, combination_problem, prefill_kernel, serving_pipeline
+
+logger = init_logger(__name__)
 
 
 @dataclass
@@ -42,7 +46,7 @@ class CkvAttentionMetadata:
     num_decode_tokens: int
     block_table: torch.Tensor    # [num_decodes, max_blocks] int32, vLLM's (persistent buffer)
     seq_lens: torch.Tensor       # [num_decodes] int32, counting the new token; 0 for CUDA-graph padding
-    prefill: TritonAttentionMetadata | None  # the other requests, for vLLM's Triton attention
+    prefill: TritonAttentionMetadata | None  # the other requests, for the dense prefill kernel
     plan: StepPlan | None = None  # made by the step's first decoding layer, shared by the others
 
 
@@ -128,9 +132,34 @@ class CkvAttentionImpl(TritonAttentionImpl):
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, use_alibi_sqrt,
                          chunk_lookback)
         self.pipeline = serving_pipeline()
+        self._fa_version = self._flash_attn_version(head_size)
+        self.prefill_kernel, why = prefill_kernel(self._fa_version)
+        logger.info_once(f"composable-kv: policy {self.pipeline.name!r} decodes; prefill runs in "
+                         f"{'FlashAttention' if self.prefill_kernel == 'flash_attn' else 'vLLM Triton unified_attention'}"
+                         f" ({why})")
         self._vllm_config = get_current_vllm_config()
         self._cache: VllmPagedCache | None = None
         self._layer: int | None = None
+
+    @staticmethod
+    def _flash_attn_version(head_size: int) -> int | None:
+        from vllm.platforms import current_platform
+        if not current_platform.is_cuda():
+            return None
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        return get_flash_attn_version(head_size=head_size)
+
+    def _flash_prefill(self, query: torch.Tensor, kv_cache: torch.Tensor, md: TritonAttentionMetadata,
+                       output: torch.Tensor) -> None:
+        """Causal attention of the prefill requests' new tokens over their cached context, in FlashAttention,
+        reading vLLM's paged cache in place (the tokens were written by do_kv_cache_update before forward)."""
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+        n = md.num_actual_tokens
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # [blocks, S, Hkv, D] views
+        flash_attn_varlen_func(q=query[:n], k=key_cache, v=value_cache, out=output[:n],
+                               cu_seqlens_q=md.query_start_loc, max_seqlen_q=md.max_query_len,
+                               seqused_k=md.seq_lens, max_seqlen_k=md.max_seq_len, softmax_scale=self.scale,
+                               causal=True, block_table=md.block_table, fa_version=self._fa_version)
 
     def attach(self, layer: torch.nn.Module, kv_cache: torch.Tensor) -> VllmPagedCache:
         """Bind this layer's KV tensor to the engine's cache view (views only; repeated if vLLM reallocates)."""
@@ -165,7 +194,10 @@ class CkvAttentionImpl(TritonAttentionImpl):
         md = attn_metadata
         if md.prefill is not None:
             n = md.num_decode_tokens
-            super().forward(layer, query[n:], key[n:], value[n:], kv_cache, md.prefill, output[n:])
+            if self.prefill_kernel == "flash_attn":
+                self._flash_prefill(query[n:], kv_cache, md.prefill, output[n:])
+            else:
+                super().forward(layer, query[n:], key[n:], value[n:], kv_cache, md.prefill, output[n:])
         if md.num_decodes:
             cache = self.attach(layer, kv_cache)
             if md.plan is None:
@@ -177,7 +209,8 @@ class CkvAttentionImpl(TritonAttentionImpl):
 
 
 class CkvAttentionBackend(TritonAttentionBackend):
-    """TRITON_ATTN's cache layout, writes and prefill; composable-kv's decode (the policy in $CKV_POLICY)."""
+    """TRITON_ATTN's cache layout and writes; FlashAttention's (or Triton's) prefill; composable-kv's decode
+    (the policy in $CKV_POLICY)."""
 
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]

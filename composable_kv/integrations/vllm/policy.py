@@ -16,7 +16,9 @@ from ...errors import CkvError
 from ...pipeline import DecodePipeline
 
 ENV = "CKV_POLICY"
-MIN_PAGE_SIZE = 16  # vLLM's Triton prefill (the delegate) reads blocks of a multiple of 16 tokens
+PREFILL_ENV = "CKV_VLLM_PREFILL"  # which dense kernel runs the prefill part of a step: auto | flash_attn | triton
+PREFILL_KERNELS = ("auto", "flash_attn", "triton")
+MIN_PAGE_SIZE = 16  # vLLM's prefill kernels (FlashAttention's paged KV, Triton) read blocks of a multiple of 16
 
 
 class ServingPolicyError(CkvError, ValueError):
@@ -40,7 +42,7 @@ def servability_problems(config: PolicyConfig) -> list[str]:
             problems.append(f"stage {s.name!r} reads the decode's page-mass side output, which the backend "
                             f"does not keep")
     if config.page_size < MIN_PAGE_SIZE:
-        problems.append(f"page_size {config.page_size}: vLLM's Triton prefill needs pages of a multiple of "
+        problems.append(f"page_size {config.page_size}: vLLM's prefill kernels need pages of a multiple of "
                         f"{MIN_PAGE_SIZE} tokens; use page_size >= {MIN_PAGE_SIZE}")
     return problems
 
@@ -76,6 +78,26 @@ def serving_pipeline() -> DecodePipeline:
     if not policy:
         load_serving_policy()  # raises the unset-variable error
     return _pipeline_for(policy)
+
+
+def prefill_kernel(fa_version: int | None) -> tuple[str, str]:
+    """-> (kernel, why): the kernel that runs prefill, from $CKV_VLLM_PREFILL and the FlashAttention version vLLM
+    offers on this GPU (`fa_utils.get_flash_attn_version()`; None or 2 where it has no FA3 / FA4).
+
+    auto (the default) takes FlashAttention 3 / 4 where vLLM has it, else vLLM's Triton `unified_attention`;
+    flash_attn insists on it, triton never uses it. The bundle on the GPU machine keeps FA3, not FA2."""
+    asked = os.environ.get(PREFILL_ENV, "").strip().lower() or "auto"
+    if asked not in PREFILL_KERNELS:
+        raise ServingPolicyError(f"{PREFILL_ENV}={asked!r}: choose one of {', '.join(PREFILL_KERNELS)} "
+                                 f"(auto: FlashAttention 3/4 where vLLM has it, else vLLM's Triton kernel)")
+    has_fa = fa_version in (3, 4)
+    if asked == "flash_attn" and not has_fa:
+        raise ServingPolicyError(f"{PREFILL_ENV}=flash_attn, but vLLM offers FlashAttention "
+                                 f"{fa_version or 'none'} here, not 3 or 4: set {PREFILL_ENV}=triton (or auto)")
+    if asked == "triton" or not has_fa:
+        why = f"{PREFILL_ENV}=triton" if asked == "triton" else f"no FlashAttention 3/4 here ({PREFILL_ENV}=auto)"
+        return "triton", why
+    return "flash_attn", f"FlashAttention {fa_version} ({PREFILL_ENV}={asked})"
 
 
 def combination_problem(pipeline: DecodePipeline, *, dtype, kv_cache_dtype: str | None,
