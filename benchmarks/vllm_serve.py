@@ -192,14 +192,17 @@ def bench_one(backend, name, model, text_path, contexts, batches, new_tokens, tp
     from e2e import make_prompts
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(model)
+    # a prompt and its 1 + SHORT + new_tokens tokens fit the model's positions (the real model's 32768: its
+    # 32k prompts are that less the decoded tokens)
+    room = cfg.max_position_embeddings - (1 + SHORT + new_tokens)
     t0 = time.perf_counter()
-    llm = engine(backend, model=model, eager=False, max_model_len=max(contexts) + SHORT + new_tokens + 64,
+    llm = engine(backend, model=model, eager=False, max_model_len=min(max(contexts), room) + 1 + SHORT + new_tokens,
                  max_num_seqs=max(batches), gpu_memory_utilization=0.6, enable_prefix_caching=True,
                  tensor_parallel_size=tp)
     engine_s = time.perf_counter() - t0
     bw = harness.copy_bandwidth("cuda", 2 << 30)
-    from transformers import AutoConfig
-    cfg = AutoConfig.from_pretrained(model)
     params = (cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
         cfg.hidden_size * (cfg.hidden_size + 2 * cfg.num_key_value_heads * 64) + cfg.hidden_size * cfg.hidden_size
         + 3 * cfg.hidden_size * cfg.intermediate_size))
@@ -207,7 +210,7 @@ def bench_one(backend, name, model, text_path, contexts, batches, new_tokens, tp
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 64 * 2
     text_ids = json.load(open(text_path)) if text_path else None
     rows = []
-    for ctx in contexts:
+    for ctx in (min(c, room) for c in contexts):
         pool = make_prompts(max(batches), ctx, cfg.vocab_size, text_ids)  # a smaller batch: the first B (cached)
         for B in batches:
             prompts = [TokensPrompt(prompt_token_ids=p) for p in pool[:B]]
