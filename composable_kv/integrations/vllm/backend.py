@@ -37,7 +37,7 @@ from ...pipeline import StepPlan
 from .adapter import VllmPagedCache, decode, plan_decode
 from .policy import ServingPolicyError, check_model, combination_problem, prefill_kernel, serving_pipeline
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.composable_kv")  # under vLLM's logger, which alone has a handler in its processes
 
 
 @dataclass
