@@ -16,7 +16,8 @@
                --weights real: the real model and windows of the essays (real attention: ART's stop and
                Quest's picks depend on it). Per shape: prefill the prompts (max_tokens=1; prefix caching
                keeps their blocks; a smaller batch is the larger one's first prompts), then two generates
-               of 1+32 and 1+32+N tokens, timed alike: the difference is N decode steps. Writes
+               of 1+32 and 1+32+N tokens, timed alike: the difference is N decode steps (the median of
+               --repeats such pairs). Writes
                $OUT/vllm-bench-<weights>-<contexts>.json/.md (rewritten after each spec) with each row next
                to the first spec's and the floor (weights + dense KV bytes per step / the copy bandwidth
                measured in the same run).
@@ -187,7 +188,7 @@ def bench_model(weights: str, model_name: str) -> tuple[str, list[int] | None]:
     return str(folder), essay_ids(model_name)
 
 
-def bench_one(backend, name, model, text_path, contexts, batches, new_tokens, tp=1):
+def bench_one(backend, name, model, text_path, contexts, batches, new_tokens, tp=1, repeats=3):
     import torch
     from e2e import make_prompts
     from vllm import SamplingParams
@@ -219,17 +220,23 @@ def bench_one(backend, name, model, text_path, contexts, batches, new_tokens, tp
             llm.generate(prompts, SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
             t_prefill = time.perf_counter() - t0
             # two decode lengths, timed the same way: their difference is new_tokens steps, free of what one
-            # generate also pays (the prefix-cache lookup of each prompt, its recomputed tail, the first step)
-            spans = []
-            for n in (1 + SHORT, 1 + SHORT + new_tokens):
-                t0 = time.perf_counter()
-                llm.generate(prompts, SamplingParams(max_tokens=n, **greedy), use_tqdm=False)
-                spans.append(time.perf_counter() - t0)
-            t_decode = spans[1] - spans[0]
+            # generate also pays (the prefix-cache lookup of each prompt, its recomputed tail, the first step);
+            # the median of `repeats` such pairs (at B = 16 one pair varied 2x between runs on the H200, 51dd5bc)
+            pairs = []
+            for _ in range(repeats):
+                spans = []
+                for n in (1 + SHORT, 1 + SHORT + new_tokens):
+                    t0 = time.perf_counter()
+                    llm.generate(prompts, SamplingParams(max_tokens=n, **greedy), use_tqdm=False)
+                    spans.append(time.perf_counter() - t0)
+                pairs.append(spans)
+            diffs = sorted(b - a for a, b in pairs)
+            t_decode = diffs[len(diffs) // 2]
             floor = bw / (weight_bytes + B * (ctx + SHORT + new_tokens // 2) * kv_per_token) * B
             rows.append(dict(backend=backend, policy=name, tp=tp, context=ctx, batch=B, new_tokens=new_tokens,
                              text="essays" if text_ids else "random", engine_s=engine_s, prefill_s=t_prefill,
-                             decode_s=t_decode, short_s=spans[0], tokens_per_s=B * new_tokens / t_decode,
+                             decode_s=t_decode, decode_s_each=diffs, short_s=[a for a, _ in pairs],
+                             tokens_per_s=B * new_tokens / t_decode,
                              floor_tokens_per_s=floor, copy_GBps=bw / 1e9))
             print(f"{name} ctx {ctx} B {B}: {rows[-1]['tokens_per_s']:,.0f} tokens/s (floor {floor:,.0f}), "
                   f"{t_decode:.2f} s for {new_tokens} steps, prefill {t_prefill:.1f} s, engine {engine_s:.0f} s",
@@ -251,7 +258,7 @@ def bench_table(rows: list[dict]) -> str:
     return "\n".join(ln for ln in lines if ln)
 
 
-def bench(specs, weights, model_name, contexts, batches, new_tokens, tp=1):
+def bench(specs, weights, model_name, contexts, batches, new_tokens, tp=1, repeats=3):
     """Each spec in its own engine (subprocess), one after another; the report is rewritten after each, so a
     call stopped by its time limit keeps the specs it finished."""
     import torch
@@ -270,7 +277,7 @@ def bench(specs, weights, model_name, contexts, batches, new_tokens, tp=1):
         name = spec + (f":tp{tp}" if tp > 1 else "")
         env = {"CKV_POLICY": policy} if policy else {}
         got = child(["--bench-one", backend, name, model, text_path or "", ",".join(map(str, contexts)),
-                     ",".join(map(str, batches)), str(new_tokens), str(tp)], env, check=False)
+                     ",".join(map(str, batches)), str(new_tokens), str(tp), str(repeats)], env, check=False)
         if got is None:
             print(f"{spec}: its engine failed (above); the other specs go on", flush=True)
             continue
@@ -360,9 +367,9 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--needle-one"]:
         needle_one(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif sys.argv[1:2] == ["--bench-one"]:
-        b, n, model, text, c, bs, nt, tp = sys.argv[2:10]
+        b, n, model, text, c, bs, nt, tp, reps = sys.argv[2:11]
         bench_one(b, n, model, text or None, [int(x) for x in c.split(",")], [int(x) for x in bs.split(",")],
-                  int(nt), int(tp))
+                  int(nt), int(tp), int(reps))
     else:
         ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         sub = ap.add_subparsers(dest="cmd", required=True)
@@ -379,6 +386,7 @@ if __name__ == "__main__":
         b.add_argument("--batches", default="16,64")
         b.add_argument("--new-tokens", type=int, default=128)
         b.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (the two-GPU machine: 2)")
+        b.add_argument("--repeats", type=int, default=3, help="timed pairs of generates per shape (the median)")
         n = sub.add_parser("needle")
         n.add_argument("specs", nargs="+", metavar="SPEC", help=spec_help)
         n.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -398,7 +406,7 @@ if __name__ == "__main__":
         elif a.cmd == "smoke":
             smoke(a.quick)
         else:
-            if a.tp < 1:
-                ap.error(f"bench: --tp must be >= 1, got {a.tp}")
+            if a.tp < 1 or a.repeats < 1:
+                ap.error(f"bench: --tp and --repeats must be >= 1, got {a.tp} and {a.repeats}")
             bench(a.specs, a.weights, a.model, [int(x) for x in a.contexts.split(",")],
-                  [int(x) for x in a.batches.split(",")], a.new_tokens, a.tp)
+                  [int(x) for x in a.batches.split(",")], a.new_tokens, a.tp, a.repeats)
