@@ -3,14 +3,15 @@
 It is TRITON_ATTN with the decode replaced: the same KV-cache layout and the same cache writes. Prefill
 runs in vLLM's FlashAttention 3 on the same cache (FLASH_ATTN's layout is TRITON_ATTN's) where vLLM has it,
 else in vLLM's Triton `unified_attention` ($CKV_VLLM_PREFILL, policy.prefill_kernel; the engine logs
-which). So the only difference from the reference backends is what a single-token decode reads. Per step, the builder splits the batch: decode requests (first in the batch:
-the V2 model runner, vLLM 0.26's default for dense models, sorts them first; the V1 runner reorders
-by reorder_batch_threshold = 1) get our pipeline; the rest of the batch keeps TRITON_ATTN metadata.
+which). So the only difference from the reference backends is what a single-token decode reads.
+Per step, the builder splits the batch: decode requests (first in the batch: the V2 model runner,
+vLLM 0.26's default for dense models, sorts them first; the V1 runner reorders by
+reorder_batch_threshold = 1) get our pipeline; the rest of the batch keeps TRITON_ATTN metadata.
 Per layer (forward_includes_kv_cache_update = False, inherited: vLLM calls the write hook, then forward):
   do_kv_cache_update: vLLM's own write, then the policy's page summaries for the written blocks
                       (adapter.VllmPagedCache.write: side buffers indexed by block id);
-  forward:            the prefill part through FlashAttention (or TritonAttentionImpl.forward); the decode part through
-                      adapter.decode on vLLM's cache in place (the step's plan is built by the first
+  forward:            the prefill part through FlashAttention (or TritonAttentionImpl.forward); the
+                      decode part through adapter.decode on vLLM's cache in place (the step's plan is built by the first
                       layer and shared, so a captured graph rebuilds it on every replay).
 K/V reach the cache only through do_kv_cache_update: the fusions that would bypass it (RoPE + cache
 write, output quantization) are declared unsupported, and so are the engine features that move K/V
