@@ -11,8 +11,8 @@ Per layer (forward_includes_kv_cache_update = False, inherited: vLLM calls the w
   do_kv_cache_update: vLLM's own write, then the policy's page summaries for the written blocks
                       (adapter.VllmPagedCache.write: side buffers indexed by block id);
   forward:            the prefill part through FlashAttention (or TritonAttentionImpl.forward); the
-                      decode part through adapter.decode on vLLM's cache in place (the step's plan is built by the first
-                      layer and shared, so a captured graph rebuilds it on every replay).
+                      decode part through adapter.decode on vLLM's cache in place (the step's plan is
+                      built by the first layer and shared, so a captured graph rebuilds it on every replay).
 K/V reach the cache only through do_kv_cache_update: the fusions that would bypass it (RoPE + cache
 write, output quantization) are declared unsupported, and so are the engine features that move K/V
 without it (KV connectors; hybrid models, whose partial prefix hits vLLM copies block to block).
