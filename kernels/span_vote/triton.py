@@ -45,21 +45,24 @@ def _span_votes_kernel(score_ptr, stride_sb, stride_sh, sop_ptr, stride_pb, forc
         tl.debug_barrier()
         tl.atomic_add(size_ptr + base + sop, 1, mask=pv & (sop >= 0) & ~forced)  # free pages per span
         tl.debug_barrier()
-        size = tl.load(size_ptr + base + i, mask=iv, other=0, cache_modifier=".cg").to(tl.int64)[None, :]
-        avail = tl.maximum(budget - tl.sum((forced & pv).to(tl.int32), axis=0), 0).to(tl.int64)
+        size = tl.load(size_ptr + base + i, mask=iv, other=0, cache_modifier=".cg")[None, :]  # int32
+        avail = tl.maximum(budget - tl.sum((forced & pv).to(tl.int32), axis=0), 0)
         s = tl.load(score_ptr + b.to(tl.int64) * stride_sb + (hh * G + g) * stride_sh + i[None, :],
                     mask=(g < G) & iv[None, :], other=NEG_INF)  # [GP, NSP]
         best = tl.maximum(best, tl.max(s, axis=0))
         live = (s > NEG_INF) & (s < float("inf")) & (g < G) & iv[None, :]  # finite scores vote
-        key = _ord32(s).to(tl.int64)
+        # int32 keys and sizes: a finite key is > INT32_MIN (NaN with the sign bit alone maps there), so
+        # lo = min - 1 fits; only the midpoint's hi - lo needs 64 bits
+        key = _ord32(s)
         sz = tl.where(live, size, 0)
-        lo = tl.min(tl.where(live, key, 2147483647), axis=1) - 1  # [GP]: G(lo) = every live span's size
-        hi = tl.max(tl.where(live, key, -2147483648), axis=1)  # G(hi) = 0
+        lo = (tl.min(tl.where(live, key, 2147483647), axis=1) - 1).to(tl.int32)  # [GP]: G(lo) = all live sizes
+        hi = tl.max(tl.where(live, key, -2147483648), axis=1).to(tl.int32)  # G(hi) = 0
         for _ in tl.static_range(33):  # invariant: G(lo) >= avail > G(hi) (where some span does not fit)
-            mid = lo + (hi - lo) // 2
+            gap = hi.to(tl.int64) - lo.to(tl.int64)
+            mid = (lo.to(tl.int64) + gap // 2).to(tl.int32)
             fits = tl.sum(tl.where(key > mid[:, None], sz, 0), axis=1) < avail
-            hi = tl.where(fits & (hi - lo > 1), mid, hi)
-            lo = tl.where(~fits & (hi - lo > 1), mid, lo)
+            hi = tl.where(fits & (gap > 1), mid, hi)
+            lo = tl.where(~fits & (gap > 1), mid, lo)
         above = tl.sum(tl.where(key > hi[:, None], sz, 0), axis=1)  # G(t0), t0 = hi
         tie = live & (key == hi[:, None])
         before_tie = above[:, None] + tl.cumsum(tl.where(tie, sz, 0), axis=1) - tl.where(tie, sz, 0)
