@@ -252,11 +252,13 @@ def test_prefill_kernel_choice(monkeypatch):
     monkeypatch.delenv(serving.PREFILL_ENV, raising=False)
     assert serving.prefill_kernel(3)[0] == "flash_attn"  # auto: FA3 / FA4 where vLLM has it
     assert serving.prefill_kernel(4)[0] == "flash_attn"
-    kernel, why = serving.prefill_kernel(2)  # FA2 binaries are not in the GPU machine's bundle
-    assert kernel == "triton" and "no FlashAttention 3/4" in why
+    assert serving.prefill_kernel(3)[1] == "FlashAttention 3 (CKV_VLLM_PREFILL=auto)"
+    kernel, runs_in = serving.prefill_kernel(2)  # FA2 binaries are not in the GPU machine's bundle
+    assert kernel == "triton" and runs_in == ("vLLM's Triton unified_attention (no FlashAttention 3/4 here, "
+                                              "CKV_VLLM_PREFILL=auto)")
     assert serving.prefill_kernel(None)[0] == "triton"
     monkeypatch.setenv(serving.PREFILL_ENV, "triton")
-    assert serving.prefill_kernel(3) == ("triton", "CKV_VLLM_PREFILL=triton")
+    assert serving.prefill_kernel(3) == ("triton", "vLLM's Triton unified_attention (CKV_VLLM_PREFILL=triton)")
     monkeypatch.setenv(serving.PREFILL_ENV, "Flash_Attn")
     assert serving.prefill_kernel(3)[0] == "flash_attn"
     with pytest.raises(serving.ServingPolicyError, match="set CKV_VLLM_PREFILL=triton"):

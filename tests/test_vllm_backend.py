@@ -218,7 +218,7 @@ def test_impl_prefill_runs_flash_attention_on_the_paged_cache(policy_env, monkey
     impl = CkvAttentionImpl(HKV * G, D, D ** -0.5, HKV, None, None, "auto")
     assert impl.prefill_kernel == "flash_attn"
     assert backend.logger.name.startswith("vllm.")  # vLLM configures its own loggers' handlers, not others'
-    assert said and "prefill runs in FlashAttention (FlashAttention 3 (CKV_VLLM_PREFILL=auto))" in said[0]
+    assert said and said[0].endswith("prefill runs in FlashAttention 3 (CKV_VLLM_PREFILL=auto)")
     layer = types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
     g = torch.Generator().manual_seed(1)
     kv = vllm_kv_cache(30, torch.float32)

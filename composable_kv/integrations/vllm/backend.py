@@ -134,10 +134,8 @@ class CkvAttentionImpl(TritonAttentionImpl):
                          chunk_lookback)
         self.pipeline = serving_pipeline()
         self._fa_version = self._flash_attn_version(head_size)
-        self.prefill_kernel, why = prefill_kernel(self._fa_version)
-        logger.info_once(f"composable-kv: policy {self.pipeline.name!r} decodes; prefill runs in "
-                         f"{'FlashAttention' if self.prefill_kernel == 'flash_attn' else 'vLLM Triton unified_attention'}"
-                         f" ({why})")
+        self.prefill_kernel, runs_in = prefill_kernel(self._fa_version)
+        logger.info_once(f"composable-kv: policy {self.pipeline.name!r} decodes; prefill runs in {runs_in}")
         self._vllm_config = get_current_vllm_config()
         self._cache: VllmPagedCache | None = None
         self._layer: int | None = None

@@ -81,8 +81,9 @@ def serving_pipeline() -> DecodePipeline:
 
 
 def prefill_kernel(fa_version: int | None) -> tuple[str, str]:
-    """-> (kernel, why): the kernel that runs prefill, from $CKV_VLLM_PREFILL and the FlashAttention version vLLM
-    offers on this GPU (`fa_utils.get_flash_attn_version()`; None or 2 where it has no FA3 / FA4).
+    """-> (kernel, the line's words for it): the kernel that runs prefill, from $CKV_VLLM_PREFILL and the
+    FlashAttention version vLLM offers on this GPU (`fa_utils.get_flash_attn_version()`; None or 2 where it has
+    no FA3 / FA4).
 
     auto (the default) takes FlashAttention 3 / 4 where vLLM has it, else vLLM's Triton `unified_attention`;
     flash_attn insists on it, triton never uses it. The bundle on the GPU machine keeps FA3, not FA2."""
@@ -94,9 +95,10 @@ def prefill_kernel(fa_version: int | None) -> tuple[str, str]:
     if asked == "flash_attn" and not has_fa:
         raise ServingPolicyError(f"{PREFILL_ENV}=flash_attn, but vLLM offers FlashAttention "
                                  f"{fa_version or 'none'} here, not 3 or 4: set {PREFILL_ENV}=triton (or auto)")
-    if asked == "triton" or not has_fa:
-        why = f"{PREFILL_ENV}=triton" if asked == "triton" else f"no FlashAttention 3/4 here ({PREFILL_ENV}=auto)"
-        return "triton", why
+    if asked == "triton":
+        return "triton", f"vLLM's Triton unified_attention ({PREFILL_ENV}=triton)"
+    if not has_fa:
+        return "triton", f"vLLM's Triton unified_attention (no FlashAttention 3/4 here, {PREFILL_ENV}=auto)"
     return "flash_attn", f"FlashAttention {fa_version} ({PREFILL_ENV}={asked})"
 
 
