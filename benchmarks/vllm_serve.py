@@ -188,6 +188,19 @@ def bench_model(weights: str, model_name: str) -> tuple[str, list[int] | None]:
     return str(folder), essay_ids(model_name)
 
 
+def dense_floor_tokens_per_s(cfg, bw: float, batch: int, mean_len: int, tp: int = 1) -> float:
+    """Tokens/s if each decode step read the bf16 weights and every request's dense K/V (mean_len tokens) once
+    at bandwidth bw (bytes/s). Under tensor parallelism each of the tp GPUs reads its shard at the same time:
+    1/tp of the weights and its share of the KV heads (at least one: fewer heads than GPUs are replicated)."""
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    params = (cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
+        cfg.hidden_size * (cfg.hidden_size + 2 * cfg.num_key_value_heads * hd) + cfg.hidden_size * cfg.hidden_size
+        + 3 * cfg.hidden_size * cfg.intermediate_size))
+    kv_heads_per_gpu = -(-cfg.num_key_value_heads // tp)
+    kv_per_token = cfg.num_hidden_layers * 2 * kv_heads_per_gpu * hd * 2  # K and V, bf16, this GPU's heads
+    return bw / (2 * params / tp + batch * mean_len * kv_per_token) * batch
+
+
 def bench_one(backend, name, model, text_path, contexts, batches, new_tokens, tp=1, repeats=3):
     import torch
     from e2e import make_prompts
@@ -204,11 +217,6 @@ def bench_one(backend, name, model, text_path, contexts, batches, new_tokens, tp
                  tensor_parallel_size=tp)
     engine_s = time.perf_counter() - t0
     bw = harness.copy_bandwidth("cuda", 2 << 30)
-    params = (cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
-        cfg.hidden_size * (cfg.hidden_size + 2 * cfg.num_key_value_heads * 64) + cfg.hidden_size * cfg.hidden_size
-        + 3 * cfg.hidden_size * cfg.intermediate_size))
-    weight_bytes = 2 * params
-    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 64 * 2
     text_ids = json.load(open(text_path)) if text_path else None
     rows = []
     for ctx in (min(c, room) for c in contexts):
@@ -232,7 +240,7 @@ def bench_one(backend, name, model, text_path, contexts, batches, new_tokens, tp
                 pairs.append(spans)
             diffs = sorted(b - a for a, b in pairs)
             t_decode = diffs[len(diffs) // 2]
-            floor = bw / (weight_bytes + B * (ctx + SHORT + new_tokens // 2) * kv_per_token) * B
+            floor = dense_floor_tokens_per_s(cfg, bw, B, ctx + SHORT + new_tokens // 2, tp)
             rows.append(dict(backend=backend, policy=name, tp=tp, context=ctx, batch=B, new_tokens=new_tokens,
                              text="essays" if text_ids else "random", engine_s=engine_s, prefill_s=t_prefill,
                              decode_s=t_decode, decode_s_each=diffs, short_s=[a for a, _ in pairs],

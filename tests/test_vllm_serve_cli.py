@@ -37,3 +37,26 @@ def test_needle_table_has_a_row_per_spec_and_the_mean():
     assert lines[0] == "| backend:policy | niah_single | niah_multikey | mean |"
     assert lines[2].startswith("| FLASH_ATTN | 1.00 [0.10, 0.90] | 0.50") and lines[2].endswith("| 0.750 |")
     assert lines[3].endswith("| 0.600 |") and lines[-1] == "n = 50 per cell, Wilson 95% intervals."
+
+
+def qwen_like(kv_heads=2):
+    from types import SimpleNamespace
+    return SimpleNamespace(hidden_size=896, num_attention_heads=14, num_key_value_heads=kv_heads,
+                           num_hidden_layers=24, vocab_size=151936, intermediate_size=4864)
+
+
+def test_dense_floor_counts_the_weights_and_kv_a_step_reads():
+    cfg = qwen_like()
+    params = 151936 * 896 + 24 * (896 * (896 + 2 * 2 * 64) + 896 * 896 + 3 * 896 * 4864)
+    kv = 24 * 2 * 2 * 64 * 2  # bytes per token: K and V of 2 heads of 64, bf16, 24 layers
+    want = 4e12 / (2 * params + 16 * 32768 * kv) * 16
+    assert vllm_serve.dense_floor_tokens_per_s(cfg, 4e12, 16, 32768) == pytest.approx(want, rel=1e-12)
+
+
+def test_dense_floor_under_tensor_parallelism_reads_each_gpus_shard():
+    one = vllm_serve.dense_floor_tokens_per_s(qwen_like(), 4e12, 64, 32768)
+    assert vllm_serve.dense_floor_tokens_per_s(qwen_like(), 4e12, 64, 32768, tp=2) == pytest.approx(2 * one)
+    # a single KV head is replicated on both GPUs: only the weights halve, so less than twice
+    one_head = vllm_serve.dense_floor_tokens_per_s(qwen_like(1), 4e12, 64, 32768)
+    two_gpus = vllm_serve.dense_floor_tokens_per_s(qwen_like(1), 4e12, 64, 32768, tp=2)
+    assert one_head < two_gpus < 1.2 * one_head
