@@ -76,14 +76,10 @@ def build(name, stages, shape, B, ctx, device, dtype, backend):
     return pipe, cache, q
 
 
-def cycle_steps(pipe) -> int:
-    """Decode steps after which a stage's periodic work repeats: attention_predictor's CNN every run_every steps
-    and its dense step every calibrate_every; 1 for stages with no clock."""
-    n = 1
-    for stage in pipe.selectors:
-        if stage.name == "attention_predictor":
-            n = math.lcm(n, stage.run_every, stage.calibrate_every if stage.calibrate_every < 10 ** 6 else 1)
-    return n
+def cycle_steps(pipe, horizon: int = 10 ** 6) -> int:
+    """Decode steps after which the stages' periodic work repeats (the lcm of their clock_periods); a period past
+    `horizon` steps never comes round in a timing (the `predict` row's calibrate_every of 10**9)."""
+    return math.lcm(1, *(p for stage in pipe.selectors for p in stage.clock_periods if p <= horizon))
 
 
 def time_layer(pipe, cache, q, device, reps: int) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -162,6 +163,17 @@ class Stage:
         """A line for the policy's `describe()`: what this stage's own work runs as on `device` (None: the
         stage line says enough)."""
         return None
+
+    def trained_weights(self, model_name: str) -> tuple[Path, str] | None:
+        """(the weights file this stage loads for `model_name`, the command that trains it) for a learned stage;
+        None for a stage that learns nothing."""
+        return None
+
+    @property
+    def clock_periods(self) -> tuple[int, ...]:
+        """Step periods of work this stage does on some decode steps only (a CNN every k steps, a dense
+        calibration every N): its cost repeats after their least common multiple. Empty: the same every step."""
+        return ()
 
     @property
     def observes_prefill(self) -> bool:

@@ -14,11 +14,9 @@ set -euo pipefail
 export CKV_CACHE_DIR=${CKV_CACHE_DIR:-/tmp/ckv-cache}
 OUT=${OUT:-$PWD/art-e2e-out}
 SITE=${SITE:-/tmp/site}
-mkdir -p "$OUT/sweep" "$OUT/e2e" "$SITE" "$CKV_CACHE_DIR"
-model_join
-tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
+mkdir -p "$OUT/sweep" "$OUT/e2e"
+real_model_ready
 tar xzf .devsite/flashinfer-py312.tgz -C "$SITE"
-python -m pip install -q --no-index --no-deps --target "$SITE" .devsite/wheels/*.whl
 export PYTHONPATH="$SITE:$PWD"
 # --tune: the fastest BLOCK_PAGES of dense and of dense + ART on this GPU go to kernels/paged_decode/tuned.json,
 # which every decode below (ours dense included) then uses; the table comes back in $OUT/sweep to be committed.

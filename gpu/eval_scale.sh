@@ -9,14 +9,15 @@
 #
 #  0. Here (the CPU machine, from the project's root, with the network), once:
 #       bash gpu/eval_scale.sh prepare
-#     writes .devsite/qwen2.5-coder-0.5b.gguf.parts/p00 ... p11 (../shared/tools/long-model-parts.sh, re-split in 40 MiB
-#     parts: a call carries the working tree (~15 MB) too, 64 MiB in all),
+#     writes .devsite/qwen2.5-coder-0.5b.gguf.parts/p00 ... (../shared/tools/long-model-parts.sh, re-split in parts
+#     sized from the tracked tree: a call carries it too, 64 MiB in all; 13 parts of 39 MiB at 24.9 MB, 2026-11-30;
+#     the last is small: carry it with the one before, `part p11 && part p12`),
 #     .devsite/eval-scale-cache.tgz (tokenizer converted from the GGUF, essays, attention_predictor and write_gate
 #     weights trained for this model) and .devsite/wheels/gguf-0.19.0-*.whl. It refuses to finish without the
 #     trained weights and prints the commands that train them.
-#  1. GPU calls 1-12, one per part:  carry [".devsite/qwen2.5-coder-0.5b.gguf.parts/pNN"]
+#  1. GPU calls, one per part:      carry [".devsite/qwen2.5-coder-0.5b.gguf.parts/pNN"]
 #                                    command: bash gpu/eval_scale.sh part pNN
-#  2. GPU calls 12-15, one per context (<= 10 min each):
+#  2. GPU calls, one per context (<= 10 min each):
 #                                    carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"]
 #                                    command: CKV_COMMIT=<commit> bash gpu/eval_scale.sh run 4096
 #     then the same with 8192, 16384 and 32768 (H200, 538b499: 3.7, 4.2 and 7.2 min for 4k-16k, 32k about
@@ -82,15 +83,9 @@ part() {
 
 run() {
   [ $# -ge 1 ] || { echo "usage: bash gpu/eval_scale.sh run CTX [CTX ...]" >&2; exit 2; }
-  mkdir -p "$CKV_CACHE_DIR" "$SITE" "$OUT"
-  if [ "$MODEL" = qwen2.5-coder-0.5b ] && [ ! -f "$CKV_CACHE_DIR/$NAME" ]; then
-    model_join || exit 2
-  fi
-  [ ! -f .devsite/eval-scale-cache.tgz ] || tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
-  if ls .devsite/wheels/*.whl >/dev/null 2>&1; then
-    python -m pip install -q --no-index --no-deps --target "$SITE" .devsite/wheels/*.whl
-  fi
-  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  mkdir -p "$OUT"
+  if [ "$MODEL" = qwen2.5-coder-0.5b ]; then real_model_ready || exit 2; fi  # another MODEL: a local try
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   ! command -v nvidia-smi >/dev/null || nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.csv"
   ctxs=()
   for c in "$@"; do ctxs+=(--ctx "$c"); done

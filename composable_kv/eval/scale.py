@@ -54,19 +54,13 @@ def check_learned_weights(model, pipelines) -> None:
     """The learned stages need trained weights for this model: refuse to start without them."""
     from ..policies.write_gate.admission import model_tag
     from ..errors import CkvError
-    from ..policies.attention_predictor.predictor import default_weights_path
 
     for pipe in pipelines:
         for stage in pipe.config.stages:
-            if stage.name == "write_gate":
-                path, fix = stage.weights_path(model_tag(model)), "ckv train-gate --model MODEL"
-            elif stage.name == "attention_predictor":
-                path, fix = Path(stage.weights) if stage.weights else default_weights_path(), "ckv train-predictor"
-            else:
-                continue
-            if not Path(path).is_file():
-                raise CkvError(f"policy {pipe.name!r}: stage {stage.name} has no trained weights at {path}; "
-                               f"train them with `{fix}` (or leave the policy out).")
+            need = stage.trained_weights(model_tag(model))
+            if need is not None and not need[0].is_file():
+                raise CkvError(f"policy {pipe.name!r}: stage {stage.name} has no trained weights at {need[0]}; "
+                               f"train them with `{need[1]}` (or leave the policy out).")
 
 
 def run_scale(model, tokenizer, policies: Sequence, ctx: int, out_file: Path, *, tasks: Sequence[str] = SCALE_TASKS,

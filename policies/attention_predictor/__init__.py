@@ -1,12 +1,13 @@
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 
 from composable_kv.kernels import backend_for
 from composable_kv.kernels.predictor_cnn import reference as cnn_ref
-from composable_kv.policies.attention_predictor.predictor import (PageHistory, kernel_weights, load_weights,
-                                                                 prefill_page_mass)
+from composable_kv.policies.attention_predictor.predictor import (PageHistory, default_weights_path,
+                                                                 kernel_weights, load_weights, prefill_page_mass)
 from composable_kv.seq_rows import SequenceRows
 from composable_kv.stages import GraphSupport, ScoringSelector, StageState, param, register_stage
 from composable_kv.ints import cdiv
@@ -49,6 +50,13 @@ class AttentionPredictor(ScoringSelector):
     recent_tokens: int = param(64, "most recent tokens always read", min=0)
     weights: str = param("", "CNN weights file; empty: the `ckv train-predictor` default in the user cache")
 
+
+    def trained_weights(self, model_name: str) -> tuple[Path, str]:
+        return (Path(self.weights).expanduser() if self.weights else default_weights_path()), "ckv train-predictor"
+
+    @property
+    def clock_periods(self) -> tuple[int, ...]:
+        return (self.run_every, self.calibrate_every)
 
     def summary_bytes_per_page(self, cache, layer: int | None = None) -> int:
         """The CNN reads H fp32 history values per page and KV head (per query head: G times that,

@@ -37,6 +37,9 @@ class WriteGate(AdmissionStage):
         from composable_kv.policies.write_gate.admission import gated_session
         return gated_session(pipeline, model, shape, num_pages, dtype, device)
 
+    def trained_weights(self, model_name: str) -> tuple[Path, str]:
+        return self.weights_path(model_name), "ckv train-gate --model MODEL"
+
     def weights_path(self, model_name: str | None = None) -> Path:
         if self.weights:
             return Path(self.weights).expanduser()
