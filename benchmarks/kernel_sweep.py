@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_sweep.py [--quick] [--out rows.csv]
     python benchmarks/kernel_sweep.py --parts art_decode --shape qwen-0.5b --batch 16 --ctx 32768 [--tune]
+    python benchmarks/kernel_sweep.py --parts select,select_sweep --shape qwen-0.5b --batch 16 --budget-pages 256
 
 Dense decode vs FlashInfer's BatchDecodeWithPagedKVCacheWrapper (when importable), with a sweep of
 BLOCK pages / warps / stages / splits; Quest score+select vs the summary bytes at HBM speed; Quest-ART
@@ -11,6 +12,11 @@ art_decode: why an ART decode that reads every page is slower than dense decode 
 cache, one split count; rows add one ingredient at a time (the order list, a best-first order, the stop rule
 and its chunk, then num_stages / block_pages), each timed from a CUDA graph, with the K/V bytes it read;
 then the ordering launch before it (art_order rows: one global sort against the split-local order).
+
+select: Quest's score + select launch, timed from a CUDA graph, at the Llama cases or at the one
+--shape/--batch/--ctx names (quest-4096-art at 32k, B = 16 on the 0.5B model: qwen-0.5b, 16, --budget-pages 256);
+score only against score + select gives the selection's share; select_sweep adds tiles, warps, stages and the
+scoring slices per row.
 """
 import argparse
 import csv
@@ -32,6 +38,14 @@ from composable_kv.kernels.paged_decode import triton as decode_tk  # noqa: E402
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 SHAPES = {"llama-8b": (HQ, HKV, D), "qwen-0.5b": (14, 2, 64)}  # (q heads, KV heads, head dim)
 PARTS = ("dense", "pipeline", "host_profile", "select", "select_sweep", "quest_decode", "art_decode")
+
+
+def select_cases(args) -> list[tuple[str, int, int]]:
+    """(shape, B, ctx) the select part times: the three Llama cases, or the one --shape/--batch/--ctx names
+    (a flag left out takes qwen-0.5b / 16 / 32768 there)."""
+    if args.shape is None and args.batch is None and args.ctx is None:
+        return [("llama-8b", 32, 32768), ("llama-8b", 64, 32768), ("llama-8b", 8, 131072)]
+    return [(args.shape or "qwen-0.5b", args.batch or 16, args.ctx or 32768)]
 
 
 def make(B, ctx, dtype=torch.bfloat16, seed=0, hq=HQ, hkv=HKV, d=D):
@@ -235,9 +249,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--parts", default="dense,pipeline,select,quest_decode",
                     help="comma-separated, of: " + ",".join(PARTS))
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b", help="art_decode's head shape")
-    ap.add_argument("--batch", type=int, default=16, help="art_decode's batch")
-    ap.add_argument("--ctx", type=int, default=32768, help="art_decode's context, tokens (a multiple of 16)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="head shape of art_decode (default llama-8b) and select (default: its Llama cases)")
+    ap.add_argument("--batch", type=int, default=None, help="batch of art_decode (default 16) and select")
+    ap.add_argument("--ctx", type=int, default=None,
+                    help="context of art_decode (default 32768) and select, tokens (a multiple of 16)")
+    ap.add_argument("--budget-pages", type=int, default=128, help="select's Quest budget, pages")
     ap.add_argument("--tune", action="store_true",
                     help="art_decode: record the fastest BLOCK_PAGES (dense, dense + ART) for this GPU in "
                          "kernels/paged_decode/tuned.json, which launch_decode then uses")
@@ -245,8 +262,10 @@ def main(argv=None):
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         ap.error(f"unknown part(s) {','.join(sorted(parts - set(PARTS)))}; parts: {','.join(PARTS)}")
-    if args.batch < 1 or args.ctx < PAGE or args.ctx % PAGE:
+    if (args.batch is not None and args.batch < 1) or (args.ctx is not None and (args.ctx < PAGE or args.ctx % PAGE)):
         ap.error(f"--batch must be >= 1 and --ctx a positive multiple of {PAGE}")
+    if args.budget_pages < 1:
+        ap.error("--budget-pages must be >= 1")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     name = torch.cuda.get_device_name()
@@ -314,30 +333,39 @@ def main(argv=None):
             print(f"== host profile {pol} (300 calls)")
             pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
     if "select" in parts:
-        for B, ctx in ((32, 32768), (64, 32768), (8, 131072)):
-            q, k, v, table, lens, kmin, kmax = make(B, ctx)
+        # Quest's launch 1: score + select, the same certified (its tail LSE), and score only (it keeps just the
+        # forced page): the difference of the first and the last is the selection. select_sweep adds block / warps / stages and the
+        # scoring slices per row (score_splits; default: about 4 programs per SM).
+        for shape, B, ctx in select_cases(args):
+            hq, hkv, d = SHAPES[shape]
+            budget = args.budget_pages
+            q, k, v, table, lens, kmin, kmax = make(B, ctx, hq=hq, hkv=hkv, d=d)
             P = ctx // PAGE
             forced = torch.zeros(B, P, dtype=torch.bool, device="cuda")
             forced[:, -1] = True
-            summ = 2 * B * HKV * P * D * 2
-            grid = list(itertools.product([32, 64, 128, 256], [4, 8], [2, 3, 4]))
+            summ = 2 * B * hkv * P * d * kmin.element_size()
+            grid = [dict(block_s=bs, num_warps=nw, num_stages=ns)
+                    for bs, nw, ns in itertools.product([32, 64, 128, 256], [4, 8], [2, 3, 4])]
+            grid += [dict(score_splits=sp) for sp in (1, 2, 4, 8, 16, 32)]
             if "select_sweep" not in parts:
-                grid = [(None, None, None)]  # the defaults only
-            for budget, cert, sel in ((128, False, True), (128, True, True), (128, False, False)):
-                for bs, nw, ns in (grid if budget == 128 and not cert else [(None, None, None)]):
+                grid = [{}]  # the defaults only
+            for cert, sel in ((False, True), (True, True), (False, False)):
+                for kw in (grid if sel and not cert else [{}]):
                     def fn():
                         return select_tk.score_select(
-                            q, kmin, kmax, table, lens, forced, num_kv_heads=HKV, page_size=PAGE, sm_scale=D ** -0.5,
+                            q, kmin, kmax, table, lens, forced, num_kv_heads=hkv, page_size=PAGE, sm_scale=d ** -0.5,
                             score=1, select=sel, budget_pages=budget, forced_only=not sel, certified=cert,
-                            num_splits=1, max_kept=budget, block_s=bs, num_warps=nw, num_stages=ns)
+                            num_splits=1, max_kept=budget, **kw)
                     try:
-                        t = bench(fn)
+                        fn()  # allocates the arrival counters before a capture
+                        tg = bench_graph(fn)
+                        t = tg if tg is not None else bench(fn)
                     except Exception as e:  # noqa: BLE001
-                        print("skip select", bs, nw, ns, type(e).__name__, file=sys.stderr)
+                        print("skip select", kw, type(e).__name__, e, file=sys.stderr)
                         continue
-                    emit(op="quest_score_select" if sel else "quest_score_only", B=B, ctx=ctx, budget_pages=budget,
-                         certified=cert, block_s=bs, num_warps=nw, num_stages=ns, us=round(t, 1),
-                         summary_TBps=round(summ / t / 1e6, 3), vs_hbm_summary_2p85=round(t / (summ / 2.85e6), 2))
+                    emit(op="quest_score_select" if sel else "quest_score_only", shape=shape, B=B, ctx=ctx,
+                         budget_pages=budget, certified=cert, **kw, us=round(t, 1),
+                         timer="graph" if tg is not None else "eager", summary_TBps=round(summ / t / 1e6, 3))
             del q, k, v, table, kmin, kmax
             torch.cuda.empty_cache()
     if "quest_decode" in parts:
@@ -368,8 +396,9 @@ def main(argv=None):
                 emit(op=f"quest2048_decode_{rule_kind}", B=B, ctx=ctx, chunk=chunk, block_pages=bp, num_warps=nw,
                      num_stages=ns, us=round(t, 1), pages_read=pages, TBps=round(pages * PAGE * D * 4 / t / 1e6, 3))
     if "art_decode" in parts:
-        hq, hkv, d = SHAPES[args.shape]
-        B, ctx = args.batch, args.ctx
+        shape = args.shape or "llama-8b"
+        hq, hkv, d = SHAPES[shape]
+        B, ctx = args.batch or 16, args.ctx or 32768
         q, k, v, table, lens, kmin, kmax = make(B, ctx, hq=hq, hkv=hkv, d=d)
         S = splits_for(B * hkv, ctx // PAGE, sms)  # as the pipeline splits this batch
         page_bytes = 2 * PAGE * d * k.element_size()  # K and V of one page of one KV head
@@ -385,14 +414,14 @@ def main(argv=None):
                 print("skip", labels, type(e).__name__, e, file=sys.stderr)
                 continue
             base = base or t  # the first row: dense
-            r = dict(op="art_decode", shape=args.shape, B=B, ctx=ctx, splits=S, **labels, us=round(t, 1),
+            r = dict(op="art_decode", shape=shape, B=B, ctx=ctx, splits=S, **labels, us=round(t, 1),
                      timer="graph" if tg is not None else "eager", pages_read=pages,
                      GBps=round(pages * page_bytes / t / 1e3, 1), vs_dense=round(t / base, 2))
             emit(**r)
             table_rows.append({"chunk": "-", "block_pages": "auto", "num_stages": "auto", **r})
         if args.tune:
             record_tuning(rows, q, k, S, name)
-        print(f"\n{name}, {args.shape} (Hq {hq}, Hkv {hkv}, D {d}), B {B}, ctx {ctx}, {S} splits; "
+        print(f"\n{name}, {shape} (Hq {hq}, Hkv {hkv}, D {d}), B {B}, ctx {ctx}, {S} splits; "
               f"auto: launch_decode's default\n")
         print(harness.markdown_table(table_rows, ["case", "chunk", "block_pages", "num_stages", "us", "timer",
                                                   "pages_read", "GBps", "vs_dense"]))
@@ -400,7 +429,7 @@ def main(argv=None):
             fn = lambda w=within: art_order(q, table, lens, kmin, kmax, S, w)  # noqa: E731
             tg = bench_graph(fn)
             t = tg if tg is not None else bench(fn)
-            emit(op="art_order", shape=args.shape, B=B, ctx=ctx, splits=S,
+            emit(op="art_order", shape=shape, B=B, ctx=ctx, splits=S,
                  order="split-local" if within else "global", us=round(t, 1),
                  timer="graph" if tg is not None else "eager", vs_dense=round(t / base, 2) if base else None)
         del q, k, v, table, kmin, kmax

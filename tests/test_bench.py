@@ -363,3 +363,16 @@ def test_kernel_sweep_art_decode_options(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         kernel_sweep.main(["--parts", "art_decode", "--shape", "qwen-0.5b", "--batch", "2", "--ctx", "256"])
     assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith("error: needs a CUDA GPU")
+
+
+def test_kernel_sweep_select_cases_and_budget():
+    """The select part times its three Llama cases, or the one shape --shape/--batch/--ctx name; bad budgets exit 2."""
+    import kernel_sweep
+    from types import SimpleNamespace as NS
+    assert kernel_sweep.select_cases(NS(shape=None, batch=None, ctx=None)) == [
+        ("llama-8b", 32, 32768), ("llama-8b", 64, 32768), ("llama-8b", 8, 131072)]
+    assert kernel_sweep.select_cases(NS(shape="qwen-0.5b", batch=None, ctx=None)) == [("qwen-0.5b", 16, 32768)]
+    assert kernel_sweep.select_cases(NS(shape=None, batch=64, ctx=16384)) == [("qwen-0.5b", 64, 16384)]
+    with pytest.raises(SystemExit) as e:
+        kernel_sweep.main(["--parts", "select", "--budget-pages", "0"])
+    assert e.value.code == 2
