@@ -202,7 +202,6 @@ def dense_floor_tokens_per_s(cfg, bw: float, batch: int, mean_len: int, tp: int 
 
 
 def bench_one(backend, name, model, text_path, contexts, batches, new_tokens, tp=1, repeats=3):
-    import torch
     from e2e import make_prompts
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

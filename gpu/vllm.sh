@@ -21,7 +21,7 @@
 #         16, 64 (BENCH_ARGS: "--contexts 32768", "--weights real" = the real 32k model over the essays, which
 #         needs the model's parts and carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"] as needle does).
 #         $OUT/vllm-bench-<weights>-<contexts>.json/.md, rewritten after each spec; each row x the first spec.
-#   Accuracy (issue 16): after the 32k model's parts (`bash gpu/eval_scale.sh part pNN`, 12 calls) on the same machine,
+#   Accuracy (issue 16): after the 32k model's parts (`bash gpu/eval_scale.sh part pNN`, one call a part) on the same machine,
 #         run carry [".devsite/eval-scale-cache.tgz", ".devsite/wheels"]
 #             command: bash gpu/vllm.sh needle SPEC...   (e.g. needle FLASH_ATTN CUSTOM:quest_art; NEEDLE_ARGS: --ctx ...)
 #      Each spec: the evaluation at scale's prompts (4 needle tasks x 50, chat template) through vLLM on the real
