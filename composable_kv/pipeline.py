@@ -132,10 +132,18 @@ class SelectionState:
         scores = scores.masked_fill(~self.valid, float("-inf"))
         forced = self.forced & self.valid
         order, count = self.page_select.select_pages(scores, forced, self.candidates & self.valid, budget_pages)
-        self.candidates = self.page_select.order_to_mask(order, scores.shape[-1])
+        self.take(order, count, self.page_select.order_to_mask(order, scores.shape[-1]), self.forced, scores,
+                  scores if is_bound else None)
+
+    def take(self, order, count, kept, forced, order_key, bounds=None) -> None:
+        """A stage's own selection (what narrow computes): order [B, Hkv, P] int32 best-first (-1 past count
+        [B, Hkv]), kept and forced [B, Hkv, P] bool, order_key [B, Hkv, P] fp32 (higher: read earlier),
+        bounds: order_key when it is a sound bound, else None."""
+        self.forced = forced
+        self.candidates = kept
         self.scored = True
-        self.order_key = scores
-        self.bounds = scores if is_bound else None
+        self.order_key = order_key
+        self.bounds = bounds
         self.selected = order, count
 
     def keep_all_candidates(self) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from composable_kv.kernels.span_score import reference as span_ref
+from composable_kv.kernels.span_select import reference as select_ref
 from composable_kv.policies.attention_predictor import AttentionPredictor
 from composable_kv.policies.attention_predictor.predictor import features, load_weights, prefill_page_mass
 from composable_kv.policies.ltri import Ltri
@@ -396,11 +397,25 @@ class HostLtri(Ltri):
         ctx.cache.stage_state(self).scored[ctx.layer] = (num_spans, ctx.plan.num_pages)
         budget = self.budget_pages(ctx.page_size)
         scores = span_ref.span_scores(ctx.q, reps, num_spans, ctx.sm_scale)
-        keys = self.span_keys(scores, span_of_page, state.forced & state.valid, budget)
+        keys = host_span_keys(scores, span_of_page, state.forced & state.valid, budget, self.vote)
         state.narrow(keys, budget, is_bound=False)
 
     # the byte accounting is the stage's own (per layer, from the span counts it last scored)
     summary_bytes_per_page = Ltri.summary_bytes_per_page
+
+
+def host_span_keys(scores, span_of_page, forced, budget_pages, vote):
+    """The former page order key [B, Hkv, P]: spans ranked by votes, then best score, descending, ties to the
+    lower span id (two stable sorts); -rank on a span's pages, 1 outside spans, -inf for spans that no head
+    scored. scores [B, Hq, NS]; span_of_page [B, P]; forced [B, Hkv, P]."""
+    votes, best = select_ref.span_votes(scores, span_of_page, forced, budget_pages, vote)  # [B, Hkv, NS]
+    by_best = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    ranked = by_best.gather(-1, torch.sort(votes.gather(-1, by_best), dim=-1, descending=True, stable=True).indices)
+    rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(ranked.shape[-1], device=ranked.device)
+                                             .expand_as(ranked))
+    key = (-rank.float()).masked_fill(~torch.isfinite(best), float("-inf"))
+    sop = span_of_page[:, None, :].expand(-1, key.shape[1], -1)
+    return key.gather(-1, sop.clamp(min=0)).masked_fill(sop < 0, 1.0)
 
 
 def host_twin(stage):

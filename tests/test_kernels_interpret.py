@@ -43,6 +43,13 @@ def test_select_pages(budget, ties):
     check_select(3, 2, 37, budget, device=DEV, ties=ties, seed=budget if isinstance(budget, int) else 5)
 
 
+@pytest.mark.parametrize("budget,n_forced", [(3, 40), (20, 30), (40, 8)])
+def test_select_pages_forced_past_the_sort_block(budget, n_forced):
+    """Rows that force more pages than the budget's sort block (16 for budget 3) sort the whole row."""
+    o, c, _, _ = check_select(4, 2, 70, budget, device=DEV, seed=n_forced, n_forced=n_forced)
+    assert (c > 16).any() and (c <= 16).any()
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
 def test_strided_tail_lse(num_splits):
     check_tail(3, 2, 23, num_splits, device=DEV, seed=num_splits)

@@ -233,35 +233,72 @@ def test_close_windows_kernels_equal_torch(monkeypatch, B, N, Hkv, D, W, R, dtyp
     assert check_close_windows(monkeypatch, B, N, Hkv, D, W, R, seed=B + D + W + R, dtype=dtype, tol=tol) >= 6
 
 
-def check_span_votes(B, Hkv, G, P, budget, vote, *, seed=0, device="cpu"):
-    from composable_kv.kernels.span_vote import reference as vote_ref, triton as vote_tk
+def select_inputs(B, Hkv, G, P, budget, *, seed=0, rows_in_table=None):
+    """Random span_select inputs: a span table of monotone span ids (sink page 0, spans of 1-3 pages, an open
+    span from `covered`), rows in shuffled order, shorter requests, ties and unscored spans, forced pages
+    inside spans and a few non-candidates."""
     g = torch.Generator().manual_seed(seed)
-    span_of_page = torch.full((B, P), -1, dtype=torch.long)
-    for b in range(B):  # sink page 0, spans of 1-3 pages, then the open span
-        p, sid = 1, 0
-        while p < P - 2:
-            w = int(torch.randint(1, 4, (1,), generator=g))
-            span_of_page[b, p:min(p + w, P - 2)] = sid
+    R = rows_in_table or B + 2
+    span_of_page = torch.full((R, P + 3), -1, dtype=torch.long)  # wider than P: a table's capacity
+    covered = torch.zeros(R, dtype=torch.long)
+    for r in range(R):
+        p, sid, cov = 1, 0, int(torch.randint(max(P // 2, 2), P + 1, (1,), generator=g))
+        while p < cov:
+            w = min(int(torch.randint(1, 4, (1,), generator=g)), cov - p)
+            span_of_page[r, p:p + w] = sid
             p, sid = p + w, sid + 1
+        covered[r] = cov
+    rows = torch.randperm(R, generator=g)[:B]
     NS = P
     scores = (torch.randn(B, Hkv * G, NS, generator=g) * 2).round() / 2  # ties on purpose
-    n_spans = span_of_page.amax(-1) + 1
+    n_spans = span_of_page[rows].amax(-1) + 1
     scores[torch.arange(NS)[None, None].expand_as(scores) >= n_spans[:, None, None]] = float("-inf")
     scores[torch.rand(B, Hkv * G, NS, generator=g) < 0.1] = float("-inf")  # spans a head did not score
-    forced = (span_of_page < 0)[:, None, :].expand(B, Hkv, P) | (torch.rand(B, Hkv, P, generator=g) < 0.1)
-    want = vote_ref.span_votes(scores, span_of_page, forced, budget, vote)
-    got = vote_tk.span_votes(scores.to(device), span_of_page.to(device), forced.to(device), budget, vote)
-    for w, x in zip(want, got):
-        assert torch.equal(w, x.cpu()), (w - x.cpu()).abs().max()
+    forced = torch.rand(B, Hkv, P, generator=g) < 0.05
+    candidates = torch.rand(B, Hkv, P, generator=g) > 0.05
+    num_pages = torch.randint(max(P - 4, 1), P + 1, (B,), generator=g).to(torch.int32)
+    return scores, rows, span_of_page, covered, forced, candidates, num_pages, budget
+
+
+def check_span_select(B, Hkv, G, P, budget, vote, *, seed=0, sink_pages=1, device="cpu"):
+    from composable_kv.kernels.span_select import reference as sel_ref, triton as sel_tk
+    args = select_inputs(B, Hkv, G, P, budget, seed=seed)
+    want = sel_ref.span_select(*args, sink_pages, vote)
+    got = sel_tk.span_select(*(a.to(device) if torch.is_tensor(a) else a for a in args), sink_pages, vote)
+    for name, w, x in zip(("order", "count", "kept", "forced", "order_key"), want, got):
+        assert torch.equal(w, x.cpu()), (name, w, x.cpu())
+    return want
 
 
 @pytest.mark.interpret
 @needs_kernels
 @pytest.mark.parametrize("vote,B,Hkv,G,P,budget", [
     ("group", 3, 2, 4, 40, 6), ("group", 2, 1, 1, 17, 1000), ("group", 2, 3, 7, 70, 25), ("group", 2, 2, 3, 33, 0),
-    ("layer", 3, 2, 4, 40, 25), ("layer", 2, 1, 1, 17, 3), ("layer", 2, 3, 7, 70, 1000)])
-def test_span_votes_kernel_matches_reference(vote, B, Hkv, G, P, budget):
-    check_span_votes(B, Hkv, G, P, budget, vote, seed=B * P + budget)
+    ("group", 2, 2, 2, 100, 3), ("layer", 3, 2, 4, 40, 25), ("layer", 2, 1, 1, 17, 3), ("layer", 2, 3, 7, 70, 1000)])
+def test_span_select_kernel_matches_reference(vote, B, Hkv, G, P, budget):
+    order, count, kept, forced, _ = check_span_select(B, Hkv, G, P, budget, vote, seed=B * P + budget)
+    assert (count >= forced.sum(-1)).all() and (kept.sum(-1) == count).all()
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("vote", ["group", "layer"])
+def test_page_keys_order_as_span_ranks(seed, vote):
+    """The reference's (votes, best, page) keys select and order pages as ranking the spans by (votes, best,
+    span id) and giving their pages -rank did (tests/host_seed_reference.py), when span ids increase with page
+    position."""
+    from composable_kv.kernels.page_select import reference as select_ref
+    from composable_kv.kernels.span_select import reference as sel_ref
+    from host_seed_reference import host_span_keys
+    scores, rows, table, covered, forced, candidates, num_pages, budget = select_inputs(
+        3, 2, 4, 60, 12 + seed * 4, seed=seed)
+    order, count, kept, forced_all, _ = sel_ref.span_select(scores, rows, table, covered, forced, candidates,
+                                                            num_pages, budget, 1, vote)
+    valid = torch.arange(60)[None, None] < num_pages[:, None, None].long()
+    keys = host_span_keys(scores, table[rows, :60], forced_all, budget, vote).masked_fill(~valid, float("-inf"))
+    want = select_ref.select_pages(keys, forced_all, candidates & valid, budget)
+    assert torch.equal(order, want[0]) and torch.equal(count, want[1])
+    assert (keys[kept] < 1).any() and (count < valid.sum(-1)).any()  # spans were ranked; the budget binds
 
 
 # -- the stage ----------------------------------------------------------------------------------------

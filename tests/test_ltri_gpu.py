@@ -1,11 +1,11 @@
-"""Ltri on the GPU: the span-score, span-vote and window k-means kernels vs their references, and the stage."""
+"""Ltri on the GPU: the span-score, span-select and window k-means kernels vs their references, and the stage."""
 import pytest
 import torch
 
 import composable_kv as ckv
 
 from helpers import build_cache
-from test_ltri import check_close_windows, check_span_scores, check_span_votes, ltri_policy
+from test_ltri import check_close_windows, check_span_scores, check_span_select, ltri_policy
 
 pytestmark = pytest.mark.gpu
 
@@ -26,8 +26,8 @@ def test_span_kernel_extreme_logits(q_scale):
 @pytest.mark.parametrize("vote", ["group", "layer"])
 @pytest.mark.parametrize("G,P", [(1, 33), (4, 700), (7, 2048)])
 @pytest.mark.parametrize("budget", [0, 64, 100000])
-def test_span_votes_kernel_grid(vote, G, P, budget):
-    check_span_votes(4, 2, G, P, budget, vote, seed=P + budget, device="cuda")
+def test_span_select_kernel_grid(vote, G, P, budget):
+    check_span_select(4, 2, G, P, budget, vote, seed=P + budget, device="cuda")
 
 
 @pytest.mark.parametrize("B,N,Hkv,D,W,R", [(16, 20, 8, 128, 4, 4), (3, 5, 2, 64, 2, 3), (5, 7, 3, 64, 8, 8)])

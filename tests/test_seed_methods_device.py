@@ -237,13 +237,14 @@ def test_hf_device_path_equals_the_host_implementation(tiny_model, stack, monkey
 
 
 def test_span_kernel_reads_table_rows():
-    """span_scores(rows=...) on a table sliced along NS equals the reference on the gathered rows."""
+    """span_scores(rows=...) on tables (reps sliced along NS, span counts) equals the reference on the gathered rows."""
     from composable_kv.kernels.span_score import triton as span_tk
     g = torch.Generator().manual_seed(0)
     table = torch.randn(5, 2, 40, 3, 64, generator=g)
-    rows, ns = torch.tensor([3, 0, 4]), torch.tensor([7, 0, 25])
+    rows, ns = torch.tensor([3, 0, 4]), torch.tensor([5, 7, 1, 3, 25])  # ns: the table's span counts
     q = torch.randn(3, 8, 64, generator=g)
-    want = span_ref.span_scores(q, table[rows][:, :, :30], ns, 0.125)
+    want = span_ref.span_scores(q, table[rows][:, :, :30], ns[rows], 0.125)
+    assert torch.isfinite(want[0, :, :3]).all() and torch.isinf(want[0, :, 3:]).all()
     torch.testing.assert_close(span_ref.span_scores(q, table[:, :, :30], ns, 0.125, rows=rows), want)
     if not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")

@@ -63,24 +63,41 @@ def _keep_top(ordk, rest, free):
 
 @triton.jit
 def _write_order(order_row, keys_row, key, keep, count, offs, P,
-                 BP: tl.constexpr, SORT_BLOCK: tl.constexpr):
-    """Write the kept positions sorted by (key desc, position asc), then -1 up to P."""
+                 BP: tl.constexpr, SORT_BLOCK: tl.constexpr, OVERFLOW: tl.constexpr = False):
+    """Write the kept positions sorted by (key desc, position asc), then -1 up to P. With SORT_BLOCK < BP the
+    kept pages are compacted and SORT_BLOCK of them sorted: count <= SORT_BLOCK, or with OVERFLOW a row that
+    keeps more sorts all BP positions."""
     comp = (_ord32(key).to(tl.int64) << 32) | (4294967295 - offs.to(tl.int64))
     sentinel = tl.full([], -2147483648, tl.int32).to(tl.int64) << 32
     if SORT_BLOCK == BP:
-        srt = tl.sort(tl.where(keep, comp, sentinel), descending=True)
-        pos = (4294967295 - (srt & 4294967295)).to(tl.int32)
-        tl.store(order_row + offs, tl.where(offs < count, pos, -1), mask=offs < P)
+        _sort_row(order_row, comp, keep, count, offs, P, sentinel)
+    elif OVERFLOW:
+        if count > SORT_BLOCK:
+            _sort_row(order_row, comp, keep, count, offs, P, sentinel)
+        else:
+            _sort_compacted(order_row, keys_row, comp, keep, count, offs, P, sentinel, SORT_BLOCK)
     else:
-        slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        tl.store(keys_row + slot, comp, mask=keep & (slot < SORT_BLOCK))
-        tl.debug_barrier()
-        i = tl.arange(0, SORT_BLOCK)
-        c = tl.load(keys_row + i, mask=i < count, other=sentinel)
-        srt = tl.sort(c, descending=True)
-        pos = (4294967295 - (srt & 4294967295)).to(tl.int32)
-        tl.store(order_row + i, tl.where(i < count, pos, -1), mask=i < P)
-        tl.store(order_row + offs, -1, mask=(offs >= SORT_BLOCK) & (offs < P))
+        _sort_compacted(order_row, keys_row, comp, keep, count, offs, P, sentinel, SORT_BLOCK)
+
+
+@triton.jit
+def _sort_row(order_row, comp, keep, count, offs, P, sentinel):
+    srt = tl.sort(tl.where(keep, comp, sentinel), descending=True)
+    pos = (4294967295 - (srt & 4294967295)).to(tl.int32)
+    tl.store(order_row + offs, tl.where(offs < count, pos, -1), mask=offs < P)
+
+
+@triton.jit
+def _sort_compacted(order_row, keys_row, comp, keep, count, offs, P, sentinel, SORT_BLOCK: tl.constexpr):
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(keys_row + slot, comp, mask=keep & (slot < SORT_BLOCK))
+    tl.debug_barrier()
+    i = tl.arange(0, SORT_BLOCK)
+    c = tl.load(keys_row + i, mask=i < count, other=sentinel)
+    srt = tl.sort(c, descending=True)
+    pos = (4294967295 - (srt & 4294967295)).to(tl.int32)
+    tl.store(order_row + i, tl.where(i < count, pos, -1), mask=i < P)
+    tl.store(order_row + offs, -1, mask=(offs >= SORT_BLOCK) & (offs < P))
 
 
 @triton.jit
@@ -285,6 +302,7 @@ def _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, 
 @triton.jit
 def _select_kernel(key_ptr, forced_ptr, cand_ptr, keys_ptr, order_ptr, count_ptr, P, budget, budget_ptr,
                    HAS_BUDGET: tl.constexpr, ROW_BUDGET: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr):
+    """select_pages: one program per (request, KV head); rows keeping more than SORT_BLOCK sort all BP."""
     pid = tl.program_id(0)
     if ROW_BUDGET:  # one budget per (request, KV head)
         budget = tl.load(budget_ptr + pid)
@@ -302,7 +320,7 @@ def _select_kernel(key_ptr, forced_ptr, cand_ptr, keys_ptr, order_ptr, count_ptr
     count = tl.sum(keep.to(tl.int32), axis=0)
     tl.store(count_ptr + pid, count)
     _write_order(order_ptr + row, keys_ptr + pid.to(tl.int64) * SORT_BLOCK, key, keep, count, offs, P,
-                 BP, SORT_BLOCK)
+                 BP, SORT_BLOCK, True)
 
 
 @triton.jit
@@ -337,9 +355,10 @@ def select_pages(order_key, forced, candidates, budget_pages: int | None):
     order = torch.empty(B, H, P, dtype=torch.int32, device=key.device)
     count = torch.empty(B, H, dtype=torch.int32, device=key.device)
     BP = _pow2(P, 16)
-    SB = BP  # kept count is data-dependent here: sort the whole row
-    keys = torch.empty(1, dtype=torch.int64, device=key.device)
     row_budget = isinstance(budget_pages, torch.Tensor)  # broadcastable to [B, H, 1], as in the reference
+    # a row keeps its budget unless it forces more: sort a block of the budget's size, the whole row past it
+    SB = BP if budget_pages is None or row_budget else sort_block_for(int(budget_pages), P)
+    keys = torch.empty(B * H if SB < BP else 1, SB, dtype=torch.int64, device=key.device)
     budgets = budget_pages.expand(B, H, 1).reshape(B * H).to(torch.int32).contiguous() if row_budget else count
     _select_kernel[(B * H,)](key, forced, cand, keys, order, count, P,
                              0 if budget_pages is None or row_budget else int(budget_pages), budgets,

@@ -7,10 +7,10 @@ import torch
 
 
 def span_scores(q, reps, num_spans, sm_scale: float, rows=None) -> torch.Tensor:
-    """q [B, Hq, D]; reps [B, Hkv, NS, R, D], or a table [N, Hkv, NS, R, D] read at rows [B] long;
-    num_spans [B] -> [B, Hq, NS] fp32 (scaled, -inf past num_spans)."""
+    """q [B, Hq, D]; reps [B, Hkv, NS, R, D] and num_spans [B], or tables [N, Hkv, NS, R, D] and [N] read at
+    rows [B] long -> [B, Hq, NS] fp32 (scaled, -inf past num_spans)."""
     if rows is not None:
-        reps = reps[rows]
+        reps, num_spans = reps[rows], num_spans[rows]
     B, Hq, D = q.shape
     Hkv, NS = reps.shape[1], reps.shape[2]
     qg = q.float().view(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]

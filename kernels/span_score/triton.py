@@ -23,11 +23,11 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
     b = pid // HKV
     h = pid % HKV
     s0 = tl.program_id(1) * BLOCK_S
-    n_spans = tl.load(ns_ptr + b)
     if ROWS:
         row = tl.load(row_ptr + b).to(tl.int64)
     else:
         row = b.to(tl.int64)
+    n_spans = tl.load(ns_ptr + row)
     q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)  # [GP, DP]
     col = tl.arange(0, BLOCK_S * RP)
     span = s0 + col // RP
@@ -48,8 +48,8 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
 
 
 def span_scores(q, reps, num_spans, sm_scale: float, rows=None) -> torch.Tensor:
-    """q [B, Hq, D]; reps [B, Hkv, NS, R, D], or a table [N, Hkv, NS, R, D] read at rows [B] long (no
-    gather: the kernel loads row rows[b]; a slice along NS keeps its strides); num_spans [B]
+    """q [B, Hq, D]; reps [B, Hkv, NS, R, D] and num_spans [B], or tables [N, Hkv, NS, R, D] and [N] read at
+    rows [B] long (no gather: the kernel loads row rows[b]; a slice along NS keeps its strides)
     -> [B, Hq, NS] fp32 (scaled, -inf past num_spans)."""
     B, Hq, D = q.shape
     lead = B if rows is None else reps.shape[0]
@@ -63,7 +63,9 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None) -> torch.Tensor:
     q = q if q.stride(-1) == 1 else q.contiguous()
     if reps.stride(-1) != 1:
         reps = reps.contiguous()
-    num_spans = num_spans.to(device=q.device, dtype=torch.int32).contiguous()
+    if num_spans.shape != (lead,):
+        raise ValueError(f"span_scores: num_spans expected [{lead}], got {list(num_spans.shape)}")
+    num_spans = num_spans.contiguous()  # int32 or long: the kernel loads either
     out = torch.empty(B, Hq, NS, dtype=torch.float32, device=q.device)
     if NS == 0:
         return out

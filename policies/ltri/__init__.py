@@ -35,19 +35,10 @@ import torch
 
 from composable_kv.policies.ltri import spans as sp
 from composable_kv.kernels.span_score import reference as span_ref
-from composable_kv.kernels.span_vote import reference as vote_ref
+from composable_kv.kernels.span_select import reference as select_ref
 from composable_kv.seq_rows import SequenceRows
 from composable_kv.stages import GraphSupport, ScoringSelector, StageState, param, register_stage
 from composable_kv.ints import cdiv
-
-
-def spans_by_votes_then_best(votes: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
-    """Span ids [B, Hkv, NS] by votes, then best score, both descending; ties: the lower id. One sort of an int64
-    key: the votes above the score's float bits mapped to integers in the floats' order.
-    votes [B, Hkv, NS] (whole counts), best [B, Hkv, NS] fp32."""
-    bits = (best.float() + 0.0).contiguous().view(torch.int32).long()  # + 0.0: -0.0 becomes 0.0, a tie as floats
-    as_int = torch.where(bits >= 0, bits + 2 ** 31, -1 - bits)  # [0, 2^32), ordered as the floats
-    return torch.sort(votes.long() * 2 ** 32 + as_int, dim=-1, descending=True, stable=True).indices
 
 
 @register_stage
@@ -138,45 +129,31 @@ class Ltri(ScoringSelector):
 
     # -- selection ------------------------------------------------------------------------------
     def span_scores(self, q, reps, num_spans, sm_scale, rows=None):
-        """[B, Hq, NS] per-head span scores (reps [R, Hkv, NS, Rr, D] read at `rows` [B]): the Triton
-        kernel on CUDA, else the torch reference."""
+        """[B, Hq, NS] per-head span scores (reps [R, Hkv, NS, Rr, D] and num_spans [R] read at `rows` [B]): the
+        Triton kernel on CUDA, else the torch reference."""
         if q.is_cuda or sp.FORCE_TRITON:
             from composable_kv.kernels.span_score import triton as span_tk
             return span_tk.span_scores(q, reps, num_spans, sm_scale, rows=rows)
         return span_ref.span_scores(q, reps, num_spans, sm_scale, rows=rows)
 
-    def span_keys(self, scores, span_of_page, forced, budget_pages):
-        """Rank spans by votes then best score; return the page order key [B, Hkv, P]: -rank on a
-        span's pages, 1 (read first) on pages outside spans (the forced sink and open span). The ballots
-        are one Triton launch on CUDA (kernels/span_vote), else the torch reference.
-
-        scores [B, Hq, NS]; span_of_page [B, P]; forced [B, Hkv, P] (pages read anyway)."""
+    def select(self, scores, rows, table, state, num_pages, budget_pages, page_size):
+        """Votes, span ranking, budget and read order in one Triton launch on CUDA (kernels/span_select), else
+        the torch reference; the state takes the result. scores [B, Hq, NS]; rows [B] of `table`."""
         if scores.is_cuda or sp.FORCE_TRITON:
-            from composable_kv.kernels.span_vote import triton as vote_tk
-            votes, best = vote_tk.span_votes(scores, span_of_page, forced, budget_pages, self.vote)
+            from composable_kv.kernels.span_select import triton as select_impl
         else:
-            votes, best = vote_ref.span_votes(scores, span_of_page, forced, budget_pages, self.vote)  # [B, Hkv, NS]
-        NS = scores.shape[-1]
-        ranked = spans_by_votes_then_best(votes, best)  # [B, Hkv, NS]
-        rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(NS, device=scores.device).expand_as(ranked))
-        key = (-rank.float()).masked_fill(~torch.isfinite(best), float("-inf"))  # [B, Hkv, NS]
-        page_key = key.gather(-1, span_of_page.clamp(min=0)[:, None, :].expand(-1, key.shape[1], -1))
-        return page_key.masked_fill((span_of_page < 0)[:, None, :], 1.0)  # sink / open span: read first
+            select_impl = select_ref
+        state.take(*select_impl.span_select(scores, rows, table.span_of_page, table.covered, state.forced,
+                                            state.candidates, num_pages, budget_pages, self._sink_pages(page_size),
+                                            self.vote))
 
     def apply(self, ctx, state) -> None:
         table, rows = self._table(ctx)
         plan, P, S = ctx.plan, ctx.max_pages, ctx.page_size
         table.close_windows(rows, plan.page_table, plan.seq_lens, ctx.cache.k[ctx.layer], self.decode_span_pages, S)
-        pos = torch.arange(P, device=ctx.q.device)
-        open_span = pos[None] >= table.covered[rows][:, None]  # [B, P]
-        forced = ((pos < self._sink_pages(S))[None] | open_span) & plan.valid  # [B, P]
-        state.forced |= forced[:, None, :] & state.valid
-        num_spans = table.num_spans[rows]  # [B]
-        ctx.cache.stage_state(self).record_scored(ctx.layer, num_spans, plan.num_pages)
-        budget = self.budget_pages(S)
-        scores = self.span_scores(ctx.q, table.reps[:, :, :P], num_spans, ctx.sm_scale, rows)  # [B, Hq, P]
-        keys = self.span_keys(scores, table.span_of_page[rows, :P], state.forced & state.valid, budget)
-        state.narrow(keys, budget, is_bound=False)
+        ctx.cache.stage_state(self).record_scored(ctx.layer, table.num_spans[rows], plan.num_pages)
+        scores = self.span_scores(ctx.q, table.reps[:, :, :P], table.num_spans, ctx.sm_scale, rows)  # [B, Hq, P]
+        self.select(scores, rows, table, state, plan.num_pages, self.budget_pages(S), S)
 
     # -- accounting -----------------------------------------------------------------------------
     def summary_bytes_per_page(self, cache, layer: int | None = None):
