@@ -47,10 +47,11 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
     tl.store(optr, best, mask=(g < G)[:, None] & (s < NS)[None, :])
 
 
-def span_scores(q, reps, num_spans, sm_scale: float, rows=None) -> torch.Tensor:
+def span_scores(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None, num_warps=None) -> torch.Tensor:
     """q [B, Hq, D]; reps [B, Hkv, NS, R, D] and num_spans [B], or tables [N, Hkv, NS, R, D] and [N] read at
     rows [B] long (no gather: the kernel loads row rows[b]; a slice along NS keeps its strides)
-    -> [B, Hq, NS] fp32 (scaled, -inf past num_spans)."""
+    -> [B, Hq, NS] fp32 (scaled, -inf past num_spans). block_s (spans a program scores), num_warps: tuning
+    (gpu/ltri.py sweeps them)."""
     B, Hq, D = q.shape
     lead = B if rows is None else reps.shape[0]
     if reps.dim() != 5 or reps.shape[0] != lead or reps.shape[-1] != D or Hq % reps.shape[1]:
@@ -70,12 +71,13 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None) -> torch.Tensor:
     if NS == 0:
         return out
     RP = _pow2(R)
-    BLOCK_S = max(max(1, 16 // RP), min(_pow2(NS), max(1, 128 // RP)))  # tl.dot needs >= 16 columns
+    BLOCK_S = block_s or max(max(1, 16 // RP), min(_pow2(NS), max(1, 128 // RP)))  # tl.dot needs >= 16 columns
     grid = (B * Hkv, triton.cdiv(NS, BLOCK_S))
     st = reps.stride()
     row_arg = num_spans if rows is None else rows.to(device=q.device, dtype=torch.int64).contiguous()
     _span_score_kernel[grid](q, q.stride(0), q.stride(1), reps, st[0], st[1], st[2], st[3], row_arg, num_spans,
                              out, out.stride(0), out.stride(1), NS, float(sm_scale),
                              HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), R=R, RP=RP,
-                             BLOCK_S=BLOCK_S, DOT_F32=dot_f32(q, reps.dtype), ROWS=rows is not None)
+                             BLOCK_S=BLOCK_S, DOT_F32=dot_f32(q, reps.dtype), ROWS=rows is not None,
+                             **({"num_warps": num_warps} if num_warps else {}))
     return out
