@@ -18,6 +18,7 @@ from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 
 from ..page_score.triton import _box_block, _exact_block, _load_q_group, _pow2, dot_f32
 
 NEG_INF = tl.constexpr(float("-inf"))
+POS32 = tl.constexpr(4294967295)  # _write_order's keys: the position's complement in the low 32 bits
 
 
 @triton.jit
@@ -67,37 +68,46 @@ def _write_order(order_row, keys_row, key, keep, count, offs, P,
     """Write the kept positions sorted by (key desc, position asc), then -1 up to P. With SORT_BLOCK < BP the
     kept pages are compacted and SORT_BLOCK of them sorted: count <= SORT_BLOCK, or with OVERFLOW a row that
     keeps more sorts all BP positions."""
-    comp = (_ord32(key).to(tl.int64) << 32) | (4294967295 - offs.to(tl.int64))
+    comp = (_ord32(key).to(tl.int64) << 32) | (offs.to(tl.int64) ^ POS32)
     sentinel = tl.full([], -2147483648, tl.int32).to(tl.int64) << 32
     if SORT_BLOCK == BP:
-        _sort_row(order_row, comp, keep, count, offs, P, sentinel)
+        sort_row(order_row, order_row, comp, keep, count, offs, P, sentinel, POS32, False)
     elif OVERFLOW:
         if count > SORT_BLOCK:
-            _sort_row(order_row, comp, keep, count, offs, P, sentinel)
+            sort_row(order_row, order_row, comp, keep, count, offs, P, sentinel, POS32, False)
         else:
-            _sort_compacted(order_row, keys_row, comp, keep, count, offs, P, sentinel, SORT_BLOCK)
+            sort_compacted(order_row, keys_row, order_row, comp, keep, count, offs, P, sentinel, SORT_BLOCK, POS32,
+                           False)
     else:
-        _sort_compacted(order_row, keys_row, comp, keep, count, offs, P, sentinel, SORT_BLOCK)
+        sort_compacted(order_row, keys_row, order_row, comp, keep, count, offs, P, sentinel, SORT_BLOCK, POS32, False)
 
 
 @triton.jit
-def _sort_row(order_row, comp, keep, count, offs, P, sentinel):
+def sort_row(order_row, rank_row, comp, keep, count, offs, P, sentinel, POS: tl.constexpr, RANK: tl.constexpr):
+    """Sort the kept int64 keys comp [BP] (descending; the low bits are position ^ POS) and write the positions
+    to order_row (-1 past count); RANK: also rank_row[position] = -(list index)."""
     srt = tl.sort(tl.where(keep, comp, sentinel), descending=True)
-    pos = (4294967295 - (srt & 4294967295)).to(tl.int32)
+    pos = ((srt & POS) ^ POS).to(tl.int32)
     tl.store(order_row + offs, tl.where(offs < count, pos, -1), mask=offs < P)
+    if RANK:
+        tl.store(rank_row + pos, -offs.to(tl.float32), mask=offs < count)
 
 
 @triton.jit
-def _sort_compacted(order_row, keys_row, comp, keep, count, offs, P, sentinel, SORT_BLOCK: tl.constexpr):
+def sort_compacted(order_row, keys_row, rank_row, comp, keep, count, offs, P, sentinel, SORT_BLOCK: tl.constexpr,
+                   POS: tl.constexpr, RANK: tl.constexpr):
+    """sort_row for count <= SORT_BLOCK: the kept keys compacted into keys_row [SORT_BLOCK], one small sort."""
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(keys_row + slot, comp, mask=keep & (slot < SORT_BLOCK))
     tl.debug_barrier()
     i = tl.arange(0, SORT_BLOCK)
     c = tl.load(keys_row + i, mask=i < count, other=sentinel)
     srt = tl.sort(c, descending=True)
-    pos = (4294967295 - (srt & 4294967295)).to(tl.int32)
+    pos = ((srt & POS) ^ POS).to(tl.int32)
     tl.store(order_row + i, tl.where(i < count, pos, -1), mask=i < P)
     tl.store(order_row + offs, -1, mask=(offs >= SORT_BLOCK) & (offs < P))
+    if RANK:
+        tl.store(rank_row + pos, -i.to(tl.float32), mask=i < count)
 
 
 @triton.jit

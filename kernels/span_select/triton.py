@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 from ..page_score.triton import _pow2
-from ..page_select.triton import _ord32
+from ..page_select.triton import _ord32, sort_compacted, sort_row
 from .reference import OUTSIDE
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -140,21 +140,10 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
     tl.store(forced_out_ptr + out + p, forced.to(tl.int8), mask=p < P)
     tl.store(key_ptr + out + p, NEG_INF, mask=(p < P) & ~keep)
     if count <= SORT_BLOCK:  # compact the kept keys, sort SORT_BLOCK of them
-        slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        tl.store(sortk_ptr + pid.to(tl.int64) * SORT_BLOCK + slot, key, mask=keep)
-        tl.debug_barrier()
-        j = tl.arange(0, SORT_BLOCK)
-        srt = tl.sort(tl.load(sortk_ptr + pid.to(tl.int64) * SORT_BLOCK + j, mask=j < count, other=-1,
-                              cache_modifier=".cg"), descending=True)
-        pos = ((srt & POS_MASK) ^ POS_MASK).to(tl.int32)
-        tl.store(order_ptr + out + j, tl.where(j < count, pos, -1), mask=j < P)
-        tl.store(key_ptr + out + pos, -j.to(tl.float32), mask=j < count)
-        tl.store(order_ptr + out + p, -1, mask=(p >= SORT_BLOCK) & (p < P))
+        sort_compacted(order_ptr + out, sortk_ptr + pid.to(tl.int64) * SORT_BLOCK, key_ptr + out, key, keep, count,
+                       p, P, -1, SORT_BLOCK, POS_MASK, True)
     else:  # more forced pages than the block holds: sort the whole row
-        srt = tl.sort(tl.where(keep, key, -1), descending=True)
-        pos = ((srt & POS_MASK) ^ POS_MASK).to(tl.int32)
-        tl.store(order_ptr + out + p, tl.where(p < count, pos, -1), mask=p < P)
-        tl.store(key_ptr + out + pos, -p.to(tl.float32), mask=p < count)
+        sort_row(order_ptr + out, key_ptr + out, key, keep, count, p, P, -1, POS_MASK, True)
 
 
 def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pages, budget_pages: int,
