@@ -1,1 +1,1 @@
-"""Ltri's span ballots: which spans each query head's ranking fits into the free budget (reference.py, triton.py)."""
+"""Ltri's selection of a layer: ballots, span keys, budget and read order in one launch (reference.py, triton.py)."""

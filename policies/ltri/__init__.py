@@ -18,13 +18,14 @@ Our choices (the paper gives no exact formulas; see also policies/ltri/spans.py)
   * Retrieval: span score = max_r q . rep_r * sm_scale per query head (Triton kernel on GPU). Voting:
     every query head in the `vote` scope (`group`: the KV head's G query heads; `layer`: all query
     heads) votes for the spans its own ranking would fit into the free budget; spans are ranked by
-    votes, then by their best score over the scope. Pages inherit their span's rank, so the budget
-    takes whole spans best-first (the last one may be cut) and ART reads them in that order.
+    votes, then by their best score over the scope. Pages inherit their span's key, so the budget
+    takes whole spans best-first (the last one may be cut) and ART reads them in that order. Ballots,
+    keys, budget and order are one Triton launch on CUDA (kernels/span_select).
 
 Device-only (graph-safe): each layer's indexes live in a fixed-shape device table with a row per
 sequence (spans.SpanTable, in the cache's StageState); the prefill builds a sequence's row with device
-ops; a decode step closes spans, scores, votes and expands spans to pages with device ops of shapes
-fixed by the page table's width. A sequence whose prefill was not observed gets its row built from the
+ops; a decode step closes spans (two launches), scores them (one) and selects (one), with shapes fixed
+by the page table's width. A sequence whose prefill was not observed gets its row built from the
 cache the first time a step meets it (host bookkeeping; outside a captured step).
 """
 from __future__ import annotations

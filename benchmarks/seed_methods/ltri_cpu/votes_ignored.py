@@ -1,9 +1,17 @@
-"""Experiment: ltri ranks spans by best score only (votes ignored), through the eval CLI."""
+"""Experiment: ltri ranks spans by best score only (votes ignored), through the eval CLI (CPU: the torch reference
+of kernels/span_select)."""
 import sys
 sys.path.insert(0, '.')
 import torch
-import composable_kv.policies.ltri as L
+from composable_kv.kernels.span_select import reference as R
 from composable_kv.eval import scale
-orig = L.spans_by_votes_then_best
-L.spans_by_votes_then_best = lambda votes, best: orig(torch.zeros_like(votes), best)
+orig = R.span_votes
+
+
+def no_votes(*args, **kw):
+    votes, best = orig(*args, **kw)
+    return torch.zeros_like(votes), best
+
+
+R.span_votes = no_votes
 sys.exit(scale.main(sys.argv[1:]))
