@@ -49,41 +49,49 @@ with open(out / "ltri_span_score.md", "w") as f:
     for r in rows:
         f.write("| " + " | ".join(str(r[k]) for k in keys) + " |\n")
 
-# Tuning at issue 17's cost shape (B=16, 32k, Llama-8B heads, 2-page spans, 4 reps; the stage's table path):
-# span scoring per (spans a program scores, warps), and the one-launch selection (kernels/span_select).
+# Tuning at issue 17's cost shape (B=16, 32k, Llama-8B heads, 2-page spans, 4 reps; the stage's table path: 2,048
+# span slots, 1,024 in use): span scoring per tiling and the selection (kernels/span_select) per search arity and
+# warps, each timed from CUDA-graph replays (harness.graph_ms: no launch overhead).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import harness  # noqa: E402
 from composable_kv.kernels.span_select import triton as select_tk  # noqa: E402
 
 B, ctx, Hq, Hkv, D, S, R = 16, 32768, 32, 8, 128, 16, 4
 P = ctx // S
 NS = P // 2
 q = torch.randn(B, Hq, D, device=dev, dtype=dt)
-reps = torch.randn(B, Hkv, P, R, D, device=dev, dtype=dt)  # a table: capacity P spans, NS in use
+reps = torch.randn(B, Hkv, P, R, D, device=dev, dtype=dt)
 ns = torch.full((B,), NS, dtype=torch.long, device=dev)
 rows_t = torch.arange(B, device=dev)
 sweep = []
-for block_s in (8, 16, 32, 64):
-    for warps in (2, 4, 8):
-        t = triton.testing.do_bench(lambda: span_tk.span_scores(q, reps[:, :, :P], ns, 0.1, rows_t, block_s=block_s,
-                                                                num_warps=warps), warmup=25, rep=100)
-        sweep.append(dict(op="span_scores", block_s=block_s, num_warps=warps, us=round(t * 1e3, 2),
-                          GBps=round(B * Hkv * NS * R * D * 2 / t / 1e6, 1)))
-        print(sweep[-1], flush=True)
-scores = span_tk.span_scores(q, reps[:, :, :P], ns, 0.1, rows_t)
+for block_s in (32, 64):
+    for programs, stages in ((None, 1), (16, 2), (8, 2), (8, 3), (4, 3), (2, 3)):
+        for warps in (4, 8):
+            kw = dict(block_s=block_s, num_warps=warps, programs=programs, num_stages=stages)
+            t = harness.graph_ms(lambda: span_tk.span_scores(q, reps, ns, 0.1, rows_t, **kw))
+            sweep.append(dict(op="span_scores", config=str(kw), us=round(t * 1e3, 2),
+                              GBps=round(B * Hkv * NS * R * D * 2 / t / 1e6, 1)))
+            print(sweep[-1], flush=True)
+scores = span_tk.span_scores(q, reps, ns, 0.1, rows_t)
 sop = (torch.arange(P, device=dev) // 2).expand(B, P).contiguous()
 sop[:, :1] = -1
+sop[:, P - 4:] = -1
 covered = torch.full((B,), P - 4, dtype=torch.long, device=dev)
 forced = torch.zeros(B, Hkv, P, dtype=torch.bool, device=dev)
 cand = torch.ones_like(forced)
 npages = torch.full((B,), P, dtype=torch.int32, device=dev)
 for vote in ("group", "layer"):
-    t = triton.testing.do_bench(lambda: select_tk.span_select(scores, rows_t, sop, covered, forced, cand, npages, 64, 1,
-                                                              vote), warmup=25, rep=100)
-    sweep.append(dict(op=f"span_select ({vote} vote, budget 64 pages)", block_s="", num_warps="", us=round(t * 1e3, 2),
-                      GBps=""))
-    print(sweep[-1], flush=True)
+    for kary in (2, 4, 8) if vote == "group" else (4,):
+        for warps in (4, 8, 16) if vote == "group" else (8,):
+            kw = dict(kary=kary, num_warps=warps)
+            t = harness.graph_ms(lambda: select_tk.span_select(scores, rows_t, sop, covered, forced, cand, npages, 64,
+                                                               1, vote, **kw))
+            sweep.append(dict(op=f"span_select ({vote} vote, budget 64 pages)", config=str(kw), us=round(t * 1e3, 2),
+                              GBps=""))
+            print(sweep[-1], flush=True)
 with open(out / "ltri_span_sweep.md", "w") as f:
-    f.write(f"{torch.cuda.get_device_name()}, B={B}, ctx={ctx}, Hq={Hq}, Hkv={Hkv}, D={D}, {NS} spans of 2 pages, "
-            f"R={R}, bf16; triton.testing.do_bench (launch included)\n\n| op | block_s | num_warps | us | GB/s |\n"
-            "|---|---|---|---|---|\n")
+    f.write(f"{torch.cuda.get_device_name()}, B={B}, ctx={ctx}, Hq={Hq}, Hkv={Hkv}, D={D}, {NS} spans of 2 pages in "
+            f"{P} slots, R={R}, bf16; CUDA-graph replay (harness.graph_ms)\n\n| op | config | us | GB/s |\n"
+            "|---|---|---|---|\n")
     for r in sweep:
-        f.write(f"| {r['op']} | {r['block_s']} | {r['num_warps']} | {r['us']} | {r['GBps']} |\n")
+        f.write(f"| {r['op']} | {r['config']} | {r['us']} | {r['GBps']} |\n")

@@ -125,12 +125,13 @@ def _span_inputs(group, head_dim, R, num_spans, *, dtype=torch.float32, q_scale=
     return q.to(device), reps.to(device), torch.tensor(num_spans, dtype=torch.int32, device=device)
 
 
-def check_span_scores(group, head_dim, R, num_spans, *, dtype=torch.float32, q_scale=1.0, device="cpu", tol=1e-4):
+def check_span_scores(group, head_dim, R, num_spans, *, dtype=torch.float32, q_scale=1.0, device="cpu", tol=1e-4,
+                      **tuning):
     from composable_kv.kernels.span_score import triton as span_tk
     q, reps, ns = _span_inputs(group, head_dim, R, num_spans, dtype=dtype, q_scale=q_scale, device=device)
     sm = head_dim ** -0.5
     a = span_ref.span_scores(q.cpu(), reps.cpu(), ns.cpu(), sm)
-    b = span_tk.span_scores(q, reps, ns, sm).cpu()
+    b = span_tk.span_scores(q, reps, ns, sm, **tuning).cpu()
     fin = torch.isfinite(a)
     assert torch.equal(fin, torch.isfinite(b)), "finite masks differ"
     assert (a[~fin] < 0).all() and (b[~fin] < 0).all()
@@ -159,6 +160,15 @@ needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.
 @pytest.mark.parametrize("R", [1, 3, 4])
 def test_span_kernel_matches_reference(group, head_dim, R):
     check_span_scores(group, head_dim, R, [0, 1, 5, 37])  # ragged, incl. a request with no span
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("block_s,programs,num_stages", [(4, 3, 2), (8, 1, 3), (16, 2, 1)])
+def test_span_kernel_programs_loop_over_blocks(block_s, programs, num_stages):
+    """Fewer programs than blocks: each loops over every programs-th block."""
+    check_span_scores(4, 64, 4, [0, 3, 40, 70], block_s=block_s, programs=programs, num_stages=num_stages)
 
 
 @pytest.mark.interpret
@@ -260,11 +270,11 @@ def select_inputs(B, Hkv, G, P, budget, *, seed=0, rows_in_table=None):
     return scores, rows, span_of_page, covered, forced, candidates, num_pages, budget
 
 
-def check_span_select(B, Hkv, G, P, budget, vote, *, seed=0, sink_pages=1, device="cpu"):
+def check_span_select(B, Hkv, G, P, budget, vote, *, seed=0, sink_pages=1, device="cpu", **tuning):
     from composable_kv.kernels.span_select import reference as sel_ref, triton as sel_tk
     args = select_inputs(B, Hkv, G, P, budget, seed=seed)
     want = sel_ref.span_select(*args, sink_pages, vote)
-    got = sel_tk.span_select(*(a.to(device) if torch.is_tensor(a) else a for a in args), sink_pages, vote)
+    got = sel_tk.span_select(*(a.to(device) if torch.is_tensor(a) else a for a in args), sink_pages, vote, **tuning)
     for name, w, x in zip(("order", "count", "kept", "forced", "order_key"), want, got):
         assert torch.equal(w, x.cpu()), (name, w, x.cpu())
     return want
@@ -278,6 +288,14 @@ def check_span_select(B, Hkv, G, P, budget, vote, *, seed=0, sink_pages=1, devic
 def test_span_select_kernel_matches_reference(vote, B, Hkv, G, P, budget):
     order, count, kept, forced, _ = check_span_select(B, Hkv, G, P, budget, vote, seed=B * P + budget)
     assert (count >= forced.sum(-1)).all() and (kept.sum(-1) == count).all()
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.parametrize("kary", [2, 8, 16])
+def test_span_select_kernel_any_search_arity(kary):
+    """Bisection and wider searches keep the same pages (the default is 4-ary)."""
+    check_span_select(2, 2, 4, 90, 20, "group", seed=kary, kary=kary)
 
 
 @pytest.mark.cpu

@@ -18,11 +18,10 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
                        row_ptr, ns_ptr, out_ptr, stride_ob, stride_oh, NS, sm_scale,
                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                        DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BLOCK_S: tl.constexpr,
-                       DOT_F32: tl.constexpr, ROWS: tl.constexpr):
+                       DOT_F32: tl.constexpr, ROWS: tl.constexpr, NUM_STAGES: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
-    s0 = tl.program_id(1) * BLOCK_S
     if ROWS:
         row = tl.load(row_ptr + b).to(tl.int64)
     else:
@@ -30,28 +29,33 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
     n_spans = tl.load(ns_ptr + row)
     q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)  # [GP, DP]
     col = tl.arange(0, BLOCK_S * RP)
-    span = s0 + col // RP
     r = col % RP
-    cmask = (span < n_spans) & (r < R)
     d = tl.arange(0, DP)
-    offs = (row * stride_rb + h * stride_rh + span.to(tl.int64)[:, None] * stride_rs
-            + r[:, None] * stride_rr + d[None, :])
-    reps = tl.load(rep_ptr + offs, mask=cmask[:, None] & (d < D)[None, :], other=0.0)  # [BLOCK_S*RP, DP]
-    x = _dot(q, tl.trans(reps), DOT_F32)  # [GP, BLOCK_S*RP]
-    x = tl.where(cmask[None, :], x, NEG_INF)
-    best = tl.max(tl.reshape(x, (GP, BLOCK_S, RP)), axis=2)  # [GP, BLOCK_S]
-    s = s0 + tl.arange(0, BLOCK_S)
-    best = tl.where((s < n_spans)[None, :], best * sm_scale, NEG_INF)
     g = tl.arange(0, GP)
-    optr = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + s[None, :]
-    tl.store(optr, best, mask=(g < G)[:, None] & (s < NS)[None, :])
+    # this program's blocks of spans: program_id(1), + num_programs(1), ... (a pipelined loop when there are several)
+    for blk in tl.range(tl.program_id(1), tl.cdiv(NS, BLOCK_S), tl.num_programs(1), num_stages=NUM_STAGES):
+        s0 = blk * BLOCK_S
+        span = s0 + col // RP
+        cmask = (span < n_spans) & (r < R)
+        offs = (row * stride_rb + h * stride_rh + span.to(tl.int64)[:, None] * stride_rs
+                + r[:, None] * stride_rr + d[None, :])
+        reps = tl.load(rep_ptr + offs, mask=cmask[:, None] & (d < D)[None, :], other=0.0)  # [BLOCK_S*RP, DP]
+        x = _dot(q, tl.trans(reps), DOT_F32)  # [GP, BLOCK_S*RP]
+        x = tl.where(cmask[None, :], x, NEG_INF)
+        best = tl.max(tl.reshape(x, (GP, BLOCK_S, RP)), axis=2)  # [GP, BLOCK_S]
+        s = s0 + tl.arange(0, BLOCK_S)
+        best = tl.where((s < n_spans)[None, :], best * sm_scale, NEG_INF)
+        optr = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + s[None, :]
+        tl.store(optr, best, mask=(g < G)[:, None] & (s < NS)[None, :])
 
 
-def span_scores(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None, num_warps=None) -> torch.Tensor:
+def span_scores(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None, num_warps=None, programs=None,
+                num_stages=None) -> torch.Tensor:
     """q [B, Hq, D]; reps [B, Hkv, NS, R, D] and num_spans [B], or tables [N, Hkv, NS, R, D] and [N] read at
     rows [B] long (no gather: the kernel loads row rows[b]; a slice along NS keeps its strides)
-    -> [B, Hq, NS] fp32 (scaled, -inf past num_spans). block_s (spans a program scores), num_warps: tuning
-    (gpu/ltri.py sweeps them)."""
+    -> [B, Hq, NS] fp32 (scaled, -inf past num_spans). Tuning (gpu/ltri.py sweeps it): block_s (spans a block),
+    programs (a (request, KV head) row's programs, each looping over every programs-th block; default: one a
+    block), num_warps, num_stages (the loop's pipelining)."""
     B, Hq, D = q.shape
     lead = B if rows is None else reps.shape[0]
     if reps.dim() != 5 or reps.shape[0] != lead or reps.shape[-1] != D or Hq % reps.shape[1]:
@@ -72,12 +76,12 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None,
         return out
     RP = _pow2(R)
     BLOCK_S = block_s or max(max(1, 16 // RP), min(_pow2(NS), max(1, 128 // RP)))  # tl.dot needs >= 16 columns
-    grid = (B * Hkv, triton.cdiv(NS, BLOCK_S))
+    grid = (B * Hkv, min(programs or NS, triton.cdiv(NS, BLOCK_S)))
     st = reps.stride()
     row_arg = num_spans if rows is None else rows.to(device=q.device, dtype=torch.int64).contiguous()
     _span_score_kernel[grid](q, q.stride(0), q.stride(1), reps, st[0], st[1], st[2], st[3], row_arg, num_spans,
                              out, out.stride(0), out.stride(1), NS, float(sm_scale),
                              HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), R=R, RP=RP,
                              BLOCK_S=BLOCK_S, DOT_F32=dot_f32(q, reps.dtype), ROWS=rows is not None,
-                             **({"num_warps": num_warps} if num_warps else {}))
+                             NUM_STAGES=num_stages or 1, **({"num_warps": num_warps} if num_warps else {}))
     return out
