@@ -168,9 +168,10 @@ def _rounds(k: int, gap: int = 2 ** 32) -> int:
 
 
 def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pages, budget_pages: int,
-                sink_pages: int, vote: str = "group", *, kary: int = 4, num_warps: int | None = None):
+                sink_pages: int, vote: str = "group", *, kary: int = 2, num_warps: int | None = None):
     """Same contract as reference.span_select, one launch (one program per (request, KV head)). kary: probes a
-    search round + 1 (a power of two; 2 is bisection), num_warps: tuning (gpu/ltri.py sweeps them)."""
+    search round + 1 (a power of two; 2, bisection, is the default: in the stage on the H200 the 4-ary search took
+    114 us a layer against 64, though it won the synthetic sweep), num_warps: tuning (gpu/ltri.py sweeps them)."""
     B, Hq, NS = scores.shape
     Hkv, P = forced.shape[1], forced.shape[2]
     if (forced.shape != (B, Hkv, P) or candidates.shape != forced.shape or Hq % Hkv or rows.shape != (B,)
