@@ -290,14 +290,6 @@ def test_span_select_kernel_matches_reference(vote, B, Hkv, G, P, budget):
     assert (count >= forced.sum(-1)).all() and (kept.sum(-1) == count).all()
 
 
-@pytest.mark.interpret
-@needs_kernels
-@pytest.mark.parametrize("kary", [4, 8, 16])
-def test_span_select_kernel_any_search_arity(kary):
-    """Wider searches keep the same pages as bisection (the default)."""
-    check_span_select(2, 2, 4, 90, 20, "group", seed=kary, kary=kary)
-
-
 @pytest.mark.cpu
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("vote", ["group", "layer"])

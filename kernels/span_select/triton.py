@@ -32,30 +32,20 @@ def _forced_of(forced_ptr, b, hh, p, sink_pages, cov, valid, P, HKV: tl.constexp
 
 
 @triton.jit
-def _probes(lo, hi, K: tl.constexpr):
-    """lo + floor(j * (hi - lo) / K) for j = 1..K (the last is hi), int64 without overflow: [K] for scalar bounds,
-    [N, K] for bounds [N, 1]."""
-    gap = hi - lo
-    j = (tl.arange(0, K) + 1).to(tl.int64)
-    return lo + (gap // K) * j + ((gap % K) * j) // K
-
-
-@triton.jit
-def _head_ballots(s, size, avail, live, K: tl.constexpr, ROUNDS: tl.constexpr):
+def _head_ballots(s, size, avail, live):
     """[GP, NSP] ballots of G heads: a head votes for the spans its ranking fits into avail free pages."""
     # int32 keys and sizes: a finite key is > INT32_MIN (NaN with the sign bit alone maps there), so lo = min - 1
-    # fits; bounds and probes are int64
-    key = _ord32(s)[:, None, :]  # [GP, 1, NSP]
-    sz = tl.where(live, size, 0)
-    lo = tl.min(tl.where(live, _ord32(s), 2147483647), axis=1).to(tl.int64) - 1  # [GP]: G(lo) = all live sizes
-    hi = tl.max(tl.where(live, _ord32(s), -2147483648), axis=1).to(tl.int64)  # G(hi) = 0
-    for _ in tl.static_range(ROUNDS):  # invariant: G(lo) >= avail > G(hi) (where some span does not fit)
-        t = _probes(lo[:, None], hi[:, None], K)  # [GP, K]
-        fits = tl.sum(tl.where(key > t.to(tl.int32)[:, :, None], sz[:, None, :], 0), axis=2) < avail
-        hi = tl.min(tl.where(fits, t, hi[:, None]), axis=1)
-        lo = tl.max(tl.where(fits, lo[:, None], t), axis=1)
-    hi = hi.to(tl.int32)
+    # fits; only the midpoint's hi - lo needs 64 bits
     key = _ord32(s)
+    sz = tl.where(live, size, 0)
+    lo = (tl.min(tl.where(live, key, 2147483647), axis=1) - 1).to(tl.int32)  # [GP]: G(lo) = all live sizes
+    hi = tl.max(tl.where(live, key, -2147483648), axis=1).to(tl.int32)  # G(hi) = 0
+    for _ in tl.static_range(33):  # invariant: G(lo) >= avail > G(hi) (where some span does not fit)
+        gap = hi.to(tl.int64) - lo.to(tl.int64)
+        mid = (lo.to(tl.int64) + gap // 2).to(tl.int32)
+        fits = tl.sum(tl.where(key > mid[:, None], sz, 0), axis=1) < avail
+        hi = tl.where(fits & (gap > 1), mid, hi)
+        lo = tl.where(~fits & (gap > 1), mid, lo)
     above = tl.sum(tl.where(key > hi[:, None], sz, 0), axis=1)  # G(t0), t0 = hi
     tie = live & (key == hi[:, None])
     before_tie = above[:, None] + tl.cumsum(tl.where(tie, sz, 0), axis=1) - tl.where(tie, sz, 0)
@@ -67,9 +57,8 @@ def _head_ballots(s, size, avail, live, K: tl.constexpr, ROUNDS: tl.constexpr):
 
 
 @triton.jit
-def _keep_top64(key, rest, free, K: tl.constexpr):
-    """The `free` entries of `rest` with the largest key (int64, distinct): bool mask. A K-ary search (K - 1
-    probes a round) that stops once a probe counts exactly `free`."""
+def _keep_top64(key, rest, free):
+    """The `free` entries of `rest` with the largest key (int64, distinct): bool mask."""
     n_rest = tl.sum(rest.to(tl.int32), axis=0)
     lo = tl.min(tl.where(rest, key, 9223372036854775807), axis=0)
     hi = tl.max(tl.where(rest, key, -1), axis=0) + 1
@@ -77,13 +66,12 @@ def _keep_top64(key, rest, free, K: tl.constexpr):
     it = tl.zeros([], tl.int32)
     exact = lo > hi  # False, as a scalar tensor (a loop-carried value)
     while (it < 64) & (hi - lo > 1) & ~exact:
-        t = _probes(lo, hi, K)  # [K]
-        c = tl.sum((rest[None, :] & (key[None, :] >= t[:, None])).to(tl.int32), axis=1)  # [K]
+        mid = lo + (hi - lo) // 2
+        c = tl.sum((rest & (key >= mid)).to(tl.int32), axis=0)
         big = c >= free
-        hit = c == free
-        exact = tl.max(hit.to(tl.int32), axis=0) > 0
-        lo = tl.where(exact, tl.max(tl.where(hit, t, lo), axis=0), tl.max(tl.where(big, t, lo), axis=0))
-        hi = tl.min(tl.where(big, hi, t), axis=0)
+        lo = tl.where(big, mid, lo)
+        hi = tl.where(big, hi, mid)
+        exact = c == free
         it += 1
     sel = tl.where(free >= n_rest, rest, rest & (key >= lo))
     return (sel & (free > 0)) != 0
@@ -95,8 +83,7 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
                         order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr,
                         NS, P, budget, sink_pages,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr,
-                        PP: tl.constexpr, SORT_BLOCK: tl.constexpr, LAYER: tl.constexpr, K: tl.constexpr,
-                        ROUNDS: tl.constexpr):
+                        PP: tl.constexpr, SORT_BLOCK: tl.constexpr, LAYER: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -131,7 +118,7 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
                     mask=(g < G) & iv[None, :], other=NEG_INF)  # [GP, NSP]
         best = tl.maximum(best, tl.max(s, axis=0))
         live = (s > NEG_INF) & (s < float("inf")) & (g < G) & iv[None, :]  # finite scores vote
-        votes += tl.sum(_head_ballots(s, size, avail, live, K, ROUNDS).to(tl.float32), axis=0)
+        votes += tl.sum(_head_ballots(s, size, avail, live).to(tl.float32), axis=0)
     tl.store(votes_ptr + base + i, votes)
     tl.store(best_ptr + base + i, best)
     tl.debug_barrier()
@@ -145,7 +132,7 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
     forced = _forced_of(forced_ptr, b, h, p, sink_pages, cov, valid, P, HKV)
     cand = (tl.load(cand_ptr + pid.to(tl.int64) * P + p, mask=valid, other=0) != 0) & valid
     free = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
-    keep = forced | _keep_top64(key, cand & ~forced, free, K)
+    keep = forced | _keep_top64(key, cand & ~forced, free)
     count = tl.sum(keep.to(tl.int32), axis=0)
     out = pid.to(tl.int64) * P
     tl.store(count_ptr + pid, count)
@@ -159,19 +146,11 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
         sort_row(order_ptr + out, key_ptr + out, key, keep, count, p, P, -1, POS_MASK, True)
 
 
-def _rounds(k: int, gap: int = 2 ** 32) -> int:
-    """K-ary search rounds that narrow an int32 key range to one step."""
-    r = 0
-    while gap > 1:
-        gap, r = -(-gap // k), r + 1
-    return r
-
-
 def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pages, budget_pages: int,
-                sink_pages: int, vote: str = "group", *, kary: int = 2, num_warps: int | None = None):
-    """Same contract as reference.span_select, one launch (one program per (request, KV head)). kary: probes a
-    search round + 1 (a power of two; 2, bisection, is the default: in the stage on the H200 the 4-ary search took
-    114 us a layer against 64, though it won the synthetic sweep), num_warps: tuning (gpu/ltri.py sweeps them)."""
+                sink_pages: int, vote: str = "group", *, num_warps: int | None = None):
+    """Same contract as reference.span_select, one launch (one program per (request, KV head)). num_warps: tuning
+    (gpu/ltri.py sweeps it). The searches are bisections: a 4-ary search (three probes a round, half the rounds)
+    won a synthetic sweep but took 114 us a layer in the stage against 64 (H200, f903498)."""
     B, Hq, NS = scores.shape
     Hkv, P = forced.shape[1], forced.shape[2]
     if (forced.shape != (B, Hkv, P) or candidates.shape != forced.shape or Hq % Hkv or rows.shape != (B,)
@@ -179,8 +158,6 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
         raise ValueError(f"span_select: scores {list(scores.shape)}, rows {list(rows.shape)}, span_of_page "
                          f"{list(span_of_page.shape)}, forced {list(forced.shape)}, candidates "
                          f"{list(candidates.shape)} ([B, Hq, NS], [B], [R, >= P], [B, Hkv, P] twice), vote {vote!r}")
-    if kary < 2 or kary & (kary - 1):
-        raise ValueError(f"span_select: kary must be a power of two >= 2, got {kary}")
     if P >= 1 << POS_BITS or Hq >= OUTSIDE - 1:
         raise ValueError(f"span_select: at most {(1 << POS_BITS) - 1} pages and {OUTSIDE - 2} query heads a "
                          f"request, got {P} and {Hq}")
@@ -207,5 +184,5 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
         order, count, kept.view(torch.int8), forced_out.view(torch.int8), order_key,
         NS, P, int(budget_pages), int(sink_pages),
         HKV=Hkv, G=Hq // Hkv, GP=_pow2(Hq // Hkv), NSP=NSP, PP=PP, SORT_BLOCK=SORT_BLOCK, LAYER=vote == "layer",
-        K=kary, ROUNDS=_rounds(kary), num_warps=num_warps or (4 if max(NSP, PP) <= 1024 else 8))
+        num_warps=num_warps or (4 if max(NSP, PP) <= 1024 else 8))
     return order, count, kept, forced_out, order_key
