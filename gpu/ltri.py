@@ -81,14 +81,13 @@ forced = torch.zeros(B, Hkv, P, dtype=torch.bool, device=dev)
 cand = torch.ones_like(forced)
 npages = torch.full((B,), P, dtype=torch.int32, device=dev)
 for vote in ("group", "layer"):
-    for kary in (2,):  # bisection (a 4-ary search was tried at cab41bd: ltri_span_sweep-cab41bd.md)
-        for warps in (4, 8, 16) if vote == "group" else (8,):
-            kw = dict(num_warps=warps)
-            t = harness.graph_ms(lambda: select_tk.span_select(scores, rows_t, sop, covered, forced, cand, npages, 64,
-                                                               1, vote, **kw))
-            sweep.append(dict(op=f"span_select ({vote} vote, budget 64 pages)", config=str(kw), us=round(t * 1e3, 2),
-                              GBps=""))
-            print(sweep[-1], flush=True)
+    for warps in (4, 8, 16) if vote == "group" else (8,):  # a 4-ary search was tried at cab41bd (its sweep)
+        kw = dict(num_warps=warps)
+        t = harness.graph_ms(lambda: select_tk.span_select(scores, rows_t, sop, covered, forced, cand, npages, 64, 1,
+                                                           vote, **kw))
+        sweep.append(dict(op=f"span_select ({vote} vote, budget 64 pages)", config=str(kw), us=round(t * 1e3, 2),
+                          GBps=""))
+        print(sweep[-1], flush=True)
 with open(out / "ltri_span_sweep.md", "w") as f:
     f.write(f"{torch.cuda.get_device_name()}, B={B}, ctx={ctx}, Hq={Hq}, Hkv={Hkv}, D={D}, {NS} spans of 2 pages in "
             f"{P} slots, R={R}, bf16; CUDA-graph replay (harness.graph_ms)\n\n| op | config | us | GB/s |\n"

@@ -57,8 +57,8 @@ def test_a_step_is_one_graph_replay_with_no_sync(stack):
     assert_replays_without_sync(s, _prompts())  # the first step runs eagerly, then replays
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17's cost targets are not met (H200, 4703b95: attention_predictor "
-                   "39x Quest, ltri 2.0x; BENCHMARKS.md); strict: the day they are met this fails, so the mark goes")
+@pytest.mark.xfail(strict=True, reason="issue 17's cost targets are not met (H200, 2e639f4: attention_predictor "
+                   "39x Quest, ltri 1.84x; BENCHMARKS.md); strict: the day they are met this fails, so the mark goes")
 def test_per_layer_cost_against_quest_meets_the_targets():
     """Issue 17 targets at B=16, 32k (Llama-8B heads, bf16, one replayed layer): attention_predictor
     <= 1.5x Quest (its calibration cycle), ltri <= 1.2x Quest. Prints the table."""
