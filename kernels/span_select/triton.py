@@ -7,7 +7,7 @@ finite spans whose ordered score key exceeds t. Bisection finds t0 = min{t : G(t
 over the spans, as page_select's _keep_top); spans above t0 are voted, spans at t0 by a cumsum over their ids.
 
 Pages: key = class << 52 | ordered best << 20 | (2^20 - 1 - page), distinct per page, so the budget is an
-exact bisection over int64 keys and the kept pages sort (compacted, SORT_BLOCK of them) in one tl.sort.
+exact bisection over int64 keys (page_select's _keep_top) and the kept pages sort (compacted, SORT_BLOCK of them) in one tl.sort.
 """
 import torch
 import triton
@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 from ..page_score.triton import _pow2
-from ..page_select.triton import _ord32, sort_compacted, sort_row
+from ..page_select.triton import _keep_top, _ord32, sort_compacted, sort_row
 from .reference import OUTSIDE
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -54,27 +54,6 @@ def _head_ballots(s, size, avail, live):
     fits = everyone[:, None].to(tl.int32) + (key > hi[:, None]).to(tl.int32) + \
         (tie & (before_tie < avail)).to(tl.int32)
     return live & (fits > 0)
-
-
-@triton.jit
-def _keep_top64(key, rest, free):
-    """The `free` entries of `rest` with the largest key (int64, distinct): bool mask."""
-    n_rest = tl.sum(rest.to(tl.int32), axis=0)
-    lo = tl.min(tl.where(rest, key, 9223372036854775807), axis=0)
-    hi = tl.max(tl.where(rest, key, -1), axis=0) + 1
-    # invariant: count(key >= lo) >= free > count(key >= hi); distinct keys end it at count(key >= lo) == free
-    it = tl.zeros([], tl.int32)
-    exact = lo > hi  # False, as a scalar tensor (a loop-carried value)
-    while (it < 64) & (hi - lo > 1) & ~exact:
-        mid = lo + (hi - lo) // 2
-        c = tl.sum((rest & (key >= mid)).to(tl.int32), axis=0)
-        big = c >= free
-        lo = tl.where(big, mid, lo)
-        hi = tl.where(big, hi, mid)
-        exact = c == free
-        it += 1
-    sel = tl.where(free >= n_rest, rest, rest & (key >= lo))
-    return (sel & (free > 0)) != 0
 
 
 @triton.jit
@@ -132,7 +111,7 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
     forced = _forced_of(forced_ptr, b, h, p, sink_pages, cov, valid, P, HKV)
     cand = (tl.load(cand_ptr + pid.to(tl.int64) * P + p, mask=valid, other=0) != 0) & valid
     free = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
-    keep = forced | _keep_top64(key, cand & ~forced, free)
+    keep = forced | _keep_top(key, cand & ~forced, free)  # distinct keys: no tie
     count = tl.sum(keep.to(tl.int32), axis=0)
     out = pid.to(tl.int64) * P
     tl.store(count_ptr + pid, count)
