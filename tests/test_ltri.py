@@ -185,6 +185,21 @@ def test_span_kernel_half_precision():
     check_span_scores(2, 64, 4, [9, 4], dtype=torch.float16, tol=2e-2)
 
 
+@pytest.mark.cpu
+def test_span_table_page_capacity_has_an_eighth_of_headroom():
+    """A 32k prompt's table (2,048 pages) takes the decode's next pages without reallocating, and holds at most
+    1/8 more pages than asked (doubling took it to 4,096 slots: 17 GB of reps for 32 layers at B = 16)."""
+    t = sp.SpanTable(2, 4, 8, torch.bfloat16, "cpu")
+    t.ensure(16, 2048)
+    reps = t.reps
+    assert 2048 < t.reps.shape[2] <= 2048 + 256 and t.span_of_page.shape == (16, t.reps.shape[2])
+    t.ensure(16, 2049)
+    t.ensure(16, 2300)
+    assert t.reps is reps
+    t.ensure(16, 3000)
+    assert 3000 <= t.reps.shape[2] <= 3000 + 375 and t.reps.shape[0] == 16
+
+
 def _span_table(N, Hkv, D, R, pages, dtype, g, device):
     """A SpanTable of N rows filled with random values (so a write to the wrong place shows)."""
     t = sp.SpanTable(Hkv, R, D, dtype, device)

@@ -17,7 +17,7 @@ from torch import nn
 from composable_kv.ints import cdiv
 from composable_kv.kernels.predictor_cnn.reference import CNNWeights, cnn_forward, ring_window
 from composable_kv.kernels.predictor_cnn.reference import features  # noqa: F401  (the CNN's input; train.py)
-from composable_kv.seq_rows import grown
+from composable_kv.seq_rows import grown, grown_pages
 
 WEIGHTS_NAME = "attention_predictor.pt"
 _LOADED: dict[tuple, "PredictorCNN"] = {}
@@ -135,7 +135,7 @@ class PageHistory:
     def ensure(self, rows: int, pages: int) -> None:
         """Room for `rows` rows and `pages` pages (new rows start reset, new pages empty)."""
         R, cap = self.hist.shape[0], self.page_capacity
-        R2, cap2 = grown(R, rows), grown(cap, pages, 16)
+        R2, cap2 = grown(R, rows), grown_pages(cap, pages)
         if cap2 > cap:
             self.hist = torch.nn.functional.pad(self.hist, (0, cap2 - cap))
             self.scores = torch.nn.functional.pad(self.scores, (0, cap2 - cap), value=float("-inf"))

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from composable_kv.kernels.window_kmeans.reference import kmeans_reps, window_reps
-from composable_kv.seq_rows import grown
+from composable_kv.seq_rows import grown, grown_pages
 
 import torch
 
@@ -256,7 +256,8 @@ class SpanTable:
       num_spans    [R] long
       covered      [R] long             pages below are sink or spans; the open span starts here
 
-    Capacity grows by doubling on the host from shapes alone (before a step is captured)."""
+    Capacity grows on the host from shapes alone (before a step is captured): rows by doubling, pages with 1/8
+    headroom (seq_rows.grown_pages)."""
 
     def __init__(self, kv_heads: int, reps_per_span: int, head_dim: int, dtype, device):
         self.span_of_page = torch.full((0, 0), -1, dtype=torch.long, device=device)
@@ -267,7 +268,7 @@ class SpanTable:
 
     def ensure(self, rows: int, pages: int) -> None:
         R, cap = self.span_of_page.shape
-        R2, cap2 = grown(R, rows), grown(cap, pages, 16)
+        R2, cap2 = grown(R, rows), grown_pages(cap, pages)
         if cap2 > cap:
             self.span_of_page = torch.nn.functional.pad(self.span_of_page, (0, cap2 - cap), value=-1)
             self.reps = torch.nn.functional.pad(self.reps, (0, 0, 0, 0, 0, cap2 - cap))
