@@ -15,6 +15,7 @@ session's own counters) over the copy bandwidth measured in this run; ``floor %`
 The first ckv provider of a size runs the real prefill (timed); with ``--synthetic-kv`` (default for
 models over 2B parameters) the others fill the cache with random K/V through a PrefillCache-shaped
 replay, which costs no prefill: decode timing does not depend on the values, except where ART stops.
+Policies that observe the prefill (ltri, attention_predictor, snapkv) run their real prefill instead.
 """
 from __future__ import annotations
 
@@ -111,8 +112,16 @@ def weight_bytes(model) -> int:
     return total if emb is out else total - emb.numel() * emb.element_size()
 
 
+def observes_prefill(policy) -> bool:
+    """Whether a stage of `policy` builds its state from the prompt's queries (ltri, attention_predictor, snapkv): a
+    synthetic K/V record cannot stand in for its prefill."""
+    return any(s.observes_prefill for s in composable_kv.compile(policy).selectors)
+
+
 class SyntheticPrefill:
-    """A PrefillCache look-alike whose record makes random K/V one layer at a time (no model prefill)."""
+    """A PrefillCache look-alike whose record makes random K/V one layer at a time (no model prefill). Not for
+    policies that observe the prefill: the session would run the forward and record every layer's K/V beside
+    its cache (at B=16, 32k on the 8B shape that ran out of memory, 4703b95)."""
 
     def __init__(self, shape, vocab: int, device, dtype, seed: int = 0):
         self.shape, self.vocab, self.device, self.dtype, self.seed = shape, vocab, device, dtype, seed
@@ -288,13 +297,14 @@ def run(args) -> tuple[list[Row], float]:
                         if prov.startswith("flashinfer"):
                             tc = prov == "flashinfer-tc"
                             attention = lambda s, tc=tc: FlashInferAttention(s, tc)  # noqa: E731
-                        cache = None if (first or not synthetic) else SyntheticPrefill(
+                        cache = None if (first or not synthetic or observes_prefill(policy)) else SyntheticPrefill(
                             shape, model.config.vocab_size, dev, dtype)
                         r.ms_per_step, prefill, kv, r.decode_path = time_session(
                             model, policy, prompts, args.steps, shape, attention=attention, prefill_cache=cache,
                             layers=layers)
                         r.prefill_s = prefill if cache is None else float("nan")
-                        r.note = "synthetic K/V" if cache is not None else ""
+                        r.note = "synthetic K/V" if cache is not None else (
+                            "real prefill (the policy observes it)" if synthetic and not first else "")
                         first = False
                     r.tokens_per_s = B / (r.ms_per_step * 1e-3)
                     r.kv_gb_per_step = kv / 1e9

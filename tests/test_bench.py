@@ -336,6 +336,17 @@ def test_e2e_prompts_from_text_are_windows_of_it():
     assert all(len(p) == 7 and all(10 <= t < 50 for t in p) for p in rand)
 
 
+def test_e2e_runs_the_real_prefill_for_policies_that_observe_it():
+    """Synthetic K/V cannot stand in for ltri's or the predictor's prefill: the session would record every layer's
+    K/V beside its cache (the 8B shape at B=16, 32k ran out of memory so)."""
+    import e2e
+    from composable_kv.config import shipped_configs_dir
+    assert e2e.observes_prefill(str(shipped_configs_dir() / "ltri.yaml"))
+    assert e2e.observes_prefill(str(shipped_configs_dir() / "attention_predictor.yaml"))
+    assert not e2e.observes_prefill(str(shipped_configs_dir() / "quest.yaml"))
+    assert not e2e.observes_prefill(e2e.POLICIES["ckv quest+art"])
+
+
 def test_e2e_providers_take_policy_yaml_and_refuse_unknown_ones(tmp_path, capsys):
     import e2e
     assert e2e.provider_policy("ckv configs/quest_art.yaml") == "configs/quest_art.yaml"
