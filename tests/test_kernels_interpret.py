@@ -43,11 +43,14 @@ def test_select_pages(budget, ties):
     check_select(3, 2, 37, budget, device=DEV, ties=ties, seed=budget if isinstance(budget, int) else 5)
 
 
-@pytest.mark.parametrize("budget,n_forced", [(3, 40), (20, 30), (40, 8)])
+@pytest.mark.parametrize("budget,n_forced", [(3, 40), (17, 150), (33, 300)])
 def test_select_pages_forced_past_the_sort_block(budget, n_forced):
-    """Rows that force more pages than the budget's sort block (16 for budget 3) sort the whole row."""
-    o, c, _, _ = check_select(4, 2, 70, budget, device=DEV, seed=n_forced, n_forced=n_forced)
-    assert (c > 16).any() and (c <= 16).any()
+    """Rows that force more pages than the budget's sort block (16, 32, 64 here) sort the whole row; the others
+    sort the block."""
+    from composable_kv.kernels.page_select.triton import sort_block_for
+    o, c, _, _ = check_select(6, 2, 100, budget, device=DEV, seed=n_forced, n_forced=n_forced)
+    block = sort_block_for(budget, 100)
+    assert (c > block).any() and (c <= block).any(), (block, c)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 5])

@@ -70,7 +70,7 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None,
         reps = reps.contiguous()
     if num_spans.shape != (lead,):
         raise ValueError(f"span_scores: num_spans expected [{lead}], got {list(num_spans.shape)}")
-    num_spans = num_spans.contiguous()  # int32 or long: the kernel loads either
+    num_spans = num_spans.to(q.device).contiguous()  # int32 or long: the kernel loads either
     out = torch.empty(B, Hq, NS, dtype=torch.float32, device=q.device)
     if NS == 0:
         return out

@@ -7,7 +7,8 @@ finite spans whose ordered score key exceeds t. Bisection finds t0 = min{t : G(t
 over the spans, as page_select's _keep_top); spans above t0 are voted, spans at t0 by a cumsum over their ids.
 
 Pages: key = class << 52 | ordered best << 20 | (2^20 - 1 - page), distinct per page, so the budget is an
-exact bisection over int64 keys (page_select's _keep_top) and the kept pages sort (compacted, SORT_BLOCK of them) in one tl.sort.
+exact bisection over int64 keys (page_select's _keep_top) and the kept pages sort (compacted, SORT_BLOCK of
+them) in one tl.sort.
 """
 import torch
 import triton
@@ -15,7 +16,7 @@ import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 from ..page_score.triton import _pow2
-from ..page_select.triton import _keep_top, _ord32, sort_compacted, sort_row
+from ..page_select.triton import _keep_top, _ord32, sort_block_for, sort_compacted, sort_row
 from .reference import OUTSIDE
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -111,7 +112,7 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
     forced = _forced_of(forced_ptr, b, h, p, sink_pages, cov, valid, P, HKV)
     cand = (tl.load(cand_ptr + pid.to(tl.int64) * P + p, mask=valid, other=0) != 0) & valid
     free = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
-    keep = forced | _keep_top(key, cand & ~forced, free)  # distinct keys: no tie
+    keep = forced | _keep_top(key, cand & ~forced, free, True)  # distinct keys: no tie
     count = tl.sum(keep.to(tl.int32), axis=0)
     out = pid.to(tl.int64) * P
     tl.store(count_ptr + pid, count)
@@ -151,7 +152,7 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
     forced_out = torch.empty_like(kept)
     order_key = torch.empty(B, Hkv, P, dtype=torch.float32, device=dev)
     NSP = _pow2(NS, 16)
-    SORT_BLOCK = min(PP, _pow2(budget_pages, 16))
+    SORT_BLOCK = sort_block_for(budget_pages, P)
     size = torch.empty(B * Hkv, NSP, dtype=torch.int32, device=dev)
     votes = torch.empty(B * Hkv, NSP, dtype=torch.float32, device=dev)
     best = torch.empty_like(votes)
