@@ -117,8 +117,8 @@ class SelectionState:
         self.page_select = page_select  # LayerContext.page_select: the backend's selection kernels
         B, P = plan.valid.shape
         self.valid = plan.valid[:, None, :].expand(B, num_kv_heads, P)
-        self.forced = plan.forced[:, None, :].expand(B, num_kv_heads, P).clone()
-        self.candidates = self.valid.clone()
+        self.forced = plan.forced[:, None, :].expand(B, num_kv_heads, P)  # shared over the heads until a stage
+        self.candidates = self.valid  # replaces them (stages never write into them)
         self.forced_only = plan.any_forcing  # unscored: keep only forced pages if a stage forced some
         self.scored = False
         self.order_key: torch.Tensor | None = None

@@ -12,9 +12,11 @@ from composable_kv.kernels.span_score import reference as span_ref
 from composable_kv.kernels.span_score import triton as span_tk
 
 out = Path(sys.argv[1])
+SELECT_ONLY = "--select-only" in sys.argv  # only the span_select sweep (the last table)
 dev, dt = "cuda", torch.bfloat16
 rows = []
-for B, ctx, span_pages, R in [(1, 32768, 8, 4), (32, 8192, 8, 4), (32, 32768, 8, 4), (64, 32768, 4, 8)]:
+for B, ctx, span_pages, R in [] if SELECT_ONLY else [(1, 32768, 8, 4), (32, 8192, 8, 4), (32, 32768, 8, 4),
+                                                       (64, 32768, 4, 8)]:
     Hq, Hkv, D, S = 32, 8, 128, 16
     P = ctx // S
     NS = P // span_pages
@@ -39,15 +41,16 @@ for B, ctx, span_pages, R in [(1, 32768, 8, 4), (32, 8192, 8, 4), (32, 32768, 8,
                      quest_GBps=round(box_bytes / t_quest / 1e6, 1), rep_MB=round(rep_bytes / 1e6, 2),
                      box_MB=round(box_bytes / 1e6, 2), max_abs_err_vs_ref=err))
     print(rows[-1], flush=True)
-with open(out / "ltri_span_score.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-with open(out / "ltri_span_score.md", "w") as f:
-    keys = list(rows[0])
-    f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
-    for r in rows:
-        f.write("| " + " | ".join(str(r[k]) for k in keys) + " |\n")
+if rows:
+    with open(out / "ltri_span_score.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "ltri_span_score.md", "w") as f:
+        keys = list(rows[0])
+        f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
+        for r in rows:
+            f.write("| " + " | ".join(str(r[k]) for k in keys) + " |\n")
 
 # Tuning at issue 17's cost shape (B=16, 32k, Llama-8B heads, 2-page spans, 4 reps; the stage's table path: 2,048
 # span slots, 1,024 in use): span scoring per tiling and the selection (kernels/span_select) per search arity and
@@ -64,7 +67,7 @@ reps = torch.randn(B, Hkv, P, R, D, device=dev, dtype=dt)
 ns = torch.full((B,), NS, dtype=torch.long, device=dev)
 rows_t = torch.arange(B, device=dev)
 sweep = []
-for block_s in (32, 64):
+for block_s in () if SELECT_ONLY else (32, 64):
     for programs, stages in ((None, 1), (16, 2), (8, 2), (8, 3), (4, 3), (2, 3)):
         for warps in (4, 8):
             kw = dict(block_s=block_s, num_warps=warps, programs=programs, num_stages=stages)
@@ -80,14 +83,13 @@ covered = torch.full((B,), P - 4, dtype=torch.long, device=dev)
 forced = torch.zeros(B, Hkv, P, dtype=torch.bool, device=dev)
 cand = torch.ones_like(forced)
 npages = torch.full((B,), P, dtype=torch.int32, device=dev)
-for vote in ("group", "layer"):
-    for warps in (4, 8, 16) if vote == "group" else (8,):  # a 4-ary search was tried at cab41bd (its sweep)
-        kw = dict(num_warps=warps)
-        t = harness.graph_ms(lambda: select_tk.span_select(scores, rows_t, sop, covered, forced, cand, npages, 64, 1,
-                                                           vote, **kw))
-        sweep.append(dict(op=f"span_select ({vote} vote, budget 64 pages)", config=str(kw), us=round(t * 1e3, 2),
-                          GBps=""))
-        print(sweep[-1], flush=True)
+for vote, warps, window in [("group", w, n) for w in (8, 16) for n in (16, 32, 64, 128)] + [("layer", 16, 64)]:
+    kw = dict(num_warps=warps, window=window)  # a 4-ary search was tried at cab41bd (its sweep)
+    t = harness.graph_ms(lambda: select_tk.span_select(scores, rows_t, sop, covered, forced, cand, npages, 64, 1,
+                                                       vote, **kw))
+    sweep.append(dict(op=f"span_select ({vote} vote, budget 64 pages)", config=str(kw), us=round(t * 1e3, 2),
+                      GBps=""))
+    print(sweep[-1], flush=True)
 with open(out / "ltri_span_sweep.md", "w") as f:
     f.write(f"{torch.cuda.get_device_name()}, B={B}, ctx={ctx}, Hq={Hq}, Hkv={Hkv}, D={D}, {NS} spans of 2 pages in "
             f"{P} slots, R={R}, bf16; CUDA-graph replay (harness.graph_ms)\n\n| op | config | us | GB/s |\n"

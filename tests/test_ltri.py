@@ -285,9 +285,17 @@ def select_inputs(B, Hkv, G, P, budget, *, seed=0, rows_in_table=None):
     return scores, rows, span_of_page, covered, forced, candidates, num_pages, budget
 
 
-def check_span_select(B, Hkv, G, P, budget, vote, *, seed=0, sink_pages=1, device="cpu", **tuning):
+def check_span_select(B, Hkv, G, P, budget, vote, *, seed=0, sink_pages=1, device="cpu", shared_state=False,
+                      levels=None, **tuning):
+    """The kernel against the reference; shared_state: forced and candidates broadcast over the KV heads (stride 0,
+    as SelectionState holds them before a stage narrows); levels: finite scores rounded onto that many values."""
     from composable_kv.kernels.span_select import reference as sel_ref, triton as sel_tk
     args = select_inputs(B, Hkv, G, P, budget, seed=seed)
+    if levels:
+        s = args[0]
+        args = (torch.where(torch.isfinite(s), (s.clamp(-1, 1) * (levels - 1) / 2).round(), s),) + args[1:]
+    if shared_state:
+        args = args[:4] + tuple(m[:, :1].expand(B, Hkv, P) for m in args[4:6]) + args[6:]
     want = sel_ref.span_select(*args, sink_pages, vote)
     got = sel_tk.span_select(*(a.to(device) if torch.is_tensor(a) else a for a in args), sink_pages, vote, **tuning)
     for name, w, x in zip(("order", "count", "kept", "forced", "order_key"), want, got):
@@ -303,6 +311,32 @@ def check_span_select(B, Hkv, G, P, budget, vote, *, seed=0, sink_pages=1, devic
 def test_span_select_kernel_matches_reference(vote, B, Hkv, G, P, budget):
     order, count, kept, forced, _ = check_span_select(B, Hkv, G, P, budget, vote, seed=B * P + budget)
     assert (count >= forced.sum(-1)).all() and (kept.sum(-1) == count).all()
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.parametrize("window", [2, 4, 8])
+@pytest.mark.parametrize("vote,G,P,budget", [("group", 4, 70, 12), ("group", 1, 100, 30), ("layer", 3, 60, 9),
+                                              ("group", 2, 90, 0)])
+@pytest.mark.parametrize("levels", [None, 1, 3])
+def test_span_select_narrow_windows(window, vote, G, P, budget, levels):
+    """Windows narrower than a head's spans: bisection rounds, sorted windows, and (few score levels) windows of
+    tied scores wider than the window, ranked by span id; the budget's slack is small, so its bisection runs too."""
+    check_span_select(2, 2, G, P, budget, vote, seed=P + window, window=window, levels=levels)
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.parametrize("vote", ["group", "layer"])
+def test_span_select_state_broadcast_over_heads(vote):
+    check_span_select(3, 2, 4, 50, 10, vote, seed=5, shared_state=True, window=4)
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.parametrize("levels", [None, 2])
+def test_span_select_int64_counts(levels):
+    check_span_select(2, 2, 3, 60, 9, "group", seed=7, window=2, levels=levels, wide_counts=True)
 
 
 @pytest.mark.cpu

@@ -26,8 +26,10 @@ def test_span_kernel_extreme_logits(q_scale):
 @pytest.mark.parametrize("vote", ["group", "layer"])
 @pytest.mark.parametrize("G,P", [(1, 33), (4, 700), (7, 2048)])
 @pytest.mark.parametrize("budget", [0, 64, 100000])
-def test_span_select_kernel_grid(vote, G, P, budget):
-    check_span_select(4, 2, G, P, budget, vote, seed=P + budget, device="cuda")
+@pytest.mark.parametrize("window", [8, 64])
+def test_span_select_kernel_grid(vote, G, P, budget, window):
+    check_span_select(4, 2, G, P, budget, vote, seed=P + budget, device="cuda", window=window,
+                      shared_state=budget == 64)
 
 
 @pytest.mark.parametrize("B,N,Hkv,D,W,R", [(16, 20, 8, 128, 4, 4), (3, 5, 2, 64, 2, 3), (5, 7, 3, 64, 8, 8)])

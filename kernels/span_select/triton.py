@@ -1,14 +1,15 @@
 """Ltri's selection in one Triton launch (same contract as reference.span_select): one program per
 (request, KV head) votes, keys its pages, keeps the budget and writes the read order; no sort of the spans.
 
-Ballots: a head's ballots are a prefix of its ranking: span i is voted iff the free pages of the spans ranked
-before it, G(k_i) + (tied spans before it), are below the free budget, where G(t) sums the sizes of the
-finite spans whose ordered score key exceeds t. Bisection finds t0 = min{t : G(t) < avail} (33 masked sums
-over the spans, as page_select's _keep_top); spans above t0 are voted, spans at t0 by a cumsum over their ids.
-
-Pages: key = class << 52 | ordered best << 20 | (2^20 - 1 - page), distinct per page, so the budget is an
-exact bisection over int64 keys (page_select's _keep_top) and the kept pages sort (compacted, SORT_BLOCK of
-them) in one tl.sort.
+Both searches narrow a window, then rank what is left in it with one small tl.sort (README.md):
+- Ballots: a head's ballots are a prefix of its ranking: span i is voted iff the free pages of the spans ranked
+  before it are below the free budget. With G(t) the free pages of the finite spans whose ordered score key
+  exceeds t, bisection keeps G(lo) >= avail > G(hi) until at most WINDOW spans lie in (lo, hi]: the spans above hi
+  are voted, those in the window sorted (key desc, id asc) and voted while G(hi) + the sizes before them fit. A
+  window of equal keys wider than WINDOW (gap 1) is ranked by id with a cumsum.
+- Budget: pages get distinct int64 keys, class << 52 | ordered best << 20 | (2^20 - 1 - page); bisection finds lo
+  with at least `free` and at most SORT_BLOCK - budget candidates at keys >= lo; the forced pages and those sort
+  in one block, and the first `free` candidates of it are kept.
 """
 import torch
 import triton
@@ -16,54 +17,113 @@ import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 from ..page_score.triton import _pow2
-from ..page_select.triton import _keep_top, _ord32, sort_block_for, sort_compacted, sort_row
+from ..page_select.triton import _ord32, sort_block_for, sort_row
 from .reference import OUTSIDE
 
 NEG_INF = tl.constexpr(float("-inf"))
+INT64_MIN = tl.constexpr(-9223372036854775808)
+LOW32 = tl.constexpr(4294967295)
+ID_MASK = tl.constexpr(2147483647)  # window entries: (key << 32) | (span id ^ ID_MASK)
 OUTSIDE_CLASS = tl.constexpr(OUTSIDE)
 POS_BITS = 20  # pages per request < 2^20
 POS_MASK = tl.constexpr((1 << POS_BITS) - 1)
+WINDOW = 64  # spans a head's ballot window ranks by a sort; the budget's slack is sort_block_for(budget + WINDOW)
 
 
 @triton.jit
-def _forced_of(forced_ptr, b, hh, p, sink_pages, cov, valid, P, HKV: tl.constexpr):
+def _forced_of(forced_ptr, stride_fb, stride_fh, b, hh, p, sink_pages, cov, valid):
     """KV head hh's forced pages [PP]: the state's, the sink and the open span, on valid pages."""
-    f = tl.load(forced_ptr + (b.to(tl.int64) * HKV + hh) * P + p, mask=valid, other=0) != 0
+    f = tl.load(forced_ptr + b.to(tl.int64) * stride_fb + hh * stride_fh + p, mask=valid, other=0) != 0
     return (f | (p < sink_pages) | (p >= cov)) & valid
 
 
 @triton.jit
-def _head_ballots(s, size, avail, live):
-    """[GP, NSP] ballots of G heads: a head votes for the spans its ranking fits into avail free pages."""
-    # int32 keys and sizes: a finite key is > INT32_MIN (NaN with the sign bit alone maps there), so lo = min - 1
-    # fits; only the midpoint's hi - lo needs 64 bits
-    key = _ord32(s)
-    sz = tl.where(live, size, 0)
-    lo = (tl.min(tl.where(live, key, 2147483647), axis=1) - 1).to(tl.int32)  # [GP]: G(lo) = all live sizes
-    hi = tl.max(tl.where(live, key, -2147483648), axis=1).to(tl.int32)  # G(hi) = 0
-    for _ in tl.static_range(33):  # invariant: G(lo) >= avail > G(hi) (where some span does not fit)
+def _head_ballots(s, size, avail, live, s_rows, stride_sh, win_row, wv_row, size_row, GP: tl.constexpr, NSP: tl.constexpr,
+                  W: tl.constexpr, PACK: tl.constexpr):
+    """[GP, NSP] ballots of G heads: a head votes for the spans its ranking fits into avail free pages. The spans of
+    a sorted window are not in it: their ballots are atomic adds to wv_row. size: [1, NSP] int32, also at size_row;
+    s_rows: the heads' score rows; win_row: [GP, W] int32 scratch. A sum of sizes and a count of spans share one
+    int32 (the count from bit PACK on) or, where they would not fit, one int64."""
+    key = _ord32(s)  # [GP, NSP] int32; a finite key is > INT32_MIN
+    if PACK < 32:
+        one = tl.full([], 1, tl.int32) << PACK
+    else:
+        one = tl.full([], 1, tl.int64) << PACK
+    low = one - 1
+    val = tl.where(live, size.to(one.dtype) + one, 0)  # size | 1 << PACK
+    tot = tl.sum(val, axis=1)  # [GP]
+    everyone = (tot & low) < avail  # every live span fits
+    n_lo = tot >> PACK  # live keys > lo
+    lo = tl.min(tl.where(live, key, 2147483647), axis=1) - 1  # G(lo): every live size
+    hi = tl.max(tl.where(live, key, -2147483648), axis=1)  # G(hi) = 0
+    n_hi = tl.zeros_like(n_lo)
+    g_hi = tl.zeros_like(n_lo)
+    wide = ~everyone & (n_lo > W) & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
+    it = tl.zeros([], tl.int32)
+    while (it < 33) & (tl.max(wide.to(tl.int32), axis=0) > 0):  # G(lo) >= avail > G(hi) where not everyone
         gap = hi.to(tl.int64) - lo.to(tl.int64)
         mid = (lo.to(tl.int64) + gap // 2).to(tl.int32)
-        fits = tl.sum(tl.where(key > mid[:, None], sz, 0), axis=1) < avail
-        hi = tl.where(fits & (gap > 1), mid, hi)
-        lo = tl.where(~fits & (gap > 1), mid, lo)
-    above = tl.sum(tl.where(key > hi[:, None], sz, 0), axis=1)  # G(t0), t0 = hi
-    tie = live & (key == hi[:, None])
-    before_tie = above[:, None] + tl.cumsum(tl.where(tie, sz, 0), axis=1) - tl.where(tie, sz, 0)
-    everyone = tl.sum(sz, axis=1) < avail  # [GP]: every live span fits
-    # avail = 0 votes for nothing: no G(t) < 0, so hi stays the top key and no tie fits
-    fits = everyone[:, None].to(tl.int32) + (key > hi[:, None]).to(tl.int32) + \
-        (tie & (before_tie < avail)).to(tl.int32)
-    return live & (fits > 0)
+        c = tl.sum(tl.where(key > mid[:, None], val, 0), axis=1)
+        fits = (c & low) < avail
+        down = wide & fits
+        up = wide & ~fits
+        hi = tl.where(down, mid, hi)
+        g_hi = tl.where(down, c & low, g_hi)
+        n_hi = tl.where(down, c >> PACK, n_hi)
+        lo = tl.where(up, mid, lo)
+        n_lo = tl.where(up, c >> PACK, n_lo)
+        wide = wide & (n_lo - n_hi > W) & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
+        it += 1
+    n_win = tl.where(everyone, 0, n_lo - n_hi)  # [GP] live spans in (lo, hi]
+    small = (n_win <= W)[:, None]
+    win = live & (key > lo[:, None]) & (key <= hi[:, None]) & ~everyone[:, None]
+    cs = tl.cumsum(tl.where(win, val, 0), axis=1)  # window sizes | window slots + 1, in id order
+    # a wide window (gap 1: all its keys equal hi) ranks by id
+    tie = win & ~small & (g_hi[:, None] + (cs & low) - tl.where(live, size, 0) < avail)
+    # a small one is compacted and sorted by (key desc, id asc)
+    g = tl.arange(0, GP)[:, None]
+    tl.store(win_row + g * W + (cs >> PACK) - 1, tl.arange(0, NSP)[None, :], mask=win & small)
+    tl.debug_barrier()
+    j = tl.arange(0, W)[None, :]
+    ent = small & (j < n_win[:, None])
+    sid = tl.load(win_row + g * W + j, mask=ent, other=0)
+    wkey = _ord32(tl.load(s_rows + g * stride_sh + sid, mask=ent, other=0.0)).to(tl.int64)
+    srt = tl.sort(tl.where(ent, (wkey << 32) | (sid ^ ID_MASK), INT64_MIN), dim=1, descending=True)
+    sid = ((srt & ID_MASK) ^ ID_MASK).to(tl.int32)
+    ssz = tl.load(size_row + sid, mask=ent, other=0)
+    before = g_hi[:, None] + tl.cumsum(ssz, axis=1) - ssz
+    tl.atomic_add(wv_row + sid, 1.0, mask=ent & (before < avail))
+    return live & (everyone[:, None] | (key > hi[:, None]) | tie)
+
+
+@triton.jit
+def _budget_floor(key, rest, free, SLACK):
+    """lo with every one of the `free` best keys of rest at keys >= lo, and at most free + SLACK of rest there
+    (keys distinct, within +-2^62)."""
+    lo = tl.min(tl.where(rest, key, 4611686018427387904), axis=0)
+    hi = tl.max(tl.where(rest, key, -4611686018427387904), axis=0) + 1
+    c_lo = tl.sum(rest.to(tl.int32), axis=0)  # invariant: count(key >= lo) = c_lo >= free > count(key >= hi)
+    it = tl.zeros([], tl.int32)
+    while (it < 64) & (hi - lo > 1) & (c_lo > free + SLACK):
+        mid = lo + (hi - lo) // 2
+        c = tl.sum((rest & (key >= mid)).to(tl.int32), axis=0)
+        big = c >= free
+        lo = tl.where(big, mid, lo)
+        c_lo = tl.where(big, c, c_lo)
+        hi = tl.where(big, hi, mid)
+        it += 1
+    return lo
 
 
 @triton.jit
 def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, stride_sop, cov_ptr,
-                        forced_ptr, cand_ptr, npages_ptr, size_ptr, votes_ptr, best_ptr, sortk_ptr,
+                        forced_ptr, stride_fb, stride_fh, cand_ptr, stride_cb, stride_ch, npages_ptr,
+                        size_ptr, votes_ptr, wv_ptr, best_ptr, win_ptr, sortk_ptr,
                         order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr,
                         NS, P, budget, sink_pages,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr,
-                        PP: tl.constexpr, SORT_BLOCK: tl.constexpr, LAYER: tl.constexpr):
+                        PP: tl.constexpr, SORT_BLOCK: tl.constexpr, W: tl.constexpr, PACK: tl.constexpr,
+                        LAYER: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -86,51 +146,82 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
     g = tl.arange(0, GP)[:, None]
     votes = tl.zeros([NSP], tl.float32)
     best = tl.full([NSP], NEG_INF, tl.float32)
+    tl.store(wv_ptr + base + i, tl.zeros([NSP], tl.float32))
     for hh in range(h_lo, h_lo + n_h):
-        forced = _forced_of(forced_ptr, b, hh, p, sink_pages, cov, valid, P, HKV)
+        forced = _forced_of(forced_ptr, stride_fb, stride_fh, b, hh, p, sink_pages, cov, valid)
+        tl.debug_barrier()  # the last head's window is ranked
         tl.store(size_ptr + base + i, tl.zeros([NSP], tl.int32))
         tl.debug_barrier()
         tl.atomic_add(size_ptr + base + sop, 1, mask=in_span & ~forced)  # free pages per span
         tl.debug_barrier()
         size = tl.load(size_ptr + base + i, mask=iv, other=0, cache_modifier=".cg")[None, :]  # int32
         avail = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
-        s = tl.load(score_ptr + b.to(tl.int64) * stride_sb + (hh * G + g) * stride_sh + i[None, :],
-                    mask=(g < G) & iv[None, :], other=NEG_INF)  # [GP, NSP]
+        s_rows = score_ptr + b.to(tl.int64) * stride_sb + hh * G * stride_sh
+        s = tl.load(s_rows + g * stride_sh + i[None, :], mask=(g < G) & iv[None, :], other=NEG_INF)  # [GP, NSP]
         best = tl.maximum(best, tl.max(s, axis=0))
         live = (s > NEG_INF) & (s < float("inf")) & (g < G) & iv[None, :]  # finite scores vote
-        votes += tl.sum(_head_ballots(s, size, avail, live).to(tl.float32), axis=0)
+        votes += tl.sum(_head_ballots(s, size, avail, live, s_rows, stride_sh, win_ptr + pid.to(tl.int64) * GP * W,
+                                      wv_ptr + base, size_ptr + base, GP, NSP, W, PACK).to(tl.float32), axis=0)
     tl.store(votes_ptr + base + i, votes)
     tl.store(best_ptr + base + i, best)
     tl.debug_barrier()
     # this head's pages: keys from their span's (votes, best), the budget, the read order
-    sv = tl.load(votes_ptr + base + sop, mask=in_span, other=0.0, cache_modifier=".cg")
+    sv = tl.load(votes_ptr + base + sop, mask=in_span, other=0.0, cache_modifier=".cg") + \
+        tl.load(wv_ptr + base + sop, mask=in_span, other=0.0, cache_modifier=".cg")
     sb = tl.load(best_ptr + base + sop, mask=in_span, other=NEG_INF, cache_modifier=".cg")
     finite = (sb > NEG_INF) & (sb < float("inf"))
     cls = tl.where(sop < 0, OUTSIDE_CLASS, tl.where(finite, sv.to(tl.int64) + 1, 0)).to(tl.int64)
     bits = tl.where(finite & (sop >= 0), _ord32(sb).to(tl.int64) + 2147483648, 0)
     key = (cls << 52) | (bits << 20) | (p.to(tl.int64) ^ POS_MASK)  # [PP], distinct
-    forced = _forced_of(forced_ptr, b, h, p, sink_pages, cov, valid, P, HKV)
-    cand = (tl.load(cand_ptr + pid.to(tl.int64) * P + p, mask=valid, other=0) != 0) & valid
+    forced = _forced_of(forced_ptr, stride_fb, stride_fh, b, h, p, sink_pages, cov, valid)
+    cand = (tl.load(cand_ptr + b.to(tl.int64) * stride_cb + h * stride_ch + p, mask=valid, other=0) != 0) & valid
     free = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
-    keep = forced | _keep_top(key, cand & ~forced, free, True)  # distinct keys: no tie
-    count = tl.sum(keep.to(tl.int32), axis=0)
+    rest = cand & ~forced & (free > 0)
+    block = (forced | (rest & (key >= _budget_floor(key, rest, free, SORT_BLOCK - budget)))) != 0
+    n_block = tl.sum(block.to(tl.int32), axis=0)
     out = pid.to(tl.int64) * P
-    tl.store(count_ptr + pid, count)
-    tl.store(kept_ptr + out + p, keep.to(tl.int8), mask=p < P)
     tl.store(forced_out_ptr + out + p, forced.to(tl.int8), mask=p < P)
-    tl.store(key_ptr + out + p, NEG_INF, mask=(p < P) & ~keep)
-    if count <= SORT_BLOCK:  # compact the kept keys, sort SORT_BLOCK of them
-        sort_compacted(order_ptr + out, sortk_ptr + pid.to(tl.int64) * SORT_BLOCK, key_ptr + out, key, keep, count,
-                       p, P, -1, SORT_BLOCK, POS_MASK, True)
-    else:  # more forced pages than the block holds: sort the whole row
-        sort_row(order_ptr + out, key_ptr + out, key, keep, count, p, P, -1, POS_MASK, True)
+    if n_block <= SORT_BLOCK:  # the block sorts; its forced pages and first `free` candidates are kept
+        _keep_sorted(order_ptr + out, count_ptr + pid, kept_ptr + out, forced_out_ptr + out, key_ptr + out,
+                     sortk_ptr + pid.to(tl.int64) * SORT_BLOCK, key, block, forced, n_block, free, p, P, SORT_BLOCK)
+    else:  # free = 0 (n_block <= budget + slack otherwise): the forced pages alone, the whole row sorted
+        count = tl.sum(forced.to(tl.int32), axis=0)
+        tl.store(count_ptr + pid, count)
+        tl.store(kept_ptr + out + p, forced.to(tl.int8), mask=p < P)
+        tl.store(key_ptr + out + p, NEG_INF, mask=(p < P) & ~forced)
+        sort_row(order_ptr + out, key_ptr + out, key, forced, count, p, P, -1, POS_MASK, True)
+
+
+@triton.jit
+def _keep_sorted(order_row, count_ptr, kept_row, forced_row, rank_row, sortk_row, key, block, forced, n_block, free,
+                 p, P, SORT_BLOCK: tl.constexpr):
+    """Sort the block's keys (desc) and keep its forced pages and its first `free` others: the read order (-1 past
+    the count), the count, kept (int8) and rank_row (-(list index) on kept pages, -inf elsewhere)."""
+    tl.store(order_row + p, -1, mask=p < P)
+    tl.store(kept_row + p, forced.to(tl.int8), mask=p < P)
+    tl.store(rank_row + p, NEG_INF, mask=p < P)
+    tl.store(sortk_row + tl.cumsum(block.to(tl.int32), axis=0) - 1, key, mask=block)
+    tl.debug_barrier()
+    j = tl.arange(0, SORT_BLOCK)
+    ent = j < n_block
+    srt = tl.sort(tl.load(sortk_row + j, mask=ent, other=INT64_MIN), descending=True)
+    page = ((srt & POS_MASK) ^ POS_MASK).to(tl.int32)
+    is_forced = tl.load(forced_row + page, mask=ent, other=0) != 0
+    other = ent & ~is_forced
+    take = ent & (is_forced | (tl.cumsum(other.to(tl.int32), axis=0) <= free))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(count_ptr, tl.sum(take.to(tl.int32), axis=0))
+    tl.store(order_row + slot, page, mask=take)
+    tl.store(rank_row + page, -slot.to(tl.float32), mask=take)
+    tl.store(kept_row + page, 1, mask=take & other)
 
 
 def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pages, budget_pages: int,
-                sink_pages: int, vote: str = "group", *, num_warps: int | None = None):
-    """Same contract as reference.span_select, one launch (one program per (request, KV head)). num_warps: tuning
-    (gpu/ltri.py sweeps it). The searches are bisections: a 4-ary search (three probes a round, half the rounds)
-    won a synthetic sweep but took 114 us a layer in the stage against 64 (H200, f903498)."""
+                sink_pages: int, vote: str = "group", *, num_warps: int | None = None, window: int = WINDOW,
+                wide_counts: bool = False):
+    """Same contract as reference.span_select, one launch (one program per (request, KV head)). forced and
+    candidates may be broadcast over the KV heads (stride 0). num_warps, window (a power of two): tuning;
+    wide_counts: pack the ballots' sums into int64 even where int32 holds them (tests the path of huge rows)."""
     B, Hq, NS = scores.shape
     Hkv, P = forced.shape[1], forced.shape[2]
     if (forced.shape != (B, Hkv, P) or candidates.shape != forced.shape or Hq % Hkv or rows.shape != (B,)
@@ -141,28 +232,36 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
     if P >= 1 << POS_BITS or Hq >= OUTSIDE - 1:
         raise ValueError(f"span_select: at most {(1 << POS_BITS) - 1} pages and {OUTSIDE - 2} query heads a "
                          f"request, got {P} and {Hq}")
+    if window < 1 or window & (window - 1):
+        raise ValueError(f"span_select: window must be a power of two, got {window}")
     dev = scores.device
     scores = scores.float().contiguous()
     PP = _pow2(P, 16)
-    forced_in = forced.contiguous().view(torch.uint8)
-    cand = candidates.contiguous().view(torch.uint8)
+    forced_in = (forced if forced.stride(-1) == 1 else forced.contiguous()).view(torch.uint8)
+    cand = (candidates if candidates.stride(-1) == 1 else candidates.contiguous()).view(torch.uint8)
     order = torch.empty(B, Hkv, P, dtype=torch.int32, device=dev)
     count = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
     kept = torch.empty(B, Hkv, P, dtype=torch.bool, device=dev)
     forced_out = torch.empty_like(kept)
     order_key = torch.empty(B, Hkv, P, dtype=torch.float32, device=dev)
     NSP = _pow2(NS, 16)
-    SORT_BLOCK = sort_block_for(budget_pages, P)
+    GP = _pow2(Hq // Hkv)
+    SORT_BLOCK = sort_block_for(budget_pages + window, P)
     size = torch.empty(B * Hkv, NSP, dtype=torch.int32, device=dev)
     votes = torch.empty(B * Hkv, NSP, dtype=torch.float32, device=dev)
+    window_votes = torch.empty_like(votes)
     best = torch.empty_like(votes)
+    win = torch.empty(B * Hkv, GP, window, dtype=torch.int32, device=dev)
+    fits32 = P.bit_length() + NS.bit_length() <= 31 and not wide_counts
+    pack = P.bit_length() if fits32 else 32  # size sums < 2^pack
     sortk = torch.empty(B * Hkv, SORT_BLOCK, dtype=torch.int64, device=dev)
     sop = span_of_page if span_of_page.stride(-1) == 1 else span_of_page.contiguous()
     _span_select_kernel[(B * Hkv,)](
         scores, scores.stride(0), scores.stride(1), rows.contiguous(), sop, sop.stride(0), covered.contiguous(),
-        forced_in, cand, num_pages.contiguous(), size, votes, best, sortk,
+        forced_in, forced_in.stride(0), forced_in.stride(1), cand, cand.stride(0), cand.stride(1),
+        num_pages.contiguous(), size, votes, window_votes, best, win, sortk,
         order, count, kept.view(torch.int8), forced_out.view(torch.int8), order_key,
         NS, P, int(budget_pages), int(sink_pages),
-        HKV=Hkv, G=Hq // Hkv, GP=_pow2(Hq // Hkv), NSP=NSP, PP=PP, SORT_BLOCK=SORT_BLOCK, LAYER=vote == "layer",
+        HKV=Hkv, G=Hq // Hkv, GP=GP, NSP=NSP, PP=PP, SORT_BLOCK=SORT_BLOCK, W=window, PACK=pack, LAYER=vote == "layer",
         num_warps=num_warps or (4 if max(NSP, PP) <= 1024 else 8))
     return order, count, kept, forced_out, order_key
