@@ -393,7 +393,7 @@ class HostLtri(Ltri):
 
     def apply(self, ctx, state) -> None:
         reps, num_spans, span_of_page, forced = self._batch(ctx)
-        state.forced |= forced[:, None, :] & state.valid
+        state.forced = state.forced | (forced[:, None, :] & state.valid)
         ctx.cache.stage_state(self).scored[ctx.layer] = (num_spans, ctx.plan.num_pages)
         budget = self.budget_pages(ctx.page_size)
         scores = span_ref.span_scores(ctx.q, reps, num_spans, ctx.sm_scale)

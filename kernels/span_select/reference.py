@@ -53,7 +53,7 @@ def page_keys(votes, best, span_of_page):
 
 
 def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pages, budget_pages: int,
-                sink_pages: int, vote: str = "group"):
+                sink_pages: int, vote: str = "group", record=None):
     """One layer's ltri selection per (request, KV head).
 
     scores [B, Hq, NS] fp32 span scores (-inf: no span); rows [B] long: each request's row of the span table
@@ -64,7 +64,11 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
     best-first; a span's pages share its key, so the last span taken may be cut.
 
     Returns (order [B, Hkv, P] int32, -1 past count; count [B, Hkv] int32; kept [B, Hkv, P] bool;
-    forced [B, Hkv, P] bool; order_key [B, Hkv, P] fp32: -(list index) on kept pages, -inf elsewhere)."""
+    forced [B, Hkv, P] bool; order_key [B, Hkv, P] fp32: -(list index) on kept pages, -inf elsewhere).
+    record: None, or (num_spans [R], spans_out [B], pages_out [B]): num_spans[rows] and num_pages are copied there."""
+    if record is not None:
+        record[1].copy_(record[0][rows.long()])
+        record[2].copy_(num_pages)
     B, Hkv, P = forced.shape
     pos = torch.arange(P, device=forced.device)
     valid = (pos[None] < num_pages.long()[:, None])[:, None, :]  # [B, 1, P]

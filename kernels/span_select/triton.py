@@ -27,7 +27,28 @@ ID_MASK = tl.constexpr(2147483647)  # window entries: (key << 32) | (span id ^ I
 OUTSIDE_CLASS = tl.constexpr(OUTSIDE)
 POS_BITS = 20  # pages per request < 2^20
 POS_MASK = tl.constexpr((1 << POS_BITS) - 1)
-WINDOW = 64  # spans a head's ballot window ranks by a sort; the budget's slack is sort_block_for(budget + WINDOW)
+WINDOW = 128  # spans a head's ballot window ranks by a sort; the budget's slack is sort_block_for(budget + WINDOW)
+VALUE_ROUNDS = tl.constexpr(12)
+
+
+@triton.jit
+def _float_of(k):
+    """The inverse of _ord32 (NaN for keys that are no float's)."""
+    return (k ^ ((k >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _free_per_span(sop, first, last, free, start_row, end_row, i):
+    """[NSP] free pages of each span: spans are runs of pages (first/last: a run's ends), so a span's count is the
+    running count of free pages at its last page minus the one before its first."""
+    cf = tl.cumsum(free.to(tl.int32), axis=0)
+    tl.store(start_row + i, tl.zeros_like(i))  # spans without a valid page
+    tl.store(end_row + i, tl.zeros_like(i))
+    tl.debug_barrier()
+    tl.store(start_row + sop, cf - free.to(tl.int32), mask=first)
+    tl.store(end_row + sop, cf, mask=last)
+    tl.debug_barrier()
+    return tl.load(end_row + i, cache_modifier=".cg") - tl.load(start_row + i, cache_modifier=".cg")
 
 
 @triton.jit
@@ -60,9 +81,14 @@ def _head_ballots(s, size, avail, live, s_rows, stride_sh, win_row, wv_row, size
     g_hi = tl.zeros_like(n_lo)
     wide = ~everyone & (n_lo > W) & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
     it = tl.zeros([], tl.int32)
-    while (it < 33) & (tl.max(wide.to(tl.int32), axis=0) > 0):  # G(lo) >= avail > G(hi) where not everyone
+    # G(lo) >= avail > G(hi) where not everyone. The first VALUE_ROUNDS probes halve the score interval (scores
+    # crowd on a few exponents, where halving their order bits narrows slowly); then the bits are halved, so at
+    # most 33 more rounds reach a gap of 1
+    while (it < VALUE_ROUNDS + 33) & (tl.max(wide.to(tl.int32), axis=0) > 0):
         gap = hi.to(tl.int64) - lo.to(tl.int64)
         mid = (lo.to(tl.int64) + gap // 2).to(tl.int32)
+        by_value = _ord32(_float_of(lo) * 0.5 + _float_of(hi) * 0.5)
+        mid = tl.where((it < VALUE_ROUNDS) & (by_value > lo) & (by_value < hi), by_value, mid)
         c = tl.sum(tl.where(key > mid[:, None], val, 0), axis=1)
         fits = (c & low) < avail
         down = wide & fits
@@ -118,12 +144,12 @@ def _budget_floor(key, rest, free, SLACK):
 @triton.jit
 def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, stride_sop, cov_ptr,
                         forced_ptr, stride_fb, stride_fh, cand_ptr, stride_cb, stride_ch, npages_ptr,
-                        size_ptr, votes_ptr, wv_ptr, best_ptr, win_ptr, sortk_ptr,
-                        order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr,
-                        NS, P, budget, sink_pages,
+                        size_ptr, start_ptr, votes_ptr, wv_ptr, best_ptr, win_ptr, sortk_ptr,
+                        order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr, ns_ptr, rec_spans_ptr,
+                        rec_pages_ptr, NS, P, budget, sink_pages,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr,
                         PP: tl.constexpr, SORT_BLOCK: tl.constexpr, W: tl.constexpr, PACK: tl.constexpr,
-                        LAYER: tl.constexpr):
+                        LAYER: tl.constexpr, RECORD: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -137,12 +163,20 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
     row = tl.load(row_ptr + b).to(tl.int64)
     cov = tl.load(cov_ptr + row)
     n_pages = tl.load(npages_ptr + b)
+    if RECORD:  # the request's span and page counts as scored (the stage's byte accounting)
+        tl.store(rec_spans_ptr + b, tl.load(ns_ptr + row), mask=h == 0)
+        tl.store(rec_pages_ptr + b, n_pages, mask=h == 0)
     i = tl.arange(0, NSP)
     iv = i < NS
     p = tl.arange(0, PP)
     valid = (p < n_pages) & (p < P)
-    sop = tl.load(sop_ptr + row * stride_sop + p, mask=p < P, other=-1).to(tl.int32)  # [PP]
+    sop_row = sop_ptr + row * stride_sop
+    sop = tl.load(sop_row + p, mask=p < P, other=-1).to(tl.int32)  # [PP]
     in_span = valid & (sop >= 0)
+    nxt = tl.load(sop_row + p + 1, mask=p + 1 < tl.minimum(n_pages, P), other=-1).to(tl.int32)
+    prv = tl.load(sop_row + p - 1, mask=(p >= 1) & (p <= P), other=-1).to(tl.int32)
+    first = in_span & (prv != sop)  # the ends of each span's run of pages
+    last = in_span & (nxt != sop)
     g = tl.arange(0, GP)[:, None]
     votes = tl.zeros([NSP], tl.float32)
     best = tl.full([NSP], NEG_INF, tl.float32)
@@ -150,11 +184,10 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
     for hh in range(h_lo, h_lo + n_h):
         forced = _forced_of(forced_ptr, stride_fb, stride_fh, b, hh, p, sink_pages, cov, valid)
         tl.debug_barrier()  # the last head's window is ranked
-        tl.store(size_ptr + base + i, tl.zeros([NSP], tl.int32))
+        size = _free_per_span(sop, first, last, in_span & ~forced, start_ptr + base, size_ptr + base, i)
         tl.debug_barrier()
-        tl.atomic_add(size_ptr + base + sop, 1, mask=in_span & ~forced)  # free pages per span
-        tl.debug_barrier()
-        size = tl.load(size_ptr + base + i, mask=iv, other=0, cache_modifier=".cg")[None, :]  # int32
+        tl.store(size_ptr + base + i, size)  # for the window
+        size = tl.where(iv, size, 0)[None, :]  # [1, NSP] int32
         avail = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
         s_rows = score_ptr + b.to(tl.int64) * stride_sb + hh * G * stride_sh
         s = tl.load(s_rows + g * stride_sh + i[None, :], mask=(g < G) & iv[None, :], other=NEG_INF)  # [GP, NSP]
@@ -217,11 +250,13 @@ def _keep_sorted(order_row, count_ptr, kept_row, forced_row, rank_row, sortk_row
 
 
 def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pages, budget_pages: int,
-                sink_pages: int, vote: str = "group", *, num_warps: int | None = None, window: int = WINDOW,
-                wide_counts: bool = False):
+                sink_pages: int, vote: str = "group", record=None, *, num_warps: int | None = None,
+                window: int = WINDOW, wide_counts: bool = False):
     """Same contract as reference.span_select, one launch (one program per (request, KV head)). forced and
-    candidates may be broadcast over the KV heads (stride 0). num_warps, window (a power of two): tuning;
-    wide_counts: pack the ballots' sums into int64 even where int32 holds them (tests the path of huge rows)."""
+    candidates may be broadcast over the KV heads (stride 0). record: None, or (num_spans [R] of the table,
+    spans_out [B], pages_out [B]): the kernel also writes num_spans[rows] and num_pages there. num_warps, window
+    (a power of two): tuning; wide_counts: pack the ballots' sums into int64 even where int32 holds them (tests
+    the path of huge rows)."""
     B, Hq, NS = scores.shape
     Hkv, P = forced.shape[1], forced.shape[2]
     if (forced.shape != (B, Hkv, P) or candidates.shape != forced.shape or Hq % Hkv or rows.shape != (B,)
@@ -248,6 +283,7 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
     GP = _pow2(Hq // Hkv)
     SORT_BLOCK = sort_block_for(budget_pages + window, P)
     size = torch.empty(B * Hkv, NSP, dtype=torch.int32, device=dev)
+    start = torch.empty_like(size)
     votes = torch.empty(B * Hkv, NSP, dtype=torch.float32, device=dev)
     window_votes = torch.empty_like(votes)
     best = torch.empty_like(votes)
@@ -259,9 +295,10 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
     _span_select_kernel[(B * Hkv,)](
         scores, scores.stride(0), scores.stride(1), rows.contiguous(), sop, sop.stride(0), covered.contiguous(),
         forced_in, forced_in.stride(0), forced_in.stride(1), cand, cand.stride(0), cand.stride(1),
-        num_pages.contiguous(), size, votes, window_votes, best, win, sortk,
-        order, count, kept.view(torch.int8), forced_out.view(torch.int8), order_key,
+        num_pages.contiguous(), size, start, votes, window_votes, best, win, sortk,
+        order, count, kept.view(torch.int8), forced_out.view(torch.int8), order_key, *(record or (count,) * 3),
         NS, P, int(budget_pages), int(sink_pages),
         HKV=Hkv, G=Hq // Hkv, GP=GP, NSP=NSP, PP=PP, SORT_BLOCK=SORT_BLOCK, W=window, PACK=pack, LAYER=vote == "layer",
+        RECORD=record is not None,
         num_warps=num_warps or (4 if max(NSP, PP) <= 1024 else 8))
     return order, count, kept, forced_out, order_key

@@ -137,24 +137,25 @@ class Ltri(ScoringSelector):
             return span_tk.span_scores(q, reps, num_spans, sm_scale, rows=rows)
         return span_ref.span_scores(q, reps, num_spans, sm_scale, rows=rows)
 
-    def select(self, scores, rows, table, state, num_pages, budget_pages, page_size):
+    def select(self, scores, rows, table, state, num_pages, budget_pages, page_size, record=None):
         """Votes, span ranking, budget and read order in one Triton launch on CUDA (kernels/span_select), else
-        the torch reference; the state takes the result. scores [B, Hq, NS]; rows [B] of `table`."""
+        the torch reference; the state takes the result. scores [B, Hq, NS]; rows [B] of `table`; record: where
+        the selection copies the requests' span and page counts (_LtriState.scored_counts)."""
         if scores.is_cuda or sp.FORCE_TRITON:
             from composable_kv.kernels.span_select import triton as select_impl
         else:
             select_impl = select_ref
         state.take(*select_impl.span_select(scores, rows, table.span_of_page, table.covered, state.forced,
                                             state.candidates, num_pages, budget_pages, self._sink_pages(page_size),
-                                            self.vote))
+                                            self.vote, record))
 
     def apply(self, ctx, state) -> None:
         table, rows = self._table(ctx)
         plan, P, S = ctx.plan, ctx.max_pages, ctx.page_size
         table.close_windows(rows, plan.page_table, plan.seq_lens, ctx.cache.k[ctx.layer], self.decode_span_pages, S)
-        ctx.cache.stage_state(self).record_scored(ctx.layer, table.num_spans[rows], plan.num_pages)
+        counts = ctx.cache.stage_state(self).scored_counts(ctx.layer, table.num_spans, plan.num_pages)
         scores = self.span_scores(ctx.q, table.reps[:, :, :P], table.num_spans, ctx.sm_scale, rows)  # [B, Hq, P]
-        self.select(scores, rows, table, state, plan.num_pages, self.budget_pages(S), S)
+        self.select(scores, rows, table, state, plan.num_pages, self.budget_pages(S), S, (table.num_spans, *counts))
 
     # -- accounting -----------------------------------------------------------------------------
     def summary_bytes_per_page(self, cache, layer: int | None = None):
@@ -181,15 +182,13 @@ class _LtriState(StageState):
         self.base: dict[int, int] = {}
         self.scored: dict[int, tuple] = {}  # layer -> (num_spans [B], num_pages [B]) when it last scored
 
-    def record_scored(self, layer: int, num_spans: torch.Tensor, num_pages: torch.Tensor) -> None:
-        """Keep a layer's span and page counts [B] in place: a CUDA graph captured once keeps updating the same
-        tensors, whichever of eager steps and replays came last."""
+    def scored_counts(self, layer: int, num_spans: torch.Tensor, num_pages: torch.Tensor) -> tuple:
+        """A layer's held (span counts [B], page counts [B]), which its selection overwrites in place: a CUDA graph
+        captured once keeps updating the same tensors, whichever of eager steps and replays came last."""
         held = self.scored.get(layer)
-        if held is None or held[0].shape != num_spans.shape:
-            self.scored[layer] = (num_spans.clone(), num_pages.clone())
-        else:
-            held[0].copy_(num_spans)
-            held[1].copy_(num_pages)
+        if held is None or held[1].shape != num_pages.shape:
+            held = self.scored[layer] = (num_spans.new_zeros(num_pages.shape), torch.zeros_like(num_pages))
+        return held
 
     def table(self, layer: int, cache) -> sp.SpanTable:
         t = self.tables.get(layer)
