@@ -1,5 +1,5 @@
 """Ltri's selection in one Triton launch (same contract as reference.span_select): one program per
-(request, KV head) votes, keys its pages, keeps the budget and writes the read order; no sort of the spans.
+(request, KV head) votes, keys its pages, keeps the budget and writes the read order; no full sort.
 
 Both searches narrow a window, then rank what is left in it with one small tl.sort (README.md):
 - Ballots: a head's ballots are a prefix of its ranking: span i is voted iff the free pages of the spans ranked
@@ -22,7 +22,6 @@ from .reference import OUTSIDE
 
 NEG_INF = tl.constexpr(float("-inf"))
 INT64_MIN = tl.constexpr(-9223372036854775808)
-LOW32 = tl.constexpr(4294967295)
 ID_MASK = tl.constexpr(2147483647)  # window entries: (key << 32) | (span id ^ ID_MASK)
 OUTSIDE_CLASS = tl.constexpr(OUTSIDE)
 POS_BITS = 20  # pages per request < 2^20
@@ -281,6 +280,7 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
     order_key = torch.empty(B, Hkv, P, dtype=torch.float32, device=dev)
     NSP = _pow2(NS, 16)
     GP = _pow2(Hq // Hkv)
+    window = min(window, NSP)  # a row never needs a wider one
     SORT_BLOCK = sort_block_for(budget_pages + window, P)
     size = torch.empty(B * Hkv, NSP, dtype=torch.int32, device=dev)
     start = torch.empty_like(size)
