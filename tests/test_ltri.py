@@ -297,9 +297,15 @@ def check_span_select(B, Hkv, G, P, budget, vote, *, seed=0, sink_pages=1, devic
     if shared_state:
         args = args[:4] + tuple(m[:, :1].expand(B, Hkv, P) for m in args[4:6]) + args[6:]
     want = sel_ref.span_select(*args, sink_pages, vote)
-    got = sel_tk.span_select(*(a.to(device) if torch.is_tensor(a) else a for a in args), sink_pages, vote, **tuning)
+    rows, num_pages = args[1], args[6]
+    table_spans = torch.randint(1, P + 1, (args[2].shape[0],), generator=torch.Generator().manual_seed(seed))
+    record = (table_spans.to(device), torch.zeros(B, dtype=torch.long, device=device),
+              torch.full((B,), -1, dtype=torch.int32, device=device))
+    got = sel_tk.span_select(*(a.to(device) if torch.is_tensor(a) else a for a in args), sink_pages, vote, record,
+                             **tuning)
     for name, w, x in zip(("order", "count", "kept", "forced", "order_key"), want, got):
         assert torch.equal(w, x.cpu()), (name, w, x.cpu())
+    assert torch.equal(record[1].cpu(), table_spans[rows]) and torch.equal(record[2].cpu(), num_pages)  # accounting
     return want
 
 
