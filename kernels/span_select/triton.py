@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 from ..page_score.triton import _pow2
-from ..page_select.triton import _arrivals, _ord32, sort_block_for, sort_row
+from ..page_select.triton import _ord32, sort_block_for, sort_row
 from .reference import OUTSIDE
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -58,24 +58,24 @@ def _forced_of(forced_ptr, stride_fb, stride_fh, b, hh, p, sink_pages, cov, vali
 
 
 @triton.jit
-def _head_ballots(s, size, avail, live, s_row, ballot_row, win_row, size_row, NSP: tl.constexpr, W: tl.constexpr,
-                  PACK: tl.constexpr):
-    """One query head's ballots [NSP] into ballot_row (int8): the spans its ranking fits into avail free pages.
-    s: its scores [NSP] (also at s_row); size: [NSP] int32 free pages, also at size_row; win_row: [W] int32 scratch.
-    A sum of sizes and a count of spans share one int32 (the count from bit PACK on) or, where they would not fit,
-    one int64."""
-    key = _ord32(s)  # [NSP] int32; a finite key is > INT32_MIN
+def _head_ballots(s, size, avail, live, s_rows, stride_sh, win_row, wv_row, size_row, GP: tl.constexpr, NSP: tl.constexpr,
+                  W: tl.constexpr, PACK: tl.constexpr):
+    """[GP, NSP] ballots of G heads: a head votes for the spans its ranking fits into avail free pages. The spans of
+    a sorted window are not in it: their ballots are atomic adds to wv_row. size: [1, NSP] int32, also at size_row;
+    s_rows: the heads' score rows; win_row: [GP, W] int32 scratch. A sum of sizes and a count of spans share one
+    int32 (the count from bit PACK on) or, where they would not fit, one int64."""
+    key = _ord32(s)  # [GP, NSP] int32; a finite key is > INT32_MIN
     if PACK < 32:
         one = tl.full([], 1, tl.int32) << PACK
     else:
         one = tl.full([], 1, tl.int64) << PACK
     low = one - 1
     val = tl.where(live, size.to(one.dtype) + one, 0)  # size | 1 << PACK
-    tot = tl.sum(val, axis=0)
+    tot = tl.sum(val, axis=1)  # [GP]
     everyone = (tot & low) < avail  # every live span fits
     n_lo = tot >> PACK  # live keys > lo
-    lo = tl.min(tl.where(live, key, 2147483647), axis=0) - 1  # G(lo): every live size
-    hi = tl.max(tl.where(live, key, -2147483648), axis=0)  # G(hi) = 0
+    lo = tl.min(tl.where(live, key, 2147483647), axis=1) - 1  # G(lo): every live size
+    hi = tl.max(tl.where(live, key, -2147483648), axis=1)  # G(hi) = 0
     n_hi = tl.zeros_like(n_lo)
     g_hi = tl.zeros_like(n_lo)
     wide = ~everyone & (n_lo > W) & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
@@ -83,41 +83,42 @@ def _head_ballots(s, size, avail, live, s_row, ballot_row, win_row, size_row, NS
     # G(lo) >= avail > G(hi) where not everyone. The first VALUE_ROUNDS probes halve the score interval (scores
     # crowd on a few exponents, where halving their order bits narrows slowly); then the bits are halved, so at
     # most 33 more rounds reach a gap of 1
-    while (it < VALUE_ROUNDS + 33) & wide:
+    while (it < VALUE_ROUNDS + 33) & (tl.max(wide.to(tl.int32), axis=0) > 0):
         gap = hi.to(tl.int64) - lo.to(tl.int64)
         mid = (lo.to(tl.int64) + gap // 2).to(tl.int32)
         by_value = _ord32(_float_of(lo) * 0.5 + _float_of(hi) * 0.5)
         mid = tl.where((it < VALUE_ROUNDS) & (by_value > lo) & (by_value < hi), by_value, mid)
-        c = tl.sum(tl.where(key > mid, val, 0), axis=0)
+        c = tl.sum(tl.where(key > mid[:, None], val, 0), axis=1)
         fits = (c & low) < avail
-        hi = tl.where(fits, mid, hi)
-        g_hi = tl.where(fits, c & low, g_hi)
-        n_hi = tl.where(fits, c >> PACK, n_hi)
-        lo = tl.where(fits, lo, mid)
-        n_lo = tl.where(fits, n_lo, c >> PACK)
-        wide = (n_lo - n_hi > W) & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
+        down = wide & fits
+        up = wide & ~fits
+        hi = tl.where(down, mid, hi)
+        g_hi = tl.where(down, c & low, g_hi)
+        n_hi = tl.where(down, c >> PACK, n_hi)
+        lo = tl.where(up, mid, lo)
+        n_lo = tl.where(up, c >> PACK, n_lo)
+        wide = wide & (n_lo - n_hi > W) & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
         it += 1
-    hi = tl.where(everyone, lo, hi)  # then every live span is above hi
-    n_win = tl.where(everyone, 0, n_lo - n_hi)  # live spans in (lo, hi]
-    win = live & (key > lo) & (key <= hi)
-    small = (tl.zeros_like(key) + n_win) <= W  # [NSP] (the interpreter mistypes a bool tensor & a bool scalar)
-    cs = tl.cumsum(tl.where(win, val, 0), axis=0)  # window sizes | window slots + 1, in id order
+    n_win = tl.where(everyone, 0, n_lo - n_hi)  # [GP] live spans in (lo, hi]
+    small = (n_win <= W)[:, None]
+    win = live & (key > lo[:, None]) & (key <= hi[:, None]) & ~everyone[:, None]
+    cs = tl.cumsum(tl.where(win, val, 0), axis=1)  # window sizes | window slots + 1, in id order
     # a wide window (gap 1: all its keys equal hi) ranks by id
-    tie = win & ~small & (g_hi + (cs & low) - tl.where(live, size, 0) < avail)
-    i = tl.arange(0, NSP)
-    tl.store(ballot_row + i, (live & ((key > hi) | tie)).to(tl.int8))
+    tie = win & ~small & (g_hi[:, None] + (cs & low) - tl.where(live, size, 0) < avail)
     # a small one is compacted and sorted by (key desc, id asc)
-    tl.store(win_row + (cs >> PACK) - 1, i, mask=win & small)
+    g = tl.arange(0, GP)[:, None]
+    tl.store(win_row + g * W + (cs >> PACK) - 1, tl.arange(0, NSP)[None, :], mask=win & small)
     tl.debug_barrier()
-    j = tl.arange(0, W)
-    ent = j < tl.where(n_win <= W, n_win, 0)
-    sid = tl.load(win_row + j, mask=ent, other=0)
-    wkey = _ord32(tl.load(s_row + sid, mask=ent, other=0.0)).to(tl.int64)
-    srt = tl.sort(tl.where(ent, (wkey << 32) | (sid ^ ID_MASK), INT64_MIN), descending=True)
+    j = tl.arange(0, W)[None, :]
+    ent = small & (j < n_win[:, None])
+    sid = tl.load(win_row + g * W + j, mask=ent, other=0)
+    wkey = _ord32(tl.load(s_rows + g * stride_sh + sid, mask=ent, other=0.0)).to(tl.int64)
+    srt = tl.sort(tl.where(ent, (wkey << 32) | (sid ^ ID_MASK), INT64_MIN), dim=1, descending=True)
     sid = ((srt & ID_MASK) ^ ID_MASK).to(tl.int32)
     ssz = tl.load(size_row + sid, mask=ent, other=0)
-    before = g_hi + tl.cumsum(ssz, axis=0) - ssz
-    tl.store(ballot_row + sid, tl.full([W], 1, tl.int8), mask=ent & (before < avail))
+    before = g_hi[:, None] + tl.cumsum(ssz, axis=1) - ssz
+    tl.atomic_add(wv_row + sid, 1.0, mask=ent & (before < avail))
+    return live & (everyone[:, None] | (key > hi[:, None]) | tie)
 
 
 @triton.jit
@@ -142,36 +143,28 @@ def _budget_floor(key, rest, free, SLACK):
 @triton.jit
 def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, stride_sop, cov_ptr,
                         forced_ptr, stride_fb, stride_fh, cand_ptr, stride_cb, stride_ch, npages_ptr,
-                        size_ptr, start_ptr, ballot_ptr, arrivals_ptr, votes_ptr, best_ptr, win_ptr, sortk_ptr,
+                        size_ptr, start_ptr, votes_ptr, wv_ptr, best_ptr, win_ptr, sortk_ptr,
                         order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr, ns_ptr, rec_spans_ptr,
                         rec_pages_ptr, NS, P, budget, sink_pages,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr,
                         PP: tl.constexpr, SORT_BLOCK: tl.constexpr, W: tl.constexpr, PACK: tl.constexpr,
-                        VOTERS: tl.constexpr, LAYER: tl.constexpr, RECORD: tl.constexpr):
-    # one program per (request, query head) casts its head's ballots; the last of a unit's voters to arrive
-    # (group: the KV head's G query heads; layer: the request's every query head) counts them and selects the
-    # unit's KV heads' pages
+                        LAYER: tl.constexpr, RECORD: tl.constexpr):
     pid = tl.program_id(0)
-    b = pid // (HKV * G)
-    qh = pid % (HKV * G)
-    hh = qh // G  # the voter's KV head
-    if LAYER:
-        unit = b
-        first_voter = b * HKV * G
+    b = pid // HKV
+    h = pid % HKV
+    if LAYER:  # every query head votes (each program counts the whole layer's ballots)
         h_lo = 0
         n_h = HKV
     else:
-        unit = b * HKV + hh
-        first_voter = pid - qh % G
-        h_lo = hh
+        h_lo = h
         n_h = 1
     base = pid.to(tl.int64) * NSP  # this program's scratch rows
     row = tl.load(row_ptr + b).to(tl.int64)
     cov = tl.load(cov_ptr + row)
     n_pages = tl.load(npages_ptr + b)
     if RECORD:  # the request's span and page counts as scored (the stage's byte accounting)
-        tl.store(rec_spans_ptr + b, tl.load(ns_ptr + row), mask=qh == 0)
-        tl.store(rec_pages_ptr + b, n_pages, mask=qh == 0)
+        tl.store(rec_spans_ptr + b, tl.load(ns_ptr + row), mask=h == 0)
+        tl.store(rec_pages_ptr + b, n_pages, mask=h == 0)
     i = tl.arange(0, NSP)
     iv = i < NS
     p = tl.arange(0, PP)
@@ -183,66 +176,49 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
     prv = tl.load(sop_row + p - 1, mask=(p >= 1) & (p <= P), other=-1).to(tl.int32)
     first = in_span & (prv != sop)  # the ends of each span's run of pages
     last = in_span & (nxt != sop)
-    forced = _forced_of(forced_ptr, stride_fb, stride_fh, b, hh, p, sink_pages, cov, valid)
-    size = _free_per_span(sop, first, last, in_span & ~forced, start_ptr + base, size_ptr + base, i)
-    tl.debug_barrier()
-    tl.store(size_ptr + base + i, size)  # for the window
-    avail = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
-    s_row = score_ptr + b.to(tl.int64) * stride_sb + qh * stride_sh
-    s = tl.load(s_row + i, mask=iv, other=NEG_INF)  # [NSP]
-    live = (s > NEG_INF) & (s < float("inf")) & iv  # finite scores vote
-    _head_ballots(s, tl.where(iv, size, 0), avail, live, s_row, ballot_ptr + base, win_ptr + pid.to(tl.int64) * W,
-                  size_ptr + base, NSP, W, PACK)
-    tl.debug_barrier()
-    # acq_rel at GPU scope after the CTA barrier: every voter's ballots are visible to the last arrival
-    if tl.atomic_add(arrivals_ptr + unit, 1, sem="acq_rel", scope="gpu") == VOTERS - 1:
-        tl.store(arrivals_ptr + unit, 0)
-        votes = tl.zeros([NSP], tl.float32)
-        best = tl.full([NSP], NEG_INF, tl.float32)
-        for v0 in range(0, VOTERS, GP):
-            v = v0 + tl.arange(0, GP)[:, None]  # [GP, 1]
-            m = (v < VOTERS) & iv[None, :]
-            vrow = (first_voter + v).to(tl.int64) * NSP + i[None, :]
-            votes += tl.sum(tl.load(ballot_ptr + vrow, mask=m, other=0, cache_modifier=".cg").to(tl.float32), axis=0)
-            vh = first_voter - b * HKV * G + v
-            best = tl.maximum(best, tl.max(tl.load(score_ptr + b.to(tl.int64) * stride_sb + vh * stride_sh + i[None, :],
-                                                   mask=m, other=NEG_INF), axis=0))
-        tl.store(votes_ptr + base + i, votes)
-        tl.store(best_ptr + base + i, best)
+    g = tl.arange(0, GP)[:, None]
+    votes = tl.zeros([NSP], tl.float32)
+    best = tl.full([NSP], NEG_INF, tl.float32)
+    tl.store(wv_ptr + base + i, tl.zeros([NSP], tl.float32))
+    for hh in range(h_lo, h_lo + n_h):
+        forced = _forced_of(forced_ptr, stride_fb, stride_fh, b, hh, p, sink_pages, cov, valid)
+        tl.debug_barrier()  # the last head's window is ranked
+        size = _free_per_span(sop, first, last, in_span & ~forced, start_ptr + base, size_ptr + base, i)
         tl.debug_barrier()
-        # the unit's pages: keys from their span's (votes, best), the budget, the read order
-        sv = tl.load(votes_ptr + base + sop, mask=in_span, other=0.0, cache_modifier=".cg")
-        sb = tl.load(best_ptr + base + sop, mask=in_span, other=NEG_INF, cache_modifier=".cg")
-        finite = (sb > NEG_INF) & (sb < float("inf"))
-        cls = tl.where(sop < 0, OUTSIDE_CLASS, tl.where(finite, sv.to(tl.int64) + 1, 0)).to(tl.int64)
-        bits = tl.where(finite & (sop >= 0), _ord32(sb).to(tl.int64) + 2147483648, 0)
-        key = (cls << 52) | (bits << 20) | (p.to(tl.int64) ^ POS_MASK)  # [PP], distinct
-        for h in range(h_lo, h_lo + n_h):
-            _select_pages(b * HKV + h, b, h, key, p, P, valid, cov, sink_pages, budget, forced_ptr, stride_fb,
-                          stride_fh, cand_ptr, stride_cb, stride_ch, order_ptr, count_ptr, kept_ptr, forced_out_ptr,
-                          key_ptr, sortk_ptr, SORT_BLOCK)
-
-
-@triton.jit
-def _select_pages(out_row, b, h, key, p, P, valid, cov, sink_pages, budget, forced_ptr, stride_fb, stride_fh, cand_ptr,
-                  stride_cb, stride_ch, order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr, sortk_ptr,
-                  SORT_BLOCK: tl.constexpr):
-    """KV head h's pages by their keys [PP]: its forced pages and the best `budget - forced` candidates, in order."""
+        tl.store(size_ptr + base + i, size)  # for the window
+        size = tl.where(iv, size, 0)[None, :]  # [1, NSP] int32
+        avail = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
+        s_rows = score_ptr + b.to(tl.int64) * stride_sb + hh * G * stride_sh
+        s = tl.load(s_rows + g * stride_sh + i[None, :], mask=(g < G) & iv[None, :], other=NEG_INF)  # [GP, NSP]
+        best = tl.maximum(best, tl.max(s, axis=0))
+        live = (s > NEG_INF) & (s < float("inf")) & (g < G) & iv[None, :]  # finite scores vote
+        votes += tl.sum(_head_ballots(s, size, avail, live, s_rows, stride_sh, win_ptr + pid.to(tl.int64) * GP * W,
+                                      wv_ptr + base, size_ptr + base, GP, NSP, W, PACK).to(tl.float32), axis=0)
+    tl.store(votes_ptr + base + i, votes)
+    tl.store(best_ptr + base + i, best)
+    tl.debug_barrier()
+    # this head's pages: keys from their span's (votes, best), the budget, the read order
+    sv = tl.load(votes_ptr + base + sop, mask=in_span, other=0.0, cache_modifier=".cg") + \
+        tl.load(wv_ptr + base + sop, mask=in_span, other=0.0, cache_modifier=".cg")
+    sb = tl.load(best_ptr + base + sop, mask=in_span, other=NEG_INF, cache_modifier=".cg")
+    finite = (sb > NEG_INF) & (sb < float("inf"))
+    cls = tl.where(sop < 0, OUTSIDE_CLASS, tl.where(finite, sv.to(tl.int64) + 1, 0)).to(tl.int64)
+    bits = tl.where(finite & (sop >= 0), _ord32(sb).to(tl.int64) + 2147483648, 0)
+    key = (cls << 52) | (bits << 20) | (p.to(tl.int64) ^ POS_MASK)  # [PP], distinct
     forced = _forced_of(forced_ptr, stride_fb, stride_fh, b, h, p, sink_pages, cov, valid)
     cand = (tl.load(cand_ptr + b.to(tl.int64) * stride_cb + h * stride_ch + p, mask=valid, other=0) != 0) & valid
     free = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
     rest = cand & ~forced & (free > 0)
     block = (forced | (rest & (key >= _budget_floor(key, rest, free, SORT_BLOCK - budget)))) != 0
     n_block = tl.sum(block.to(tl.int32), axis=0)
-    out = out_row.to(tl.int64) * P
+    out = pid.to(tl.int64) * P
     tl.store(forced_out_ptr + out + p, forced.to(tl.int8), mask=p < P)
     if n_block <= SORT_BLOCK:  # the block sorts; its forced pages and first `free` candidates are kept
-        _keep_sorted(order_ptr + out, count_ptr + out_row, kept_ptr + out, forced_out_ptr + out, key_ptr + out,
-                     sortk_ptr + out_row.to(tl.int64) * SORT_BLOCK, key, block, forced, n_block, free, p, P,
-                     SORT_BLOCK)
+        _keep_sorted(order_ptr + out, count_ptr + pid, kept_ptr + out, forced_out_ptr + out, key_ptr + out,
+                     sortk_ptr + pid.to(tl.int64) * SORT_BLOCK, key, block, forced, n_block, free, p, P, SORT_BLOCK)
     else:  # free = 0 (n_block <= budget + slack otherwise): the forced pages alone, the whole row sorted
         count = tl.sum(forced.to(tl.int32), axis=0)
-        tl.store(count_ptr + out_row, count)
+        tl.store(count_ptr + pid, count)
         tl.store(kept_ptr + out + p, forced.to(tl.int8), mask=p < P)
         tl.store(key_ptr + out + p, NEG_INF, mask=(p < P) & ~forced)
         sort_row(order_ptr + out, key_ptr + out, key, forced, count, p, P, -1, POS_MASK, True)
@@ -303,27 +279,26 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
     forced_out = torch.empty_like(kept)
     order_key = torch.empty(B, Hkv, P, dtype=torch.float32, device=dev)
     NSP = _pow2(NS, 16)
-    G = Hq // Hkv
+    GP = _pow2(Hq // Hkv)
     window = min(window, NSP)  # a row never needs a wider one
     SORT_BLOCK = sort_block_for(budget_pages + window, P)
-    size = torch.empty(B * Hq, NSP, dtype=torch.int32, device=dev)  # scratch rows, one a program
+    size = torch.empty(B * Hkv, NSP, dtype=torch.int32, device=dev)
     start = torch.empty_like(size)
-    ballots = torch.empty(B * Hq, NSP, dtype=torch.int8, device=dev)
-    votes = torch.empty(B * Hq, NSP, dtype=torch.float32, device=dev)
+    votes = torch.empty(B * Hkv, NSP, dtype=torch.float32, device=dev)
+    window_votes = torch.empty_like(votes)
     best = torch.empty_like(votes)
-    win = torch.empty(B * Hq, window, dtype=torch.int32, device=dev)
+    win = torch.empty(B * Hkv, GP, window, dtype=torch.int32, device=dev)
     fits32 = P.bit_length() + NS.bit_length() <= 31 and not wide_counts
     pack = P.bit_length() if fits32 else 32  # size sums < 2^pack
     sortk = torch.empty(B * Hkv, SORT_BLOCK, dtype=torch.int64, device=dev)
     sop = span_of_page if span_of_page.stride(-1) == 1 else span_of_page.contiguous()
-    arrivals = _arrivals(B * Hkv, dev)
-    _span_select_kernel[(B * Hq,)](
+    _span_select_kernel[(B * Hkv,)](
         scores, scores.stride(0), scores.stride(1), rows.contiguous(), sop, sop.stride(0), covered.contiguous(),
         forced_in, forced_in.stride(0), forced_in.stride(1), cand, cand.stride(0), cand.stride(1),
-        num_pages.contiguous(), size, start, ballots, arrivals, votes, best, win, sortk,
+        num_pages.contiguous(), size, start, votes, window_votes, best, win, sortk,
         order, count, kept.view(torch.int8), forced_out.view(torch.int8), order_key, *(record or (count,) * 3),
         NS, P, int(budget_pages), int(sink_pages),
-        HKV=Hkv, G=G, GP=_pow2(G), NSP=NSP, PP=PP, SORT_BLOCK=SORT_BLOCK, W=window, PACK=pack,
-        VOTERS=Hq if vote == "layer" else G, LAYER=vote == "layer", RECORD=record is not None,
+        HKV=Hkv, G=Hq // Hkv, GP=GP, NSP=NSP, PP=PP, SORT_BLOCK=SORT_BLOCK, W=window, PACK=pack, LAYER=vote == "layer",
+        RECORD=record is not None,
         num_warps=num_warps or (4 if max(NSP, PP) <= 1024 else 8))
     return order, count, kept, forced_out, order_key
