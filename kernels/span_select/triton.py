@@ -113,11 +113,10 @@ def _head_ballots(s, size, avail, live, s_rows, stride_sh, win_row, wv_row, size
     ent = small & (j < n_win[:, None])
     sid = tl.load(win_row + g * W + j, mask=ent, other=0)
     wkey = _ord32(tl.load(s_rows + g * stride_sh + sid, mask=ent, other=0.0)).to(tl.int64)
+    srt = tl.sort(tl.where(ent, (wkey << 32) | (sid ^ ID_MASK), INT64_MIN), dim=1, descending=True)
+    sid = ((srt & ID_MASK) ^ ID_MASK).to(tl.int32)
     ssz = tl.load(size_row + sid, mask=ent, other=0)
-    # ranked by counting, no sort: entry k is before entry j iff (key, -id) of k > that of j
-    c = tl.where(ent, (wkey << 32) | (sid ^ ID_MASK), INT64_MIN)  # [GP, W], distinct on entries
-    ahead = c[:, None, :] > c[:, :, None]  # [GP, W (j), W (k)]
-    before = g_hi[:, None] + tl.sum(tl.where(ahead, ssz[:, None, :], 0), axis=2)
+    before = g_hi[:, None] + tl.cumsum(ssz, axis=1) - ssz
     tl.atomic_add(wv_row + sid, 1.0, mask=ent & (before < avail))
     return live & (everyone[:, None] | (key > hi[:, None]) | tie)
 
