@@ -306,7 +306,7 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
 
 def _warps(width: int) -> int:
     """Warps for a row of `width` (pow2) pages or span slots. An H200 sweep on the stage's inputs (B=16, Llama-8B
-    heads; benchmarks/seed_methods/span_select_warps-f212141.md): 8 warps at 2,048 (26.8 us; 16: 28.3), 16 at 4,096
+    heads; benchmarks/seed_methods/span_select_experiments-2026-11-30.md): 8 warps at 2,048 (26.8 us; 16: 28.3), 16 at 4,096
     (51.3 us; 8: 72.7, spilling registers)."""
     return 4 if width <= 1024 else 8 if width <= 2048 else 16
 
