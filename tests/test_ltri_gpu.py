@@ -24,7 +24,7 @@ def test_span_kernel_extreme_logits(q_scale):
 
 
 @pytest.mark.parametrize("vote", ["group", "layer"])
-@pytest.mark.parametrize("G,P", [(1, 33), (4, 700), (7, 2048)])
+@pytest.mark.parametrize("G,P", [(1, 33), (4, 700), (7, 2048), (4, 2100)])  # 2,100: 4,096-wide tiles, 16 warps
 @pytest.mark.parametrize("budget", [0, 64, 100000])
 @pytest.mark.parametrize("window", [8, 64])
 def test_span_select_kernel_grid(vote, G, P, budget, window):
