@@ -36,23 +36,18 @@ def _lse_combine(a, b):
 
 
 @triton.jit
-def _keep_top(ordk, rest, free, WIDE: tl.constexpr = False):
-    """The `free` entries of `rest` with the largest ordk (ties: lower index first): bool mask. ordk: int32, or
-    with WIDE int64 within +-2^62 (span_select's page keys)."""
+def _keep_top(ordk, rest, free):
+    """The `free` entries of `rest` with the largest ordk (int32; ties: lower index first): bool mask."""
     n_rest = tl.sum(rest.to(tl.int32), axis=0)
     key = ordk.to(tl.int64)
-    if WIDE:  # 2^62 sentinels: hi - lo cannot overflow
-        lo = tl.min(tl.where(rest, key, 4611686018427387904), axis=0)
-        hi = tl.max(tl.where(rest, key, -4611686018427387904), axis=0) + 1
-    else:
-        lo = tl.min(tl.where(rest, key, 2147483647), axis=0)
-        hi = tl.max(tl.where(rest, key, -2147483648), axis=0) + 1
+    lo = tl.min(tl.where(rest, key, 2147483647), axis=0)
+    hi = tl.max(tl.where(rest, key, -2147483648), axis=0) + 1
     # invariant: count(key >= lo) >= free > count(key >= hi). Stop early once count(key >= mid) == free:
     # then exactly the keys >= lo are kept (no tie to break), typically after ~13 of the 32 halvings of an
-    # int32 range (64 for WIDE keys).
+    # int32 range.
     it = tl.zeros([], tl.int32)
     exact = lo > hi  # False, as a scalar tensor (a loop-carried value)
-    while (it < (64 if WIDE else 32)) & (hi - lo > 1) & ~exact:
+    while (it < 32) & (hi - lo > 1) & ~exact:
         mid = lo + (hi - lo) // 2
         c = tl.sum((rest & (key >= mid)).to(tl.int32), axis=0)
         big = c >= free
