@@ -76,13 +76,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device (it times CUDA-graph replays)")
+    if not all(x.isdigit() and int(x) >= 16 for x in args.ctx.split(",")):
+        p.error(f"--ctx: comma-separated token counts of at least one page (16), got {args.ctx!r}")
     dev = torch.device("cuda")
     meta = harness.run_meta()
     lines = ["# ltri's layer, piece by piece", "", f"{meta['gpu']}, commit {meta['commit']}, torch {torch.__version__}; "
              f"command: `python gpu/ltri_layer.py OUT --ctx {args.ctx}`. B=16, Llama-8B heads, budget 1,024 tokens, "
              "attend; CUDA-graph replay (seed_methods_cost.time_layer for layers, harness.graph_ms for kernels).", "",
              "| ctx | pages | replayed | us | x Quest's layer |", "|---:|---:|---|---:|---:|"]
-    for ctx in (int(x) for x in args.ctx.split(",")):
+    for ctx in map(int, args.ctx.split(",")):
         rows, t_quest = rows_at(ctx, dev)
         for name, t in rows:
             lines.append(f"| {ctx} | {-(-ctx // 16)} | {name} | {t * 1e3:.1f} | {t / t_quest:.3f} |")
