@@ -74,10 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--ctx", default="32768", help="comma-separated context lengths (tokens a request)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device (it times CUDA-graph replays)")
     if not all(x.isdigit() and int(x) >= 16 for x in args.ctx.split(",")):
         p.error(f"--ctx: comma-separated token counts of at least one page (16), got {args.ctx!r}")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device (it times CUDA-graph replays)")
     dev = torch.device("cuda")
     meta = harness.run_meta()
     lines = ["# ltri's layer, piece by piece", "", f"{meta['gpu']}, commit {meta['commit']}, torch {torch.__version__}; "
