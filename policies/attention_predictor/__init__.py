@@ -162,7 +162,14 @@ class AttentionPredictor(ScoringSelector):
         if self.calibrate_first:
             calibrate |= (steps == 1) & hist.seeded[rows]
         state.forced = state.forced | (calibrate[:, None, None] & state.valid)  # a dense step: keep every page
-        super().apply(ctx, state)
+        state.narrow(self.read_key(ctx, self.score(ctx), calibrate), self.budget_pages(ctx.page_size), is_bound=False)
+
+    @staticmethod
+    def read_key(ctx, scores: torch.Tensor, calibrate: torch.Tensor) -> torch.Tensor:
+        """The read order's key [B, Hkv, P]: the CNN's scores, and page order on a calibration row (it reads every
+        page; in the scores' order the decode gathers them scattered, about 1.7x the time of a dense read)."""
+        page_order = -torch.arange(ctx.max_pages, device=scores.device, dtype=torch.float32)  # [P]
+        return torch.where(calibrate[:, None, None], page_order, scores.float())
 
     def observe_page_mass(self, ctx, page_mass: torch.Tensor) -> None:
         """After the decode: page_mass [B, Hq, P] (softmax mass per page, 0 where not read)."""
