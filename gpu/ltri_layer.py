@@ -1,7 +1,7 @@
 """Where ltri's layer time goes, in the layer itself (issue 17's cost shape: seed_methods_cost's B=16, Llama-8B heads,
-budget 1,024 tokens): CUDA-graph replays of Quest's layer, ltri's layer, ltri's layer with span_score_select's outputs
-precomputed (the layer without scoring and selection), and, on the stage's own inputs, span_score_select (one launch)
-against span scoring, span_select and the two in a row (two launches).
+budget 1,024 tokens): CUDA-graph replays of Quest's layer, ltri's layer, ltri's layer with span_select's outputs
+precomputed (the layer without the selection kernel), and span scoring, span_select and the two in a row on the
+stage's own inputs.
 
     python gpu/ltri_layer.py OUT_DIR [--ctx 32768,32784]
 
@@ -20,20 +20,24 @@ from composable_kv.kernels.span_select import triton as select_tk  # noqa: E402
 
 
 def stage_inputs(pipe, cache, q):
-    """(args, kwargs) of the stage's last span_score_select call (the fused kernel's own inputs)."""
-    held, real = {}, select_tk.span_score_select
+    """(span_scores args, kwargs), span_select args of the stage's last decode step (the kernels' own inputs)."""
+    held, real_select, real_score = {}, select_tk.span_select, span_tk.span_scores
 
-    def fused(*a, **k):
-        held["fused"] = (a, k)
-        return real(*a, **k)
+    def select(*a, **k):
+        held["select"] = a
+        return real_select(*a, **k)
 
-    select_tk.span_score_select = fused
+    def score(*a, **k):
+        held["score"] = (a, k)
+        return real_score(*a, **k)
+
+    select_tk.span_select, span_tk.span_scores = select, score
     try:
         for _ in range(3):
             pipe.run(q, cache, 0)
     finally:
-        select_tk.span_score_select = real
-    return held["fused"]
+        select_tk.span_select, span_tk.span_scores = real_select, real_score
+    return held["score"], held["select"]
 
 
 def rows_at(ctx: int, dev) -> list[tuple[str, float]]:
@@ -44,29 +48,24 @@ def rows_at(ctx: int, dev) -> list[tuple[str, float]]:
     torch.cuda.empty_cache()
     pipe, cache, q = smc.build("ltri", smc.policies(1024, "attend", None)["ltri"], "llama-8b", 16, ctx, dev,
                                torch.bfloat16, "triton")
-    a, k = stage_inputs(pipe, cache, q)
-    real = select_tk.span_score_select
+    (sa, sk), a = stage_inputs(pipe, cache, q)
+    real = select_tk.span_select
     t_ltri = smc.time_layer(pipe, cache, q, dev, 20)
-    outputs = real(*a, **k)
-    select_tk.span_score_select = lambda *x, **kw: outputs
+    outputs = real(*a)
+    select_tk.span_select = lambda *x, **k: outputs
     try:
         t_without = smc.time_layer(pipe, cache, q, dev, 20)
     finally:
-        select_tk.span_score_select = real
-    (q_, reps, num_spans, sm_scale, rows), rest, record = a[:5], a[5:12], a[12]
-    score = lambda: span_tk.span_scores(q_, reps, num_spans, sm_scale, rows=rows)  # noqa: E731
-    scores = score()
-    select = lambda: select_tk.span_select(scores, rows, *rest, "group", record)  # noqa: E731
-    fused_ms = harness.graph_ms(lambda: real(*a, **k))
-    t_score, t_select = harness.graph_ms(score), harness.graph_ms(select)
-    t_pair = harness.graph_ms(lambda: select_tk.span_select(score(), rows, *rest, "group", record))
+        select_tk.span_select = real
+    t_score = harness.graph_ms(lambda: span_tk.span_scores(*sa, **sk))
+    t_select = harness.graph_ms(lambda: real(*a))
+    t_pair = harness.graph_ms(lambda: real(span_tk.span_scores(*sa, **sk), *a[1:]))
     del pipe, cache
     torch.cuda.empty_cache()
     return [("Quest's layer", t_quest), ("ltri's layer", t_ltri),
-            ("ltri's layer, span_score_select's outputs precomputed", t_without),
-            ("span_score_select alone (stage inputs)", fused_ms),
-            ("span scoring alone", t_score), ("span_select alone", t_select),
-            ("span scoring then span_select (two launches)", t_pair)], t_quest
+            ("ltri's layer, span_select's outputs precomputed", t_without),
+            ("span scoring alone (stage inputs)", t_score), ("span_select alone (stage inputs)", t_select),
+            ("span scoring then span_select", t_pair)], t_quest
 
 
 def main(argv=None) -> int:

@@ -345,42 +345,6 @@ def test_span_select_int64_counts(levels):
     check_span_select(2, 2, 3, 60, 9, "group", seed=7, window=2, levels=levels, wide_counts=True)
 
 
-def check_score_select(B, Hkv, G, P, budget, *, D=32, R=3, seed=0, device="cpu", **tuning):
-    """span_score_select (one launch) against span_scores then span_select (two), exactly: the same scores, the
-    same selection, the same accounting. Span table rows hold more slots than P (a table's capacity)."""
-    from composable_kv.kernels.span_score import triton as span_tk
-    from composable_kv.kernels.span_select import triton as sel_tk
-    _, rows, span_of_page, covered, forced, candidates, num_pages, budget = select_inputs(B, Hkv, G, P, budget,
-                                                                                         seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    N = span_of_page.shape[0]
-    num_spans = (span_of_page.amax(-1) + 1).to(torch.int32)
-    reps = torch.randn(N, Hkv, P + 3, R, D, generator=g)[:, :, :P]  # a slice along NS keeps the table's strides
-    q = (torch.randn(B, Hkv * G, D, generator=g) * 2).round()  # ties between spans on purpose
-    args = [x.to(device) for x in (rows, span_of_page, covered, forced, candidates, num_pages)]
-    rec = [(num_spans.to(device), torch.zeros(B, dtype=torch.long, device=device),
-            torch.full((B,), -1, dtype=torch.int32, device=device)) for _ in range(2)]
-    scores = span_tk.span_scores(q.to(device), reps.to(device), num_spans.to(device), 0.5, rows=args[0])
-    want = sel_tk.span_select(scores, *args, budget, 1, "group", rec[0])
-    got = sel_tk.span_score_select(q.to(device), reps.to(device), num_spans.to(device), 0.5, *args, budget, 1,
-                                   rec[1], **tuning)
-    for name, w, x in zip(("order", "count", "kept", "forced", "order_key"), want, got):
-        assert torch.equal(w.cpu(), x.cpu()), name
-    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(rec[0][1:], rec[1][1:]))
-    return got
-
-
-@pytest.mark.interpret
-@needs_kernels
-@pytest.mark.parametrize("B,Hkv,G,P,budget,programs", [(3, 2, 4, 40, 6, None), (2, 3, 2, 70, 25, 3),
-                                                        (2, 1, 1, 17, 1000, 2), (2, 2, 3, 33, 0, 4)])
-def test_span_score_select_equals_two_launches(B, Hkv, G, P, budget, programs):
-    """Several scoring programs a row (the last to arrive selects); twice in a row: the arrival counters reset."""
-    for seed in (B * P, B * P + 1):
-        order, count, kept, forced, _ = check_score_select(B, Hkv, G, P, budget, seed=seed, programs=programs)
-        assert (count >= forced.sum(-1)).all() and (kept.sum(-1) == count).all()
-
-
 @pytest.mark.cpu
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("vote", ["group", "layer"])

@@ -5,7 +5,7 @@ import torch
 import composable_kv as ckv
 
 from helpers import build_cache
-from test_ltri import check_close_windows, check_score_select, check_span_scores, check_span_select, ltri_policy
+from test_ltri import check_close_windows, check_span_scores, check_span_select, ltri_policy
 
 pytestmark = pytest.mark.gpu
 
@@ -30,15 +30,6 @@ def test_span_kernel_extreme_logits(q_scale):
 def test_span_select_kernel_grid(vote, G, P, budget, window):
     check_span_select(4, 2, G, P, budget, vote, seed=P + budget, device="cuda", window=window,
                       shared_state=budget == 64)
-
-
-@pytest.mark.parametrize("G,P,D", [(1, 33, 64), (4, 700, 128), (4, 2048, 128), (4, 2100, 128)])
-@pytest.mark.parametrize("budget", [0, 64, 100000])
-@pytest.mark.parametrize("programs", [None, 1, 5])
-def test_span_score_select_grid(G, P, D, budget, programs):
-    """One launch against two, on the GPU: the arrival counters across many programs a row, twice in a row."""
-    for seed in (P + budget, P + budget + 1):
-        check_score_select(16, 2, G, P, budget, D=D, R=4, seed=seed, device="cuda", programs=programs)
 
 
 @pytest.mark.parametrize("B,N,Hkv,D,W,R", [(16, 20, 8, 128, 4, 4), (3, 5, 2, 64, 2, 3), (5, 7, 3, 64, 8, 8)])

@@ -19,18 +19,7 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                        DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BLOCK_S: tl.constexpr,
                        DOT_F32: tl.constexpr, ROWS: tl.constexpr, NUM_STAGES: tl.constexpr):
-    score_blocks(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_rh, stride_rs, stride_rr, row_ptr, ns_ptr,
-                 out_ptr, stride_ob, stride_oh, NS, sm_scale, tl.program_id(0), tl.program_id(1), tl.num_programs(1),
-                 HKV, G, GP, D, DP, R, RP, BLOCK_S, DOT_F32, ROWS, NUM_STAGES)
-
-
-@triton.jit
-def score_blocks(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_rh, stride_rs, stride_rr, row_ptr, ns_ptr,
-                 out_ptr, stride_ob, stride_oh, NS, sm_scale, pid, first, programs,
-                 HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                 R: tl.constexpr, RP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, ROWS: tl.constexpr,
-                 NUM_STAGES: tl.constexpr):
-    """Row pid's (request, KV head) blocks of spans first, first + programs, ... scored into out."""
+    pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
     if ROWS:
@@ -43,7 +32,8 @@ def score_blocks(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_rh, str
     r = col % RP
     d = tl.arange(0, DP)
     g = tl.arange(0, GP)
-    for blk in tl.range(first, tl.cdiv(NS, BLOCK_S), programs, num_stages=NUM_STAGES):  # pipelined when several
+    # this program's blocks of spans: program_id(1), + num_programs(1), ... (a pipelined loop when there are several)
+    for blk in tl.range(tl.program_id(1), tl.cdiv(NS, BLOCK_S), tl.num_programs(1), num_stages=NUM_STAGES):
         s0 = blk * BLOCK_S
         span = s0 + col // RP
         cmask = (span < n_spans) & (r < R)
@@ -66,17 +56,6 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None,
     -> [B, Hq, NS] fp32 (scaled, -inf past num_spans). Tuning (gpu/ltri.py sweeps it): block_s (spans a block),
     programs (a (request, KV head) row's programs, each looping over every programs-th block; by default about
     2,048 programs in all), num_warps, num_stages (the loop's pipelining)."""
-    out, args, consts, per_row = score_launch(q, reps, num_spans, sm_scale, rows, block_s=block_s, programs=programs,
-                                              num_stages=num_stages)
-    if per_row:
-        _span_score_kernel[(q.shape[0] * reps.shape[1], per_row)](*args, **consts,
-                                                                  **({"num_warps": num_warps} if num_warps else {}))
-    return out
-
-
-def score_launch(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None, programs=None, num_stages=None):
-    """Checks and launch arguments of the span scoring (span_scores' contract): (out [B, Hq, NS] fp32, the
-    kernel's runtime arguments, its constexprs, programs a row; 0 when there are no span slots)."""
     B, Hq, D = q.shape
     lead = B if rows is None else reps.shape[0]
     if reps.dim() != 5 or reps.shape[0] != lead or reps.shape[-1] != D or Hq % reps.shape[1]:
@@ -94,18 +73,20 @@ def score_launch(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None
     num_spans = num_spans.to(q.device).contiguous()  # int32 or long: the kernel loads either
     out = torch.empty(B, Hq, NS, dtype=torch.float32, device=q.device)
     if NS == 0:
-        return out, (), {}, 0
+        return out
     RP = _pow2(R)
     BLOCK_S = block_s or max(max(1, 16 // RP), min(_pow2(NS), max(1, 128 // RP)))  # tl.dot needs >= 16 columns
     blocks = triton.cdiv(NS, BLOCK_S)
     # about 2,048 programs in all, each looping over its blocks with the next one's load in flight (an H200 sweep
     # at B = 16, 32k, Llama-8B heads: 42 us against 53 us for a program per block; gpu/ltri.py)
     per_row = min(programs or triton.cdiv(2048, B * Hkv), blocks)
+    grid = (B * Hkv, per_row)
     st = reps.stride()
     row_arg = num_spans if rows is None else rows.to(device=q.device, dtype=torch.int64).contiguous()
-    args = (q, q.stride(0), q.stride(1), reps, st[0], st[1], st[2], st[3], row_arg, num_spans,
-            out, out.stride(0), out.stride(1), NS, float(sm_scale))
-    consts = dict(HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), R=R, RP=RP, BLOCK_S=BLOCK_S,
-                  DOT_F32=dot_f32(q, reps.dtype), ROWS=rows is not None,
-                  NUM_STAGES=num_stages or (2 if per_row < blocks else 1))
-    return out, args, consts, per_row
+    _span_score_kernel[grid](q, q.stride(0), q.stride(1), reps, st[0], st[1], st[2], st[3], row_arg, num_spans,
+                             out, out.stride(0), out.stride(1), NS, float(sm_scale),
+                             HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), R=R, RP=RP,
+                             BLOCK_S=BLOCK_S, DOT_F32=dot_f32(q, reps.dtype), ROWS=rows is not None,
+                             NUM_STAGES=num_stages or (2 if per_row < blocks else 1),
+                             **({"num_warps": num_warps} if num_warps else {}))
+    return out

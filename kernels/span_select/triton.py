@@ -17,8 +17,7 @@ import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 from ..page_score.triton import _pow2
-from ..page_select.triton import _arrivals, _ord32, sort_block_for, sort_row
-from ..span_score.triton import score_blocks, score_launch
+from ..page_select.triton import _ord32, sort_block_for, sort_row
 from .reference import OUTSIDE
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -113,7 +112,7 @@ def _head_ballots(s, size, avail, live, s_rows, stride_sh, win_row, wv_row, size
     j = tl.arange(0, W)[None, :]
     ent = small & (j < n_win[:, None])
     sid = tl.load(win_row + g * W + j, mask=ent, other=0)
-    wkey = _ord32(tl.load(s_rows + g * stride_sh + sid, mask=ent, other=0.0, cache_modifier=".cg")).to(tl.int64)
+    wkey = _ord32(tl.load(s_rows + g * stride_sh + sid, mask=ent, other=0.0)).to(tl.int64)
     srt = tl.sort(tl.where(ent, (wkey << 32) | (sid ^ ID_MASK), INT64_MIN), dim=1, descending=True)
     sid = ((srt & ID_MASK) ^ ID_MASK).to(tl.int32)
     ssz = tl.load(size_row + sid, mask=ent, other=0)
@@ -150,54 +149,7 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr,
                         PP: tl.constexpr, SORT_BLOCK: tl.constexpr, W: tl.constexpr, PACK: tl.constexpr,
                         LAYER: tl.constexpr, RECORD: tl.constexpr):
-    _select_row(tl.program_id(0), score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, stride_sop, cov_ptr, forced_ptr,
-                stride_fb, stride_fh, cand_ptr, stride_cb, stride_ch, npages_ptr, size_ptr, start_ptr, votes_ptr,
-                wv_ptr, best_ptr, win_ptr, sortk_ptr, order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr, ns_ptr,
-                rec_spans_ptr, rec_pages_ptr, NS, P, budget, sink_pages,
-                HKV, G, GP, NSP, PP, SORT_BLOCK, W, PACK, LAYER, RECORD)
-
-
-@triton.jit
-def _span_score_select_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_rh, stride_rs, stride_rr,
-                              srow_ptr, sns_ptr, sm_scale, arrivals_ptr,
-                              score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, stride_sop, cov_ptr,
-                              forced_ptr, stride_fb, stride_fh, cand_ptr, stride_cb, stride_ch, npages_ptr,
-                              size_ptr, start_ptr, votes_ptr, wv_ptr, best_ptr, win_ptr, sortk_ptr,
-                              order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr, ns_ptr, rec_spans_ptr,
-                              rec_pages_ptr, NS, P, budget, sink_pages,
-                              HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr,
-                              PP: tl.constexpr, SORT_BLOCK: tl.constexpr, W: tl.constexpr, PACK: tl.constexpr,
-                              RECORD: tl.constexpr, SGP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                              R: tl.constexpr, RP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr,
-                              ROWS: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Program (row, j) scores the row's j-th share of span blocks; the row's last program to arrive (a counter in
-    arrivals_ptr, reset by it) selects the row's pages, as _span_select_kernel does (group vote)."""
     pid = tl.program_id(0)
-    score_blocks(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_rh, stride_rs, stride_rr, srow_ptr, sns_ptr,
-                 score_ptr, stride_sb, stride_sh, NS, sm_scale, pid, tl.program_id(1), tl.num_programs(1),
-                 HKV, G, SGP, D, DP, R, RP, BLOCK_S, DOT_F32, ROWS, NUM_STAGES)
-    tl.debug_barrier()
-    # acq_rel at GPU scope after the CTA barrier: every program's scores are visible to the last arrival
-    arrived = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.num_programs(1) - 1:
-        tl.store(arrivals_ptr + pid, 0)
-        tl.debug_barrier()
-        _select_row(pid, score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, stride_sop, cov_ptr, forced_ptr,
-                    stride_fb, stride_fh, cand_ptr, stride_cb, stride_ch, npages_ptr, size_ptr, start_ptr, votes_ptr,
-                    wv_ptr, best_ptr, win_ptr, sortk_ptr, order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr,
-                    ns_ptr, rec_spans_ptr, rec_pages_ptr, NS, P, budget, sink_pages,
-                    HKV, G, GP, NSP, PP, SORT_BLOCK, W, PACK, False, RECORD)
-
-
-@triton.jit
-def _select_row(pid, score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, stride_sop, cov_ptr, forced_ptr, stride_fb,
-                stride_fh, cand_ptr, stride_cb, stride_ch, npages_ptr, size_ptr, start_ptr, votes_ptr, wv_ptr,
-                best_ptr, win_ptr, sortk_ptr, order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr, ns_ptr,
-                rec_spans_ptr, rec_pages_ptr, NS, P, budget, sink_pages,
-                HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr, PP: tl.constexpr,
-                SORT_BLOCK: tl.constexpr, W: tl.constexpr, PACK: tl.constexpr, LAYER: tl.constexpr,
-                RECORD: tl.constexpr):
-    """Program pid's (request, KV head) selection from the span scores in score_ptr."""
     b = pid // HKV
     h = pid % HKV
     if LAYER:  # every query head votes (each program counts the whole layer's ballots)
@@ -237,8 +189,7 @@ def _select_row(pid, score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, stride_s
         size = tl.where(iv, size, 0)[None, :]  # [1, NSP] int32
         avail = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
         s_rows = score_ptr + b.to(tl.int64) * stride_sb + hh * G * stride_sh
-        s = tl.load(s_rows + g * stride_sh + i[None, :], mask=(g < G) & iv[None, :], other=NEG_INF,
-                    cache_modifier=".cg")  # [GP, NSP]
+        s = tl.load(s_rows + g * stride_sh + i[None, :], mask=(g < G) & iv[None, :], other=NEG_INF)  # [GP, NSP]
         best = tl.maximum(best, tl.max(s, axis=0))
         live = (s > NEG_INF) & (s < float("inf")) & (g < G) & iv[None, :]  # finite scores vote
         votes += tl.sum(_head_ballots(s, size, avail, live, s_rows, stride_sh, win_ptr + pid.to(tl.int64) * GP * W,
@@ -305,38 +256,6 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
     spans_out [B], pages_out [B]): the kernel also writes num_spans[rows] and num_pages there. num_warps, window
     (a power of two): tuning; wide_counts: pack the ballots' sums into int64 even where int32 holds them (tests
     the path of huge rows)."""
-    scores = scores.float().contiguous()
-    outs, args, consts, warps = _select_launch(scores, rows, span_of_page, covered, forced, candidates, num_pages,
-                                               budget_pages, sink_pages, vote, record, window, wide_counts)
-    _span_select_kernel[(scores.shape[0] * forced.shape[1],)](*args, **consts, LAYER=vote == "layer",
-                                                               num_warps=num_warps or warps)
-    return outs
-
-
-def span_score_select(q, reps, num_spans, sm_scale: float, rows, span_of_page, covered, forced, candidates,
-                      num_pages, budget_pages: int, sink_pages: int, record=None, *, num_warps: int | None = None,
-                      window: int = WINDOW, programs: int | None = None, num_stages: int | None = None):
-    """span_select(span_scores(q, reps, num_spans, sm_scale, rows), rows, span_of_page, ...) with the group vote,
-    in one launch: each (request, KV head) row's programs score its span blocks, and the last of them to arrive
-    selects (README.md, "Scoring and selection in one launch"). Returns span_select's outputs. programs: a row's
-    scoring programs (default: span_scores'); num_warps, window, num_stages: tuning."""
-    scores, s_args, s_consts, per_row = score_launch(q, reps, num_spans, sm_scale, rows, programs=programs,
-                                                     num_stages=num_stages)
-    outs, args, consts, warps = _select_launch(scores, rows, span_of_page, covered, forced, candidates, num_pages,
-                                               budget_pages, sink_pages, "group", record, window, False)
-    B, Hkv = forced.shape[:2]
-    s_args = s_args[:8] + (s_args[8], s_args[9], s_args[14])  # q and reps, rows and span counts, sm_scale
-    _span_score_select_kernel[(B * Hkv, max(per_row, 1))](
-        *s_args, _arrivals(B * Hkv, q.device), *args, **consts, SGP=s_consts["GP"],
-        **{k: s_consts[k] for k in ("D", "DP", "R", "RP", "BLOCK_S", "DOT_F32", "ROWS", "NUM_STAGES")},
-        num_warps=num_warps or warps)
-    return outs
-
-
-def _select_launch(scores, rows, span_of_page, covered, forced, candidates, num_pages, budget_pages: int,
-                   sink_pages: int, vote: str, record, window: int, wide_counts: bool):
-    """Checks, outputs and launch arguments of the selection from fp32 contiguous scores [B, Hq, NS]: (outputs,
-    the kernel's runtime arguments, its constexprs but LAYER, default warps)."""
     B, Hq, NS = scores.shape
     Hkv, P = forced.shape[1], forced.shape[2]
     if (forced.shape != (B, Hkv, P) or candidates.shape != forced.shape or Hq % Hkv or rows.shape != (B,)
@@ -350,6 +269,7 @@ def _select_launch(scores, rows, span_of_page, covered, forced, candidates, num_
     if window < 1 or window & (window - 1):
         raise ValueError(f"span_select: window must be a power of two, got {window}")
     dev = scores.device
+    scores = scores.float().contiguous()
     PP = _pow2(P, 16)
     forced_in = (forced if forced.stride(-1) == 1 else forced.contiguous()).view(torch.uint8)
     cand = (candidates if candidates.stride(-1) == 1 else candidates.contiguous()).view(torch.uint8)
@@ -372,14 +292,16 @@ def _select_launch(scores, rows, span_of_page, covered, forced, candidates, num_
     pack = P.bit_length() if fits32 else 32  # size sums < 2^pack
     sortk = torch.empty(B * Hkv, SORT_BLOCK, dtype=torch.int64, device=dev)
     sop = span_of_page if span_of_page.stride(-1) == 1 else span_of_page.contiguous()
-    args = (scores, scores.stride(0), scores.stride(1), rows.contiguous(), sop, sop.stride(0), covered.contiguous(),
-            forced_in, forced_in.stride(0), forced_in.stride(1), cand, cand.stride(0), cand.stride(1),
-            num_pages.contiguous(), size, start, votes, window_votes, best, win, sortk,
-            order, count, kept.view(torch.int8), forced_out.view(torch.int8), order_key, *(record or (count,) * 3),
-            NS, P, int(budget_pages), int(sink_pages))
-    consts = dict(HKV=Hkv, G=Hq // Hkv, GP=GP, NSP=NSP, PP=PP, SORT_BLOCK=SORT_BLOCK, W=window, PACK=pack,
-                  RECORD=record is not None)
-    return (order, count, kept, forced_out, order_key), args, consts, _warps(max(NSP, PP))
+    _span_select_kernel[(B * Hkv,)](
+        scores, scores.stride(0), scores.stride(1), rows.contiguous(), sop, sop.stride(0), covered.contiguous(),
+        forced_in, forced_in.stride(0), forced_in.stride(1), cand, cand.stride(0), cand.stride(1),
+        num_pages.contiguous(), size, start, votes, window_votes, best, win, sortk,
+        order, count, kept.view(torch.int8), forced_out.view(torch.int8), order_key, *(record or (count,) * 3),
+        NS, P, int(budget_pages), int(sink_pages),
+        HKV=Hkv, G=Hq // Hkv, GP=GP, NSP=NSP, PP=PP, SORT_BLOCK=SORT_BLOCK, W=window, PACK=pack, LAYER=vote == "layer",
+        RECORD=record is not None,
+        num_warps=num_warps or _warps(max(NSP, PP)))
+    return order, count, kept, forced_out, order_key
 
 
 def _warps(width: int) -> int:

@@ -154,15 +154,8 @@ class Ltri(ScoringSelector):
         plan, P, S = ctx.plan, ctx.max_pages, ctx.page_size
         table.close_windows(rows, plan.page_table, plan.seq_lens, ctx.cache.k[ctx.layer], self.decode_span_pages, S)
         counts = ctx.cache.stage_state(self).scored_counts(ctx.layer, table.num_spans, plan.num_pages)
-        record, reps = (table.num_spans, *counts), table.reps[:, :, :P]
-        if self.vote == "group" and (ctx.q.is_cuda or sp.FORCE_TRITON):  # scoring and selection in one launch
-            from composable_kv.kernels.span_select import triton as select_tk
-            state.take(*select_tk.span_score_select(
-                ctx.q, reps, table.num_spans, ctx.sm_scale, rows, table.span_of_page, table.covered, state.forced,
-                state.candidates, plan.num_pages, self.budget_pages(S), self._sink_pages(S), record))
-            return
-        scores = self.span_scores(ctx.q, reps, table.num_spans, ctx.sm_scale, rows)  # [B, Hq, P]
-        self.select(scores, rows, table, state, plan.num_pages, self.budget_pages(S), S, record)
+        scores = self.span_scores(ctx.q, table.reps[:, :, :P], table.num_spans, ctx.sm_scale, rows)  # [B, Hq, P]
+        self.select(scores, rows, table, state, plan.num_pages, self.budget_pages(S), S, (table.num_spans, *counts))
 
     # -- accounting -----------------------------------------------------------------------------
     def summary_bytes_per_page(self, cache, layer: int | None = None):
