@@ -96,7 +96,7 @@ class LayerContext:
 
     @property
     def page_select(self):
-        """select_pages / order_to_mask / strided_tail_lse of this backend (kernels/page_select): one Triton
+        """select_pages / narrow_pages / strided_tail_lse of this backend (kernels/page_select): one Triton
         launch each, or the torch reference (a dozen sort, gather and scatter launches each)."""
         if self.backend == "triton":
             from .kernels.page_select import triton as select_tk
@@ -116,6 +116,7 @@ class SelectionState:
     def __init__(self, plan: StepPlan, num_kv_heads: int, page_select=select_ref):
         self.page_select = page_select  # LayerContext.page_select: the backend's selection kernels
         B, P = plan.valid.shape
+        self.num_pages = plan.num_pages  # [B]
         self.valid = plan.valid[:, None, :].expand(B, num_kv_heads, P)
         self.forced = plan.forced[:, None, :].expand(B, num_kv_heads, P)  # shared over the heads until a stage
         self.candidates = self.valid  # replaces them (stages never write into them)
@@ -129,11 +130,9 @@ class SelectionState:
         """Keep the forced pages and the best-scoring candidates, up to the budget. Its kept pages, best-first,
         are the read order when the stage that narrows is the last selector (DecodePipeline.select): a stage
         calls it last in its apply."""
-        scores = scores.masked_fill(~self.valid, float("-inf"))
-        forced = self.forced & self.valid
-        order, count = self.page_select.select_pages(scores, forced, self.candidates & self.valid, budget_pages)
-        self.take(order, count, self.page_select.order_to_mask(order, scores.shape[-1]), self.forced, scores,
-                  scores if is_bound else None)
+        order, count, kept = self.page_select.narrow_pages(scores, self.forced, self.candidates, self.num_pages,
+                                                           budget_pages)
+        self.take(order, count, kept, self.forced, scores, scores if is_bound else None)
 
     def take(self, order, count, kept, forced, order_key, bounds=None) -> None:
         """A stage's own selection (what narrow computes): order [B, Hkv, P] int32 best-first (-1 past count

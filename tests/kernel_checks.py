@@ -80,6 +80,24 @@ def check_select(B, H, P, budget, *, device="cpu", seed=0, ties=False, n_forced=
     return o1, c1, key, lens
 
 
+def check_narrow(B, H, P, budget, *, device="cpu", seed=0, shared=False):
+    """narrow_pages, kernel against reference: raw scores, forced pages and candidates past each request's pages
+    (out of play there), forced and candidates broadcast over the heads when shared (SelectionState's layout)."""
+    g = torch.Generator().manual_seed(seed)
+    key = (torch.randn(B, H, P, generator=g) * 2).round() / 2  # ties: lower position first
+    num_pages = torch.randint(1, P + 1, (B,), generator=g).to(torch.int32)
+    forced = torch.rand(B, 1 if shared else H, P, generator=g) < 0.08
+    cand = torch.rand(B, 1 if shared else H, P, generator=g) < 0.9
+    forced, cand = (m.expand(B, H, P) for m in (forced, cand))
+    want = select_ref.narrow_pages(key, forced, cand, num_pages, budget)
+    got = select_tk.narrow_pages(*(t.to(device) for t in (key, forced, cand, num_pages)), budget)
+    for name, w, x in zip(("order", "count", "kept"), want, got):
+        assert torch.equal(w, x.cpu()), name
+    valid = torch.arange(P)[None, None] < num_pages[:, None, None]
+    assert not (want[2] & ~valid).any() and torch.equal(want[2].sum(-1).int(), want[1])
+    return want
+
+
 def check_tail(B, H, P, num_splits, *, device="cpu", seed=0):
     o, c, key, lens = check_select(B, H, P, None, device=device, seed=seed)
     bounds = key.gather(-1, o.long().clamp(min=0)) * 3.0

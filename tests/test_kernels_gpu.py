@@ -9,8 +9,8 @@ import torch
 pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available():
-    from kernel_checks import (check_decode, check_pipeline, check_score_splits, check_scores, check_select,
-                               check_tail)
+    from kernel_checks import (check_decode, check_narrow, check_pipeline, check_score_splits, check_scores,
+                               check_select, check_tail)
     import composable_kv as ckv
     from helpers import build_cache, stage_state_tensors
 
@@ -32,6 +32,13 @@ def test_page_scores_gpu(group, head_dim, dtype):
 def test_select_pages_gpu(budget, P):
     check_select(4, 8, P, budget, device="cuda", ties=True, seed=P)
     check_select(4, 8, P, budget, device="cuda", ties=False, seed=P + 1)
+
+
+@pytest.mark.parametrize("budget", [0, 64, 3000])
+@pytest.mark.parametrize("P", [37, 2048, 5000])
+def test_narrow_pages_gpu(budget, P):
+    check_narrow(4, 8, P, budget, device="cuda", seed=P)
+    check_narrow(4, 8, P, budget, device="cuda", seed=P + 1, shared=True)
 
 
 @pytest.mark.parametrize("score,splits,budget,certified", [

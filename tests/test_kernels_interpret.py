@@ -12,8 +12,8 @@ import torch
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
 
-from kernel_checks import (check_decode, check_pipeline, check_score_splits, check_scores, check_select,  # noqa: E402
-                           check_tail)
+from kernel_checks import (check_decode, check_narrow, check_pipeline, check_score_splits, check_scores,  # noqa: E402
+                           check_select, check_tail)
 
 pytestmark = [pytest.mark.interpret, pytest.mark.usefixtures("nan_empty")]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,6 +41,12 @@ def test_score_select_split_scoring(score, splits, budget, certified, num_splits
 @pytest.mark.parametrize("ties", [False, True])
 def test_select_pages(budget, ties):
     check_select(3, 2, 37, budget, device=DEV, ties=ties, seed=budget if isinstance(budget, int) else 5)
+
+
+@pytest.mark.parametrize("budget", [0, 3, 12, 1000])
+@pytest.mark.parametrize("shared", [False, True])
+def test_narrow_pages(budget, shared):
+    check_narrow(3, 2, 37, budget, device=DEV, seed=budget, shared=shared)
 
 
 @pytest.mark.parametrize("budget,n_forced", [(3, 40), (17, 150), (33, 300)])

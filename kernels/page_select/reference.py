@@ -39,6 +39,16 @@ def select_pages(order_key, forced, candidates, budget_pages: int | None):
     return order.to(torch.int32), count
 
 
+def narrow_pages(order_key, forced, candidates, num_pages, budget_pages: int):
+    """select_pages on each request's pages (positions below num_pages [B]; the others are out of play, whatever
+    order_key, forced and candidates say there) -> (order, count, kept [B, Hkv, P] bool: the listed pages)."""
+    P = order_key.shape[-1]
+    valid = (torch.arange(P, device=order_key.device) < num_pages.to(order_key.device)[:, None])[:, None]  # [B, 1, P]
+    order, count = select_pages(order_key.masked_fill(~valid, float("-inf")), forced & valid, candidates & valid,
+                                budget_pages)
+    return order, count, order_to_mask(order, P)
+
+
 def order_within_splits(order_key, num_pages, num_splits: int):
     """Every page kept, each split's own pages best-first (kernels/page_select/README.md, "split-local order").
 

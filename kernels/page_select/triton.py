@@ -1,6 +1,6 @@
 """Page selection per (request, KV head) in Triton, and the fused score + select kernel.
 
-Public functions match `reference.py`: select_pages, order_to_mask, page_token_counts,
+Public functions match `reference.py`: select_pages, narrow_pages, page_token_counts,
 strided_tail_lse. `score_select` is the fused kernel the Triton pipeline launches once per layer:
 it scores every page (box bound or exact page max), keeps forced pages plus the best others under
 the budget (threshold by bisection on order-preserving int keys, ties to the lower position with a
@@ -311,18 +311,26 @@ def _select_row(pid, b, row, seq_len, n_pages, scores_ptr, keys_ptr, order_ptr, 
 
 
 @triton.jit
-def _select_kernel(key_ptr, forced_ptr, cand_ptr, keys_ptr, order_ptr, count_ptr, P, budget, budget_ptr,
-                   HAS_BUDGET: tl.constexpr, ROW_BUDGET: tl.constexpr, BP: tl.constexpr, SORT_BLOCK: tl.constexpr):
-    """select_pages: one program per (request, KV head); rows keeping more than SORT_BLOCK sort all BP."""
+def _select_kernel(key_ptr, forced_ptr, stride_fb, stride_fh, cand_ptr, stride_cb, stride_ch, npages_ptr, kept_ptr,
+                   keys_ptr, order_ptr, count_ptr, H, P, budget, budget_ptr,
+                   HAS_BUDGET: tl.constexpr, ROW_BUDGET: tl.constexpr, VALID: tl.constexpr, KEPT: tl.constexpr,
+                   BP: tl.constexpr, SORT_BLOCK: tl.constexpr):
+    """select_pages (narrow_pages: VALID, pages past the request's count out of play, and KEPT, the kept mask
+    written): one program per (request, KV head); rows keeping more than SORT_BLOCK sort all BP. forced and
+    candidates are read through their strides (0 where broadcast over the heads)."""
     pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
     if ROW_BUDGET:  # one budget per (request, KV head)
         budget = tl.load(budget_ptr + pid)
     row = pid.to(tl.int64) * P
     offs = tl.arange(0, BP)
     inP = offs < P
+    if VALID:
+        inP = inP & (offs < tl.load(npages_ptr + b))
     key = tl.load(key_ptr + row + offs, mask=inP, other=NEG_INF)
-    forced = (tl.load(forced_ptr + row + offs, mask=inP, other=0) != 0) & inP
-    cand = (tl.load(cand_ptr + row + offs, mask=inP, other=0) != 0) & inP
+    forced = (tl.load(forced_ptr + b.to(tl.int64) * stride_fb + h * stride_fh + offs, mask=inP, other=0) != 0) & inP
+    cand = (tl.load(cand_ptr + b.to(tl.int64) * stride_cb + h * stride_ch + offs, mask=inP, other=0) != 0) & inP
     if HAS_BUDGET:
         free = tl.maximum(budget - tl.sum(forced.to(tl.int32), axis=0), 0)
         keep = forced | _keep_top(_ord32(key), cand & ~forced, free)
@@ -330,6 +338,8 @@ def _select_kernel(key_ptr, forced_ptr, cand_ptr, keys_ptr, order_ptr, count_ptr
         keep = forced | cand
     count = tl.sum(keep.to(tl.int32), axis=0)
     tl.store(count_ptr + pid, count)
+    if KEPT:
+        tl.store(kept_ptr + row + offs, keep.to(tl.int8), mask=offs < P)
     _write_order(order_ptr + row, keys_ptr + pid.to(tl.int64) * SORT_BLOCK, key, keep, count, offs, P,
                  BP, SORT_BLOCK, True)
 
@@ -359,30 +369,39 @@ def sort_block_for(max_kept: int, P: int) -> int:
 
 def select_pages(order_key, forced, candidates, budget_pages: int | None):
     """Same contract as reference.select_pages: (order [B, Hkv, P] int32 (-1 pad), count [B, Hkv] int32)."""
+    return _select(order_key, forced, candidates, budget_pages, None)[:2]
+
+
+def narrow_pages(order_key, forced, candidates, num_pages, budget_pages: int):
+    """Same contract as reference.narrow_pages, one launch: (order, count, kept [B, Hkv, P] bool)."""
+    return _select(order_key, forced, candidates, budget_pages, num_pages)
+
+
+def _select(order_key, forced, candidates, budget_pages, num_pages):
     B, H, P = order_key.shape
     key = order_key.float().contiguous()
-    forced = forced.expand(B, H, P).contiguous()
-    cand = candidates.expand(B, H, P).contiguous()
+    forced, cand = (_rows_of(m.expand(B, H, P)) for m in (forced, candidates))
     order = torch.empty(B, H, P, dtype=torch.int32, device=key.device)
     count = torch.empty(B, H, dtype=torch.int32, device=key.device)
+    kept = torch.empty(B, H, P, dtype=torch.bool, device=key.device) if num_pages is not None else None
     BP = _pow2(P, 16)
     row_budget = isinstance(budget_pages, torch.Tensor)  # broadcastable to [B, H, 1], as in the reference
     # a row keeps its budget unless it forces more: sort a block of the budget's size, the whole row past it
     SB = BP if budget_pages is None or row_budget else sort_block_for(int(budget_pages), P)
     keys = torch.empty(B * H if SB < BP else 1, SB, dtype=torch.int64, device=key.device)
     budgets = budget_pages.expand(B, H, 1).reshape(B * H).to(torch.int32).contiguous() if row_budget else count
-    _select_kernel[(B * H,)](key, forced, cand, keys, order, count, P,
+    _select_kernel[(B * H,)](key, forced, forced.stride(0), forced.stride(1), cand, cand.stride(0), cand.stride(1),
+                             count if num_pages is None else num_pages.to(torch.int32).contiguous(),
+                             count if kept is None else kept.view(torch.int8), keys, order, count, H, P,
                              0 if budget_pages is None or row_budget else int(budget_pages), budgets,
-                             HAS_BUDGET=budget_pages is not None, ROW_BUDGET=row_budget, BP=BP, SORT_BLOCK=SB,
-                             num_warps=4 if BP <= 1024 else 8)
-    return order, count
+                             HAS_BUDGET=budget_pages is not None, ROW_BUDGET=row_budget, VALID=num_pages is not None,
+                             KEPT=kept is not None, BP=BP, SORT_BLOCK=SB, num_warps=4 if BP <= 1024 else 8)
+    return order, count, kept
 
 
-def order_to_mask(order, num_positions: int):
-    idx = torch.where(order >= 0, order.long(), torch.full_like(order.long(), num_positions))
-    mask = torch.zeros(order.shape[:-1] + (num_positions + 1,), dtype=torch.bool, device=order.device)
-    mask.scatter_(-1, idx, True)
-    return mask[..., :num_positions]
+def _rows_of(mask):
+    """A [B, H, P] mask as bytes the kernel reads through its strides (no copy when the pages are contiguous)."""
+    return (mask if mask.stride(-1) == 1 else mask.contiguous()).view(torch.uint8)
 
 
 def page_token_counts(order, page_table_lens, page_size: int):
