@@ -92,6 +92,33 @@ def test_history_ring_buffer_order_wrap_growth():
     assert torch.isinf(h.scores[5]).all() and h.steps[5] == 0
 
 
+def check_push(B, R, Hh, group, H, P, cap, *, device="cpu", seed=0):
+    """kernels/page_history: the Triton push against the torch reference, twice in a row (the slot moves)."""
+    from composable_kv.kernels.page_history import reference as ref, triton as tk
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.rand(R, Hh, H, cap, generator=g)
+    ptr = torch.randint(0, H, (R,), generator=g)
+    steps = torch.randint(0, 50, (R,), generator=g)
+    rows = torch.randperm(R, generator=g)[:B]
+    want = [t.clone() for t in (hist, ptr, steps)]
+    got = [t.clone().to(device) for t in (hist, ptr, steps)]
+    for _ in range(2):
+        mass = torch.rand(B, Hh * group, P, generator=g)
+        ref.push(*want, rows, mass, group)
+        tk.push(*got, rows.to(device), mass.to(device), group)
+    for name, w, x in zip(("hist", "ptr", "steps"), want, got):
+        torch.testing.assert_close(x.cpu(), w, rtol=1e-6, atol=1e-7, msg=name)
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (tests/conftest.py) or CUDA")
+@pytest.mark.interpret
+@pytest.mark.parametrize("B,R,Hh,group,H,P,cap", [(3, 5, 2, 4, 8, 20, 40), (2, 2, 6, 1, 3, 33, 33),
+                                                   (1, 4, 3, 3, 5, 1, 17)])
+def test_history_push_kernel_equals_reference(B, R, Hh, group, H, P, cap):
+    check_push(B, R, Hh, group, H, P, cap, seed=B + P)
+
+
 @pytest.mark.cpu
 def test_rows_follow_the_cache_batch_and_are_reused():
     from composable_kv.seq_rows import SequenceRows

@@ -34,6 +34,13 @@ def test_select_pages_gpu(budget, P):
     check_select(4, 8, P, budget, device="cuda", ties=False, seed=P + 1)
 
 
+@pytest.mark.parametrize("P,cap", [(2048, 2304), (2100, 2304), (7, 16)])
+def test_history_push_gpu(P, cap):
+    from test_attention_predictor import check_push
+    check_push(16, 20, 8, 4, 8, P, cap, device="cuda", seed=P)
+    check_push(16, 16, 32, 1, 64, P, cap, device="cuda", seed=P + 1)
+
+
 @pytest.mark.parametrize("budget", [0, 64, 3000])
 @pytest.mark.parametrize("P", [37, 2048, 5000])
 def test_narrow_pages_gpu(budget, P):

@@ -174,10 +174,7 @@ class AttentionPredictor(ScoringSelector):
     def observe_page_mass(self, ctx, page_mass: torch.Tensor) -> None:
         """After the decode: page_mass [B, Hq, P] (softmax mass per page, 0 where not read)."""
         hist, rows = self._rows(ctx)
-        if self.per_kv_head:
-            B, Hq, P = page_mass.shape
-            page_mass = page_mass.view(B, ctx.num_kv_heads, Hq // ctx.num_kv_heads, P).mean(2)
-        hist.push(rows, page_mass)
+        hist.push(rows, page_mass, ctx.group_size if self.per_kv_head else 1)  # per KV head: the group's mean
 
 
 class _PredictorState(StageState):

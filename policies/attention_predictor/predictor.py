@@ -155,14 +155,15 @@ class PageHistory:
         self.steps[row] = 0
         self.seeded[row] = False
 
-    def push(self, rows: torch.Tensor, mass: torch.Tensor) -> None:
-        """Record one step: mass [B, Hh, P] (0 for pages not read) into each row's next slot; the clock ticks."""
-        P = mass.shape[-1]
-        slot = self.ptr[rows]  # [B]
-        row = torch.nn.functional.pad(mass.float(), (0, self.page_capacity - P))  # [B, Hh, Pcap]
-        self.hist[rows, :, slot] = row
-        self.ptr[rows] = (slot + 1) % self.H
-        self.steps[rows] += 1
+    def push(self, rows: torch.Tensor, mass: torch.Tensor, group: int = 1) -> None:
+        """Record one step: mass [B, Hh * group, P] (0 for pages not read; each head's group averaged) into each
+        row's next slot; the clock ticks (kernels/page_history: one launch on CUDA, torch ops elsewhere)."""
+        from composable_kv.kernels import backend_for
+        if backend_for(mass.device) == "triton":
+            from composable_kv.kernels.page_history import triton as impl
+        else:
+            from composable_kv.kernels.page_history import reference as impl
+        impl.push(self.hist, self.ptr, self.steps, rows, mass, group)
 
     def seed(self, row: int, mass: torch.Tensor) -> None:
         """Fill a row with the prefill's pooled attention: mass [Hh, h, P], oldest first (h <= H).
