@@ -119,6 +119,30 @@ def test_history_push_kernel_equals_reference(B, R, Hh, group, H, P, cap):
     check_push(B, R, Hh, group, H, P, cap, seed=B + P)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (tests/conftest.py) or CUDA")
+@pytest.mark.interpret
+@pytest.mark.parametrize("calibrate_every,calibrate_first,run_every", [(5, True, 1), (3, False, 2), (1, True, 4)])
+def test_history_clock_kernel_equals_reference(calibrate_every, calibrate_first, run_every):
+    check_clock(calibrate_every, calibrate_first, run_every)
+
+
+def check_clock(calibrate_every, calibrate_first, run_every, *, B=5, R=9, device="cpu"):
+    from composable_kv.kernels.page_history import reference as ref, triton as tk
+    g = torch.Generator().manual_seed(calibrate_every + run_every)
+    steps = torch.randint(0, 12, (R,), generator=g)
+    steps[:3] = torch.tensor([0, 1, 1])  # an unseeded first step, a seeded one, an unseeded second
+    seeded = torch.rand(R, generator=g) < 0.5
+    seeded[1:3] = torch.tensor([True, False])
+    scores = torch.randn(R, 2, 7, generator=g)
+    scores[torch.rand(R, generator=g) < 0.3, 0, 0] = float("-inf")  # never scored
+    rows = torch.cat([torch.arange(3), torch.randperm(R - 3, generator=g)[:B - 3] + 3])
+    want = ref.clock(steps, seeded, scores, rows, calibrate_every, calibrate_first, run_every)
+    got = tk.clock(*(t.to(device) for t in (steps, seeded, scores, rows)), calibrate_every, calibrate_first, run_every)
+    for name, w, x in zip(("calibrate", "due"), want, got):
+        assert torch.equal(w, x.cpu()), name
+    return want
+
+
 @pytest.mark.cpu
 def test_rows_follow_the_cache_batch_and_are_reused():
     from composable_kv.seq_rows import SequenceRows

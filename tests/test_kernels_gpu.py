@@ -41,6 +41,12 @@ def test_history_push_gpu(P, cap):
     check_push(16, 16, 32, 1, 64, P, cap, device="cuda", seed=P + 1)
 
 
+@pytest.mark.parametrize("calibrate_every,calibrate_first,run_every", [(10, False, 8), (5, True, 1)])
+def test_history_clock_gpu(calibrate_every, calibrate_first, run_every):
+    from test_attention_predictor import check_clock
+    check_clock(calibrate_every, calibrate_first, run_every, B=16, R=40, device="cuda")
+
+
 @pytest.mark.parametrize("budget", [0, 64, 3000])
 @pytest.mark.parametrize("P", [37, 2048, 5000])
 def test_narrow_pages_gpu(budget, P):

@@ -13,3 +13,15 @@ def push(hist, ptr, steps, rows, mass, group: int = 1) -> None:
     hist[rows, :, slot] = torch.nn.functional.pad(mass, (0, hist.shape[-1] - P))
     ptr[rows] = (slot + 1) % hist.shape[2]
     steps[rows] += 1
+
+
+def clock(steps, seeded, scores, rows, calibrate_every: int, calibrate_first: bool, run_every: int):
+    """The step's turns from each row's clock: (calibrate [B] bool: the row reads every page, steps % calibrate_every
+    == 0, or its first decode step after a prefill seed with calibrate_first; due [B] bool: the CNN scores the row,
+    steps % run_every == 0 or never scored (scores[row, 0, 0] = -inf)). steps [R] long, seeded [R] bool,
+    scores [R, Hkv, Pcap], rows [B] long."""
+    s = steps[rows]  # [B]
+    calibrate = s % calibrate_every == 0
+    if calibrate_first:
+        calibrate = calibrate | ((s == 1) & seeded[rows])
+    return calibrate, (s % run_every == 0) | torch.isinf(scores[rows, 0, 0])

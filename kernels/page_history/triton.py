@@ -27,6 +27,33 @@ def _push_kernel(hist_ptr, stride_hr, stride_hh, stride_hs, ptr_ptr, steps_ptr, 
     tl.store(steps_ptr + row, tl.load(steps_ptr + row) + 1)
 
 
+@triton.jit
+def _clock_kernel(steps_ptr, seeded_ptr, scores_ptr, stride_sr, rows_ptr, calibrate_ptr, due_ptr, B, calibrate_every,
+                  run_every, CALIBRATE_FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.arange(0, BLOCK)
+    live = b < B
+    row = tl.load(rows_ptr + b, mask=live, other=0)
+    s = tl.load(steps_ptr + row, mask=live, other=0)
+    calibrate = s % calibrate_every == 0
+    if CALIBRATE_FIRST:
+        calibrate = calibrate | ((s == 1) & (tl.load(seeded_ptr + row, mask=live, other=0) != 0))
+    never = tl.load(scores_ptr + row * stride_sr, mask=live, other=0.0) == float("-inf")
+    tl.store(calibrate_ptr + b, calibrate.to(tl.int8), mask=live)
+    tl.store(due_ptr + b, ((s % run_every == 0) | never).to(tl.int8), mask=live)
+
+
+def clock(steps, seeded, scores, rows, calibrate_every: int, calibrate_first: bool, run_every: int):
+    """Same contract as reference.clock, one launch."""
+    B = rows.shape[0]
+    calibrate = torch.empty(B, dtype=torch.bool, device=rows.device)
+    due = torch.empty_like(calibrate)
+    if B:
+        _clock_kernel[(1,)](steps, seeded.view(torch.uint8), scores, scores.stride(0), rows.contiguous(),
+                            calibrate.view(torch.int8), due.view(torch.int8), B, int(calibrate_every), int(run_every),
+                            CALIBRATE_FIRST=bool(calibrate_first), BLOCK=_pow2(B, 16), num_warps=1)
+    return calibrate, due
+
+
 def push(hist, ptr, steps, rows, mass, group: int = 1) -> None:
     """Same contract as reference.push (in place)."""
     R, Hh, H, cap = hist.shape

@@ -6,7 +6,7 @@ import torch
 
 from composable_kv.kernels import backend_for
 from composable_kv.kernels.predictor_cnn import reference as cnn_ref
-from composable_kv.policies.attention_predictor.predictor import (PageHistory, default_weights_path,
+from composable_kv.policies.attention_predictor.predictor import (PageHistory, default_weights_path, history_kernels,
                                                                  kernel_weights, load_weights, prefill_page_mass)
 from composable_kv.seq_rows import SequenceRows
 from composable_kv.stages import GraphSupport, ScoringSelector, StageState, param, register_stage
@@ -135,11 +135,28 @@ class AttentionPredictor(ScoringSelector):
 
     def score(self, ctx):
         hist, rows = self._rows(ctx)
+        return self._predict(ctx, hist, rows, self._clock(hist, rows)[1])
+
+    def apply(self, ctx, state) -> None:
+        hist, rows = self._rows(ctx)
+        calibrate, due = self._clock(hist, rows)  # [B] each
+        state.forced = state.forced | (calibrate[:, None, None] & state.valid)  # a dense step: keep every page
+        scores = self._predict(ctx, hist, rows, due)
+        state.narrow(self.read_key(ctx, scores, calibrate), self.budget_pages(ctx.page_size), is_bound=False)
+
+    def _clock(self, hist, rows):
+        """(calibrate, due) [B]: this step's turns from the rows' clocks (kernels/page_history.clock: one launch
+        on CUDA). An unseeded first step calibrates (its clock reads 0)."""
+        return history_kernels(rows.device).clock(hist.steps, hist.seeded, hist.scores, rows, self.calibrate_every,
+                                                  self.calibrate_first, self.run_every)
+
+    def _predict(self, ctx, hist, rows, due):
+        """[B, Hkv, P] CNN scores; with run_every > 1 the rows not `due` keep their last scores."""
         B, P, Hkv = ctx.batch_size, ctx.max_pages, ctx.num_kv_heads
-        due = None
-        if self.run_every > 1:  # rows off their turn (and ever scored) keep their last scores
+        if self.run_every == 1:
+            due = None
+        else:  # rows off their turn (and ever scored) keep their last scores
             last = hist.scores[rows, :, :P]  # [B, Hkv, P]
-            due = (hist.steps[rows] % self.run_every == 0) | torch.isinf(last[:, 0, 0])  # [B]
         model = load_weights(self.weights or None, ctx.q.device)
         with torch.no_grad():  # one CNN call for every (request, head): [B, Hh, P]
             if backend_for(ctx.q.device) == "triton":
@@ -154,15 +171,6 @@ class AttentionPredictor(ScoringSelector):
             s = torch.where(due[:, None, None], s, last)
             hist.scores[rows, :, :P] = s
         return s
-
-    def apply(self, ctx, state) -> None:
-        hist, rows = self._rows(ctx)
-        steps = hist.steps[rows]  # [B]
-        calibrate = (steps % self.calibrate_every) == 0  # an unseeded first step too
-        if self.calibrate_first:
-            calibrate |= (steps == 1) & hist.seeded[rows]
-        state.forced = state.forced | (calibrate[:, None, None] & state.valid)  # a dense step: keep every page
-        state.narrow(self.read_key(ctx, self.score(ctx), calibrate), self.budget_pages(ctx.page_size), is_bound=False)
 
     @staticmethod
     def read_key(ctx, scores: torch.Tensor, calibrate: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,16 @@ def kernel_weights(model: PredictorCNN):
     return _PACKED[model]
 
 
+def history_kernels(device):
+    """kernels/page_history for `device`: the Triton launches on CUDA (or TRITON_INTERPRET=1), else torch ops."""
+    from composable_kv.kernels import backend_for
+    if backend_for(device) == "triton":  # imported only then: Triton reads TRITON_INTERPRET when a kernel is defined
+        from composable_kv.kernels.page_history import triton as impl
+    else:
+        from composable_kv.kernels.page_history import reference as impl
+    return impl
+
+
 class PageHistory:
     """One layer's ring buffers of per-page attention mass, one row per sequence (rows: the stage
     state's SequenceRows), in fixed-shape device tensors updated in place by device ops, so a captured
@@ -158,12 +168,7 @@ class PageHistory:
     def push(self, rows: torch.Tensor, mass: torch.Tensor, group: int = 1) -> None:
         """Record one step: mass [B, Hh * group, P] (0 for pages not read; each head's group averaged) into each
         row's next slot; the clock ticks (kernels/page_history: one launch on CUDA, torch ops elsewhere)."""
-        from composable_kv.kernels import backend_for
-        if backend_for(mass.device) == "triton":
-            from composable_kv.kernels.page_history import triton as impl
-        else:
-            from composable_kv.kernels.page_history import reference as impl
-        impl.push(self.hist, self.ptr, self.steps, rows, mass, group)
+        history_kernels(mass.device).push(self.hist, self.ptr, self.steps, rows, mass, group)
 
     def seed(self, row: int, mass: torch.Tensor) -> None:
         """Fill a row with the prefill's pooled attention: mass [Hh, h, P], oldest first (h <= H).
