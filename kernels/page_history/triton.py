@@ -1,30 +1,36 @@
-"""AttentionPredictor's history push in one Triton launch (same contract as reference.push): one program per
-request writes every head's slot, then ticks the row's clock (no other program reads it: no race)."""
+"""AttentionPredictor's history in Triton (same contracts as reference.py): the step's turns (clock) and the push, one
+launch each. push: one program per (request, head) writes the head's slot; the row's last head to arrive (a counter,
+as Quest's split scoring) ticks the clock, after every head has read the slot."""
 import torch
 import triton
 import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 from ..page_score.triton import _pow2
+from ..page_select.triton import _arrivals
 
 
 @triton.jit
 def _push_kernel(hist_ptr, stride_hr, stride_hh, stride_hs, ptr_ptr, steps_ptr, rows_ptr, mass_ptr, stride_mb,
-                 stride_mh, P, CAP, HEADS, H, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+                 stride_mh, arrivals_ptr, P, CAP, H, GROUP: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
+    hh = tl.program_id(1)
     row = tl.load(rows_ptr + b)
     slot = tl.load(ptr_ptr + row)
-    base = hist_ptr + row * stride_hr + slot * stride_hs
-    for hh in range(HEADS):
-        for p0 in range(0, CAP, BLOCK):
-            p = p0 + tl.arange(0, BLOCK)
-            src = mass_ptr + b.to(tl.int64) * stride_mb + (hh * GROUP) * stride_mh + p
-            acc = tl.load(src, mask=p < P, other=0.0).to(tl.float32)
-            for g in tl.static_range(1, GROUP):
-                acc += tl.load(src + g * stride_mh, mask=p < P, other=0.0).to(tl.float32)
-            tl.store(base + hh * stride_hh + p, acc / GROUP, mask=p < CAP)
-    tl.store(ptr_ptr + row, (slot + 1) % H)
-    tl.store(steps_ptr + row, tl.load(steps_ptr + row) + 1)
+    dst = hist_ptr + row * stride_hr + hh * stride_hh + slot * stride_hs
+    src = mass_ptr + b.to(tl.int64) * stride_mb + (hh * GROUP) * stride_mh
+    for p0 in range(0, CAP, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        acc = tl.load(src + p, mask=p < P, other=0.0).to(tl.float32)
+        for g in tl.static_range(1, GROUP):
+            acc += tl.load(src + g * stride_mh + p, mask=p < P, other=0.0).to(tl.float32)
+        tl.store(dst + p, acc / GROUP, mask=p < CAP)
+    tl.debug_barrier()
+    # the row's last head to arrive (every head has read the slot) ticks the clock and resets the counter
+    if tl.atomic_add(arrivals_ptr + b, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
+        tl.store(arrivals_ptr + b, 0)
+        tl.store(ptr_ptr + row, (slot + 1) % H)
+        tl.store(steps_ptr + row, tl.load(steps_ptr + row) + 1)
 
 
 @triton.jit
@@ -64,6 +70,6 @@ def push(hist, ptr, steps, rows, mass, group: int = 1) -> None:
     if B == 0:
         return
     mass = mass if mass.stride(-1) == 1 else mass.contiguous()
-    _push_kernel[(B,)](hist, hist.stride(0), hist.stride(1), hist.stride(2), ptr, steps, rows.contiguous(), mass,
-                       mass.stride(0), mass.stride(1), P, cap, Hh, H, GROUP=group, BLOCK=min(_pow2(cap, 16), 1024),
-                       num_warps=4)
+    _push_kernel[(B, Hh)](hist, hist.stride(0), hist.stride(1), hist.stride(2), ptr, steps, rows.contiguous(), mass,
+                          mass.stride(0), mass.stride(1), _arrivals(B, mass.device), P, cap, H, GROUP=group,
+                          BLOCK=min(_pow2(cap, 16), 1024), num_warps=4)
