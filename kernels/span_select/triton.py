@@ -305,8 +305,9 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
 
 
 def _warps(width: int) -> int:
-    """Warps for a row of `width` (pow2) pages or span slots. An H200 sweep on the stage's inputs (B=16, Llama-8B
-    heads; benchmarks/seed_methods/span_select_experiments-2026-11-30.md): 8 warps at 2,048 (26.8 us; 16: 28.3), 16 at 4,096
-    (51.3 us; 8: 72.7, spilling registers)."""
-    return 4 if width <= 1024 else 8 if width <= 2048 else 16
-
+    """Warps for a row of `width` (pow2) pages or span slots: at most 16 elements of a [4, width] tile a thread up to
+    2,048, 16 warps past it. Chosen in the stage's layer, where the kernel starts with its code evicted from the L2 by
+    the scoring and decode before it, so less code a thread pays (H200, B=16, Llama-8B heads, layer us at 4 / 8 / 16
+    warps; benchmarks/seed_methods/span_select_experiments-2026-11-30.md, section 6): 1,024 wide 103.5 / 82.5 / 85.0;
+    2,048: 8 warps 123.1, 16 114.2; 4,096: 16 warps 152.6, 32 165.4."""
+    return 4 if width <= 512 else 8 if width <= 1024 else 16
