@@ -100,11 +100,18 @@ def compile_report(kernel, signature: dict, constexprs: dict, *, arch: int, num_
     cubin.write_bytes(cc.asm["cubin"])
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
+    sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True).stdout
     mma = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)))
     return "\n".join([f"mma: {mma or 'none'}",
                       f"local memory ops in PTX: {ptx.count('ld.local') + ptx.count('st.local')}; "
-                      f"shared bytes: {cc.metadata.shared}",
+                      f"shared bytes: {cc.metadata.shared}; SASS instructions: {sass_instructions(sass)}",
                       usage.strip().splitlines()[-1].strip()])
+
+
+def sass_instructions(sass: str) -> int:
+    """Instructions in cuobjdump -sass text (each is listed with its /*offset*/): the code a program walks."""
+    import re
+    return len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass))
 
 
 def filled_cache(pipe, batch: int, ctx: int, num_kv_heads: int, head_dim: int, dtype, device, generator):
