@@ -14,7 +14,8 @@ def test_compile_reports_code_size_and_resources():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "span_select_compile.py"), "--widths", "64",
                           "--warps", "2,4"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    counts = [int(line.split("SASS instructions: ")[1]) for line in out.stdout.splitlines() if "SASS instructions" in line]
+    counts = [int(line.split("SASS instructions: ")[1]) for line in out.stdout.splitlines()
+              if "SASS instructions" in line]
     assert len(counts) == 2 and all(c > 100 for c in counts), out.stdout
     assert out.stdout.count("REG:") == 2
 

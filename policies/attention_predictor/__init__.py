@@ -175,8 +175,8 @@ class AttentionPredictor(ScoringSelector):
     @staticmethod
     def read_key(ctx, scores: torch.Tensor, calibrate: torch.Tensor) -> torch.Tensor:
         """The read order's key [B, Hkv, P]: the CNN's scores, and page order on a calibration row, which reads every
-        page (a dense read in the scores' order took 896 against 538 us in benchmarks/seed_methods/decode_probe-4bfe688.md;
-        the layer's time did not show that gain: NOTES.md)."""
+        page (in the scores' order that read took 896 against 538 us in the probe
+        benchmarks/seed_methods/decode_probe-4bfe688.md; the layer's time did not show the gain: NOTES.md)."""
         page_order = -torch.arange(ctx.max_pages, device=scores.device, dtype=torch.float32)  # [P]
         return torch.where(calibrate[:, None, None], page_order, scores.float())
 
