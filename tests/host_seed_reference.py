@@ -187,10 +187,9 @@ class HostAttentionPredictor(AttentionPredictor):
         calibrate = (steps % self.calibrate_every) == 0
         if self.calibrate_first:
             calibrate |= (steps == 1) & hist.seeded[rows.cpu()]
-        calibrate = calibrate.to(state.forced.device)
         if calibrate.any():
-            state.forced = state.forced | (calibrate[:, None, None] & state.valid)
-        state.narrow(self.read_key(ctx, self.score(ctx), calibrate), self.budget_pages(ctx.page_size), is_bound=False)
+            state.forced = state.forced | (calibrate.to(state.forced.device)[:, None, None] & state.valid)
+        super(AttentionPredictor, self).apply(ctx, state)
 
     def observe_page_mass(self, ctx, page_mass):
         hist, rows = self._rows(ctx)

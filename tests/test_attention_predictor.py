@@ -197,37 +197,6 @@ def test_stage_calibrates_then_keeps_the_budget(weights):
     assert (hist.window(rows, 16)[:, :, :-7] == 0).all()  # H=8, 7 steps: the oldest slot is empty
 
 
-@pytest.mark.cpu
-def test_calibration_steps_read_in_page_order(weights, monkeypatch):
-    """A calibration step reads every page in page order (the CNN's order scatters a dense read); the other steps
-    read best-first by the CNN's scores."""
-    from composable_kv.pipeline import DecodePipeline
-    pipe = ckv.compile(policy(weights), backend="reference")
-    cache, ids, _, _ = build_cache([100, 200, 37], num_layers=2, head_dim=32, extra_pages=8,
-                                   summaries=pipe.required_summaries)
-    orders, real = [], DecodePipeline.select
-
-    def spy(self, ctx):
-        out = real(self, ctx)
-        if ctx.layer == 1:
-            orders.append(out[:2])
-        return out
-
-    monkeypatch.setattr(DecodePipeline, "select", spy)
-    decode_steps(pipe, cache, ids, 5)
-    unordered = 0
-    for step, (order, count) in enumerate(orders):
-        for b, L in enumerate((100, 200, 37)):
-            n = -(-(L + step + 1) // 16)
-            for h in range(order.shape[1]):
-                listed = order[b, h, :count[b, h]].tolist()
-                if step % 3 == 0:
-                    assert listed == list(range(n)), (step, b, h, listed)
-                else:
-                    unordered += listed != sorted(listed)
-    assert unordered > 0  # the predicting steps keep the scores' order
-
-
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (tests/conftest.py) or CUDA")
 @pytest.mark.interpret
 @pytest.mark.parametrize("num_splits", [1, 2])

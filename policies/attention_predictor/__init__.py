@@ -142,7 +142,7 @@ class AttentionPredictor(ScoringSelector):
         calibrate, due = self._clock(hist, rows)  # [B] each
         state.forced = state.forced | (calibrate[:, None, None] & state.valid)  # a dense step: keep every page
         scores = self._predict(ctx, hist, rows, due)
-        state.narrow(self.read_key(ctx, scores, calibrate), self.budget_pages(ctx.page_size), is_bound=False)
+        state.narrow(scores.float(), self.budget_pages(ctx.page_size), is_bound=False)
 
     def _clock(self, hist, rows):
         """(calibrate, due) [B]: this step's turns from the rows' clocks (kernels/page_history.clock: one launch
@@ -171,14 +171,6 @@ class AttentionPredictor(ScoringSelector):
             s = torch.where(due[:, None, None], s, last)
             hist.scores[rows, :, :P] = s
         return s
-
-    @staticmethod
-    def read_key(ctx, scores: torch.Tensor, calibrate: torch.Tensor) -> torch.Tensor:
-        """The read order's key [B, Hkv, P]: the CNN's scores, and page order on a calibration row, which reads every
-        page (in the scores' order that read took 896 against 538 us in the probe
-        benchmarks/seed_methods/decode_probe-4bfe688.md; the layer's time did not show the gain: NOTES.md)."""
-        page_order = -torch.arange(ctx.max_pages, device=scores.device, dtype=torch.float32)  # [P]
-        return torch.where(calibrate[:, None, None], page_order, scores.float())
 
     def observe_page_mass(self, ctx, page_mass: torch.Tensor) -> None:
         """After the decode: page_mass [B, Hq, P] (softmax mass per page, 0 where not read)."""
