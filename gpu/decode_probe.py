@@ -26,10 +26,12 @@ t_copy = triton.testing.do_bench(lambda: src.clone(), warmup=10, rep=50)  # read
 bw = kv_bytes / (t_copy * 1e-3)  # bytes/s moved (read + write)
 rows = [f"{torch.cuda.get_device_name()}, B={B}, ctx={ctx}, Hq={Hq}, Hkv={Hkv}, D={D}, page {S}, bf16; "
         f"K+V {kv_bytes / 1e9:.2f} GB, {kv_bytes / bw * 1e6:.0f} us at the copy bandwidth ({bw / 1e12:.2f} TB/s)\n",
-        "| order | page mass | splits | us | TB/s |", "|---|---|---|---|---|"]
+        "| order | page mass (sum) | splits | us | TB/s |", "|---|---|---|---|---|"]
 for natural in (True, False):
-    for mass in (False, True):
-        for splits in (1, 3, 8, 16, 32):
+    for mass in (None, "reshape", "dot"):
+        for splits in (1, 3, 8, 32):
+            decode_tk.MASS_SUM = mass or "reshape"
+
             def run():
                 pm = None
                 if mass:
@@ -38,7 +40,7 @@ for natural in (True, False):
                                                None if natural else count, sm_scale=D ** -0.5, num_splits=splits,
                                                natural=natural, page_mass=pm)
             t = triton.testing.do_bench(run, warmup=10, rep=50)
-            rows.append(f"| {'natural' if natural else 'list'} | {mass} | {splits} | {t * 1e3:.0f} | "
+            rows.append(f"| {'natural' if natural else 'list'} | {mass or '-'} | {splits} | {t * 1e3:.0f} | "
                         f"{kv_bytes / (t * 1e-3) / 1e12:.2f} |")
             print(rows[-1], flush=True)
 (out / "decode_probe.md").write_text("\n".join(rows) + "\n")
