@@ -20,7 +20,6 @@ from ..page_score.triton import dot_f32 as score_dot_f32
 from ..page_select.triton import box_block_s, order_split
 
 NEG_INF = tl.constexpr(float("-inf"))
-MASS_SUM = "dot"  # EXPERIMENT: "reshape" or "dot"
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -41,8 +40,7 @@ def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, ph
                   k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h, seq_len, qk_scale, mass_row, P_PAD, terms_row,
                   NATURAL: tl.constexpr, PHYS: tl.constexpr, BLOCK_PAGES: tl.constexpr, PAGE: tl.constexpr,
                   D: tl.constexpr, DP: tl.constexpr, DOT_F32: tl.constexpr, TOK: tl.constexpr,
-                  G: tl.constexpr, GP: tl.constexpr, PAGE_MASS: tl.constexpr, CALIB: tl.constexpr,
-                  MASS_DOT: tl.constexpr):
+                  G: tl.constexpr, GP: tl.constexpr, PAGE_MASS: tl.constexpr, CALIB: tl.constexpr):
     """Online softmax over BLOCK_PAGES pages of this split (its j0-th.. in list order). m in log2 units.
     PAGE_MASS: also store each page's log mass (natural log, unnormalised) at mass_row[g * P_PAD + pos].
     CALIB: also return max over the block's pages of (log mass - terms_row[list index]) per head [GP]
@@ -83,12 +81,8 @@ def _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, ph
     p = tl.exp2(qk - ms[:, None])
     calib = tl.full([GP], NEG_INF, tl.float32)
     if PAGE_MASS or CALIB:
+        ps = tl.sum(tl.reshape(p, [GP, TOK // PAGE, PAGE]), axis=2)  # [GP, pages in the block]
         jj = tl.arange(0, TOK // PAGE)
-        if MASS_DOT:  # the pages' sums as a product with the block's page indicator: no layout round trip
-            ind = ((tok[:, None] // PAGE) == jj[None, :]).to(tl.float32)  # [TOK, pages]
-            ps = tl.dot(p, ind, input_precision="tf32x3")
-        else:
-            ps = tl.sum(tl.reshape(p, [GP, TOK // PAGE, PAGE]), axis=2)  # [GP, pages in the block]
         jp = j0 + jj
         pv = (jj < BLOCK_PAGES) & (jp < n_mine)
         lm = ms[:, None] * LN2 + tl.log(ps)  # [GP, pages] natural log of each page's mass
@@ -141,7 +135,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                    NUM_STAGES: tl.constexpr, TOK: tl.constexpr, PAGE_MASS: tl.constexpr,
                    ACC_BF16: tl.constexpr, CALIB_RECENT: tl.constexpr, ONCE: tl.constexpr,
                    KC: tl.constexpr, ORDER: tl.constexpr, O_BLOCK_S: tl.constexpr, O_KP: tl.constexpr,
-                   O_DOT_F32: tl.constexpr, MASS_DOT: tl.constexpr):
+                   O_DOT_F32: tl.constexpr):
     pid = tl.program_id(0)
     if ORDER:  # launch_decode's order_from: this split orders its own pages first (page_select.order_split)
         order_split(pid, tl.program_id(1), q_ptr, stride_qb, stride_qh, sa_ptr, sb_ptr, stride_sap, stride_sah, 0,
@@ -178,7 +172,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
             m, l, acc, _ = _attend_block(q, m, l, acc, j0, s, n_mine, num_splits, order_row, pt_row, phys_row,
                                          last_phys, last_n, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h,
                                          seq_len, qk_scale, mass_row, P_PAD, order_row, NATURAL, PHYS,
-                                         BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, False, MASS_DOT)
+                                         BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, False)
         pages = n_mine
     elif ONCE:  # calibrate: once (reference.once_stop_slot): the first chunk, the stop from the bounds, the rest
         tail_row = tail_ptr + pid.to(tl.int64) * N
@@ -188,7 +182,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
             m, l, acc, cb = _attend_block(q, m, l, acc, jb, s, n_mine, num_splits, order_row, pt_row, phys_row,
                                           last_phys, last_n, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h,
                                           seq_len, qk_scale, mass_row, P_PAD, terms_row, NATURAL, PHYS,
-                                          BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, True, MASS_DOT)
+                                          BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, True)
             calib = tl.maximum(calib, cb)
         c = tl.where(calib > NEG_INF, tl.minimum(calib, 0.0), 0.0)  # [GP]
         log_z = m * LN2 + tl.log(tl.maximum(l, 1e-30))
@@ -202,7 +196,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
             m, l, acc, _ = _attend_block(q, m, l, acc, jb, s, lim, num_splits, order_row, pt_row, phys_row,
                                          last_phys, last_n, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, h,
                                          seq_len, qk_scale, mass_row, P_PAD, terms_row, NATURAL, PHYS,
-                                         BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, False, MASS_DOT)
+                                         BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP, PAGE_MASS, False)
         pages = tl.minimum(lim, n_mine)
     else:
         tail_row = tail_ptr + pid.to(tl.int64) * N
@@ -220,7 +214,7 @@ def _decode_kernel(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_
                                               phys_row, last_phys, last_n, k_ptr, v_ptr, stride_kp, stride_kh,
                                               stride_kt, h, seq_len, qk_scale, mass_row, P_PAD, terms_row,
                                               NATURAL, PHYS, BLOCK_PAGES, PAGE, D, DP, DOT_F32, TOK, G, GP,
-                                              PAGE_MASS, RULE == 3, MASS_DOT)
+                                              PAGE_MASS, RULE == 3)
                 cchunk = tl.maximum(cchunk, cb)
             if CALIB_RECENT:  # the last chunk's slack, where it had a full page
                 calib = tl.where(cchunk > NEG_INF, cchunk, calib)
@@ -437,7 +431,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, order, count, *, sm
         KC=_pow2(triton.cdiv(triton.cdiv(N, S), max(chunk, 1)), 16), ORDER=order_from is not None,
         O_BLOCK_S=_order_block_s(order_from, D), O_KP=_pow2(triton.cdiv(N, S), 16),
         O_DOT_F32=order_from is not None and score_dot_f32(q, order_from[0].dtype),
-        MASS_DOT=with_mass and MASS_SUM == "dot", num_warps=num_warps)
+        num_warps=num_warps)
     if split:
         _merge_kernel[(B * Hq,)](pm, pl, pacc, ppages, prem, out, out.stride(0), out.stride(1), pages,
                                  tau if R == 2 else out, lse, S, HKV=Hkv, G=G, GP=GP, D=D, DP=DP,

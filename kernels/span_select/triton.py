@@ -55,12 +55,12 @@ def _forced_of(forced_ptr, stride_fb, stride_fh, b, hh, p, sink_pages, cov, vali
 
 
 @triton.jit
-def _head_ballots(s, size, avail, live, s_rows, stride_sh, win_row, count_row, wv_row, size_row, GP: tl.constexpr,
+def _head_ballots(s, size, avail, live, s_rows, stride_sh, win_row, wv_row, size_row, GP: tl.constexpr,
                   NSP: tl.constexpr, W: tl.constexpr, PACK: tl.constexpr):
     """[GP, NSP] ballots of G heads: a head votes for the spans its ranking fits into avail free pages. The spans of
     a sorted window are not in it: their ballots are atomic adds to wv_row. size: [1, NSP] int32, also at size_row;
-    s_rows: the heads' score rows; win_row: [GP, W] and count_row: [GP] int32 scratch. A sum of sizes and a count of
-    spans share one int32 (the count from bit PACK on) or, where they would not fit, one int64."""
+    s_rows: the heads' score rows; win_row: [GP, W] int32 scratch. A sum of sizes and a count of spans share one
+    int32 (the count from bit PACK on) or, where they would not fit, one int64."""
     key = _ord32(s)  # [GP, NSP] int32; a finite key is > INT32_MIN
     if PACK < 32:
         one = tl.full([], 1, tl.int32) << PACK
@@ -99,16 +99,12 @@ def _head_ballots(s, size, avail, live, s_rows, stride_sh, win_row, count_row, w
     n_win = tl.where(everyone, 0, n_lo - n_hi)  # [GP] live spans in (lo, hi]
     small = (n_win <= W)[:, None]
     win = live & (key > lo[:, None]) & (key <= hi[:, None]) & ~everyone[:, None]
-    tie = win & ~small
-    if tl.max((n_win > W).to(tl.int32), axis=0) > 0:  # a wide window (gap 1: all its keys equal hi) ranks by id
-        tie = tie & (g_hi[:, None] + tl.cumsum(tl.where(win, size, 0), axis=1) - size < avail)
-    # a small one is compacted (slots from a relaxed atomic count: the sort fixes the order) and sorted by
-    # (key desc, id asc)
+    cs = tl.cumsum(tl.where(win, val, 0), axis=1)  # window sizes | window slots + 1, in id order
+    # a wide window (gap 1: all its keys equal hi) ranks by id
+    tie = win & ~small & (g_hi[:, None] + (cs & low) - tl.where(live, size, 0) < avail)
+    # a small one is compacted and sorted by (key desc, id asc)
     g = tl.arange(0, GP)[:, None]
-    tl.store(count_row + tl.arange(0, GP), tl.zeros([GP], tl.int32))
-    tl.debug_barrier()
-    slot = tl.atomic_add(count_row + g + 0 * key, 1, mask=win & small, sem="relaxed")
-    tl.store(win_row + g * W + slot, tl.arange(0, NSP)[None, :], mask=win & small)
+    tl.store(win_row + g * W + (cs >> PACK) - 1, tl.arange(0, NSP)[None, :], mask=win & small)
     tl.debug_barrier()
     j = tl.arange(0, W)[None, :]
     ent = small & (j < n_win[:, None])
@@ -144,7 +140,7 @@ def _budget_floor(key, rest, free, SLACK):
 @triton.jit
 def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, stride_sop, cov_ptr,
                         forced_ptr, stride_fb, stride_fh, cand_ptr, stride_cb, stride_ch, npages_ptr,
-                        size_ptr, wcount_ptr, votes_ptr, wv_ptr, best_ptr, win_ptr, sortk_ptr,
+                        size_ptr, votes_ptr, wv_ptr, best_ptr, win_ptr, sortk_ptr,
                         order_ptr, count_ptr, kept_ptr, forced_out_ptr, key_ptr, ns_ptr, rec_spans_ptr,
                         rec_pages_ptr, NS, P, budget, sink_pages,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr,
@@ -187,7 +183,7 @@ def _span_select_kernel(score_ptr, stride_sb, stride_sh, row_ptr, sop_ptr, strid
         best = tl.maximum(best, tl.max(s, axis=0))
         live = (s > NEG_INF) & (s < float("inf")) & (g < G) & iv[None, :]  # finite scores vote
         ballots = _head_ballots(s, size, avail, live, s_rows, stride_sh, win_ptr + pid.to(tl.int64) * GP * W,
-                                wcount_ptr + pid * GP, wv_ptr + base, size_ptr + base, GP, NSP, W, PACK)
+                                wv_ptr + base, size_ptr + base, GP, NSP, W, PACK)
         votes += tl.sum(ballots.to(tl.float32), axis=0)
     tl.store(votes_ptr + base + i, votes)
     tl.store(best_ptr + base + i, best)
@@ -227,9 +223,7 @@ def _keep_sorted(order_row, count_ptr, kept_row, forced_row, rank_row, sortk_row
     tl.store(order_row + p, -1, mask=p < P)
     tl.store(kept_row + p, forced.to(tl.int8), mask=p < P)
     tl.store(rank_row + p, NEG_INF, mask=p < P)
-    tl.store(count_ptr, 0)  # first a counter: the block's slots (in any order, the sort fixes it)
-    tl.debug_barrier()
-    tl.store(sortk_row + tl.atomic_add(count_ptr + 0 * p, 1, mask=block, sem="relaxed"), key, mask=block)
+    tl.store(sortk_row + tl.cumsum(block.to(tl.int32), axis=0) - 1, key, mask=block)
     tl.debug_barrier()
     j = tl.arange(0, SORT_BLOCK)
     ent = j < n_block
@@ -280,7 +274,6 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
     window = min(window, NSP)  # a row never needs a wider one
     SORT_BLOCK = sort_block_for(budget_pages + window, P)
     size = torch.empty(B * Hkv, NSP, dtype=torch.int32, device=dev)
-    wcount = torch.empty(B * Hkv, GP, dtype=torch.int32, device=dev)
     votes = torch.empty(B * Hkv, NSP, dtype=torch.float32, device=dev)
     window_votes = torch.empty_like(votes)
     best = torch.empty_like(votes)
@@ -292,7 +285,7 @@ def span_select(scores, rows, span_of_page, covered, forced, candidates, num_pag
     _span_select_kernel[(B * Hkv,)](
         scores, scores.stride(0), scores.stride(1), rows.contiguous(), sop, sop.stride(0), covered.contiguous(),
         forced_in, forced_in.stride(0), forced_in.stride(1), cand, cand.stride(0), cand.stride(1),
-        num_pages.contiguous(), size, wcount, votes, window_votes, best, win, sortk,
+        num_pages.contiguous(), size, votes, window_votes, best, win, sortk,
         order, count, kept.view(torch.int8), forced_out.view(torch.int8), order_key, *(record or (count,) * 3),
         NS, P, int(budget_pages), int(sink_pages),
         HKV=Hkv, G=Hq // Hkv, GP=GP, NSP=NSP, PP=PP, SORT_BLOCK=SORT_BLOCK, W=window, PACK=pack, LAYER=vote == "layer",
