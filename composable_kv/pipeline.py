@@ -109,6 +109,13 @@ class LayerContext:
         return self.page_score.quest_scores(self.q, c.key_min[self.layer], c.key_max[self.layer],
                                             self.plan.page_table, self.plan.num_pages, self.sm_scale)
 
+    def quest_bound_listed(self, order: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Quest's box bound on the listed pages only, in list order: [B, Hkv, N] fp32, scaled, -inf from count on."""
+        c = self.cache
+        return self.page_score.quest_scores_listed(self.q, c.key_min[self.layer], c.key_max[self.layer],
+                                                   self.plan.page_table, self.plan.num_pages, order, count,
+                                                   self.sm_scale)
+
 
 class SelectionState:
     """Pages still in play for one layer. All masks [B, Hkv, P]."""
@@ -355,7 +362,7 @@ class DecodePipeline:
         for sel in self.selectors:
             state.selected = None
             sel.apply(ctx, state)
-        box = ctx.quest_bound() if self.needs_box_bound else None
+        box = ctx.quest_bound() if self.needs_box_bound and not state.scored else None  # the box orders the pages
         order_key = state.order_key if state.scored else box
         bounds = state.bounds if state.bounds is not None else box
         if state.selected is not None and not self.terminal.natural_order \
@@ -372,9 +379,12 @@ class DecodePipeline:
             order, count = self._order_kept(ctx, state, order_key)
         bounds_in_order = None
         if self.stop_rule.kind is not None and self.stop_rule.kind.uses_bounds:
-            if bounds is None:  # the scorer covered every page unscored: no bound, the stop cannot fire
-                bounds = torch.full((B, Hkv, P), float("inf"), device=ctx.q.device)
-            bounds_in_order = bounds.gather(-1, order.long().clamp(min=0))
+            if bounds is not None:
+                bounds_in_order = bounds.gather(-1, order.long().clamp(min=0))
+            elif self.needs_box_bound:  # a scorer whose scores bound nothing ordered the pages: box the listed ones
+                bounds_in_order = ctx.quest_bound_listed(order, count)
+            else:  # the scorer covered every page unscored: no bound, the stop cannot fire
+                bounds_in_order = torch.full(order.shape, float("inf"), device=ctx.q.device)
         return order, count, bounds_in_order
 
     def _order_kept(self, ctx: LayerContext, state: SelectionState, order_key: torch.Tensor):
@@ -435,8 +445,9 @@ class DecodePipeline:
             scored += in_play * s.summary_bytes_per_page(cache, layer)
             if isinstance(s, ScoringSelector):
                 pages = torch.minimum(pages, n_forced.clamp(min=s.budget_pages(cache.page_size)))
-        if self.needs_box_bound:
-            scored += plan.num_pages.to(torch.float64) * 2 * cache.head_dim * cache.dtype.itemsize
+        if self.needs_box_bound:  # key min/max: of the listed pages when a scorer ordered them, else of every page
+            boxed = pages if any(isinstance(s, ScoringSelector) for s in self.selectors) else plan.num_pages
+            scored += boxed.to(torch.float64) * 2 * cache.head_dim * cache.dtype.itemsize
         return scored * cache.num_kv_heads
 
 

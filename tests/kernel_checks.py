@@ -44,6 +44,20 @@ def close(a, b, tol):
     torch.testing.assert_close(a[fin], b[fin], rtol=tol, atol=tol)
 
 
+def random_lists(num_pages, H, P, seed=0):
+    """Per (request, head): a random order of the request's pages (then -1) and a random count of them live (0 to
+    all; the pages listed past count are not -1, so only count marks them): (order [B, H, P] int32, count [B, H])."""
+    g = torch.Generator().manual_seed(seed)
+    B = num_pages.shape[0]
+    valid = torch.arange(P)[None, None] < num_pages[:, None, None]
+    order = torch.rand(B, H, P, generator=g).masked_fill(~valid, 2.0).argsort(-1).int()
+    count = (torch.rand(B, H, generator=g) * (num_pages[:, None] + 1)).long().clamp(max=num_pages[:, None])
+    count[0, 0] = 0
+    count[-1, -1] = num_pages[-1]
+    order = order.masked_fill(torch.arange(P)[None, None] >= num_pages[:, None, None], -1)
+    return order, count.int()
+
+
 def check_scores(lens, group, head_dim, *, dtype=torch.float32, device="cpu", q_scale=1.0, tol=1e-4):
     cache, q, table, seq_lens = make(lens, group=group, head_dim=head_dim, dtype=dtype, device=device,
                                      q_scale=q_scale)
@@ -53,6 +67,13 @@ def check_scores(lens, group, head_dim, *, dtype=torch.float32, device="cpu", q_
     a = score_ref.quest_scores(q, cache.key_min[0], cache.key_max[0], table, num_pages, sm)
     b = score_tk.quest_scores(q, cache.key_min[0], cache.key_max[0], table, num_pages, sm)
     close(a, b, tol * max(1.0, q_scale))
+    order, count = random_lists(num_pages.cpu(), cache.num_kv_heads, table.shape[1])
+    a = score_ref.quest_scores_listed(q, cache.key_min[0], cache.key_max[0], table, num_pages, order.to(device),
+                                      count.to(device), sm)
+    b = score_tk.quest_scores_listed(q, cache.key_min[0], cache.key_max[0], table, num_pages, order.to(device),
+                                     count.to(device), sm)
+    close(a, b, tol * max(1.0, q_scale))
+    assert torch.isinf(b.cpu()).eq(torch.arange(order.shape[-1]) >= count[..., None]).all()
     a = score_ref.exact_page_max_scores(q, cache.k[0], table, seq_lens, sm)
     b = score_tk.exact_page_max_scores(q, cache.k[0], table, seq_lens, sm)
     close(a, b, tol * max(1.0, q_scale))
@@ -98,12 +119,14 @@ def check_narrow(B, H, P, budget, *, device="cpu", seed=0, shared=False):
     return want
 
 
-def check_tail(B, H, P, num_splits, *, device="cpu", seed=0):
-    o, c, key, lens = check_select(B, H, P, None, device=device, seed=seed)
+def check_tail(B, H, P, num_splits, *, device="cpu", seed=0, budget=None, chunk_rows=128, no_bound=False):
+    o, c, key, lens = check_select(B, H, P, budget, device=device, seed=seed)
     bounds = key.gather(-1, o.long().clamp(min=0)) * 3.0
+    if no_bound:  # a scorer that covered every page unscored: +inf bounds (the stop never fires)
+        bounds[0] = float("inf")
     tok = select_ref.page_token_counts(o, lens * 16 - 5, 16)
     t1 = select_ref.strided_tail_lse(bounds, tok, c, num_splits)
-    t2 = select_tk.strided_tail_lse(bounds.to(device), tok.to(device), c.to(device), num_splits)
+    t2 = select_tk.strided_tail_lse(bounds.to(device), tok.to(device), c.to(device), num_splits, chunk_rows)
     close(t1, t2, 1e-5)
     assert torch.equal(torch.isinf(t1), torch.isinf(t2.cpu()))
 

@@ -64,6 +64,13 @@ def test_strided_tail_lse(num_splits):
     check_tail(3, 2, 23, num_splits, device=DEV, seed=num_splits)
 
 
+@pytest.mark.parametrize("num_splits,budget", [(1, None), (3, None), (1, 9), (3, 9), (2, 0)])
+def test_strided_tail_lse_in_chunks(num_splits, budget):
+    """Several chunks of 2 rows, live rows ending mid-chunk (a budget below the pages), empty rows after them; a
+    request without bounds (+inf)."""
+    check_tail(3, 2, 61, num_splits, device=DEV, seed=7 + num_splits, budget=budget, chunk_rows=2, no_bound=True)
+
+
 @pytest.mark.parametrize("rule", ["none", "stability", "stability_paper", "certified", "certified_c4"])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (8, 128), (3, 64)])
@@ -150,6 +157,7 @@ def test_generic_path_bounds_use_the_triton_kernel(config, monkeypatch):
     def refused(*args, **kwargs):
         raise AssertionError("the torch reference scored pages on the triton backend")
     monkeypatch.setattr(score_ref, "quest_scores", refused)
+    monkeypatch.setattr(score_ref, "quest_scores_listed", refused)
     for layer in range(layers):
         assert pipe.run(q, cache, layer).pages_read.shape == (3, cache.num_kv_heads)
 

@@ -33,6 +33,14 @@ def quest_scores(q, key_min, key_max, page_table, num_pages, sm_scale: float) ->
     return scores.masked_fill(~_valid_pages(page_table, num_pages)[:, None, :], float("-inf"))
 
 
+def quest_scores_listed(q, key_min, key_max, page_table, num_pages, order, count, sm_scale: float) -> torch.Tensor:
+    """quest_scores at the listed pages only: order [B, Hkv, N] page positions (list order), count [B, Hkv] listed.
+    Returns [B, Hkv, N] fp32: the bound of page order[b, h, i] at slot i < count, -inf from count on."""
+    full = quest_scores(q, key_min, key_max, page_table, num_pages, sm_scale)
+    live = torch.arange(order.shape[-1], device=order.device) < count[..., None]
+    return torch.where(live, full.gather(-1, order.long().clamp(min=0)), float("-inf"))
+
+
 def exact_page_max_scores(q, k_cache, page_table, seq_lens, sm_scale: float) -> torch.Tensor:
     """Exact top-k oracle: a page's score is its max q.k over its valid tokens and the group.
 

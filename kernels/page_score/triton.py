@@ -74,27 +74,42 @@ def _exact_block(q, k_ptr, stride_kp, stride_kh, stride_kt, phys, pos, h, pmask,
 
 @triton.jit
 def _score_kernel(q_ptr, stride_qb, stride_qh, a_ptr, b_ptr, stride_ap, stride_ah, stride_at,
-                  pt_ptr, stride_ptb, seq_ptr, out_ptr, P, sm_scale,
+                  pt_ptr, stride_ptb, seq_ptr, out_ptr, P, sm_scale, order_ptr, count_ptr, N,
                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   DP: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                  DOT_F32: tl.constexpr, LISTED: tl.constexpr):
+    """A block of pages of one (request, KV head); LISTED: a block of list slots (N of them, count live), each
+    slot's page read from order_ptr, the output at the slot (-inf from count on; a block with no live slot only
+    writes that)."""
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     seq_len = tl.load(seq_ptr + b)
     n_pages = (seq_len + PAGE - 1) // PAGE
-    pm = p < n_pages
-    phys = tl.load(pt_ptr + b.to(tl.int64) * stride_ptb + p, mask=pm, other=0)
-    q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)
-    if EXACT:
-        s = _exact_block(q, a_ptr, stride_ap, stride_ah, stride_at, phys, p, h, pm, seq_len,
-                         G, GP, D, DP, PAGE, BLOCK, DOT_F32)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if LISTED:
+        out = out_ptr + pid.to(tl.int64) * N + j
+        jm = j < tl.minimum(tl.load(count_ptr + pid), N)
+        p = tl.load(order_ptr + pid.to(tl.int64) * N + j, mask=jm, other=0)
+        pm = jm & (p >= 0) & (p < n_pages)
+        out_mask = j < N
     else:
-        s = _box_block(tl.maximum(q, 0.0), tl.minimum(q, 0.0), a_ptr, b_ptr, stride_ap, stride_ah, phys, h,
-                       pm, G, GP, D, DP, DOT_F32)
-    s = tl.where(pm, s * sm_scale, NEG_INF)
-    tl.store(out_ptr + pid.to(tl.int64) * P + p, s, mask=p < P)
+        out = out_ptr + pid.to(tl.int64) * P + j
+        p = j
+        pm = p < n_pages
+        out_mask = p < P
+    if tl.max(pm.to(tl.int32), axis=0) > 0:
+        phys = tl.load(pt_ptr + b.to(tl.int64) * stride_ptb + p, mask=pm, other=0)
+        q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)
+        if EXACT:
+            s = _exact_block(q, a_ptr, stride_ap, stride_ah, stride_at, phys, p, h, pm, seq_len,
+                             G, GP, D, DP, PAGE, BLOCK, DOT_F32)
+        else:
+            s = _box_block(tl.maximum(q, 0.0), tl.minimum(q, 0.0), a_ptr, b_ptr, stride_ap, stride_ah, phys, h,
+                           pm, G, GP, D, DP, DOT_F32)
+        tl.store(out, tl.where(pm, s * sm_scale, NEG_INF), mask=out_mask)
+    else:
+        tl.store(out, tl.full([BLOCK], NEG_INF, tl.float32), mask=out_mask)
 
 
 def dot_f32(q: torch.Tensor, kv_dtype: torch.dtype) -> bool:
@@ -102,20 +117,22 @@ def dot_f32(q: torch.Tensor, kv_dtype: torch.dtype) -> bool:
     return not (q.dtype == kv_dtype and kv_dtype in (torch.float16, torch.bfloat16))
 
 
-def _launch(q, a, b_, page_table, seq_lens, sm_scale, exact):
+def _launch(q, a, b_, page_table, seq_lens, sm_scale, exact, listed=None):
     B, Hq, D = q.shape
     Hkv = a.shape[1]
     G = Hq // Hkv
     P = page_table.shape[1]
     page = a.shape[2] if exact else 1
-    out = torch.empty(B, Hkv, P, dtype=torch.float32, device=q.device)
+    order, count = listed if listed is not None else (page_table, seq_lens)  # (unread without LISTED)
+    N = order.shape[-1] if listed is not None else P
+    out = torch.empty(B, Hkv, N, dtype=torch.float32, device=q.device)
     BLOCK = 16 if exact else 64
-    grid = (B * Hkv, triton.cdiv(P, BLOCK))
+    grid = (B * Hkv, triton.cdiv(N, BLOCK))
     st = a.stride()
     _score_kernel[grid](q, q.stride(0), q.stride(1), a, b_, st[0], st[1], st[2] if exact else 0,
-                        page_table, page_table.stride(0), seq_lens, out, P, float(sm_scale),
+                        page_table, page_table.stride(0), seq_lens, out, P, float(sm_scale), order, count, N,
                         HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), PAGE=page if exact else 1,
-                        BLOCK=BLOCK, EXACT=exact, DOT_F32=dot_f32(q, a.dtype))
+                        BLOCK=BLOCK, EXACT=exact, DOT_F32=dot_f32(q, a.dtype), LISTED=listed is not None)
     return out
 
 
@@ -128,6 +145,20 @@ def quest_scores(q, key_min, key_max, page_table, num_pages, sm_scale: float) ->
     lens = num_pages.to(torch.int32).contiguous()  # with PAGE=1, n_pages = lens
     assert q.stride(-1) == 1 and key_min.is_contiguous() and key_max.is_contiguous()
     return _launch(q, key_min, key_max, page_table, lens, sm_scale, exact=False)
+
+
+def quest_scores_listed(q, key_min, key_max, page_table, num_pages, order, count, sm_scale: float) -> torch.Tensor:
+    """Same contract as reference.quest_scores_listed: the box bound of the listed pages only, [B, Hkv, N] in list
+    order (-inf from count on); blocks of slots past a row's count only write -inf."""
+    page_table = page_table.contiguous()
+    lens = num_pages.to(torch.int32).contiguous()
+    B, Hkv, N = order.shape
+    if count.shape != (B, Hkv) or key_min.shape[1] != Hkv:
+        raise ValueError(f"quest_scores_listed: order {list(order.shape)} and count {list(count.shape)} "
+                         f"([B, Hkv, N], [B, Hkv]) for {key_min.shape[1]} KV heads")
+    assert q.stride(-1) == 1 and key_min.is_contiguous() and key_max.is_contiguous()
+    listed = (order.to(torch.int32).contiguous(), count.to(torch.int32).contiguous())
+    return _launch(q, key_min, key_max, page_table, lens, sm_scale, exact=False, listed=listed)
 
 
 def exact_page_max_scores(q, k_cache, page_table, seq_lens, sm_scale: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ def _ord32(x):
 @triton.jit
 def _lse_combine(a, b):
     m = tl.maximum(a, b)
-    ms = tl.where(m == NEG_INF, 0.0, m)
+    ms = tl.where((m == NEG_INF) | (m == float("inf")), 0.0, m)  # +inf (no bound) stays +inf, not NaN
     return tl.where(m == NEG_INF, NEG_INF, ms + tl.log(tl.exp(a - ms) + tl.exp(b - ms)))
 
 
@@ -345,20 +345,30 @@ def _select_kernel(key_ptr, forced_ptr, stride_fb, stride_fh, cand_ptr, stride_c
 
 
 @triton.jit
-def _tail_kernel(bound_ptr, tok_ptr, count_ptr, tail_ptr, N, num_splits,
-                 KP: tl.constexpr, SP: tl.constexpr):
+def _tail_kernel(bound_ptr, tok_ptr, count_ptr, tail_ptr, N, num_splits, ROWS: tl.constexpr, SP: tl.constexpr):
+    """One (request, KV head): the list's rows of num_splits slots (row k: slots k*S .. k*S + S-1), the live rows
+    (slots < count) scanned from the last in chunks of ROWS, each chunk's reverse LSE scan joined to the chunks
+    after it; the rows past them get -inf without a scan."""
     pid = tl.program_id(0)
     row = pid.to(tl.int64) * N
-    count = tl.load(count_ptr + pid)
-    k = tl.arange(0, KP)[:, None]
+    count = tl.minimum(tl.load(count_ptr + pid), N)
+    kk = tl.arange(0, ROWS)[:, None]
     r = tl.arange(0, SP)[None, :]
-    idx = k * num_splits + r
-    live = (r < num_splits) & (idx < count) & (idx < N)
-    bnd = tl.load(bound_ptr + row + idx, mask=live, other=NEG_INF).to(tl.float32)
-    ntok = tl.load(tok_ptr + row + idx, mask=live, other=0)
-    term = tl.where(live & (ntok > 0), bnd + tl.log(tl.maximum(ntok, 1).to(tl.float32)), NEG_INF)
-    tail = tl.associative_scan(term, 0, _lse_combine, reverse=True)
-    tl.store(tail_ptr + row + idx, tail, mask=(r < num_splits) & (idx < N))
+    live_rows = (count + num_splits - 1) // num_splits
+    chunks = (live_rows + ROWS - 1) // ROWS
+    after = tl.full([SP], NEG_INF, tl.float32)  # per column: the LSE of the chunks after this one
+    for c in range(0, chunks):
+        idx = ((chunks - 1 - c) * ROWS + kk) * num_splits + r
+        live = (r < num_splits) & (idx < count)
+        bnd = tl.load(bound_ptr + row + idx, mask=live, other=NEG_INF).to(tl.float32)
+        ntok = tl.load(tok_ptr + row + idx, mask=live, other=0)
+        term = tl.where(live & (ntok > 0), bnd + tl.log(tl.maximum(ntok, 1).to(tl.float32)), NEG_INF)
+        tail = _lse_combine(tl.associative_scan(term, 0, _lse_combine, reverse=True), after[None, :])
+        tl.store(tail_ptr + row + idx, tail, mask=(r < num_splits) & (idx < N))
+        after = tl.max(tl.where(kk == 0, tail, NEG_INF), axis=0)
+    for k0 in range(chunks * ROWS, (N + num_splits - 1) // num_splits, ROWS):  # no live slot: empty tails
+        idx = (k0 + kk) * num_splits + r
+        tl.store(tail_ptr + row + idx, tl.full([ROWS, SP], NEG_INF, tl.float32), mask=(r < num_splits) & (idx < N))
 
 
 def sort_block_for(max_kept: int, P: int) -> int:
@@ -414,14 +424,14 @@ def page_token_counts(order, page_table_lens, page_size: int):
     return torch.where(pos >= 0, n, torch.zeros_like(n))
 
 
-def strided_tail_lse(bounds, tokens, count, num_splits: int):
-    """Same contract as reference.strided_tail_lse: [B, Hkv, N] fp32, -inf where the tail is empty."""
+def strided_tail_lse(bounds, tokens, count, num_splits: int, chunk_rows: int = 128):
+    """Same contract as reference.strided_tail_lse: [B, Hkv, N] fp32, -inf where the tail is empty. Only the rows
+    of slots below each row's count are scanned, `chunk_rows` (a power of two) rows of num_splits slots at a time."""
     B, H, N = bounds.shape
     tail = torch.empty(B, H, N, dtype=torch.float32, device=bounds.device)
-    SP = _pow2(num_splits)
-    KP = _pow2(math.ceil(N / num_splits))
+    rows = min(chunk_rows, _pow2(math.ceil(N / num_splits)))
     _tail_kernel[(B * H,)](bounds.contiguous(), tokens.to(torch.int32).contiguous(), count.contiguous(), tail,
-                           N, num_splits, KP=KP, SP=SP)
+                           N, num_splits, ROWS=rows, SP=_pow2(num_splits))
     return tail
 
 
