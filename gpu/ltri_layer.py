@@ -40,7 +40,8 @@ def stage_inputs(pipe, cache, q):
     return held["score"], held["select"]
 
 
-def rows_at(ctx: int, dev) -> list[tuple[str, float]]:
+def quest_then_ltri(ctx: int, dev):
+    """Quest's layer time (ms) at the cost shape, then ltri's layer built there: (t_quest, pipe, cache, q)."""
     quest, c, q = smc.build("quest", smc.policies(1024, "attend", None)["quest"], "llama-8b", 16, ctx, dev,
                             torch.bfloat16, "triton")
     t_quest = smc.time_layer(quest, c, q, dev, 20)
@@ -48,6 +49,17 @@ def rows_at(ctx: int, dev) -> list[tuple[str, float]]:
     torch.cuda.empty_cache()
     pipe, cache, q = smc.build("ltri", smc.policies(1024, "attend", None)["ltri"], "llama-8b", 16, ctx, dev,
                                torch.bfloat16, "triton")
+    return t_quest, pipe, cache, q
+
+
+def write_table(out_dir: str, name: str, lines: list[str]) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text("\n".join(lines) + "\n")
+
+
+def rows_at(ctx: int, dev) -> list[tuple[str, float]]:
+    t_quest, pipe, cache, q = quest_then_ltri(ctx, dev)
     (sa, sk), a = stage_inputs(pipe, cache, q)
     real = select_tk.span_select
     t_ltri = smc.time_layer(pipe, cache, q, dev, 20)
@@ -89,9 +101,7 @@ def main(argv=None) -> int:
         for name, t in rows:
             lines.append(f"| {ctx} | {-(-ctx // 16)} | {name} | {t * 1e3:.1f} | {t / t_quest:.3f} |")
             print(lines[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ltri_layer.md").write_text("\n".join(lines) + "\n")
+    write_table(args.out, "ltri_layer.md", lines)
     return 0
 
 

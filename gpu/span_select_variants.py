@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import seed_methods_cost as smc  # noqa: E402
-from ltri_layer import stage_inputs  # noqa: E402
+from ltri_layer import quest_then_ltri, stage_inputs, write_table  # noqa: E402
 from composable_kv.kernels.span_select import triton as select_tk  # noqa: E402
 
 
@@ -37,13 +37,7 @@ def main(argv=None) -> int:
              "|---:|---|---:|---:|---:|---:|"]
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
     for ctx in map(int, args.ctx.split(",")):
-        quest, c, q = smc.build("quest", smc.policies(1024, "attend", None)["quest"], "llama-8b", 16, ctx, dev,
-                                torch.bfloat16, "triton")
-        t_quest = smc.time_layer(quest, c, q, dev, 20)
-        del quest, c
-        torch.cuda.empty_cache()
-        pipe, cache, q = smc.build("ltri", smc.policies(1024, "attend", None)["ltri"], "llama-8b", 16, ctx, dev,
-                                   torch.bfloat16, "triton")
+        t_quest, pipe, cache, q = quest_then_ltri(ctx, dev)
         _, a = stage_inputs(pipe, cache, q)
         real = select_tk.span_select
         want = real(*a)
@@ -64,9 +58,7 @@ def main(argv=None) -> int:
             print(lines[-1], flush=True)
         del pipe, cache
         torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "span_select_variants.md").write_text("\n".join(lines) + "\n")
+    write_table(args.out, "span_select_variants.md", lines)
     return 0
 
 
