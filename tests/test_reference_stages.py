@@ -242,3 +242,24 @@ def test_empty_decode_order_reads_nothing():
     out = decode_ref.paged_decode(torch.randn(1, 2, 16), cache.k[0], cache.v[0], table, lens, order,
                                   torch.zeros(1, 2, dtype=torch.int32), sm_scale=0.25)
     assert out.pages_read.tolist() == [[0, 0]] and (out.out == 0).all()
+
+
+def test_box_bound_bytes_count_the_listed_pages_after_a_scorer():
+    """ART's certified stop after a scorer whose scores bound nothing reads Quest's key min/max of the listed pages
+    only (page_score.quest_scores_listed); with no scorer the box orders every page and reads them all."""
+    cache, ids, _, _ = build_cache([40, 300, 1000])
+    minmax = 2 * cache.head_dim * cache.dtype.itemsize  # a page's key min and max, one KV head
+    art = {"stage": "art", "stop": "certified", "delta": 0.01}
+    box_only = ckv.compile({"name": "box", "page_size": 16, "stages": [art]})
+    box_only.plan(cache, ids)
+    pages = box_only.current_plan.num_pages.double()
+    torch.testing.assert_close(box_only.summary_bytes(cache), pages * minmax * cache.num_kv_heads)
+    scored = ckv.compile({"name": "ap", "page_size": 16, "stages": [
+        {"stage": "attention_predictor", "budget_tokens": 160, "history_steps": 4}, art]})
+    assert scored.needs_box_bound
+    scored.plan(cache, ids)
+    plan, predictor = scored.current_plan, scored.selectors[0]
+    listed = torch.minimum(pages, plan.forced.sum(-1).double().clamp(min=predictor.budget_pages(16)))
+    assert (listed < pages).any() and (listed == pages).any()  # the long requests list fewer pages than they hold
+    want = (pages * predictor.summary_bytes_per_page(cache) + listed * minmax) * cache.num_kv_heads
+    torch.testing.assert_close(scored.summary_bytes(cache), want)
