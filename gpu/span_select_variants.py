@@ -27,6 +27,10 @@ def main(argv=None) -> int:
     p.add_argument("--ctx", default="32768")
     p.add_argument("--variants", default="triton")
     args = p.parse_args(argv)
+    if not all(x.isdigit() and int(x) >= 16 for x in args.ctx.split(",")):
+        p.error(f"--ctx: comma-separated token counts of at least one page (16), got {args.ctx!r}")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device (it times CUDA-graph replays)")
     dev = torch.device("cuda")
     mods = {v: importlib.import_module(f"composable_kv.kernels.span_select.{v}") for v in args.variants.split(",")}
     meta = harness.run_meta()

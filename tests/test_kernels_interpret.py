@@ -71,6 +71,13 @@ def test_strided_tail_lse_in_chunks(num_splits, budget):
     check_tail(3, 2, 61, num_splits, device=DEV, seed=7 + num_splits, budget=budget, chunk_rows=2, no_bound=True)
 
 
+def test_strided_tail_lse_refuses_a_chunk_that_is_no_power_of_two():
+    from composable_kv.kernels.page_select import triton as select_tk
+    x = torch.zeros(1, 1, 4)
+    with pytest.raises(ValueError, match="chunk_rows must be a power of two"):
+        select_tk.strided_tail_lse(x, x.int(), torch.ones(1, 1, dtype=torch.int32), 1, chunk_rows=3)
+
+
 @pytest.mark.parametrize("rule", ["none", "stability", "stability_paper", "certified", "certified_c4"])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (8, 128), (3, 64)])

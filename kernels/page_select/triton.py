@@ -427,6 +427,8 @@ def page_token_counts(order, page_table_lens, page_size: int):
 def strided_tail_lse(bounds, tokens, count, num_splits: int, chunk_rows: int = 128):
     """Same contract as reference.strided_tail_lse: [B, Hkv, N] fp32, -inf where the tail is empty. Only the rows
     of slots below each row's count are scanned, `chunk_rows` (a power of two) rows of num_splits slots at a time."""
+    if chunk_rows < 1 or chunk_rows & (chunk_rows - 1):
+        raise ValueError(f"strided_tail_lse: chunk_rows must be a power of two, got {chunk_rows}")
     B, H, N = bounds.shape
     tail = torch.empty(B, H, N, dtype=torch.float32, device=bounds.device)
     rows = min(chunk_rows, _pow2(math.ceil(N / num_splits)))
