@@ -12,9 +12,11 @@ Rows, at the same budget and terminal:
                         `predict` = a step that predicts (no calibration)
   attention_predictor-cheap   history 16, CNN every 4 steps, calibration every 10 (mean over 20 steps)
   attention_predictor-lean    history 8, CNN every 8 steps, calibration every 10 (mean over 40 steps)
+  attention_predictor-fast    lean's CNN in bf16, calibration every 32 (mean over 32 steps)
   On CUDA a row's time is one CUDA graph of a whole cycle of the stage's clock (cycle_steps) divided by its
   steps, so the CNN's and the dense step's turns count; the median of single-step replays would hide them.
   ltri                  span close (k-means of the open window), span scores, vote, span-to-page expansion
+  ltri-r2               ltri with 2 representative keys a span (4 by default)
 ratio = ms / quest's ms with the same terminal. --profile adds, per method, where one eager layer spends its
 device time (torch.profiler: the kernels, launches a layer and each one's time) to the report:
 seed_methods_profile.md. Targets (issue 17, H200, B=16, 32k):
@@ -62,7 +64,13 @@ def policies(budget: int, terminal: str, weights: str) -> dict:
         "attention_predictor-lean": [{"stage": "attention_predictor", "budget_tokens": budget, "weights": weights,
                                       "history_steps": 8, "run_every": 8, "calibrate_every": 10,
                                       "calibrate_first": False}, art],
+        # configs/eval/attention_predictor-fast.yaml's setting: lean's CNN in bf16, calibration every 32 steps
+        "attention_predictor-fast": [{"stage": "attention_predictor", "budget_tokens": budget, "weights": weights,
+                                      "history_steps": 8, "run_every": 8, "calibrate_every": 32,
+                                      "calibrate_first": False, "cnn_precision": "bf16"}, art],
         "ltri": [{"stage": "ltri", "budget_tokens": budget}, art],
+        # configs/eval/ltri-r2-eighth.yaml's representative keys: 2 a span (ltri.yaml: 4), half the span scoring's bytes
+        "ltri-r2": [{"stage": "ltri", "budget_tokens": budget, "reps_per_span": 2}, art],
     }
 
 

@@ -409,10 +409,8 @@ class DecodePipeline:
         res = decode_fn(ctx.q, c.k[ctx.layer], c.v[ctx.layer], ctx.plan.page_table, ctx.plan.seq_lens,
                         order, count, sm_scale=ctx.sm_scale, rule=rule, tail_lse=tail, bound_terms=terms,
                         num_splits=ctx.plan.num_splits, **({"page_mass": True} if observers else {}))
-        if observers:  # the decode's page-mass side output: softmax mass per page, 0 where not read
-            mass = torch.nan_to_num((res.page_lse - res.lse[..., None]).exp(), nan=0.0)  # [B, Hq, P]
-            for s in observers:
-                s.observe_page_mass(ctx, mass)
+        for s in observers:  # the decode's page-mass side output: [B, Hq, P] log mass per page, [B, Hq] lse
+            s.observe_page_mass(ctx, res.page_lse, res.lse)
         return DecodeResult(res.out.to(ctx.q.dtype), res.pages_read, res.tau_bound)
 
     # -- accounting ---------------------------------------------------------------------------

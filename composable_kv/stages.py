@@ -156,8 +156,10 @@ class Stage:
         a prefill recorded by another session (hf.PrefillCache) replays for this stage without the model."""
         return None
 
-    def observe_page_mass(self, ctx: "LayerContext", mass: torch.Tensor) -> None:
-        """After a decode of a sparse layer: softmax mass per page [B, Hq, P] (0 where not read)."""
+    def observe_page_mass(self, ctx: "LayerContext", page_lse: torch.Tensor, lse: torch.Tensor) -> None:
+        """After a decode of a sparse layer, its page-mass side output: page_lse [B, Hq, P] (log of each page's
+        unnormalised softmax mass, -inf where not read) and lse [B, Hq]; the mass is exp(page_lse - lse)
+        (kernels/page_history/reference.page_mass)."""
 
     def describe(self, device: torch.device | str | None = None) -> str | None:
         """A line for the policy's `describe()`: what this stage's own work runs as on `device` (None: the

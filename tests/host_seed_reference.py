@@ -191,7 +191,9 @@ class HostAttentionPredictor(AttentionPredictor):
             state.forced = state.forced | (calibrate.to(state.forced.device)[:, None, None] & state.valid)
         super(AttentionPredictor, self).apply(ctx, state)
 
-    def observe_page_mass(self, ctx, page_mass):
+    def observe_page_mass(self, ctx, page_lse, lse):
+        from composable_kv.kernels.page_history.reference import page_mass as mass_of
+        page_mass = mass_of(page_lse, lse)
         hist, rows = self._rows(ctx)
         if self.per_kv_head:
             B, Hq, P = page_mass.shape

@@ -1,5 +1,6 @@
 """AttentionPredictor: history ring buffer, the stage end to end (reference and interpreted Triton),
 batches where requests finish and arrive, a tiny HF model, and a training smoke test."""
+import math
 import os
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def test_history_ring_buffer_order_wrap_growth():
     for step in range(5):  # wrap: 5 pushes into 3 slots
         P = 3 if step < 3 else 5  # the page axis grows mid-way
         h.ensure(2, P)
-        h.push(rows, torch.full((2, 2, P), float(step + 1)))
+        h.push(rows, torch.full((2, 2, P), math.log(step + 1)), torch.zeros(2, 2))  # mass step + 1
     w = h.window(rows, 5)  # [B, Hh, H, P], oldest first
     assert w.shape == (2, 2, 3, 5)
     assert w[0, 0, :, 0].tolist() == [3.0, 4.0, 5.0]
@@ -102,10 +103,14 @@ def check_push(B, R, Hh, group, H, P, cap, *, device="cpu", seed=0):
     rows = torch.randperm(R, generator=g)[:B]
     want = [t.clone() for t in (hist, ptr, steps)]
     got = [t.clone().to(device) for t in (hist, ptr, steps)]
-    for _ in range(2):
-        mass = torch.rand(B, Hh * group, P, generator=g)
-        ref.push(*want, rows, mass, group)
-        tk.push(*got, rows.to(device), mass.to(device), group)
+    for _ in range(2):  # log masses with pages not read (-inf) and a head that read nothing (lse -inf)
+        page_lse = torch.randn(B, Hh * group, P, generator=g).masked_fill(torch.rand(B, Hh * group, P, generator=g) < 0.3,
+                                                                          float("-inf"))
+        lse = torch.logsumexp(page_lse, -1) + torch.rand(B, Hh * group, generator=g)
+        page_lse[0, -1], lse[0, -1] = float("-inf"), float("-inf")
+        ref.push(*want, rows, page_lse, lse, group)
+        tk.push(*got, rows.to(device), page_lse.to(device), lse.to(device), group)
+    assert torch.isfinite(want[0]).all()
     for name, w, x in zip(("hist", "ptr", "steps"), want, got):
         torch.testing.assert_close(x.cpu(), w, rtol=1e-6, atol=1e-7, msg=name)
     assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])
@@ -252,7 +257,7 @@ def test_batch_churn_new_sequence_calibrates(weights):
 def test_per_query_head_and_run_every(weights, monkeypatch):
     calls = []
     orig = cnn_ref.predictor_scores
-    monkeypatch.setattr(cnn_ref, "predictor_scores", lambda *a: calls.append((a[1].shape, a[-1])) or orig(*a))
+    monkeypatch.setattr(cnn_ref, "predictor_scores", lambda *a: calls.append((a[1].shape, a[6])) or orig(*a))
     pipe = ckv.compile(policy(weights, per_kv_head=False, run_every=2), backend="reference")
     (stage,) = pipe.selectors
     assert "torch reference CNN" in stage.describe("cpu") and "run_every 2" in stage.describe("cpu")

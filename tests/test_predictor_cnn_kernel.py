@@ -24,7 +24,8 @@ def random_ring(R, Hh, H, Pcap, seed=0):
     return hist, torch.randint(0, H, (R,), generator=g)
 
 
-def check(B, Hh, H, P, block, c1=16, c2=32, due=None, device="cpu", precision=None, tol=1e-4, seed=0):
+def check(B, Hh, H, P, block, c1=16, c2=32, due=None, device="cpu", precision=None, tol=1e-4, seed=0, keep=False):
+    """keep: pass each row's last scores (`last`), which rows not due return and due rows overwrite."""
     from composable_kv.kernels.predictor_cnn import triton as tk
     R, Pcap = B + 2, P + 5
     hist, ptr = random_ring(R, Hh, H, Pcap, seed)
@@ -32,17 +33,24 @@ def check(B, Hh, H, P, block, c1=16, c2=32, due=None, device="cpu", precision=No
     rows = torch.randperm(R, generator=torch.Generator().manual_seed(seed))[:B]
     num_pages = torch.randint(1, P + 1, (B,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
     w = random_cnn(c1, c2, seed)
+    last = torch.randn(R, Hh, Pcap, generator=torch.Generator().manual_seed(seed + 1)) if keep else None
+    last_want = None if last is None else last.clone()
     with torch.no_grad():
-        want = ref.predictor_scores(hist, rows, ptr, num_pages, P, w, due)  # [B, Hh, P]
+        want = ref.predictor_scores(hist, rows, ptr, num_pages, P, w, due, last_want)  # [B, Hh, P]
     d = lambda t: None if t is None else t.to(device)  # noqa: E731
     w_dev = ref.CNNWeights(*(t.to(device) for t in w))
-    got = tk.predictor_scores(d(hist), d(rows), d(ptr), d(num_pages), P, tk.pack_weights(w_dev), d(due),
+    last_got = d(last)
+    got = tk.predictor_scores(d(hist), d(rows), d(ptr), d(num_pages), P, tk.pack_weights(w_dev), d(due), last_got,
                               precision=precision, block=block).cpu()
     assert got.shape == (B, Hh, P)
     scale = want.abs().max().clamp(min=1.0)
     torch.testing.assert_close(got, want, rtol=0, atol=tol * float(scale))
     if due is not None:
-        assert (got[~due] == 0).all()
+        kept = last[rows[~due], :, :P] if keep else 0
+        assert (got[~due] == kept).all()  # rows off their turn: exactly their last scores (or 0)
+    if keep:
+        torch.testing.assert_close(last_got.cpu(), last_want, rtol=0, atol=tol * float(scale))
+        assert not torch.equal(last_want, last)  # due rows were recorded
     return want
 
 
@@ -61,8 +69,16 @@ def test_kernel_equals_reference(B, Hh, H, P, block, c1, c2):
 
 @pytest.mark.interpret
 @pytest.mark.skipif(not TRITON_OK, reason="no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)")
-def test_kernel_skips_rows_not_due():
-    check(3, 2, 4, 20, 16, due=torch.tensor([True, False, True]), seed=7)
+@pytest.mark.parametrize("keep", [False, True])
+def test_kernel_skips_rows_not_due(keep):
+    check(3, 2, 4, 20, 16, due=torch.tensor([True, False, True]), seed=7, keep=keep)
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not TRITON_OK, reason="no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)")
+def test_kernel_bf16_inputs_close_to_reference():
+    """bf16 dot inputs (fp32 sums): within bf16's rounding of the fp32 reference."""
+    check(2, 2, 5, 37, 16, due=torch.tensor([True, False]), precision="bf16", tol=3e-2, seed=3, keep=True)
 
 
 @pytest.mark.cpu
@@ -87,11 +103,12 @@ def test_reference_is_the_conv_stack_on_the_ring_window():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,Hh,H,P", [(16, 8, 64, 2048), (4, 8, 16, 1000), (3, 32, 8, 513)])
-@pytest.mark.parametrize("precision,tol", [("ieee", 1e-4), ("tf32", 1e-2)])
-def test_kernel_equals_reference_gpu(B, Hh, H, P, precision, tol):
+@pytest.mark.parametrize("precision,tol", [("ieee", 1e-4), ("tf32", 1e-2), ("bf16", 3e-2)])
+@pytest.mark.parametrize("block", [64, 128])
+def test_kernel_equals_reference_gpu(B, Hh, H, P, precision, tol, block):
     torch.backends.cudnn.allow_tf32, before = False, torch.backends.cudnn.allow_tf32  # an fp32 reference
     try:
         due = torch.arange(B) % 3 != 1
-        check(B, Hh, H, P, 64, due=due, device="cuda", precision=precision, tol=tol, seed=P)
+        check(B, Hh, H, P, block, due=due, device="cuda", precision=precision, tol=tol, seed=P, keep=block == 128)
     finally:
         torch.backends.cudnn.allow_tf32 = before

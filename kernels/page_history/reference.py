@@ -3,12 +3,19 @@ next ring slot, averaged over each head's group, and the row's clock ticks."""
 import torch
 
 
-def push(hist, ptr, steps, rows, mass, group: int = 1) -> None:
-    """In place. hist [R, Hh, H, Pcap] fp32, ptr and steps [R] long, rows [B] long (distinct), mass [B, Hh * group, P]
-    (P <= Pcap; 0 for pages not read): hist[rows[b], h, ptr[rows[b]], :P] = mean of mass[b, h*group:(h+1)*group],
-    0 past P; then ptr[rows] = (ptr + 1) % H and steps[rows] += 1."""
-    B, Hq, P = mass.shape
-    mass = mass.float().view(B, Hq // group, group, P).mean(2)  # [B, Hh, P]
+def page_mass(page_lse, lse) -> torch.Tensor:
+    """Softmax mass per page [B, Hq, P] from the decode's side output: page_lse [B, Hq, P] (log of each page's
+    unnormalised mass, -inf where not read) and lse [B, Hq] (the step's log-sum-exp); 0 where not read."""
+    return torch.nan_to_num((page_lse.float() - lse.float()[..., None]).exp(), nan=0.0)
+
+
+def push(hist, ptr, steps, rows, page_lse, lse, group: int = 1) -> None:
+    """In place. hist [R, Hh, H, Pcap] fp32, ptr and steps [R] long, rows [B] long (distinct), page_lse
+    [B, Hh * group, P] and lse [B, Hh * group] (page_mass's inputs; P <= Pcap): hist[rows[b], h, ptr[rows[b]], :P] =
+    the mean of page_mass over the head group h*group .. (h+1)*group, 0 past P; then ptr[rows] = (ptr + 1) % H and
+    steps[rows] += 1."""
+    B, Hq, P = page_lse.shape
+    mass = page_mass(page_lse, lse).view(B, Hq // group, group, P).mean(2)  # [B, Hh, P]
     slot = ptr[rows]  # [B]
     hist[rows, :, slot] = torch.nn.functional.pad(mass, (0, hist.shape[-1] - P))
     ptr[rows] = (slot + 1) % hist.shape[2]

@@ -11,19 +11,22 @@ from ..page_select.triton import _arrivals
 
 
 @triton.jit
-def _push_kernel(hist_ptr, stride_hr, stride_hh, stride_hs, ptr_ptr, steps_ptr, rows_ptr, mass_ptr, stride_mb,
-                 stride_mh, arrivals_ptr, P, CAP, H, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+def _push_kernel(hist_ptr, stride_hr, stride_hh, stride_hs, ptr_ptr, steps_ptr, rows_ptr, lp_ptr, stride_mb,
+                 stride_mh, lse_ptr, stride_lb, arrivals_ptr, P, CAP, H, GROUP: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     hh = tl.program_id(1)
     row = tl.load(rows_ptr + b)
     slot = tl.load(ptr_ptr + row)
     dst = hist_ptr + row * stride_hr + hh * stride_hh + slot * stride_hs
-    src = mass_ptr + b.to(tl.int64) * stride_mb + (hh * GROUP) * stride_mh
+    src = lp_ptr + b.to(tl.int64) * stride_mb + (hh * GROUP) * stride_mh
+    lse_row = lse_ptr + b.to(tl.int64) * stride_lb + hh * GROUP
     for p0 in range(0, CAP, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
-        acc = tl.load(src + p, mask=p < P, other=0.0).to(tl.float32)
-        for g in tl.static_range(1, GROUP):
-            acc += tl.load(src + g * stride_mh + p, mask=p < P, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for g in tl.static_range(0, GROUP):
+            lp = tl.load(src + g * stride_mh + p, mask=p < P, other=float("-inf")).to(tl.float32)
+            m = tl.exp(lp - tl.load(lse_row + g).to(tl.float32))
+            acc += tl.where(m == m, m, 0.0)  # a page not read (-inf), or a head that read nothing (nan): 0
         tl.store(dst + p, acc / GROUP, mask=p < CAP)
     tl.debug_barrier()
     # the row's last head to arrive (every head has read the slot) ticks the clock and resets the counter
@@ -60,16 +63,20 @@ def clock(steps, seeded, scores, rows, calibrate_every: int, calibrate_first: bo
     return calibrate, due
 
 
-def push(hist, ptr, steps, rows, mass, group: int = 1) -> None:
+def push(hist, ptr, steps, rows, page_lse, lse, group: int = 1) -> None:
     """Same contract as reference.push (in place)."""
     R, Hh, H, cap = hist.shape
-    B, Hq, P = mass.shape
-    if Hq != Hh * group or P > cap or rows.shape != (B,) or not hist.is_contiguous() or hist.dtype != torch.float32:
-        raise ValueError(f"push: hist {list(hist.shape)} {hist.dtype} (contiguous fp32 [R, Hh, H, Pcap]), mass "
-                         f"{list(mass.shape)} ([B, Hh * group = {Hh} * {group}, P <= Pcap]), rows {list(rows.shape)}")
+    B, Hq, P = page_lse.shape
+    if Hq != Hh * group or P > cap or rows.shape != (B,) or lse.shape != (B, Hq) or not hist.is_contiguous() \
+            or hist.dtype != torch.float32:
+        raise ValueError(f"push: hist {list(hist.shape)} {hist.dtype} (contiguous fp32 [R, Hh, H, Pcap]), page_lse "
+                         f"{list(page_lse.shape)} ([B, Hh * group = {Hh} * {group}, P <= Pcap]), lse "
+                         f"{list(lse.shape)} ([B, Hh * group]), rows {list(rows.shape)}")
     if B == 0:
         return
-    mass = mass if mass.stride(-1) == 1 else mass.contiguous()
-    _push_kernel[(B, Hh)](hist, hist.stride(0), hist.stride(1), hist.stride(2), ptr, steps, rows.contiguous(), mass,
-                          mass.stride(0), mass.stride(1), _arrivals(B, mass.device), P, cap, H, GROUP=group,
+    page_lse = page_lse if page_lse.stride(-1) == 1 else page_lse.contiguous()
+    lse = lse if lse.stride(-1) == 1 else lse.contiguous()
+    _push_kernel[(B, Hh)](hist, hist.stride(0), hist.stride(1), hist.stride(2), ptr, steps, rows.contiguous(),
+                          page_lse, page_lse.stride(0), page_lse.stride(1), lse, lse.stride(0),
+                          _arrivals(B, page_lse.device), P, cap, H, GROUP=group,
                           BLOCK=min(_pow2(cap, 16), 1024), num_warps=4)

@@ -42,15 +42,21 @@ def ring_window(hist: torch.Tensor, rows: torch.Tensor, ptr: torch.Tensor, P: in
     return hist[rows[:, None], :, idx, :P].transpose(1, 2)  # [B, H, Hh, P] -> [B, Hh, H, P]
 
 
-def predictor_scores(hist, rows, ptr, num_pages, P: int, weights: CNNWeights, due=None) -> torch.Tensor:
+def predictor_scores(hist, rows, ptr, num_pages, P: int, weights: CNNWeights, due=None, last=None) -> torch.Tensor:
     """CNN scores of every (request, head) from the ring buffer.
 
     hist [R, Hh, H, Pcap] fp32, rows [B] long, ptr [R] long, num_pages [B] (the features' scale),
-    P <= Pcap pages, due [B] bool or None (None: every row) -> [B, Hh, P] fp32, 0 on rows not due."""
+    P <= Pcap pages, due [B] bool or None (None: every row), last [R, Hh, >= P] fp32 or None: each row's kept
+    scores -> [B, Hh, P] fp32. A row not due gets last[rows[b], :, :P] (0 without `last`); with `last`, a due
+    row's scores are also written there (in place)."""
     x = ring_window(hist, rows, ptr, P)  # [B, Hh, H, P]
     B, Hh = x.shape[:2]
     n = num_pages[:, None].expand(B, Hh).reshape(-1)  # [B * Hh]
     s = cnn_forward(features(x.flatten(0, 1), n), weights).view(B, Hh, P)
-    if due is not None:
+    if last is not None:
+        if due is not None:
+            s = torch.where(due[:, None, None], s, last[rows, :, :P])
+        last[rows, :, :P] = s
+    elif due is not None:
         s = torch.where(due[:, None, None], s, 0.0)
     return s

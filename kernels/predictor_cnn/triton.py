@@ -14,8 +14,10 @@ import triton
 import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
+from ..paged_decode.triton import _round_bf16
 
 TAPS = 16  # the 9 taps of a 3x3 kernel, padded for tl.dot
+PRECISIONS = ("tf32", "bf16", "ieee")
 
 
 class PackedCNN(NamedTuple):
@@ -53,6 +55,19 @@ def pack_weights(w) -> PackedCNN:
 
 
 @triton.jit
+def _mm(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b with fp32 accumulation: bf16 inputs for PREC "bf16", else tl.dot's input_precision PREC.
+    PREC "bf16-emulated" (the interpreter, whose bf16 tl.dot is wrong): the inputs rounded to bf16, then an
+    fp32 dot, the same products as the tensor cores'."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PREC == "bf16-emulated":
+        return tl.dot(_round_bf16(a), _round_bf16(b), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
 def _history_step(hist_row, stride_t, ptr, t, H, pages, P, n_pages):
     """Features log1p(mass * num_pages) of step t (0 = oldest; ring slot (ptr + t) % H) at pages - 2 ..
     pages + 2: five [BLOCK] vectors, 0 off the image (t off [0, H) or a page off [0, P))."""
@@ -77,7 +92,7 @@ def _conv1_row(xa, xb, xc, t, H, pages, P, w1, b1, s: tl.constexpr, PREC: tl.con
                  tl.join(tl.join(xb[s + 1], xb[s + 2]), tl.join(xc[s], xc[s + 1])))
     hi = tl.join(tl.join(tl.join(xc[s + 2], z), tl.join(z, z)), tl.join(tl.join(z, z), tl.join(z, z)))
     x = tl.reshape(tl.join(lo, hi), (z.shape[0], 16))
-    y = tl.maximum(tl.dot(x, w1, input_precision=PREC) + b1[None, :], 0.0)
+    y = tl.maximum(_mm(x, w1, tl.zeros([z.shape[0], w1.shape[1]], tl.float32), PREC) + b1[None, :], 0.0)
     q = pages + (s - 1)
     ok = (t >= 0) & (t < H) & (q >= 0) & (q < P)
     return tl.where(ok[:, None], y, 0.0)
@@ -85,20 +100,22 @@ def _conv1_row(xa, xb, xc, t, H, pages, P, w1, b1, s: tl.constexpr, PREC: tl.con
 
 @triton.jit
 def _predictor_cnn_kernel(hist_ptr, stride_hr, stride_hh, stride_ht, rows_ptr, ptr_ptr, npages_ptr, due_ptr,
-                          w1_ptr, b1_ptr, w2_ptr, b2_ptr, wh_ptr, bh_ptr, out_ptr, stride_ob, stride_oh, H, P,
+                          w1_ptr, b1_ptr, w2_ptr, b2_ptr, wh_ptr, bh_ptr, out_ptr, stride_ob, stride_oh,
+                          last_ptr, stride_lr, stride_lh, H, P,
                           HH: tl.constexpr, C1P: tl.constexpr, C2P: tl.constexpr, BLOCK: tl.constexpr,
-                          HAS_DUE: tl.constexpr, PREC: tl.constexpr):
+                          HAS_DUE: tl.constexpr, HAS_LAST: tl.constexpr, PREC: tl.constexpr):
     n = tl.program_id(0)
     b = n // HH
     head = n % HH
     pages = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     out = out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + pages
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    last = last_ptr + row * stride_lr + head * stride_lh + pages
     if HAS_DUE:
         run = tl.load(due_ptr + b).to(tl.int32)
     else:
         run = 1
     if run != 0:
-        row = tl.load(rows_ptr + b).to(tl.int64)
         ptr = tl.load(ptr_ptr + row).to(tl.int32)
         n_pages = tl.load(npages_ptr + b).to(tl.float32)
         hist_row = hist_ptr + row * stride_hr + head * stride_hh
@@ -126,15 +143,15 @@ def _predictor_cnn_kernel(hist_ptr, stride_hr, stride_hh, stride_ht, rows_ptr, p
                       _conv1_row(xa, xb, xc, t + 1, H, pages, P, w1, b1, 1, PREC),
                       _conv1_row(xa, xb, xc, t + 1, H, pages, P, w1, b1, 2, PREC))
             acc = tl.zeros([BLOCK, C2P], tl.float32)
-            acc = tl.dot(y_prev[0], w2[0], acc, input_precision=PREC)
-            acc = tl.dot(y_prev[1], w2[1], acc, input_precision=PREC)
-            acc = tl.dot(y_prev[2], w2[2], acc, input_precision=PREC)
-            acc = tl.dot(y_cur[0], w2[3], acc, input_precision=PREC)
-            acc = tl.dot(y_cur[1], w2[4], acc, input_precision=PREC)
-            acc = tl.dot(y_cur[2], w2[5], acc, input_precision=PREC)
-            acc = tl.dot(y_next[0], w2[6], acc, input_precision=PREC)
-            acc = tl.dot(y_next[1], w2[7], acc, input_precision=PREC)
-            acc = tl.dot(y_next[2], w2[8], acc, input_precision=PREC)
+            acc = _mm(y_prev[0], w2[0], acc, PREC)
+            acc = _mm(y_prev[1], w2[1], acc, PREC)
+            acc = _mm(y_prev[2], w2[2], acc, PREC)
+            acc = _mm(y_cur[0], w2[3], acc, PREC)
+            acc = _mm(y_cur[1], w2[4], acc, PREC)
+            acc = _mm(y_cur[2], w2[5], acc, PREC)
+            acc = _mm(y_next[0], w2[6], acc, PREC)
+            acc = _mm(y_next[1], w2[7], acc, PREC)
+            acc = _mm(y_next[2], w2[8], acc, PREC)
             total += tl.maximum(acc + b2[None, :], 0.0)
             y_prev = y_cur
             y_cur = y_next
@@ -143,19 +160,23 @@ def _predictor_cnn_kernel(hist_ptr, stride_hr, stride_hh, stride_ht, rows_ptr, p
         wh = tl.load(wh_ptr + c2)
         score = tl.sum(total * wh[None, :], axis=1) / H + tl.load(bh_ptr)
         tl.store(out, score, mask=pages < P)
+        if HAS_LAST:
+            tl.store(last, score, mask=pages < P)
+    elif HAS_LAST:  # off its turn: the row's last scores
+        tl.store(out, tl.load(last, mask=pages < P), mask=pages < P)
     else:
         tl.store(out, tl.zeros([BLOCK], tl.float32), mask=pages < P)
 
 
-def predictor_scores(hist, rows, ptr, num_pages, P: int, packed: PackedCNN, due=None, *,
-                     precision: str | None = None, block: int = 64) -> torch.Tensor:
-    """CNN scores of every (request, head), read from the ring buffer in place.
+def predictor_scores(hist, rows, ptr, num_pages, P: int, packed: PackedCNN, due=None, last=None, *,
+                     precision: str | None = None, block: int = 128) -> torch.Tensor:
+    """CNN scores of every (request, head), read from the ring buffer in place; same contract as
+    reference.predictor_scores (due, last: the rows off their turn and their kept scores).
 
-    hist [R, Hh, H, Pcap] fp32 (pages contiguous), rows [B] long, ptr [R] long, num_pages [B], P <= Pcap,
-    packed: pack_weights(...), due [B] bool or None (None: every row; a row not due costs one store)
-    -> [B, Hh, P] fp32, 0 on rows not due. precision: tl.dot's inputs on the GPU, "tf32" (tensor cores) or
-    "ieee" (exact fp32); None: as torch runs the reference's fp32 convolutions (tf32 if
-    torch.backends.cudnn.allow_tf32, its default). The interpreter computes in fp32 either way."""
+    packed: pack_weights(...). precision: tl.dot's inputs on the GPU, "tf32" (tensor cores), "bf16" (tensor
+    cores at twice the rate; fp32 sums) or "ieee" (exact fp32); None: as torch runs the reference's fp32
+    convolutions (tf32 if torch.backends.cudnn.allow_tf32, its default). The interpreter computes in fp32 for
+    tf32. block: pages a program (128: 1.6x the rate of 64 on the H200, same results)."""
     R, Hh, H, Pcap = hist.shape
     B = rows.shape[0]
     if hist.dtype != torch.float32 or hist.stride(-1) != 1 or P > Pcap:
@@ -164,17 +185,26 @@ def predictor_scores(hist, rows, ptr, num_pages, P: int, packed: PackedCNN, due=
     if tuple(num_pages.shape) != (B,) or (due is not None and tuple(due.shape) != (B,)):
         raise ValueError(f"predictor_scores: num_pages and due expected [B={B}], got {list(num_pages.shape)} "
                          f"and {None if due is None else list(due.shape)}")
+    if last is not None and (last.dtype != torch.float32 or last.shape[:2] != (R, Hh) or last.shape[2] < P
+                             or last.stride(-1) != 1):
+        raise ValueError(f"predictor_scores: last expected fp32 [R={R}, Hh={Hh}, >= P={P}] with contiguous pages, "
+                         f"got {last.dtype} {list(last.shape)}")
     if precision is None:
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    if precision not in ("tf32", "ieee"):
-        raise ValueError(f"predictor_scores: precision expected 'tf32' or 'ieee', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"predictor_scores: precision expected one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and hist.device.type != "cuda":
+        precision = "bf16-emulated"
     out = torch.empty(B, Hh, P, dtype=torch.float32, device=hist.device)
     if B == 0 or P == 0:
         return out
     C1P, C2P = packed.w1.shape[1], packed.w2.shape[2]
     grid = (B * Hh, triton.cdiv(P, block))
+    lst = out if last is None else last
     _predictor_cnn_kernel[grid](hist, hist.stride(0), hist.stride(1), hist.stride(2), rows, ptr, num_pages,
                                 rows if due is None else due, packed.w1, packed.b1, packed.w2, packed.b2,
-                                packed.wh, packed.bh, out, out.stride(0), out.stride(1), H, P,
-                                HH=Hh, C1P=C1P, C2P=C2P, BLOCK=block, HAS_DUE=due is not None, PREC=precision)
+                                packed.wh, packed.bh, out, out.stride(0), out.stride(1),
+                                lst, lst.stride(0), lst.stride(1), H, P,
+                                HH=Hh, C1P=C1P, C2P=C2P, BLOCK=block, HAS_DUE=due is not None,
+                                HAS_LAST=last is not None, PREC=precision)
     return out

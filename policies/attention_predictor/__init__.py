@@ -49,6 +49,9 @@ class AttentionPredictor(ScoringSelector):
     sink_tokens: int = param(64, "leading tokens always read", min=0)
     recent_tokens: int = param(64, "most recent tokens always read", min=0)
     weights: str = param("", "CNN weights file; empty: the `ckv train-predictor` default in the user cache")
+    cnn_precision: str = param("auto", "the Triton CNN's dot inputs: auto (tf32 if torch.backends.cudnn.allow_tf32, "
+                               "else fp32), tf32, bf16 (1.7x tf32's rate on the H200) or ieee (fp32); the torch "
+                               "reference runs fp32", choices=("auto", "tf32", "bf16", "ieee"))
 
 
     def trained_weights(self, model_name: str) -> tuple[Path, str]:
@@ -125,10 +128,12 @@ class AttentionPredictor(ScoringSelector):
     def describe(self, device=None) -> str:
         """Which CNN path runs on `device` (composable_kv.kernels.backend_for) and what run_every skips."""
         if backend_for(torch.device(device or "cpu")) == "triton":
+            dots = ("TF32 when torch.backends.cudnn.allow_tf32, else fp32" if self.cnn_precision == "auto"
+                    else {"tf32": "TF32", "bf16": "bf16 inputs, fp32 sums", "ieee": "fp32"}[self.cnn_precision])
             how = ("fused Triton CNN (kernels/predictor_cnn: reads the history ring in place, one launch per layer, "
-                   "nothing [C2, H, P] in memory; tl.dot in TF32 when torch.backends.cudnn.allow_tf32, else fp32)")
+                   f"nothing [C2, H, P] in memory; tl.dot in {dots})")
         else:
-            how = "torch reference CNN (kernels/predictor_cnn/reference.py: ring gather, conv2d, conv2d, conv1d)"
+            how = "torch reference CNN (kernels/predictor_cnn/reference.py: ring gather, conv2d, conv2d, conv1d; fp32)"
         skip = (f"; run_every {self.run_every}: rows off their turn keep their last scores and skip the CNN"
                 if self.run_every > 1 else "")
         return f"{how}{skip}"
@@ -151,31 +156,33 @@ class AttentionPredictor(ScoringSelector):
                                                   self.calibrate_first, self.run_every)
 
     def _predict(self, ctx, hist, rows, due):
-        """[B, Hkv, P] CNN scores; with run_every > 1 the rows not `due` keep their last scores."""
+        """[B, Hkv, P] CNN scores; with run_every > 1 the rows not `due` keep their last scores (per KV head the
+        CNN call keeps and records them in hist.scores itself)."""
         B, P, Hkv = ctx.batch_size, ctx.max_pages, ctx.num_kv_heads
-        if self.run_every == 1:
-            due = None
-        else:  # rows off their turn (and ever scored) keep their last scores
-            last = hist.scores[rows, :, :P]  # [B, Hkv, P]
+        due = None if self.run_every == 1 else due
+        keep = hist.scores if due is not None and self.per_kv_head else None  # [R, Hkv, Pcap]
         model = load_weights(self.weights or None, ctx.q.device)
         with torch.no_grad():  # one CNN call for every (request, head): [B, Hh, P]
             if backend_for(ctx.q.device) == "triton":
                 from composable_kv.kernels.predictor_cnn import triton as cnn_tk
-                s = cnn_tk.predictor_scores(hist.hist, rows, hist.ptr, ctx.plan.num_pages, P, kernel_weights(model), due)
+                s = cnn_tk.predictor_scores(hist.hist, rows, hist.ptr, ctx.plan.num_pages, P, kernel_weights(model),
+                                            due, keep, precision=None if self.cnn_precision == "auto"
+                                            else self.cnn_precision)
             else:
-                s = cnn_ref.predictor_scores(hist.hist, rows, hist.ptr, ctx.plan.num_pages, P, model.weights(), due)
+                s = cnn_ref.predictor_scores(hist.hist, rows, hist.ptr, ctx.plan.num_pages, P, model.weights(), due,
+                                             keep)
             if not self.per_kv_head:  # per query head: max of each head's predicted distribution
                 s = s.masked_fill(~ctx.plan.valid[:, None], float("-inf"))
                 s = s.log_softmax(-1).view(B, Hkv, -1, P).amax(2)  # [B, Hkv, P]
-        if due is not None:
-            s = torch.where(due[:, None, None], s, last)
-            hist.scores[rows, :, :P] = s
+                if due is not None:
+                    s = torch.where(due[:, None, None], s, hist.scores[rows, :, :P])
+                    hist.scores[rows, :, :P] = s
         return s
 
-    def observe_page_mass(self, ctx, page_mass: torch.Tensor) -> None:
-        """After the decode: page_mass [B, Hq, P] (softmax mass per page, 0 where not read)."""
+    def observe_page_mass(self, ctx, page_lse: torch.Tensor, lse: torch.Tensor) -> None:
+        """After the decode: page_lse [B, Hq, P] and lse [B, Hq] (Stage.observe_page_mass), pushed as mass."""
         hist, rows = self._rows(ctx)
-        hist.push(rows, page_mass, ctx.group_size if self.per_kv_head else 1)  # per KV head: the group's mean
+        hist.push(rows, page_lse, lse, ctx.group_size if self.per_kv_head else 1)  # per KV head: the group's mean
 
 
 class _PredictorState(StageState):

@@ -165,10 +165,11 @@ class PageHistory:
         self.steps[row] = 0
         self.seeded[row] = False
 
-    def push(self, rows: torch.Tensor, mass: torch.Tensor, group: int = 1) -> None:
-        """Record one step: mass [B, Hh * group, P] (0 for pages not read; each head's group averaged) into each
-        row's next slot; the clock ticks (kernels/page_history: one launch on CUDA, torch ops elsewhere)."""
-        history_kernels(mass.device).push(self.hist, self.ptr, self.steps, rows, mass, group)
+    def push(self, rows: torch.Tensor, page_lse: torch.Tensor, lse: torch.Tensor, group: int = 1) -> None:
+        """Record one step's page mass, exp(page_lse [B, Hh * group, P] - lse [B, Hh * group]) (0 for pages not
+        read; each head's group averaged), into each row's next slot; the clock ticks (kernels/page_history: one
+        launch on CUDA, torch ops elsewhere)."""
+        history_kernels(page_lse.device).push(self.hist, self.ptr, self.steps, rows, page_lse, lse, group)
 
     def seed(self, row: int, mass: torch.Tensor) -> None:
         """Fill a row with the prefill's pooled attention: mass [Hh, h, P], oldest first (h <= H).
