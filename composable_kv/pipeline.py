@@ -400,7 +400,7 @@ class DecodePipeline:
         rule = StopRule() if self.is_dense_layer(ctx.layer) else self.stop_rule
         tail = terms = None
         if rule.kind is not None and rule.kind.uses_bounds:
-            tokens = select_ref.page_token_counts(order, ctx.plan.seq_lens, ctx.page_size)
+            tokens = ctx.page_select.page_token_counts(order, ctx.plan.seq_lens, ctx.page_size)
             tail = ctx.page_select.strided_tail_lse(bounds_in_order, tokens, count, ctx.plan.num_splits)
             if rule.kind is StopKind.CALIBRATED:
                 terms = select_ref.tail_terms(bounds_in_order, tokens, count)

@@ -124,9 +124,12 @@ def check_tail(B, H, P, num_splits, *, device="cpu", seed=0, budget=None, chunk_
     bounds = key.gather(-1, o.long().clamp(min=0)) * 3.0
     if no_bound:  # a scorer that covered every page unscored: +inf bounds (the stop never fires)
         bounds[0] = float("inf")
-    tok = select_ref.page_token_counts(o, lens * 16 - 5, 16)
+    tok = select_ref.page_token_counts(o, lens * 16 - 5, 16)  # the last page holds 11 tokens; -1 pads hold none
+    tok_k = select_tk.page_token_counts(o.to(device), (lens * 16 - 5).to(device), 16)
+    assert tok_k.dtype == torch.int32 and torch.equal(tok_k.cpu().long(), tok)
+    assert torch.equal(tok == 0, o < 0) and (budget is not None or (tok == 11).any())
     t1 = select_ref.strided_tail_lse(bounds, tok, c, num_splits)
-    t2 = select_tk.strided_tail_lse(bounds.to(device), tok.to(device), c.to(device), num_splits, chunk_rows)
+    t2 = select_tk.strided_tail_lse(bounds.to(device), tok_k, c.to(device), num_splits, chunk_rows)
     close(t1, t2, 1e-5)
     assert torch.equal(torch.isinf(t1), torch.isinf(t2.cpu()))
 

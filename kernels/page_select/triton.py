@@ -414,14 +414,26 @@ def _rows_of(mask):
     return (mask if mask.stride(-1) == 1 else mask.contiguous()).view(torch.uint8)
 
 
+@triton.jit
+def _token_counts_kernel(order_ptr, lens_ptr, out_ptr, H, N, PAGE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    seq_len = tl.load(lens_ptr + pid // H).to(tl.int32)
+    last = (seq_len + PAGE - 1) // PAGE - 1
+    pos = tl.load(order_ptr + pid.to(tl.int64) * N + i, mask=i < N, other=-1)
+    n = tl.where(pos == last, seq_len - last * PAGE, PAGE)
+    tl.store(out_ptr + pid.to(tl.int64) * N + i, tl.where(pos >= 0, n, 0), mask=i < N)
+
+
 def page_token_counts(order, page_table_lens, page_size: int):
-    seq_lens = page_table_lens.long()
-    num_pages = (seq_lens + page_size - 1) // page_size
-    last_len = seq_lens - (num_pages - 1) * page_size
-    pos = order.long()
-    is_last = pos == (num_pages - 1)[:, None, None]
-    n = torch.where(is_last, last_len[:, None, None].expand_as(pos), torch.full_like(pos, page_size))
-    return torch.where(pos >= 0, n, torch.zeros_like(n))
+    """Same values as reference.page_token_counts, as int32 (what strided_tail_lse reads), in one launch."""
+    B, H, N = order.shape
+    out = torch.empty(B, H, N, dtype=torch.int32, device=order.device)
+    if out.numel():
+        block = min(_pow2(N, 16), 1024)
+        _token_counts_kernel[(B * H, triton.cdiv(N, block))](order.contiguous(), page_table_lens.contiguous(), out,
+                                                              H, N, PAGE=page_size, BLOCK=block)
+    return out
 
 
 def strided_tail_lse(bounds, tokens, count, num_splits: int, chunk_rows: int = 128):
