@@ -126,12 +126,16 @@ def _span_inputs(group, head_dim, R, num_spans, *, dtype=torch.float32, q_scale=
 
 
 def check_span_scores(group, head_dim, R, num_spans, *, dtype=torch.float32, q_scale=1.0, device="cpu", tol=1e-4,
-                      **tuning):
+                      int8=False, **tuning):
+    """int8: the reps quantized (span_ref.quantize_reps), read with their scales."""
     from composable_kv.kernels.span_score import triton as span_tk
     q, reps, ns = _span_inputs(group, head_dim, R, num_spans, dtype=dtype, q_scale=q_scale, device=device)
     sm = head_dim ** -0.5
-    a = span_ref.span_scores(q.cpu(), reps.cpu(), ns.cpu(), sm)
-    b = span_tk.span_scores(q, reps, ns, sm, **tuning).cpu()
+    scales = None
+    if int8:
+        reps, scales = span_ref.quantize_reps(reps)
+    a = span_ref.span_scores(q.cpu(), reps.cpu(), ns.cpu(), sm, scales=None if scales is None else scales.cpu())
+    b = span_tk.span_scores(q, reps, ns, sm, scales=scales, **tuning).cpu()
     fin = torch.isfinite(a)
     assert torch.equal(fin, torch.isfinite(b)), "finite masks differ"
     assert (a[~fin] < 0).all() and (b[~fin] < 0).all()
@@ -160,6 +164,39 @@ needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.
 @pytest.mark.parametrize("R", [1, 3, 4])
 def test_span_kernel_matches_reference(group, head_dim, R):
     check_span_scores(group, head_dim, R, [0, 1, 5, 37])  # ragged, incl. a request with no span
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("group,head_dim,R,programs", [(4, 128, 4, None), (3, 64, 3, 2)])
+def test_span_kernel_int8_reps_match_reference(group, head_dim, R, programs):
+    check_span_scores(group, head_dim, R, [0, 2, 9, 40], int8=True, programs=programs)
+
+
+@pytest.mark.cpu
+def test_int8_reps_round_trip_and_score_close_to_the_keys():
+    """quantize_reps: error <= scale / 2 a coordinate (a zero key stays zero, scale 1); scores from int8 keys equal
+    the reference on the dequantized keys and sit within bf16-like error of the original keys' scores."""
+    q, reps, ns = _span_inputs(4, 64, 4, [7, 3])
+    reps[0, 0, 1, 2] = 0.0
+    qv, scale = span_ref.quantize_reps(reps)
+    assert qv.dtype == torch.int8 and scale.shape == reps.shape[:4] and scale[0, 0, 1, 2] == 1.0
+    deq = qv.float() * scale[..., None]
+    assert ((deq - reps).abs() <= scale[..., None] / 2 + 1e-7).all() and qv.abs().amax(-1).max() == 127
+    got = span_ref.span_scores(q, qv, ns, 0.125, scales=scale)
+    torch.testing.assert_close(got, span_ref.span_scores(q, deq, ns, 0.125), rtol=1e-5, atol=1e-5)
+    exact = span_ref.span_scores(q, reps, ns, 0.125)
+    fin = torch.isfinite(exact)
+    assert ((got[fin] - exact[fin]).abs() <= 0.02 * exact[fin].abs().amax()).all()
+
+
+@pytest.mark.cpu
+def test_int8_reps_without_scales_is_a_clear_error():
+    from composable_kv.kernels.span_score import triton as span_tk
+    q, reps, ns = _span_inputs(2, 16, 2, [3])
+    with pytest.raises(ValueError, match="int8 reps need fp32 scales"):
+        span_tk.span_scores(q, span_ref.quantize_reps(reps)[0], ns, 0.25)
 
 
 @pytest.mark.interpret
@@ -200,11 +237,14 @@ def test_span_table_page_capacity_has_an_eighth_of_headroom():
     assert 3000 <= t.reps.shape[2] <= 3000 + 375 and t.reps.shape[0] == 16
 
 
-def _span_table(N, Hkv, D, R, pages, dtype, g, device):
+def _span_table(N, Hkv, D, R, pages, dtype, g, device, int8=False):
     """A SpanTable of N rows filled with random values (so a write to the wrong place shows)."""
-    t = sp.SpanTable(Hkv, R, D, dtype, device)
+    t = sp.SpanTable(Hkv, R, D, dtype, device, int8)
     t.ensure(N, pages)
-    t.reps.copy_(torch.randn(t.reps.shape, generator=g).to(dtype))
+    t.reps.copy_(torch.randint(-127, 128, t.reps.shape, generator=g) if int8 else
+                 torch.randn(t.reps.shape, generator=g).to(dtype))
+    if int8:
+        t.rep_scale.copy_(torch.rand(t.rep_scale.shape, generator=g))
     t.span_of_page.copy_(torch.randint(-1, 9, t.span_of_page.shape, generator=g))
     t.num_spans.copy_(torch.randint(0, pages - 1, (N,), generator=g))
     t.covered.copy_(torch.randint(0, 4, (N,), generator=g))
@@ -212,20 +252,22 @@ def _span_table(N, Hkv, D, R, pages, dtype, g, device):
 
 
 def check_close_windows(monkeypatch, B, N, Hkv, D, W, R, *, steps=5, seed=0, device="cpu", dtype=torch.float32,
-                        tol=1e-5):
+                        tol=1e-5, int8=False):
     """SpanTable.close_windows with the kernels (on `device`) against its torch path (CPU) over `steps` calls:
     table rows `rows` (a permutation, not arange), windows full and not, one always a token short (its last
-    page partial), one row at the span capacity (slot clamp). Returns the number of windows closed."""
+    page partial), one row at the span capacity (slot clamp). int8: an int8 table (its keys quantized as they
+    are stored; a key may land one step off where the centroid sits at a rounding midpoint). Returns the number of
+    windows closed."""
     g = torch.Generator().manual_seed(seed)
     S, P = 16, 4 + W * steps  # pages a request's page table holds: covered starts below 4, one close a step
-    want = _span_table(N, Hkv, D, R, P, dtype, g, "cpu")
+    want = _span_table(N, Hkv, D, R, P, dtype, g, "cpu", int8)
     cap = want.reps.shape[2]
     rows = torch.randperm(N, generator=g)[:B]
     assert not torch.equal(rows, torch.arange(B))
     want.num_spans[rows[-1]] = cap - 1  # its second close writes slot cap - 1 again
-    got = sp.SpanTable(Hkv, R, D, dtype, device)
+    got = sp.SpanTable(Hkv, R, D, dtype, device, int8)
     got.ensure(N, P)
-    for name in ("reps", "span_of_page", "num_spans", "covered"):
+    for name in ("reps", "span_of_page", "num_spans", "covered") + (("rep_scale",) if int8 else ()):
         getattr(got, name).copy_(getattr(want, name))
     k_pages = torch.randn(B * P + 3, Hkv, S, D, generator=g).to(dtype)  # [pages, Hkv, S, D]
     page_table = torch.randperm(B * P + 3, generator=g)[:B * P].view(B, P).to(torch.int32)
@@ -243,7 +285,13 @@ def check_close_windows(monkeypatch, B, N, Hkv, D, W, R, *, steps=5, seed=0, dev
         closed += int((want.covered - before).sum()) // W
         for name in ("span_of_page", "num_spans", "covered"):
             assert torch.equal(getattr(got, name).cpu(), getattr(want, name)), (step, name)
-        torch.testing.assert_close(got.reps.cpu(), want.reps, rtol=tol, atol=tol)
+        if int8:  # the keys as stored: int8 times scale
+            torch.testing.assert_close(got.rep_scale.cpu(), want.rep_scale, rtol=tol, atol=tol)
+            deq = lambda t: t.reps.cpu().float() * t.rep_scale.cpu()[..., None]  # noqa: E731
+            assert ((deq(got) - deq(want)).abs() <= want.rep_scale[..., None] * 1.001).all(), step
+            assert (got.reps.cpu().int() - want.reps.int()).abs().float().mean() < 0.01, step
+        else:
+            torch.testing.assert_close(got.reps.cpu(), want.reps, rtol=tol, atol=tol)
         seq_lens += grow[step]
     assert want.covered[rows[0]] == cov0[rows[0]] and want.num_spans[rows[-1]] == cap - 1 + steps - 1
     return closed
@@ -256,6 +304,12 @@ def check_close_windows(monkeypatch, B, N, Hkv, D, W, R, *, steps=5, seed=0, dev
                                                      (3, 4, 3, 64, 4, 5, torch.float32, 1e-5)])
 def test_close_windows_kernels_equal_torch(monkeypatch, B, N, Hkv, D, W, R, dtype, tol):
     assert check_close_windows(monkeypatch, B, N, Hkv, D, W, R, seed=B + D + W + R, dtype=dtype, tol=tol) >= 6
+
+
+@pytest.mark.interpret
+@needs_kernels
+def test_close_windows_kernels_equal_torch_int8(monkeypatch):
+    assert check_close_windows(monkeypatch, 4, 6, 2, 64, 2, 4, seed=11, tol=1e-5, int8=True) >= 6
 
 
 def select_inputs(B, Hkv, G, P, budget, *, seed=0, rows_in_table=None):
@@ -417,9 +471,10 @@ def test_budget_forced_pages_and_whole_spans_first(vote):
 
 
 @pytest.mark.cpu
-def test_needle_span_is_retrieved():
-    """One span's keys align with the query; with room for one span, ltri reads that span."""
-    pipe = ckv.compile(ltri_policy(16 * 6, max_span_pages=4, obs_queries=0), backend="reference")
+@pytest.mark.parametrize("rep_dtype", ["cache", "int8"])
+def test_needle_span_is_retrieved(rep_dtype):
+    """One span's keys align with the query; with room for one span, ltri reads that span (int8 keys too)."""
+    pipe = ckv.compile(ltri_policy(16 * 6, max_span_pages=4, obs_queries=0, rep_dtype=rep_dtype), backend="reference")
     lens = [640]
     cache, ids, keys, values = build_cache(lens, head_dim=32, summaries=pipe.required_summaries, seed=3)
     needle = torch.randn(32) * 4
@@ -455,13 +510,14 @@ def test_decode_tokens_close_spans_and_stay_forced():
 
 
 @pytest.mark.cpu
-def test_kv_bytes_count_rep_keys():
-    pipe, cache, ids, q, *_ = run(ltri_policy(64, reps_per_span=3), [111, 300])
+@pytest.mark.parametrize("rep_dtype,per_key", [("cache", 32 * 4), ("int8", 32 + 4)])  # D * fp32; D int8 + a scale
+def test_kv_bytes_count_rep_keys(rep_dtype, per_key):
+    pipe, cache, ids, q, *_ = run(ltri_policy(64, reps_per_span=3, rep_dtype=rep_dtype), [111, 300])
     res = pipe.run(q, cache, 0)
     st = pipe.selectors[0]
     spans = torch.tensor([st.span_index(cache, s, 0).num_spans for s in ids], dtype=torch.float64)
     kv = res.pages_read.sum(-1).double() * 2 * 16 * 32 * 4
-    reps = spans * 2 * 3 * 32 * 4  # Hkv * R * D * fp32
+    reps = spans * 2 * 3 * per_key  # Hkv * R * per key
     torch.testing.assert_close(pipe.kv_bytes_read(res, cache, 0), kv + reps)
 
 
@@ -497,9 +553,10 @@ def test_bad_vote_is_a_clear_error():
 
 @pytest.mark.interpret
 @needs_kernels
-def test_stage_with_triton_scorer_equals_reference(monkeypatch):
+@pytest.mark.parametrize("rep_dtype", ["cache", "int8"])
+def test_stage_with_triton_scorer_equals_reference(monkeypatch, rep_dtype):
     from composable_kv.pipeline import LayerContext
-    pipe, cache, ids, q, *_ = run(ltri_policy(64, max_span_pages=2), [63, 111, 300], group=4)
+    pipe, cache, ids, q, *_ = run(ltri_policy(64, max_span_pages=2, rep_dtype=rep_dtype), [63, 111, 300], group=4)
     ctx = LayerContext(q, cache, 0, pipe.current_plan, 32 ** -0.5)
     a = pipe.select(ctx)
     monkeypatch.setattr(sp, "FORCE_TRITON", True)
@@ -537,3 +594,21 @@ def test_hf_prefill_builds_spans_and_decodes():
             idx = built[(sid, layer)]  # observed at prefill: spans tile the full pages after the sink
             assert idx.starts[0] == 1 and idx.ends[-1] == n // 16 == idx.covered
     assert all(s.kv_bytes_read[0] < s.dense_kv_bytes[0] for s in sess.steps)
+
+
+@pytest.mark.cpu
+def test_int8_table_holds_quantized_keys_of_the_same_spans():
+    """rep_dtype int8: the same spans as the cache-dtype table, the keys stored as int8 (half a bf16 table's bytes,
+    a quarter of fp32's) whose dequantized values are the k-means keys within half a scale step."""
+    keep = {}
+    for rep_dtype in ("cache", "int8"):
+        pipe, cache, ids, q, *_ = run(ltri_policy(64, rep_dtype=rep_dtype), [111, 300])
+        pipe.run(q, cache, 0)
+        table = cache.stage_state(pipe.selectors[0]).tables[0]
+        keep[rep_dtype] = (table, [pipe.selectors[0].span_index(cache, s, 0) for s in ids])
+    (t16, idx16), (t8, idx8) = keep["cache"], keep["int8"]
+    assert t8.reps.dtype == torch.int8 and t16.rep_scale is None and t8.rep_scale.shape == t8.reps.shape[:4]
+    for a, b in zip(idx16, idx8):
+        assert torch.equal(a.span_of_page, b.span_of_page) and int(a.num_spans) == int(b.num_spans)
+        step = a.reps.abs().amax(-1, keepdim=True) / 127
+        assert ((b.reps - a.reps).abs() <= step / 2 + 1e-6).all()

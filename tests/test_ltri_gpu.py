@@ -18,6 +18,14 @@ def test_span_kernel_grid(group, head_dim, R, dtype, tol):
     check_span_scores(group, head_dim, R, [0, 1, 33, 257, 1000], dtype=dtype, device="cuda", tol=tol)
 
 
+@pytest.mark.parametrize("group", [1, 4, 7])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("R", [2, 4])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_span_kernel_int8_reps_grid(group, head_dim, R, dtype, tol):
+    check_span_scores(group, head_dim, R, [0, 1, 33, 257, 1000], dtype=dtype, device="cuda", tol=tol, int8=True)
+
+
 @pytest.mark.parametrize("q_scale", [100.0, 1000.0])
 def test_span_kernel_extreme_logits(q_scale):
     check_span_scores(4, 128, 4, [5, 300], q_scale=q_scale, device="cuda")
@@ -36,6 +44,11 @@ def test_span_select_kernel_grid(vote, G, P, budget, window):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 def test_close_windows_kernels_grid(monkeypatch, B, N, Hkv, D, W, R, dtype, tol):
     check_close_windows(monkeypatch, B, N, Hkv, D, W, R, steps=6, seed=B * W, device="cuda", dtype=dtype, tol=tol)
+
+
+@pytest.mark.parametrize("B,N,Hkv,D,W,R", [(16, 20, 8, 128, 4, 4), (3, 5, 2, 64, 2, 3)])
+def test_close_windows_kernels_int8_grid(monkeypatch, B, N, Hkv, D, W, R):
+    check_close_windows(monkeypatch, B, N, Hkv, D, W, R, steps=6, seed=B * W, device="cuda", tol=1e-4, int8=True)
 
 
 @pytest.mark.parametrize("terminal", [None, {"stage": "art", "stop": "certified", "delta": 0.01}])

@@ -1,7 +1,8 @@
 """Span scores per query head in Triton (same signature and output as `reference.py`).
 
 One program per (request, KV head, block of spans): the group's G queries [G, D] against the block's
-BLOCK_S * R representative keys in one dot, then a max over each span's R columns.
+BLOCK_S * R representative keys in one dot (int8 keys: converted to q's dtype, each column then times its key's
+scale), then a max over each span's R columns.
 """
 import torch
 import triton
@@ -15,10 +16,11 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 @triton.jit
 def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_rh, stride_rs, stride_rr,
+                       sc_ptr, stride_cb, stride_ch, stride_cs,
                        row_ptr, ns_ptr, out_ptr, stride_ob, stride_oh, NS, sm_scale,
                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                        DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BLOCK_S: tl.constexpr,
-                       DOT_F32: tl.constexpr, ROWS: tl.constexpr, NUM_STAGES: tl.constexpr):
+                       DOT_F32: tl.constexpr, ROWS: tl.constexpr, NUM_STAGES: tl.constexpr, SCALED: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -41,6 +43,10 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
                 + r[:, None] * stride_rr + d[None, :])
         reps = tl.load(rep_ptr + offs, mask=cmask[:, None] & (d < D)[None, :], other=0.0)  # [BLOCK_S*RP, DP]
         x = _dot(q, tl.trans(reps), DOT_F32)  # [GP, BLOCK_S*RP]
+        if SCALED:  # int8 keys: each column times its key's scale
+            sc = tl.load(sc_ptr + row * stride_cb + h * stride_ch + span.to(tl.int64) * stride_cs + r, mask=cmask,
+                         other=0.0)
+            x = x * sc[None, :]
         x = tl.where(cmask[None, :], x, NEG_INF)
         best = tl.max(tl.reshape(x, (GP, BLOCK_S, RP)), axis=2)  # [GP, BLOCK_S]
         s = s0 + tl.arange(0, BLOCK_S)
@@ -49,13 +55,14 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
         tl.store(optr, best, mask=(g < G)[:, None] & (s < NS)[None, :])
 
 
-def span_scores(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None, num_warps=None, programs=None,
-                num_stages=None) -> torch.Tensor:
+def span_scores(q, reps, num_spans, sm_scale: float, rows=None, scales=None, *, block_s=None, num_warps=None,
+                programs=None, num_stages=None) -> torch.Tensor:
     """q [B, Hq, D]; reps [B, Hkv, NS, R, D] and num_spans [B], or tables [N, Hkv, NS, R, D] and [N] read at
     rows [B] long (no gather: the kernel loads row rows[b]; a slice along NS keeps its strides)
-    -> [B, Hq, NS] fp32 (scaled, -inf past num_spans). Tuning (gpu/ltri.py sweeps it): block_s (spans a block),
-    programs (a (request, KV head) row's programs, each looping over every programs-th block; by default about
-    2,048 programs in all), num_warps, num_stages (the loop's pipelining)."""
+    -> [B, Hq, NS] fp32 (scaled, -inf past num_spans). scales: None, or int8 reps' scales [B or N, Hkv, NS, R]
+    (reference.quantize_reps; the reps are then int8, converted to q's dtype for the dot). Tuning (gpu/ltri.py
+    sweeps it): block_s (spans a block), programs (a (request, KV head) row's programs, each looping over every
+    programs-th block; by default about 2,048 programs in all), num_warps, num_stages (the loop's pipelining)."""
     B, Hq, D = q.shape
     lead = B if rows is None else reps.shape[0]
     if reps.dim() != 5 or reps.shape[0] != lead or reps.shape[-1] != D or Hq % reps.shape[1]:
@@ -71,6 +78,11 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None,
     if num_spans.shape != (lead,):
         raise ValueError(f"span_scores: num_spans expected [{lead}], got {list(num_spans.shape)}")
     num_spans = num_spans.to(q.device).contiguous()  # int32 or long: the kernel loads either
+    if (scales is not None) != (reps.dtype == torch.int8) or (scales is not None and (
+            scales.shape != reps.shape[:4] or scales.dtype != torch.float32 or scales.stride(-1) != 1)):
+        raise ValueError(f"span_scores: int8 reps need fp32 scales [{', '.join(map(str, reps.shape[:4]))}] (contiguous "
+                         f"last dim), other reps none; got reps {reps.dtype} and scales "
+                         f"{None if scales is None else (scales.dtype, list(scales.shape))}")
     out = torch.empty(B, Hq, NS, dtype=torch.float32, device=q.device)
     if NS == 0:
         return out
@@ -83,10 +95,13 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None, *, block_s=None,
     grid = (B * Hkv, per_row)
     st = reps.stride()
     row_arg = num_spans if rows is None else rows.to(device=q.device, dtype=torch.int64).contiguous()
-    _span_score_kernel[grid](q, q.stride(0), q.stride(1), reps, st[0], st[1], st[2], st[3], row_arg, num_spans,
-                             out, out.stride(0), out.stride(1), NS, float(sm_scale),
-                             HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), R=R, RP=RP,
-                             BLOCK_S=BLOCK_S, DOT_F32=dot_f32(q, reps.dtype), ROWS=rows is not None,
-                             NUM_STAGES=num_stages or (2 if per_row < blocks else 1),
+    sc = reps if scales is None else scales  # (unread without SCALED)
+    sst = (0, 0, 0) if scales is None else scales.stride()[:3]
+    _span_score_kernel[grid](q, q.stride(0), q.stride(1), reps, st[0], st[1], st[2], st[3], sc, *sst, row_arg,
+                             num_spans, out, out.stride(0), out.stride(1), NS, float(sm_scale),
+                             HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), R=R, RP=RP, BLOCK_S=BLOCK_S,
+                             DOT_F32=dot_f32(q, q.dtype if scales is not None else reps.dtype),
+                             ROWS=rows is not None, NUM_STAGES=num_stages or (2 if per_row < blocks else 1),
+                             SCALED=scales is not None,
                              **({"num_warps": num_warps} if num_warps else {}))
     return out

@@ -10,7 +10,8 @@ Our choices (the paper gives no exact formulas; see also policies/ltri/spans.py)
     (the default, `obs_queries: 0`), or the keys that received the most attention from the prompt's
     last `obs_queries` queries. Measured on needle tasks (NOTES.md), the attention-picked keys lose the
     needles and the centroids do not; spans closed during decode and sequences whose prefill was not
-    observed (k . k stands in for the attention map) use centroids either way.
+    observed (k . k stands in for the attention map) use centroids either way. `rep_dtype: int8` stores
+    them as int8 with a scale a key (max |x| / 127): the span scoring reads half the bytes of bf16.
   * Decode tokens: the pages after the last span are an open span that is always read; each time
     `decode_span_pages` full pages have gathered there, they close as a new span (k-means reps; at most
     one span per layer and step, which one decode token per step never exceeds).
@@ -64,9 +65,11 @@ class Ltri(ScoringSelector):
     decode_span_pages: int = param(4, "decode pages that close a new span", min=1, max=256)
     sink_tokens: int = param(16, "leading tokens always read and never in a span", min=0)
     vote: str = param("group", "who votes on a KV head's spans", choices=("group", "layer"))
+    rep_dtype: str = param("cache", "the representative keys' storage: the cache's dtype, or int8 with a scale a key "
+                           "(half the bytes the span scoring reads at bf16)", choices=("cache", "int8"))
 
     def new_state(self, cache) -> "_LtriState":
-        return _LtriState(self.reps_per_span)
+        return _LtriState(self.reps_per_span, self.rep_dtype == "int8")
 
     # -- per-sequence span index ----------------------------------------------------------------
 
@@ -129,13 +132,13 @@ class Ltri(ScoringSelector):
         return None if row is None or table is None or row not in table.built else table.index(row)
 
     # -- selection ------------------------------------------------------------------------------
-    def span_scores(self, q, reps, num_spans, sm_scale, rows=None):
-        """[B, Hq, NS] per-head span scores (reps [R, Hkv, NS, Rr, D] and num_spans [R] read at `rows` [B]): the
-        Triton kernel on CUDA, else the torch reference."""
+    def span_scores(self, q, reps, num_spans, sm_scale, rows=None, scales=None):
+        """[B, Hq, NS] per-head span scores (reps [R, Hkv, NS, Rr, D], int8 reps' scales [R, Hkv, NS, Rr] or None and
+        num_spans [R] read at `rows` [B]): the Triton kernel on CUDA, else the torch reference."""
         if q.is_cuda or sp.FORCE_TRITON:
             from composable_kv.kernels.span_score import triton as span_tk
-            return span_tk.span_scores(q, reps, num_spans, sm_scale, rows=rows)
-        return span_ref.span_scores(q, reps, num_spans, sm_scale, rows=rows)
+            return span_tk.span_scores(q, reps, num_spans, sm_scale, rows=rows, scales=scales)
+        return span_ref.span_scores(q, reps, num_spans, sm_scale, rows=rows, scales=scales)
 
     def select(self, scores, rows, table, state, num_pages, budget_pages, page_size, record=None):
         """Votes, span ranking, budget and read order in one Triton launch on CUDA (kernels/span_select), else
@@ -154,19 +157,23 @@ class Ltri(ScoringSelector):
         plan, P, S = ctx.plan, ctx.max_pages, ctx.page_size
         table.close_windows(rows, plan.page_table, plan.seq_lens, ctx.cache.k[ctx.layer], self.decode_span_pages, S)
         counts = ctx.cache.stage_state(self).scored_counts(ctx.layer, table.num_spans, plan.num_pages)
-        scores = self.span_scores(ctx.q, table.reps[:, :, :P], table.num_spans, ctx.sm_scale, rows)  # [B, Hq, P]
+        scales = None if table.rep_scale is None else table.rep_scale[:, :, :P]
+        scores = self.span_scores(ctx.q, table.reps[:, :, :P], table.num_spans, ctx.sm_scale, rows,
+                                  scales)  # [B, Hq, P]
         self.select(scores, rows, table, state, plan.num_pages, self.budget_pages(S), S, (table.num_spans, *counts))
 
     # -- accounting -----------------------------------------------------------------------------
     def summary_bytes_per_page(self, cache, layer: int | None = None):
         """Representative-key bytes per KV head, spread over the request's pages ([B] float64, as
         `kv_bytes_read` multiplies by pages and KV heads): R * D * elt * num_spans of `layer` as it was
-        last scored, or the mean over the scored layers (layer None)."""
+        last scored (int8 keys: R * (D + 4), the scales' bytes counted), or the mean over the scored layers
+        (layer None)."""
         scored = cache.stage_state(self).scored
         if layer is not None and layer not in scored or not scored:
             return 0
         spans, pages = zip(*([scored[layer]] if layer is not None else scored.values()))
-        per_span = self.reps_per_span * cache.head_dim * cache.dtype.itemsize
+        per_key = cache.head_dim + 4 if self.rep_dtype == "int8" else cache.head_dim * cache.dtype.itemsize
+        per_span = self.reps_per_span * per_key
         ratio = torch.stack(spans).to(torch.float64) / torch.stack(pages).to(torch.float64).clamp(min=1)  # [L, B]
         return ratio.mean(0) * per_span
 
@@ -175,8 +182,8 @@ class _LtriState(StageState):
     """One cache's span indexes: a row per sequence, a SpanTable per layer, each sequence's base page
     (where decode spans start), and each layer's span counts when it last scored (byte accounting)."""
 
-    def __init__(self, reps_per_span: int):
-        self.reps_per_span = reps_per_span
+    def __init__(self, reps_per_span: int, int8_reps: bool = False):
+        self.reps_per_span, self.int8_reps = reps_per_span, int8_reps
         self.rows = SequenceRows()
         self.tables: dict[int, sp.SpanTable] = {}
         self.base: dict[int, int] = {}
@@ -194,7 +201,7 @@ class _LtriState(StageState):
         t = self.tables.get(layer)
         if t is None:
             t = self.tables[layer] = sp.SpanTable(cache.num_kv_heads, self.reps_per_span, cache.head_dim,
-                                                  cache.dtype, cache.device)
+                                                  cache.dtype, cache.device, self.int8_reps)
         t.ensure(self.rows.capacity, 0)
         return t
 

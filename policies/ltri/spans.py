@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from composable_kv.kernels.span_score.reference import quantize_reps
 from composable_kv.kernels.window_kmeans.reference import kmeans_reps, window_reps
 from composable_kv.seq_rows import grown, grown_pages
 
@@ -252,16 +253,21 @@ class SpanTable:
     fixed-shape device tensors that the decode step reads and extends in place:
 
       span_of_page [R, Pcap] long       span id of each page; -1: sink, open span, past the end
-      reps         [R, Hkv, Pcap, Rr, D] representative keys of span s at [:, :, s] (<= Pcap spans)
+      reps         [R, Hkv, Pcap, Rr, D] representative keys of span s at [:, :, s] (<= Pcap spans), in the
+                   cache's dtype or int8 (int8_reps)
+      rep_scale    [R, Hkv, Pcap, Rr] fp32, the int8 keys' scales (span_score.reference.quantize_reps); None
       num_spans    [R] long
       covered      [R] long             pages below are sink or spans; the open span starts here
 
     Capacity grows on the host from shapes alone (before a step is captured): rows by doubling, pages with 1/8
     headroom (seq_rows.grown_pages)."""
 
-    def __init__(self, kv_heads: int, reps_per_span: int, head_dim: int, dtype, device):
+    def __init__(self, kv_heads: int, reps_per_span: int, head_dim: int, dtype, device, int8_reps: bool = False):
+        self.dtype = dtype  # the keys' dtype (index() returns int8 keys dequantized to it)
         self.span_of_page = torch.full((0, 0), -1, dtype=torch.long, device=device)
-        self.reps = torch.zeros(0, kv_heads, 0, reps_per_span, head_dim, dtype=dtype, device=device)
+        self.reps = torch.zeros(0, kv_heads, 0, reps_per_span, head_dim, dtype=torch.int8 if int8_reps else dtype,
+                                device=device)
+        self.rep_scale = torch.ones(0, kv_heads, 0, reps_per_span, device=device) if int8_reps else None
         self.num_spans = torch.zeros(0, dtype=torch.long, device=device)
         self.covered = torch.zeros(0, dtype=torch.long, device=device)
         self.built: set[int] = set()  # rows holding an index (host bookkeeping)
@@ -272,16 +278,22 @@ class SpanTable:
         if cap2 > cap:
             self.span_of_page = torch.nn.functional.pad(self.span_of_page, (0, cap2 - cap), value=-1)
             self.reps = torch.nn.functional.pad(self.reps, (0, 0, 0, 0, 0, cap2 - cap))
+            if self.rep_scale is not None:
+                self.rep_scale = torch.nn.functional.pad(self.rep_scale, (0, 0, 0, cap2 - cap), value=1.0)
         if R2 > R:
             n = R2 - R
             self.span_of_page = torch.cat([self.span_of_page, self.span_of_page.new_full((n, cap2), -1)])
             self.reps = torch.cat([self.reps, self.reps.new_zeros(n, *self.reps.shape[1:])])
+            if self.rep_scale is not None:
+                self.rep_scale = torch.cat([self.rep_scale, self.rep_scale.new_ones(n, *self.rep_scale.shape[1:])])
             self.num_spans = torch.cat([self.num_spans, self.num_spans.new_zeros(n)])
             self.covered = torch.cat([self.covered, self.covered.new_zeros(n)])
 
     def reset(self, row: int) -> None:
         self.span_of_page[row] = -1
         self.reps[row] = 0
+        if self.rep_scale is not None:
+            self.rep_scale[row] = 1.0
         self.num_spans[row] = 0
         self.covered[row] = 0
         self.built.discard(row)
@@ -291,7 +303,10 @@ class SpanTable:
         self.ensure(row + 1, max(P, NS, idx.covered))
         self.reset(row)
         self.span_of_page[row, :P] = idx.span_of_page
-        self.reps[row, :, :NS] = idx.reps
+        if self.rep_scale is None:
+            self.reps[row, :, :NS] = idx.reps
+        else:
+            self.reps[row, :, :NS], self.rep_scale[row, :, :NS] = quantize_reps(idx.reps)
         self.num_spans[row] = idx.num_spans
         self.covered[row] = idx.covered
         self.built.add(row)
@@ -299,8 +314,10 @@ class SpanTable:
     def index(self, row: int) -> SpanIndex:
         """A row as a SpanIndex (host reads: for inspection and tests)."""
         n, cov = int(self.num_spans[row]), int(self.covered[row])
-        return SpanIndex(self.span_of_page[row, :cov].clone(), self.reps[row, :, :n].clone(),
-                         self.num_spans[row].clone(), cov)
+        reps = self.reps[row, :, :n]
+        if self.rep_scale is not None:  # dequantized
+            reps = (reps.float() * self.rep_scale[row, :, :n, :, None]).to(self.dtype)
+        return SpanIndex(self.span_of_page[row, :cov].clone(), reps.clone(), self.num_spans[row].clone(), cov)
 
     def close_windows(self, rows: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
                       k_pages: torch.Tensor, window_pages: int, page_size: int) -> None:
@@ -312,16 +329,20 @@ class SpanTable:
         if k_pages.is_cuda or FORCE_TRITON:
             from composable_kv.kernels.window_kmeans import triton as kmeans_tk
             kmeans_tk.close_windows(rows, page_table, seq_lens, k_pages, self.covered, self.num_spans,
-                                    self.span_of_page, self.reps, window_pages, page_size)
+                                    self.span_of_page, self.reps, window_pages, page_size, rep_scale=self.rep_scale)
             return
         W = window_pages
         Rr, cap = self.reps.shape[3], self.reps.shape[2]
         dev = rows.device
         cov = self.covered[rows]  # [B]
         reps, closing = window_reps(rows, page_table, seq_lens, k_pages, self.covered, W, page_size, Rr)
-        reps = reps.to(self.reps.dtype)  # [B, Hkv, Rr, D]
         ns = self.num_spans[rows]  # [B]
         slot = ns.clamp(max=cap - 1)
+        if self.rep_scale is None:
+            reps = reps.to(self.reps.dtype)  # [B, Hkv, Rr, D]
+        else:
+            reps, scale = quantize_reps(reps)  # [B, Hkv, Rr, D] int8, [B, Hkv, Rr]
+            self.rep_scale[rows, :, slot] = torch.where(closing[:, None, None], scale, self.rep_scale[rows, :, slot])
         self.reps[rows, :, slot] = torch.where(closing[:, None, None, None], reps, self.reps[rows, :, slot])
         pos = torch.arange(self.span_of_page.shape[1], device=dev)
         new_pages = closing[:, None] & (pos >= cov[:, None]) & (pos < (cov + W)[:, None])  # [B, Pcap]
