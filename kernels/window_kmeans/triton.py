@@ -3,8 +3,9 @@
 Launch 1, a program per (request, KV head): if the request's open window is full, the window's W * S keys
 [N, D] in registers (fp32), the reference's initial centroids (evenly spaced tokens), then its Lloyd steps
 (distances by one dot, argmin, new means by a one-hot dot), stored in the table's dtype at the row's next
-span slot (int8 tables: quantized with a scale a key); else it returns before any key load. Launch 2, a program per request: a closing row's pages,
-span count and covered page. Dots in IEEE fp32: the reps match the torch reference up to summation order.
+span slot (int8 tables: quantized with a scale a key); else it returns before any key load. Launch 2, a program
+per request: a closing row's pages, span count and covered page. Dots in IEEE fp32: the reps match the torch
+reference up to summation order.
 """
 import torch
 import triton
