@@ -104,8 +104,8 @@ def check_push(B, R, Hh, group, H, P, cap, *, device="cpu", seed=0):
     want = [t.clone() for t in (hist, ptr, steps)]
     got = [t.clone().to(device) for t in (hist, ptr, steps)]
     for _ in range(2):  # log masses with pages not read (-inf) and a head that read nothing (lse -inf)
-        page_lse = torch.randn(B, Hh * group, P, generator=g).masked_fill(torch.rand(B, Hh * group, P, generator=g) < 0.3,
-                                                                          float("-inf"))
+        unread = torch.rand(B, Hh * group, P, generator=g) < 0.3
+        page_lse = torch.randn(B, Hh * group, P, generator=g).masked_fill(unread, float("-inf"))
         lse = torch.logsumexp(page_lse, -1) + torch.rand(B, Hh * group, generator=g)
         page_lse[0, -1], lse[0, -1] = float("-inf"), float("-inf")
         ref.push(*want, rows, page_lse, lse, group)

@@ -95,8 +95,9 @@ def close_windows(rows, page_table, seq_lens, k_pages, covered, num_spans, span_
         raise ValueError("close_windows: reps [N, Hkv, cap, R, D] and span_of_page need contiguous last dims")
     if (rep_scale is not None) != (reps.dtype == torch.int8) or (rep_scale is not None and (
             rep_scale.shape != reps.shape[:4] or rep_scale.stride(-1) != 1 or rep_scale.dtype != torch.float32)):
+        got = None if rep_scale is None else list(rep_scale.shape)
         raise ValueError(f"close_windows: int8 reps need an fp32 rep_scale shaped {list(reps.shape[:4])}, other reps "
-                         f"none; got reps {reps.dtype}, rep_scale {None if rep_scale is None else list(rep_scale.shape)}")
+                         f"none; got reps {reps.dtype}, rep_scale {got}")
     W = window_pages
     sk, sr = k_pages.stride(), reps.stride()
     sc, scs = (reps, (0, 0, 0)) if rep_scale is None else (rep_scale, rep_scale.stride()[:3])
