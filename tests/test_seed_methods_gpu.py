@@ -49,10 +49,29 @@ def test_graph_path_equals_eager_paths_and_the_host_code_fp32(stack, no_tf32):
     assert bytes_of(out["graph"]) == bytes_of(out["host"]) == bytes_of(old)
 
 
-@pytest.mark.parametrize("stack", ["ltri_art", "attention_predictor_art"])
+# stacks with no host-code twin (tests/host_seed_reference.py): graph against eager only
+DEVICE_ONLY = {
+    "ltri_int8_art": {"page_size": 16, "dense_layers": [0], "stages": [
+        {"stage": "ltri", "budget_tokens": 96, "max_span_pages": 3, "decode_span_pages": 1, "rep_dtype": "int8"},
+        {"stage": "art", "stop": "certified", "delta": 0.05}]},
+}
+
+
+@pytest.mark.parametrize("stack", sorted(DEVICE_ONLY))
+def test_graph_path_equals_eager_path_fp32(stack, no_tf32):
+    model = tiny_llama(1024).to("cuda", torch.float32)
+    pipe = ckv.compile({"name": stack, **DEVICE_ONLY[stack]})
+    out = {p: hf.generate(model, None, _prompts(), pipe, max_new_tokens=24, stop_at_eos=False, decode_path=p)
+           for p in ("graph", "device")}
+    assert out["graph"].decode_path == "graph" and out["graph"].sequences == out["device"].sequences
+    assert [s.kv_bytes_read for s in out["graph"].steps] == [s.kv_bytes_read for s in out["device"].steps]
+
+
+@pytest.mark.parametrize("stack", ["ltri_art", "attention_predictor_art", "ltri_int8_art"])
 def test_a_step_is_one_graph_replay_with_no_sync(stack):
     model = tiny_llama(1024).to("cuda", torch.bfloat16)
-    s = hf.PolicySession(model, ckv.compile({"name": stack, **STACKS[stack]}), max_total_tokens=600, batch_size=3)
+    s = hf.PolicySession(model, ckv.compile({"name": stack, **{**STACKS, **DEVICE_ONLY}[stack]}),
+                         max_total_tokens=600, batch_size=3)
     assert s.decode_path == "graph" and "graph-safe" in s.decode_path_reason
     assert_replays_without_sync(s, _prompts())  # the first step runs eagerly, then replays
 
