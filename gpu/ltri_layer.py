@@ -80,23 +80,28 @@ def rows_at(ctx: int, dev) -> list[tuple[str, float]]:
             ("span scoring then span_select", t_pair)], t_quest
 
 
+def checked_contexts(p: argparse.ArgumentParser, ctx: str) -> tuple[list[int], torch.device]:
+    """--ctx as token counts and the CUDA device, or p.error (one line) before anything is built."""
+    if not all(x.isdigit() and int(x) >= 16 for x in ctx.split(",")):
+        p.error(f"--ctx: comma-separated token counts of at least one page (16), got {ctx!r}")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device (it times CUDA-graph replays)")
+    return [int(x) for x in ctx.split(",")], torch.device("cuda")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python gpu/ltri_layer.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
     p.add_argument("--ctx", default="32768", help="comma-separated context lengths (tokens a request)")
     args = p.parse_args(argv)
-    if not all(x.isdigit() and int(x) >= 16 for x in args.ctx.split(",")):
-        p.error(f"--ctx: comma-separated token counts of at least one page (16), got {args.ctx!r}")
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device (it times CUDA-graph replays)")
-    dev = torch.device("cuda")
+    contexts, dev = checked_contexts(p, args.ctx)
     meta = harness.run_meta()
     lines = ["# ltri's layer, piece by piece", "", f"{meta['gpu']}, commit {meta['commit']}, torch {torch.__version__}; "
              f"command: `python gpu/ltri_layer.py OUT --ctx {args.ctx}`. B=16, Llama-8B heads, budget 1,024 tokens, "
              "attend; CUDA-graph replay (seed_methods_cost.time_layer for layers, harness.graph_ms for kernels).", "",
              "| ctx | pages | replayed | us | x Quest's layer |", "|---:|---:|---|---:|---:|"]
-    for ctx in map(int, args.ctx.split(",")):
+    for ctx in contexts:
         rows, t_quest = rows_at(ctx, dev)
         for name, t in rows:
             lines.append(f"| {ctx} | {-(-ctx // 16)} | {name} | {t * 1e3:.1f} | {t / t_quest:.3f} |")

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import seed_methods_cost as smc  # noqa: E402
-from ltri_layer import quest_then_ltri, stage_inputs, write_table  # noqa: E402
+from ltri_layer import checked_contexts, quest_then_ltri, stage_inputs, write_table  # noqa: E402
 from composable_kv.kernels.span_select import triton as select_tk  # noqa: E402
 
 
@@ -27,11 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--ctx", default="32768")
     p.add_argument("--variants", default="triton")
     args = p.parse_args(argv)
-    if not all(x.isdigit() and int(x) >= 16 for x in args.ctx.split(",")):
-        p.error(f"--ctx: comma-separated token counts of at least one page (16), got {args.ctx!r}")
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device (it times CUDA-graph replays)")
-    dev = torch.device("cuda")
+    contexts, dev = checked_contexts(p, args.ctx)
     mods = {v: importlib.import_module(f"composable_kv.kernels.span_select.{v}") for v in args.variants.split(",")}
     meta = harness.run_meta()
     lines = ["# span_select variants in ltri's layer", "", f"{meta['gpu']}, commit {meta['commit']}; command: "
@@ -40,7 +36,7 @@ def main(argv=None) -> int:
              "| ctx | variant | ltri's layer us | x Quest | alone us | alone after 256 MB read us |",
              "|---:|---|---:|---:|---:|---:|"]
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
-    for ctx in map(int, args.ctx.split(",")):
+    for ctx in contexts:
         t_quest, pipe, cache, q = quest_then_ltri(ctx, dev)
         _, a = stage_inputs(pipe, cache, q)
         real = select_tk.span_select

@@ -194,9 +194,18 @@ def test_int8_reps_round_trip_and_score_close_to_the_keys():
 @pytest.mark.cpu
 def test_int8_reps_without_scales_is_a_clear_error():
     from composable_kv.kernels.span_score import triton as span_tk
+    from composable_kv.kernels.window_kmeans import triton as kmeans_tk
     q, reps, ns = _span_inputs(2, 16, 2, [3])
     with pytest.raises(ValueError, match="int8 reps need fp32 scales"):
         span_tk.span_scores(q, span_ref.quantize_reps(reps)[0], ns, 0.25)
+    with pytest.raises(ValueError, match="int8 reps need fp32 scales"):  # scales for keys that are not int8
+        span_tk.span_scores(q, reps, ns, 0.25, scales=span_ref.quantize_reps(reps)[1])
+    t = sp.SpanTable(2, 2, 16, torch.float32, "cpu", int8_reps=True)
+    t.ensure(1, 4)
+    with pytest.raises(ValueError, match="int8 reps need an fp32 rep_scale"):
+        kmeans_tk.close_windows(torch.zeros(1, dtype=torch.long), torch.zeros(1, 4, dtype=torch.int32),
+                                torch.tensor([64], dtype=torch.int32), torch.randn(4, 2, 16, 16), t.covered,
+                                t.num_spans, t.span_of_page, t.reps, 2, 16)  # no rep_scale
 
 
 @pytest.mark.interpret
