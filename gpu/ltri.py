@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton.runtime.errors
 import triton.testing
 
 from composable_kv.kernels.page_score import triton as page_tk
@@ -66,15 +67,21 @@ q = torch.randn(B, Hq, D, device=dev, dtype=dt)
 reps = torch.randn(B, Hkv, P, R, D, device=dev, dtype=dt)
 ns = torch.full((B,), NS, dtype=torch.long, device=dev)
 rows_t = torch.arange(B, device=dev)
+reps8, scales8 = span_ref.quantize_reps(reps)  # rep_dtype: int8 (a scale a key)
 sweep = []
-for block_s in () if SELECT_ONLY else (32, 64):
-    for programs, stages in ((None, 1), (16, 2), (8, 2), (8, 3), (4, 3), (2, 3)):
-        for warps in (4, 8):
-            kw = dict(block_s=block_s, num_warps=warps, programs=programs, num_stages=stages)
-            t = harness.graph_ms(lambda: span_tk.span_scores(q, reps, ns, 0.1, rows_t, **kw))
-            sweep.append(dict(op="span_scores", config=str(kw), us=round(t * 1e3, 2),
-                              GBps=round(B * Hkv * NS * R * D * 2 / t / 1e6, 1)))
-            print(sweep[-1], flush=True)
+for keys, r, sc, key_bytes in [] if SELECT_ONLY else [("bf16", reps, None, 2 * D), ("int8", reps8, scales8, D + 4)]:
+    for block_s in (32, 64, 128):
+        for programs, stages in ((None, 1), (16, 2), (8, 2), (8, 3), (4, 3), (2, 3)):
+            for warps in (4, 8):
+                kw = dict(block_s=block_s, num_warps=warps, programs=programs, num_stages=stages)
+                try:
+                    t = harness.graph_ms(lambda: span_tk.span_scores(q, r, ns, 0.1, rows_t, sc, **kw))
+                except triton.runtime.errors.OutOfResources as e:  # a large block with several stages in flight
+                    sweep.append(dict(op=f"span_scores ({keys} keys)", config=str(kw), us="-", GBps=type(e).__name__))
+                    continue
+                sweep.append(dict(op=f"span_scores ({keys} keys)", config=str(kw), us=round(t * 1e3, 2),
+                                  GBps=round(B * Hkv * NS * R * key_bytes / t / 1e6, 1)))
+                print(sweep[-1], flush=True)
 scores = span_tk.span_scores(q, reps, ns, 0.1, rows_t)
 sop = (torch.arange(P, device=dev) // 2).expand(B, P).contiguous()
 sop[:, :1] = -1
@@ -92,7 +99,7 @@ for vote, warps, window in [("group", w, n) for w in (8, 16) for n in (16, 32, 6
     print(sweep[-1], flush=True)
 with open(out / "ltri_span_sweep.md", "w") as f:
     f.write(f"{torch.cuda.get_device_name()}, B={B}, ctx={ctx}, Hq={Hq}, Hkv={Hkv}, D={D}, {NS} spans of 2 pages in "
-            f"{P} slots, R={R}, bf16; CUDA-graph replay (harness.graph_ms)\n\n| op | config | us | GB/s |\n"
+            f"{P} slots, R={R}, bf16 q (keys as the op says); CUDA-graph replay (harness.graph_ms)\n\n| op | config | us | GB/s |\n"
             "|---|---|---|---|\n")
     for r in sweep:
         f.write(f"| {r['op']} | {r['config']} | {r['us']} | {r['GBps']} |\n")

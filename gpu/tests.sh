@@ -10,5 +10,10 @@ fi
 N=${GPU_TEST_WORKERS:-8}
 XDIST=""
 python -c "import xdist" 2>/dev/null && XDIST="-n $N"
-OMP_NUM_THREADS=2 python -m pytest -m gpu $XDIST -v -rfE --tb=short -p no:cacheprovider --durations=15 --timeout=150 \
-  --junitxml="$OUT/gpu-junit.xml" tests/ ${GPU_TEST_ARGS:-}
+OMP_NUM_THREADS=2 python -m pytest -m "gpu and not timing" $XDIST -v -rfE --tb=short -p no:cacheprovider --durations=15 \
+  --timeout=150 --junitxml="$OUT/gpu-junit.xml" tests/ ${GPU_TEST_ARGS:-}
+rc=$?
+# the cost tests time kernels: alone on the GPU, after the others
+python -m pytest -m "gpu and timing" -v -rfE --tb=short -p no:cacheprovider --timeout=300 \
+  --junitxml="$OUT/gpu-timing-junit.xml" tests/ ${GPU_TEST_ARGS:-} || rc=$?
+exit $rc

@@ -76,6 +76,7 @@ def test_a_step_is_one_graph_replay_with_no_sync(stack):
     assert_replays_without_sync(s, _prompts())  # the first step runs eagerly, then replays
 
 
+@pytest.mark.timing
 @pytest.mark.xfail(strict=True, reason="issue 17's cost targets are not met by the default settings (H200, "
                    "f298d05: ltri 1.32x Quest, attention_predictor's paper setting 38x; BENCHMARKS.md); strict: the "
                    "day they are met this fails, so the mark goes")
@@ -87,13 +88,15 @@ def test_per_layer_cost_against_quest_default_settings():
     assert by["ltri"] <= targets["ltri"], by
 
 
+@pytest.mark.timing
 def test_per_layer_cost_against_quest_serving_settings():
     """The settings that meet issue 17's targets: the predictor's fast setting
     (configs/eval/attention_predictor-fast.yaml, 1.41x at f298d05) <= 1.5x Quest, ltri with 2 keys a span
-    (configs/eval/ltri-r2.yaml, 1.09x) <= 1.2x."""
-    by, targets = _cost_rows(["quest", "attention_predictor-fast", "ltri-r2"])
+    (configs/eval/ltri-r2.yaml, 1.09x) and with its 4 keys as int8 (configs/eval/ltri-int8.yaml) <= 1.2x."""
+    by, targets = _cost_rows(["quest", "attention_predictor-fast", "ltri-r2", "ltri-int8"])
     assert by["attention_predictor-fast"] <= targets["attention_predictor"], by
     assert by["ltri-r2"] <= targets["ltri"], by
+    assert by["ltri-int8"] <= targets["ltri"], by
 
 
 def _cost_rows(methods):

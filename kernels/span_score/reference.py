@@ -20,12 +20,16 @@ def quantize_reps(reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def span_scores(q, reps, num_spans, sm_scale: float, rows=None, scales=None) -> torch.Tensor:
     """q [B, Hq, D]; reps [B, Hkv, NS, R, D] and num_spans [B], or tables [N, Hkv, NS, R, D] and [N] read at
     rows [B] long -> [B, Hq, NS] fp32 (scaled, -inf past num_spans). scales: None, or int8 reps' scales
-    [B or N, Hkv, NS, R] fp32 (quantize_reps): a key is reps * scales."""
+    [B or N, Hkv, NS, R] fp32 (quantize_reps): a key is reps * scales, and q is quantized the same way (a scale a
+    query head) for the int8 dot the kernel runs."""
     if rows is not None:
         reps, num_spans = reps[rows], num_spans[rows]
         scales = None if scales is None else scales[rows]
     B, Hq, D = q.shape
     Hkv, NS = reps.shape[1], reps.shape[2]
+    if scales is not None:
+        q8, q_scale = quantize_reps(q)  # [B, Hq, D] int8, [B, Hq]
+        q = q8.float() * q_scale[..., None]
     qg = q.float().view(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]
     logits = torch.einsum("bhgd,bhsrd->bhgsr", qg, reps.float())  # [B, Hkv, G, NS, R]
     if scales is not None:

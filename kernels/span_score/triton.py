@@ -1,8 +1,8 @@
 """Span scores per query head in Triton (same signature and output as `reference.py`).
 
-One program per (request, KV head, block of spans): the group's G queries [G, D] against the block's
-BLOCK_S * R representative keys in one dot (int8 keys: converted to q's dtype, each column then times its key's
-scale), then a max over each span's R columns.
+One program per (request, KV head), looping over blocks of spans: the group's G queries [G, D] against the block's
+BLOCK_S spans in R dots, one per representative key, and an elementwise max over them. int8 keys: q is quantized the
+same way (a scale a query head) and the dots run int8 x int8 on the tensor cores, each column then times both scales.
 """
 import torch
 import triton
@@ -19,7 +19,7 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
                        sc_ptr, stride_cb, stride_ch, stride_cs,
                        row_ptr, ns_ptr, out_ptr, stride_ob, stride_oh, NS, sm_scale,
                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                       DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BLOCK_S: tl.constexpr,
+                       DP: tl.constexpr, R: tl.constexpr, BLOCK_S: tl.constexpr,
                        DOT_F32: tl.constexpr, ROWS: tl.constexpr, NUM_STAGES: tl.constexpr, SCALED: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
@@ -30,27 +30,32 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
         row = b.to(tl.int64)
     n_spans = tl.load(ns_ptr + row)
     q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)  # [GP, DP]
-    col = tl.arange(0, BLOCK_S * RP)
-    r = col % RP
+    if SCALED:  # int8 keys: q as int8 too, a scale a query head (reference.quantize_reps), for the int8 dot
+        qf = q.to(tl.float32)
+        qs = tl.math.div_rn(tl.max(tl.abs(qf), axis=1), 127.0)  # [GP]; div_rn: IEEE, as torch divides
+        qs = tl.where(qs > 0, qs, 1.0)
+        q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(qf, qs[:, None]) + 0.5), -127.0), 127.0).to(tl.int8)
     d = tl.arange(0, DP)
     g = tl.arange(0, GP)
+    base = row * stride_rb + h * stride_rh
     # this program's blocks of spans: program_id(1), + num_programs(1), ... (a pipelined loop when there are several)
     for blk in tl.range(tl.program_id(1), tl.cdiv(NS, BLOCK_S), tl.num_programs(1), num_stages=NUM_STAGES):
-        s0 = blk * BLOCK_S
-        span = s0 + col // RP
-        cmask = (span < n_spans) & (r < R)
-        offs = (row * stride_rb + h * stride_rh + span.to(tl.int64)[:, None] * stride_rs
-                + r[:, None] * stride_rr + d[None, :])
-        reps = tl.load(rep_ptr + offs, mask=cmask[:, None] & (d < D)[None, :], other=0.0)  # [BLOCK_S*RP, DP]
-        x = _dot(q, tl.trans(reps), DOT_F32)  # [GP, BLOCK_S*RP]
-        if SCALED:  # int8 keys: each column times its key's scale
-            sc = tl.load(sc_ptr + row * stride_cb + h * stride_ch + span.to(tl.int64) * stride_cs + r, mask=cmask,
-                         other=0.0)
-            x = x * sc[None, :]
-        x = tl.where(cmask[None, :], x, NEG_INF)
-        best = tl.max(tl.reshape(x, (GP, BLOCK_S, RP)), axis=2)  # [GP, BLOCK_S]
-        s = s0 + tl.arange(0, BLOCK_S)
-        best = tl.where((s < n_spans)[None, :], best * sm_scale, NEG_INF)
+        s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+        smask = s < n_spans
+        best = tl.full((GP, BLOCK_S), NEG_INF, tl.float32)
+        for j in tl.static_range(R):  # a dot per representative key: the max over a span's keys is elementwise
+            offs = base + s.to(tl.int64)[:, None] * stride_rs + j * stride_rr + d[None, :]
+            k = tl.load(rep_ptr + offs, mask=smask[:, None] & (d < D)[None, :], other=0.0)  # [BLOCK_S, DP]
+            if SCALED:  # the int8 dot, then each column times its key's scale
+                sc = tl.load(sc_ptr + row * stride_cb + h * stride_ch + s.to(tl.int64) * stride_cs + j, mask=smask,
+                             other=0.0)
+                x = tl.dot(q, tl.trans(k)).to(tl.float32) * sc[None, :]  # [GP, BLOCK_S]
+            else:
+                x = _dot(q, tl.trans(k), DOT_F32)  # [GP, BLOCK_S]
+            best = tl.maximum(best, x)
+        if SCALED:
+            best = best * qs[:, None]
+        best = tl.where(smask[None, :], best * sm_scale, NEG_INF)
         optr = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + s[None, :]
         tl.store(optr, best, mask=(g < G)[:, None] & (s < NS)[None, :])
 
@@ -60,7 +65,7 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None, scales=None, *, 
     """q [B, Hq, D]; reps [B, Hkv, NS, R, D] and num_spans [B], or tables [N, Hkv, NS, R, D] and [N] read at
     rows [B] long (no gather: the kernel loads row rows[b]; a slice along NS keeps its strides)
     -> [B, Hq, NS] fp32 (scaled, -inf past num_spans). scales: None, or int8 reps' scales [B or N, Hkv, NS, R]
-    (reference.quantize_reps; the reps are then int8, converted to q's dtype for the dot). Tuning (gpu/ltri.py
+    (reference.quantize_reps; the reps are then int8, and so is q for the dot). Tuning (gpu/ltri.py
     sweeps it): block_s (spans a block), programs (a (request, KV head) row's programs, each looping over every
     programs-th block; by default about 2,048 programs in all), num_warps, num_stages (the loop's pipelining)."""
     B, Hq, D = q.shape
@@ -86,8 +91,9 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None, scales=None, *, 
     out = torch.empty(B, Hq, NS, dtype=torch.float32, device=q.device)
     if NS == 0:
         return out
-    RP = _pow2(R)
-    BLOCK_S = block_s or max(max(1, 16 // RP), min(_pow2(NS), max(1, 128 // RP)))  # tl.dot needs >= 16 columns
+    if block_s is not None and (block_s < 16 or block_s & (block_s - 1)):
+        raise ValueError(f"span_scores: block_s must be a power of two >= 16 (tl.dot's columns), got {block_s}")
+    BLOCK_S = block_s or max(16, min(_pow2(NS), 64))
     blocks = triton.cdiv(NS, BLOCK_S)
     # about 2,048 programs in all, each looping over its blocks with the next one's load in flight (an H200 sweep
     # at B = 16, 32k, Llama-8B heads: 42 us against 53 us for a program per block; gpu/ltri.py)
@@ -99,7 +105,7 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None, scales=None, *, 
     sst = (0, 0, 0) if scales is None else scales.stride()[:3]
     _span_score_kernel[grid](q, q.stride(0), q.stride(1), reps, st[0], st[1], st[2], st[3], sc, *sst, row_arg,
                              num_spans, out, out.stride(0), out.stride(1), NS, float(sm_scale),
-                             HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), R=R, RP=RP, BLOCK_S=BLOCK_S,
+                             HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), R=R, BLOCK_S=BLOCK_S,
                              DOT_F32=dot_f32(q, q.dtype if scales is not None else reps.dtype),
                              ROWS=rows is not None, NUM_STAGES=num_stages or (2 if per_row < blocks else 1),
                              SCALED=scales is not None,
