@@ -169,7 +169,7 @@ def test_span_kernel_matches_reference(group, head_dim, R):
 @pytest.mark.interpret
 @needs_kernels
 @pytest.mark.usefixtures("nan_empty")
-@pytest.mark.parametrize("group,head_dim,R,programs", [(4, 128, 4, None), (3, 64, 3, 2)])
+@pytest.mark.parametrize("group,head_dim,R,programs", [(4, 128, 4, None), (3, 64, 3, 2), (2, 16, 2, None)])
 def test_span_kernel_int8_reps_match_reference(group, head_dim, R, programs):
     check_span_scores(group, head_dim, R, [0, 2, 9, 40], int8=True, programs=programs)
 

@@ -32,9 +32,11 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
     q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)  # [GP, DP]
     if SCALED:  # int8 keys: q as int8 too, a scale a query head (reference.quantize_reps), for the int8 dot
         qf = q.to(tl.float32)
-        qs = tl.math.div_rn(tl.max(tl.abs(qf), axis=1), 127.0)  # [GP]; div_rn: IEEE, as torch divides
+        # the GPU's fast division (div_rn cost this kernel 10 us of 41, H200): a coordinate at a rounding midpoint
+        # may land one step off reference.quantize_reps, as window_kmeans' keys may
+        qs = tl.max(tl.abs(qf), axis=1) / 127.0  # [GP]
         qs = tl.where(qs > 0, qs, 1.0)
-        q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(qf, qs[:, None]) + 0.5), -127.0), 127.0).to(tl.int8)
+        q = tl.minimum(tl.maximum(tl.floor(qf / qs[:, None] + 0.5), -127.0), 127.0).to(tl.int8)
     d = tl.arange(0, DP)
     g = tl.arange(0, GP)
     base = row * stride_rb + h * stride_rh
@@ -105,8 +107,8 @@ def span_scores(q, reps, num_spans, sm_scale: float, rows=None, scales=None, *, 
     sst = (0, 0, 0) if scales is None else scales.stride()[:3]
     _span_score_kernel[grid](q, q.stride(0), q.stride(1), reps, st[0], st[1], st[2], st[3], sc, *sst, row_arg,
                              num_spans, out, out.stride(0), out.stride(1), NS, float(sm_scale),
-                             HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16), R=R, BLOCK_S=BLOCK_S,
-                             DOT_F32=dot_f32(q, q.dtype if scales is not None else reps.dtype),
+                             HKV=Hkv, G=G, GP=_pow2(G, 16), D=D, DP=_pow2(D, 16 if scales is None else 32),
+                             R=R, BLOCK_S=BLOCK_S, DOT_F32=dot_f32(q, reps.dtype),  # (int8 dots: K >= 32)
                              ROWS=rows is not None, NUM_STAGES=num_stages or (2 if per_row < blocks else 1),
                              SCALED=scales is not None,
                              **({"num_warps": num_warps} if num_warps else {}))
