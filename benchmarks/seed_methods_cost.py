@@ -17,7 +17,7 @@ Rows, at the same budget and terminal:
   steps, so the CNN's and the dense step's turns count; the median of single-step replays would hide them.
   ltri                  span close (k-means of the open window), span scores, vote, span-to-page expansion
   ltri-r2               ltri with 2 representative keys a span (4 by default)
-  ltri-int8             ltri with its representative keys as int8 (a scale a key)
+  ltri-bf16             ltri with its representative keys in the cache's dtype (rep_dtype: cache, the stage's default)
 ratio = ms / quest's ms with the same terminal. --profile adds, per method, where one eager layer spends its
 device time (torch.profiler: the kernels, launches a layer and each one's time) to the report:
 seed_methods_profile.md. Targets (issue 17, H200, B=16, 32k):
@@ -69,11 +69,12 @@ def policies(budget: int, terminal: str, weights: str) -> dict:
         "attention_predictor-fast": [{"stage": "attention_predictor", "budget_tokens": budget, "weights": weights,
                                       "history_steps": 8, "run_every": 8, "calibrate_every": 32,
                                       "calibrate_first": False, "cnn_precision": "bf16"}, art],
-        "ltri": [{"stage": "ltri", "budget_tokens": budget}, art],
+        # configs/ltri.yaml's keys: 4 a span as int8 with a scale a key
+        "ltri": [{"stage": "ltri", "budget_tokens": budget, "rep_dtype": "int8"}, art],
+        # the stage's default keys: the cache's dtype (bf16 here), twice the span scoring's bytes
+        "ltri-bf16": [{"stage": "ltri", "budget_tokens": budget}, art],
         # configs/eval/ltri-r2-eighth.yaml's representative keys: 2 a span (ltri.yaml: 4), half the span scoring's bytes
         "ltri-r2": [{"stage": "ltri", "budget_tokens": budget, "reps_per_span": 2}, art],
-        # configs/eval/ltri-int8.yaml: ltri's 4 keys a span as int8 with a scale a key, about half the bytes
-        "ltri-int8": [{"stage": "ltri", "budget_tokens": budget, "rep_dtype": "int8"}, art],
     }
 
 

@@ -127,7 +127,9 @@ def _span_inputs(group, head_dim, R, num_spans, *, dtype=torch.float32, q_scale=
 
 def check_span_scores(group, head_dim, R, num_spans, *, dtype=torch.float32, q_scale=1.0, device="cpu", tol=1e-4,
                       int8=False, **tuning):
-    """int8: the reps quantized (span_ref.quantize_reps), read with their scales."""
+    """int8: the reps quantized (span_ref.quantize_reps), read with their scales; the kernel quantizes q itself with
+    the GPU's fast division, so a q coordinate at a rounding midpoint may land one step off the reference's: at most
+    1% of the scores may be off by more than tol, none by more than two such steps."""
     from composable_kv.kernels.span_score import triton as span_tk
     q, reps, ns = _span_inputs(group, head_dim, R, num_spans, dtype=dtype, q_scale=q_scale, device=device)
     sm = head_dim ** -0.5
@@ -139,7 +141,12 @@ def check_span_scores(group, head_dim, R, num_spans, *, dtype=torch.float32, q_s
     fin = torch.isfinite(a)
     assert torch.equal(fin, torch.isfinite(b)), "finite masks differ"
     assert (a[~fin] < 0).all() and (b[~fin] < 0).all()
-    torch.testing.assert_close(b[fin], a[fin], rtol=tol, atol=tol * max(1.0, q_scale))
+    if not int8:
+        torch.testing.assert_close(b[fin], a[fin], rtol=tol, atol=tol * max(1.0, q_scale))
+        return
+    err, bound = (b[fin] - a[fin]).abs(), tol * (a[fin].abs() + max(1.0, q_scale))
+    step = sm * (q.float().abs().amax() / 127) * (reps.float() * scales[..., None]).abs().amax()  # one q step
+    assert (err > bound).float().mean() <= 0.01 and (err <= bound + 2 * step.cpu()).all(), (err - bound).max()
 
 
 @pytest.mark.cpu

@@ -77,26 +77,25 @@ def test_a_step_is_one_graph_replay_with_no_sync(stack):
 
 
 @pytest.mark.timing
-@pytest.mark.xfail(strict=True, reason="issue 17's cost targets are not met by the default settings (H200, "
-                   "f298d05: ltri 1.32x Quest, attention_predictor's paper setting 38x; BENCHMARKS.md); strict: the "
-                   "day they are met this fails, so the mark goes")
-def test_per_layer_cost_against_quest_default_settings():
-    """Issue 17 targets at B=16, 32k (Llama-8B heads, bf16, one replayed layer) for the stages' default settings:
-    attention_predictor <= 1.5x Quest (its calibration cycle), ltri <= 1.2x Quest. Prints the table."""
-    by, targets = _cost_rows(["quest", "attention_predictor", "ltri"])
+@pytest.mark.xfail(strict=True, reason="attention_predictor's paper setting (configs/attention_predictor.yaml: 64 "
+                   "steps of history, the CNN every step) is about 25x Quest's layer (H200, 74365d0; BENCHMARKS.md); "
+                   "strict: the day it is <= 1.5x this fails, so the mark goes")
+def test_per_layer_cost_against_quest_attention_predictor_paper_setting():
+    """Issue 17's predictor target at B=16, 32k (Llama-8B heads, bf16, one replayed layer) for the stage's default
+    (the paper's) setting: <= 1.5x Quest over its calibration cycle. Prints the table."""
+    by, targets = _cost_rows(["quest", "attention_predictor"])
     assert by["attention_predictor (cycle)"] <= targets["attention_predictor"], by
-    assert by["ltri"] <= targets["ltri"], by
 
 
 @pytest.mark.timing
-def test_per_layer_cost_against_quest_serving_settings():
-    """The settings that meet issue 17's targets: the predictor's fast setting
-    (configs/eval/attention_predictor-fast.yaml, 1.41x at f298d05) <= 1.5x Quest, ltri with 2 keys a span
-    (configs/eval/ltri-r2.yaml, 1.09x) and with its 4 keys as int8 (configs/eval/ltri-int8.yaml) <= 1.2x."""
-    by, targets = _cost_rows(["quest", "attention_predictor-fast", "ltri-r2", "ltri-int8"])
+def test_per_layer_cost_against_quest_shipped_settings():
+    """Issue 17's targets at B=16, 32k (Llama-8B heads, bf16, one replayed layer): configs/ltri.yaml's setting (4
+    int8 keys a span; 1.15x at 74365d0) and ltri with 2 bf16 keys a span (configs/eval/ltri-r2.yaml, 1.07x) <= 1.2x
+    Quest; the predictor's fast setting (configs/eval/attention_predictor-fast.yaml, 1.40x) <= 1.5x."""
+    by, targets = _cost_rows(["quest", "attention_predictor-fast", "ltri", "ltri-r2"])
     assert by["attention_predictor-fast"] <= targets["attention_predictor"], by
+    assert by["ltri"] <= targets["ltri"], by
     assert by["ltri-r2"] <= targets["ltri"], by
-    assert by["ltri-int8"] <= targets["ltri"], by
 
 
 def _cost_rows(methods):

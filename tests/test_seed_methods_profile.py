@@ -24,7 +24,7 @@ def test_a_row_is_timed_over_a_whole_cycle_of_the_stages_clock():
     import composable_kv as ckv
     want = {"quest": 1, "ltri": 1, "attention_predictor": 5, "attention_predictor-cheap": 20,
             "attention_predictor-lean": 40, "attention_predictor-fast": 32, "ltri-r2": 1,
-            "ltri-int8": 1}
+            "ltri-bf16": 1}
     pipes = {name: ckv.compile({"name": name, "page_size": 16, "stages": stages}, backend="reference")
              for name, stages in bench.policies(64, "attend", weights="unused.pt").items()}
     assert {name: bench.cycle_steps(pipe) for name, pipe in pipes.items()} == want
