@@ -15,7 +15,8 @@ Rows, at the same budget and terminal:
   attention_predictor-fast    lean's CNN in bf16, calibration every 32 (mean over 32 steps)
   On CUDA a row's time is one CUDA graph of a whole cycle of the stage's clock (cycle_steps) divided by its
   steps, so the CNN's and the dense step's turns count; the median of single-step replays would hide them.
-  ltri                  span close (k-means of the open window), span scores, vote, span-to-page expansion
+  ltri                  configs/ltri.yaml's keys (4 a span, int8): span close (k-means of the open window), span
+                        scores, vote, span-to-page expansion
   ltri-r2               ltri with 2 representative keys a span (4 by default)
   ltri-bf16             ltri with its representative keys in the cache's dtype (rep_dtype: cache, the stage's default)
 ratio = ms / quest's ms with the same terminal. --profile adds, per method, where one eager layer spends its

@@ -15,6 +15,16 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
+def _quantize_rows(x):
+    """reference.quantize_reps in Triton: x [M, K] fp32 -> (the int8 values, still fp32, [M, K]; scales [M]). With
+    the GPU's fast division (div_rn cost the span score 10 us of 41 on the H200), a value at a rounding midpoint may
+    land one step off the reference."""
+    scale = tl.max(tl.abs(x), axis=1) / 127.0
+    scale = tl.where(scale > 0, scale, 1.0)
+    return tl.minimum(tl.maximum(tl.floor(x / scale[:, None] + 0.5), -127.0), 127.0), scale
+
+
+@triton.jit
 def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_rh, stride_rs, stride_rr,
                        sc_ptr, stride_cb, stride_ch, stride_cs,
                        row_ptr, ns_ptr, out_ptr, stride_ob, stride_oh, NS, sm_scale,
@@ -30,13 +40,9 @@ def _span_score_kernel(q_ptr, stride_qb, stride_qh, rep_ptr, stride_rb, stride_r
         row = b.to(tl.int64)
     n_spans = tl.load(ns_ptr + row)
     q = _load_q_group(q_ptr, stride_qb, stride_qh, b, h, G, GP, D, DP)  # [GP, DP]
-    if SCALED:  # int8 keys: q as int8 too, a scale a query head (reference.quantize_reps), for the int8 dot
-        qf = q.to(tl.float32)
-        # the GPU's fast division (div_rn cost this kernel 10 us of 41, H200): a coordinate at a rounding midpoint
-        # may land one step off reference.quantize_reps, as window_kmeans' keys may
-        qs = tl.max(tl.abs(qf), axis=1) / 127.0  # [GP]
-        qs = tl.where(qs > 0, qs, 1.0)
-        q = tl.minimum(tl.maximum(tl.floor(qf / qs[:, None] + 0.5), -127.0), 127.0).to(tl.int8)
+    if SCALED:  # int8 keys: q as int8 too, a scale a query head, for the int8 dot
+        q, qs = _quantize_rows(q.to(tl.float32))  # [GP, DP], [GP]
+        q = q.to(tl.int8)
     d = tl.arange(0, DP)
     g = tl.arange(0, GP)
     base = row * stride_rb + h * stride_rh

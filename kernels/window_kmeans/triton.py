@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .. import _interpret_compat  # noqa: F401  (TRITON_INTERPRET with NumPy >= 2.3)
 from ..page_score.triton import _pow2
+from ..span_score.triton import _quantize_rows
 
 
 @triton.jit
@@ -54,9 +55,7 @@ def _window_kmeans_kernel(rows_ptr, pt_ptr, stride_pb, seq_ptr, k_ptr, stride_kp
     span = tl.minimum(tl.load(ns_ptr + row), CAP - 1)
     out = reps_ptr + row * stride_rr + h * stride_rh + span * stride_rs
     if QUANT:  # int8 with a scale a key, as span_score.reference.quantize_reps
-        scale = tl.max(tl.abs(cent), axis=1) / 127.0  # [RP]
-        scale = tl.where(scale > 0, scale, 1.0)
-        cent = tl.minimum(tl.maximum(tl.floor(cent / scale[:, None] + 0.5), -127.0), 127.0)
+        cent, scale = _quantize_rows(cent)  # [RP, DP], [RP]
         tl.store(sc_ptr + row * stride_cr + h * stride_ch + span * stride_cs + r, scale, mask=rv)
     tl.store(out + r[:, None] * D + d[None, :], cent.to(reps_ptr.dtype.element_ty), mask=rv[:, None] & dv[None, :])
 
